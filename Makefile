@@ -1,0 +1,30 @@
+# The two commands a fresh machine needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+demo: $(PY)
+	$(PY) -m pip install -q -e .
+	$(PY) examples/demo.py
+
+test: $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pytest -q
+
+lint: $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m ruff check pforge_async tests benchmarks examples
+	$(PY) -m mypy
+
+bench: $(PY)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/actor_overhead.py
+
+clean:
+	rm -rf $(VENV) .pforge .pytest_cache .mypy_cache .ruff_cache

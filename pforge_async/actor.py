@@ -1,0 +1,244 @@
+"""Single-writer actors: a bounded mailbox of encoded commands, drained in batches by one task.
+
+The idea is aiosqlite's (one owner drains a queue of work items) moved onto the event loop: every
+caller encodes a frozen ``msgspec.Struct`` command to msgpack, puts the bytes and a reply slot in the
+mailbox, and waits on the slot. The actor task takes every envelope waiting (up to ``max_batch``),
+decodes them with one reused decoder and hands the whole batch to :meth:`Actor.handle_batch`, so a
+database actor can commit a batch as one transaction.
+
+Shutdown is the closing of the mailbox's send side: the end-of-stream marker queues behind real work,
+so everything sent before :meth:`Actor.aclose` still runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .errors import ActorClosed, InvalidInput
+
+__all__ = ["Actor", "Failed"]
+
+C = TypeVar("C")
+log = logging.getLogger(__name__)
+
+
+class Failed:
+    """An outcome that fails only its own caller; a batch handler returns it in a command's slot."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"Failed({self.error!r})"
+
+
+class _Envelope:
+    """Command bytes and the slot their reply goes to. The reply never travels inside the bytes."""
+
+    __slots__ = ("data", "done", "error", "value")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.done = anyio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def resolve(self, outcome: Any) -> None:
+        if isinstance(outcome, Failed):
+            self.error = outcome.error
+        else:
+            self.value = outcome
+        self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+
+class Actor(ABC, Generic[C]):
+    """Base class of every actor. A subclass names its command union and implements a batch handler.
+
+    ``command_type`` is the tagged union (or single Struct type) the mailbox carries. The subclass
+    implements :meth:`handle_batch`, and may override :meth:`setup` and :meth:`teardown` for the
+    resources it owns.
+    """
+
+    command_type: Any = None
+    name = "actor"
+
+    def __init__(self, *, mailbox_size: int = 256, max_batch: int = 256) -> None:
+        if mailbox_size < 1:
+            raise InvalidInput(f"mailbox_size must be at least 1, got {mailbox_size!r}")
+        if max_batch < 1:
+            raise InvalidInput(f"max_batch must be at least 1, got {max_batch!r}")
+        if self.command_type is None:
+            raise TypeError(f"{type(self).__name__} must set command_type")
+        self.max_batch = max_batch
+        self._send: MemoryObjectSendStream[_Envelope]
+        self._receive: MemoryObjectReceiveStream[_Envelope]
+        self._send, self._receive = anyio.create_memory_object_stream[_Envelope](mailbox_size)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(self.command_type)
+        self._started = False
+        self._stopped = anyio.Event()
+        self._death: BaseException | None = None
+        #: batches handled and commands in them, for tests and stats.
+        self.batches = 0
+        self.commands = 0
+        self.largest_batch = 0
+
+    # -- the caller's side ---------------------------------------------------------------------
+
+    async def call(self, command: C) -> Any:
+        """Send one command and wait for its reply (or its error)."""
+        return await self.call_raw(self._encoder.encode(command))
+
+    async def call_raw(self, data: bytes) -> Any:
+        """Send already-encoded command bytes: the mailbox protocol is a wire protocol."""
+        envelope = _Envelope(data)
+        try:
+            await self._send.send(envelope)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise self._closed_error() from self._death
+        await envelope.done.wait()
+        if envelope.error is not None:
+            raise envelope.error
+        return envelope.value
+
+    @property
+    def queued(self) -> int:
+        """Envelopes waiting in the mailbox now (never more than its size)."""
+        return self._send.statistics().current_buffer_used
+
+    @property
+    def closed(self) -> bool:
+        return self._stopped.is_set()
+
+    def _closed_error(self) -> ActorClosed:
+        if self._death is None:
+            return ActorClosed(f"{self.name} is closed")
+        error = ActorClosed(f"{self.name} died: {self._death!r}")
+        error.__cause__ = self._death
+        return error
+
+    # -- the actor's side ----------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Open what the actor owns. Runs in the actor task before it reports started."""
+
+    async def teardown(self) -> None:
+        """Close what the actor owns. Runs shielded, after the last batch."""
+
+    @abstractmethod
+    async def handle_batch(self, commands: Sequence[C]) -> Sequence[Any]:
+        """Run a batch and return one outcome per command, in order.
+
+        An outcome is the reply value, or :class:`Failed` to fail only that command's caller.
+        Raising fails the whole batch and kills the actor.
+        """
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The actor task. Start it with ``await task_group.start(actor.run)``."""
+        if self._started:
+            raise RuntimeError(f"{self.name} was already started")
+        self._started = True
+        try:
+            await self.setup()
+        except BaseException as exc:
+            self._die(exc, [])
+            raise
+        task_status.started()
+        try:
+            await self._loop()
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.teardown()
+                finally:
+                    # Cancelled from outside with work still queued: those callers must not hang.
+                    self._fail_pending(self._closed_error, [])
+                    self._stopped.set()
+
+    async def _loop(self) -> None:
+        receive = self._receive
+        while True:
+            try:
+                first = await receive.receive()
+            except anyio.EndOfStream:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(receive.receive_nowait())
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+            # Once taken from the mailbox a batch runs to its end: callers cancelled meanwhile only
+            # stop waiting, they cannot leave a half-written transaction.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._run_batch(batch)
+                except BaseException as exc:
+                    self._die(exc, batch)
+                    log.exception("%s died", self.name)
+                    return
+
+    async def _run_batch(self, batch: list[_Envelope]) -> None:
+        decode = self._decoder.decode
+        commands: list[C] = []
+        envelopes: list[_Envelope] = []
+        for envelope in batch:
+            try:
+                commands.append(decode(envelope.data))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                envelope.fail(InvalidInput(f"{self.name}: undecodable command: {exc}"))
+                continue
+            envelopes.append(envelope)
+        if not commands:
+            return
+        outcomes = await self.handle_batch(commands)
+        if len(outcomes) != len(commands):
+            raise RuntimeError(
+                f"{self.name}.handle_batch returned {len(outcomes)} outcomes for {len(commands)} commands"
+            )
+        self.batches += 1
+        self.commands += len(commands)
+        self.largest_batch = max(self.largest_batch, len(commands))
+        for envelope, outcome in zip(envelopes, outcomes, strict=True):
+            envelope.resolve(outcome)
+
+    def _die(self, cause: BaseException, batch: list[_Envelope]) -> None:
+        """Fail the running batch, everything queued and every later call; nobody hangs."""
+        self._death = cause
+        self._fail_pending(self._closed_error, batch)
+
+    def _fail_pending(self, error: Callable[[], ActorClosed], batch: list[_Envelope]) -> None:
+        for envelope in batch:
+            if not envelope.done.is_set():
+                envelope.fail(error())
+        while True:
+            try:
+                envelope = self._receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            envelope.fail(error())
+        # Closing the receive side wakes senders blocked on a full mailbox with BrokenResourceError.
+        self._receive.close()
+
+    async def aclose(self) -> None:
+        """Stop taking commands, let everything already queued run, and wait for the actor to stop."""
+        self._send.close()
+        if self._started:
+            await self._stopped.wait()
+        else:
+            self._receive.close()
+            self._stopped.set()

@@ -1,0 +1,209 @@
+"""A cross-process file lock that is also an in-process lock, usable with ``with`` and ``async with``.
+
+Built on ``fcntl.flock`` on an open file, so the kernel drops the lock when its holder dies: no stale
+locks, no pid files. The traps the popular lock libraries fell into, and what this module does instead:
+
+- Deleting the lock file on release lets a waiter lock an orphaned inode while a newcomer locks a new
+  file, so two processes both "hold" the lock. The file is never deleted.
+- ``flock`` locks belong to an open file description, so a second ``open()`` + blocking ``flock`` in
+  the same process waits on itself. One description per path per process is shared by every holder,
+  behind an in-process reader/writer state that makes tasks and threads of one process exclude each
+  other first.
+- A thread blocked in ``flock`` on behalf of a cancelled task can take the lock later and never give it
+  back. Waiting is therefore ``LOCK_NB`` attempts with a short backoff sleep, which a cancellation
+  simply stops.
+- A forked child inherits the description and unlocking it there would unlock the parent. Files are
+  opened ``O_CLOEXEC`` and the child forgets them after ``fork`` without unlocking.
+
+``flock`` does not lock across NFS mounts that use ``nolock`` (and is emulated per-client on some
+others): keep the store on a local file system.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+import time
+from types import TracebackType
+
+import anyio
+
+from .errors import InvalidInput, LockTimeout, StorageError
+
+__all__ = ["FsLock"]
+
+_FIRST_BACKOFF = 0.0005
+_MAX_BACKOFF = 0.01
+
+
+class _PathState:
+    """Who in this process holds the lock on one path, and the one descriptor they share."""
+
+    __slots__ = ("fd", "mutex", "readers", "writer")
+
+    def __init__(self) -> None:
+        self.mutex = threading.Lock()
+        self.readers = 0
+        self.writer = False
+        self.fd: int | None = None
+
+
+_registry_mutex = threading.Lock()
+_registry: dict[str, _PathState] = {}
+
+
+def _state_for(path: str) -> _PathState:
+    with _registry_mutex:
+        state = _registry.get(path)
+        if state is None:
+            state = _registry[path] = _PathState()
+        return state
+
+
+def _forget_after_fork() -> None:
+    # Close, never unlock: LOCK_UN in the child would release the parent's lock. Another thread may
+    # have held a mutex at the fork, so every mutex is made anew.
+    global _registry_mutex
+    _registry_mutex = threading.Lock()
+    for state in _registry.values():
+        if state.fd is not None:
+            try:
+                os.close(state.fd)
+            except OSError:
+                pass
+        state.__init__()  # type: ignore[misc]
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+class FsLock:
+    """An exclusive (or, with ``shared=True``, shared) lock on ``path``.
+
+    ``timeout`` is in seconds; ``None`` waits forever, ``0`` tries once. The lock file is created
+    (mode 0600) if missing and never deleted. Not reentrant: acquiring a lock object twice without
+    releasing it waits on itself.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, shared: bool = False, timeout: float | None = None
+    ) -> None:
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+            raise InvalidInput(f"FsLock timeout must be None or a number >= 0, got {timeout!r}")
+        self.path = os.path.abspath(os.fspath(path))
+        self.shared = shared
+        self.timeout = timeout
+        self._state = _state_for(self.path)
+        self._held = False
+
+    @property
+    def held(self) -> bool:
+        """Whether this lock object holds the lock now."""
+        return self._held
+
+    def _try_acquire(self) -> bool:
+        state = self._state
+        with state.mutex:
+            if state.writer or (not self.shared and state.readers):
+                return False
+            if state.fd is None:
+                state.fd = self._open()
+                if not self._flock(state.fd):
+                    os.close(state.fd)
+                    state.fd = None
+                    return False
+            if self.shared:
+                state.readers += 1
+            else:
+                state.writer = True
+        self._held = True
+        return True
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot open lock file {self.path}: {exc.strerror}") from exc
+
+    def _flock(self, fd: int) -> bool:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise StorageError(f"cannot lock {self.path}: {exc.strerror}") from exc
+        return True
+
+    def release(self) -> None:
+        """Release the lock. Releasing a lock that is not held raises ``RuntimeError``."""
+        if not self._held:
+            raise RuntimeError(f"FsLock({self.path!r}) is not held")
+        state = self._state
+        with state.mutex:
+            if self.shared:
+                state.readers -= 1
+            else:
+                state.writer = False
+            if not state.readers and not state.writer and state.fd is not None:
+                fd, state.fd = state.fd, None
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                finally:
+                    os.close(fd)
+        self._held = False
+
+    def _timeout_error(self, waited: float) -> LockTimeout:
+        mode = "shared" if self.shared else "exclusive"
+        return LockTimeout(f"could not take the {mode} lock on {self.path} within {waited:.3f}s")
+
+    def acquire(self) -> None:
+        """Take the lock, sleeping the thread between attempts."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        delay = _FIRST_BACKOFF
+        while not self._try_acquire():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise self._timeout_error(self.timeout or 0.0)
+            time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - now)))
+            delay = min(delay * 2, _MAX_BACKOFF)
+
+    async def acquire_async(self) -> None:
+        """Take the lock without blocking the event loop; cancelling the wait leaves nothing held."""
+        deadline = None if self.timeout is None else anyio.current_time() + self.timeout
+        delay = _FIRST_BACKOFF
+        while not self._try_acquire():
+            now = anyio.current_time()
+            if deadline is not None and now >= deadline:
+                raise self._timeout_error(self.timeout or 0.0)
+            await anyio.sleep(delay if deadline is None else min(delay, max(0.0, deadline - now)))
+            delay = min(delay * 2, _MAX_BACKOFF)
+
+    def __enter__(self) -> FsLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    async def __aenter__(self) -> FsLock:
+        await self.acquire_async()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        mode = "shared" if self.shared else "exclusive"
+        return f"<FsLock {self.path} {mode}{' held' if self._held else ''}>"

@@ -1,0 +1,76 @@
+"""``open_store``: the embedded store, its on-disk layout, and the task group its actors run in."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Literal, get_args
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .actor import Actor
+from .errors import InvalidInput, StorageError
+
+__all__ = ["Durability", "Store", "open_store"]
+
+Durability = Literal["full", "normal"]
+DEFAULT_ROOT = ".pforge"
+
+
+class Store:
+    """What ``open_store`` yields. Its actors live exactly as long as the ``async with`` block."""
+
+    def __init__(self, root: Path, durability: Durability, task_group: TaskGroup) -> None:
+        self.root = root
+        self.durability: Durability = durability
+        self._task_group = task_group
+        self._actors: list[Actor[object]] = []
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / "locks"
+
+    async def start_actor(self, actor: Actor[object]) -> None:
+        """Run ``actor`` in the store's task group; it is drained and closed when the store closes."""
+        await self._task_group.start(actor.run)
+        self._actors.append(actor)
+
+    async def _close(self) -> None:
+        # Newest first: later actors may call into earlier ones while draining.
+        for actor in reversed(self._actors):
+            await actor.aclose()
+
+
+def _make_root(root: Path) -> None:
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (root / "locks").mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create store root {root}: {exc.strerror}") from exc
+    if not root.is_dir():
+        raise InvalidInput(f"store root {root} is not a directory")
+
+
+@asynccontextmanager
+async def open_store(
+    root: str | os.PathLike[str] = DEFAULT_ROOT, *, durability: Durability = "full"
+) -> AsyncIterator[Store]:
+    """Open (creating if needed) the store at ``root`` and run its actors until the block exits.
+
+    ``durability="full"`` makes an acknowledged write survive power loss (fsync per batch);
+    ``"normal"`` makes it survive a killed process. The root is created owner-only (0700).
+    """
+    if durability not in get_args(Durability):
+        raise InvalidInput(f"durability must be 'full' or 'normal', got {durability!r}")
+    path = Path(root).absolute()
+    await anyio.to_thread.run_sync(_make_root, path)
+    async with anyio.create_task_group() as tg:
+        store = Store(path, durability, tg)
+        try:
+            yield store
+        finally:
+            with anyio.CancelScope(shield=True):
+                await store._close()

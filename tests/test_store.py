@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from pforge_async import InvalidInput, StorageError, open_store
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_open_store_creates_an_owner_only_layout(tmp_path: Path) -> None:
+    root = tmp_path / "deep" / ".pforge"
+    async with open_store(root) as store:
+        assert store.root == root
+        assert store.durability == "full"
+        assert (root / "locks").is_dir()
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+
+
+async def test_open_store_rejects_an_unknown_durability(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="durability"):
+        async with open_store(tmp_path / "s", durability="sometimes"):  # type: ignore[arg-type]
+            pass
+    assert not (tmp_path / "s").exists()
+
+
+async def test_open_store_rejects_a_root_that_is_a_file(tmp_path: Path) -> None:
+    root = tmp_path / "file"
+    root.write_text("not a store")
+    with pytest.raises(StorageError) as info:
+        async with open_store(root):
+            pass
+    assert "file" in str(info.value)
+    assert root.read_text() == "not a store"
