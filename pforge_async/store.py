@@ -6,12 +6,14 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import anyio
 from anyio.abc import TaskGroup
 
 from .actor import Actor
+from .cas.actor import CasActor
+from .cas.store import Cas
 from .errors import InvalidInput, StorageError
 
 __all__ = ["Durability", "Store", "open_store"]
@@ -23,17 +25,25 @@ DEFAULT_ROOT = ".pforge"
 class Store:
     """What ``open_store`` yields. Its actors live exactly as long as the ``async with`` block."""
 
+    cas: Cas
+
     def __init__(self, root: Path, durability: Durability, task_group: TaskGroup) -> None:
         self.root = root
         self.durability: Durability = durability
         self._task_group = task_group
-        self._actors: list[Actor[object]] = []
+        self._actors: list[Actor[Any]] = []
+
+    async def _start(self) -> None:
+        fsync = self.durability == "full"
+        cas_actor = CasActor(self.root / "cas", self.locks_dir / "cas-refs.lock", fsync=fsync)
+        await self.start_actor(cas_actor)
+        self.cas = Cas(cas_actor, self.root / "cache", self.root)
 
     @property
     def locks_dir(self) -> Path:
         return self.root / "locks"
 
-    async def start_actor(self, actor: Actor[object]) -> None:
+    async def start_actor(self, actor: Actor[Any]) -> None:
         """Run ``actor`` in the store's task group; it is drained and closed when the store closes."""
         await self._task_group.start(actor.run)
         self._actors.append(actor)
@@ -70,6 +80,7 @@ async def open_store(
     async with anyio.create_task_group() as tg:
         store = Store(path, durability, tg)
         try:
+            await store._start()
             yield store
         finally:
             with anyio.CancelScope(shield=True):

@@ -10,10 +10,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def spawn(code: str, *args: object, stdout: int | None = subprocess.PIPE) -> subprocess.Popen[str]:
+def spawn(
+    code: str, *args: object, stdout: int | None = subprocess.PIPE, stdin: int | None = None
+) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(
         [sys.executable, "-c", code, *map(str, args)],
+        stdin=stdin,
         stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,

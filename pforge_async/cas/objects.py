@@ -1,0 +1,234 @@
+"""Git objects in SHA-256 format: ids, blob/tree/commit encoding and decoding, input validation.
+
+Everything here is pure (no I/O). An object's id is ``sha256(b"<type> <size>\\0" + body)``, the body
+bytes exactly as git writes them, so ``git cat-file`` and ``git fsck --strict`` accept what we store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import msgspec
+
+from ..errors import IntegrityError, InvalidInput
+
+__all__ = [
+    "BLOB",
+    "COMMIT",
+    "EMPTY_TREE",
+    "MODES",
+    "NULL_OID",
+    "TREE",
+    "Commit",
+    "TreeEntry",
+    "decode_commit",
+    "decode_tree",
+    "encode_commit",
+    "encode_tree",
+    "hash_object",
+    "object_header",
+    "parse_mode",
+    "validate_oid",
+]
+
+ObjectType = Literal["blob", "tree", "commit", "tag"]
+# Pack type numbers (git's OBJ_COMMIT, OBJ_TREE, OBJ_BLOB, OBJ_TAG).
+COMMIT, TREE, BLOB, TAG = 1, 2, 3, 4
+TYPE_NAMES: dict[int, ObjectType] = {COMMIT: "commit", TREE: "tree", BLOB: "blob", TAG: "tag"}
+TYPE_NUMBERS: dict[bytes, int] = {name.encode(): num for num, name in TYPE_NAMES.items()}
+
+NULL_OID = "0" * 64
+_OID_RE = re.compile(r"[0-9a-f]{64}")
+
+#: the modes git writes: regular file, executable, symlink, directory.
+MODES = (0o100644, 0o100755, 0o120000, 0o40000)
+DIR_MODE = 0o40000
+_MODE_TEXT = {mode: f"{mode:o}" for mode in MODES}
+_TEXT_MODE = {text: mode for mode, text in _MODE_TEXT.items()}
+
+
+def validate_oid(oid: object, what: str = "object id") -> str:
+    """Return ``oid`` if it is 64 lowercase hex characters; raise before any path is built from it."""
+    if not isinstance(oid, str) or not _OID_RE.fullmatch(oid):
+        raise InvalidInput(f"invalid {what} {oid!r}: want 64 lowercase hex characters")
+    return oid
+
+
+def object_header(type_num: int, size: int) -> bytes:
+    return b"%s %d\0" % (TYPE_NAMES[type_num].encode(), size)
+
+
+def hash_object(type_num: int, body: bytes) -> bytes:
+    """The raw 32-byte id of an object."""
+    h = hashlib.sha256(object_header(type_num, len(body)))
+    h.update(body)
+    return h.digest()
+
+
+def parse_mode(mode: object) -> int:
+    """Accept a mode as git's octal text (``"100644"``) or as an int (``0o100644``)."""
+    if isinstance(mode, str) and mode in _TEXT_MODE:
+        return _TEXT_MODE[mode]
+    if isinstance(mode, int) and not isinstance(mode, bool) and mode in _MODE_TEXT:
+        return mode
+    raise InvalidInput(f"unknown tree entry mode {mode!r}: use 100644, 100755, 120000 or 40000")
+
+
+class TreeEntry(msgspec.Struct, frozen=True):
+    """One entry of a tree: ``name`` is a single path component (or, from ``read_tree(recursive=True)``,
+    a path relative to the tree); ``mode`` is an int such as ``0o100644``."""
+
+    name: str
+    mode: int
+    oid: str
+
+    @property
+    def is_tree(self) -> bool:
+        return self.mode == DIR_MODE
+
+
+def _validate_name(name: bytes, shown: object) -> None:
+    if not name or name in (b".", b".."):
+        raise InvalidInput(f"invalid tree entry name {shown!r}: empty, '.' or '..'")
+    if b"/" in name or b"\0" in name:
+        raise InvalidInput(f"invalid tree entry name {shown!r}: contains '/' or NUL")
+    if name.lower() == b".git":
+        raise InvalidInput(f"invalid tree entry name {shown!r}: git refuses '.git' in trees")
+
+
+def _sort_key(item: tuple[bytes, int, bytes]) -> bytes:
+    name, mode, _ = item
+    return name + b"/" if mode == DIR_MODE else name
+
+
+def encode_tree(entries: Iterable[tuple[bytes, int, bytes]]) -> bytes:
+    """Encode one level of a tree from ``(name bytes, mode, raw oid)``; validates and sorts as git."""
+    items = sorted(entries, key=_sort_key)
+    out = bytearray()
+    previous: bytes | None = None
+    for name, mode, raw in items:
+        _validate_name(name, name.decode("utf-8", "surrogateescape"))
+        if name == previous:
+            raise InvalidInput(f"duplicate tree entry {name.decode('utf-8', 'surrogateescape')!r}")
+        previous = name
+        out += b"%s %s\0" % (_MODE_TEXT[mode].encode(), name)
+        out += raw
+    return bytes(out)
+
+
+def decode_tree(body: bytes, oid: str = "") -> list[tuple[bytes, int, bytes]]:
+    """Decode a tree body into ``(name bytes, mode, raw oid)`` in stored order."""
+    entries = []
+    pos, end = 0, len(body)
+    try:
+        while pos < end:
+            space = body.index(b" ", pos)
+            nul = body.index(b"\0", space)
+            mode = int(body[pos:space], 8)
+            name = body[space + 1 : nul]
+            raw = body[nul + 1 : nul + 33]
+            if len(raw) != 32:
+                raise ValueError("truncated entry")
+            entries.append((name, mode, raw))
+            pos = nul + 33
+    except ValueError as exc:
+        raise IntegrityError(f"tree {oid} is malformed: {exc}") from exc
+    return entries
+
+
+EMPTY_TREE = hash_object(TREE, b"").hex()
+
+
+class Commit(msgspec.Struct, frozen=True):
+    """A commit as ``read_commit`` returns it. ``metadata`` travels as trailers in the message."""
+
+    tree: str
+    parents: tuple[str, ...]
+    author: str
+    timestamp: int
+    message: str
+    metadata: dict[str, str]
+    committer: str = ""
+
+
+_IDENT_RE = re.compile(r"[^<>\n]+ <[^<>\n]*>")
+_TRAILER_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_TRAILER_LINE_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*): (.*)")
+DEFAULT_AUTHOR = "pforge <pforge@localhost>"
+
+
+def encode_commit(
+    tree: str,
+    parents: Iterable[str] = (),
+    *,
+    message: str = "",
+    author: str | None = None,
+    timestamp: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> bytes:
+    validate_oid(tree, "tree id")
+    parents = tuple(parents)
+    for parent in parents:
+        validate_oid(parent, "parent commit id")
+    ident = DEFAULT_AUTHOR if author is None else author
+    if not isinstance(ident, str) or not _IDENT_RE.fullmatch(ident):
+        raise InvalidInput(f"invalid author {author!r}: want 'Name <email>'")
+    when = int(time.time()) if timestamp is None else timestamp
+    if not isinstance(when, int) or isinstance(when, bool) or when < 0:
+        raise InvalidInput(f"invalid timestamp {timestamp!r}: want seconds since the epoch, >= 0")
+    if not isinstance(message, str) or "\0" in message:
+        raise InvalidInput("commit message must be a str without NUL characters")
+    text = message.rstrip("\n")
+    if metadata:
+        lines = []
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not _TRAILER_KEY_RE.fullmatch(key):
+                raise InvalidInput(f"invalid metadata key {key!r}: letters, digits and '-' only")
+            if not isinstance(value, str) or "\n" in value or "\0" in value:
+                raise InvalidInput(f"invalid metadata value for {key!r}: one line of text")
+            lines.append(f"{key}: {value}")
+        text = (text + "\n\n" if text else "") + "\n".join(lines)
+    head = [f"tree {tree}"]
+    head += [f"parent {p}" for p in parents]
+    stamp = f"{ident} {when} +0000"
+    head += [f"author {stamp}", f"committer {stamp}"]
+    return ("\n".join(head) + "\n\n" + text + "\n").encode()
+
+
+def decode_commit(body: bytes, oid: str = "") -> Commit:
+    try:
+        text = body.decode()
+        header, _, message = text.partition("\n\n")
+        tree = ""
+        parents: list[str] = []
+        author = committer = ""
+        timestamp = 0
+        for line in header.split("\n"):
+            key, _, value = line.partition(" ")
+            if key == "tree":
+                tree = value
+            elif key == "parent":
+                parents.append(value)
+            elif key in ("author", "committer"):
+                ident, stamp, _zone = value.rsplit(" ", 2)
+                if key == "author":
+                    author, timestamp = ident, int(stamp)
+                else:
+                    committer = ident
+    except ValueError as exc:
+        raise IntegrityError(f"commit {oid} is malformed: {exc}") from exc
+    message = message[:-1] if message.endswith("\n") else message
+    body_text, _, last = message.rpartition("\n\n")
+    metadata: dict[str, str] = {}
+    candidate = last.split("\n") if last else []
+    if candidate and all(_TRAILER_LINE_RE.fullmatch(line) for line in candidate):
+        for line in candidate:
+            match = _TRAILER_LINE_RE.fullmatch(line)
+            assert match is not None
+            metadata[match[1]] = match[2]
+        message = body_text
+    return Commit(tree, tuple(parents), author, timestamp, message, metadata, committer)

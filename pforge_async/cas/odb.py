@@ -1,0 +1,442 @@
+"""The object database on disk: a bare SHA-256 git repository, read and written synchronously.
+
+Only the CAS actor writes (from its worker thread); any thread may read. Small objects are written in
+packs, one per batch; large files stream into loose objects. Every read re-hashes what it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import stat
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import IntegrityError, InvalidInput, ObjectNotFound, StorageError
+from .objects import BLOB, TYPE_NAMES, TYPE_NUMBERS, object_header, validate_oid
+from .pack import PackIndex, PackReader, fsync_dir, write_pack, zlib_stream
+
+__all__ = ["ObjectDB"]
+
+_CONFIG = """[core]
+\trepositoryformatversion = 1
+\tfilemode = true
+\tbare = true
+[extensions]
+\tobjectformat = sha256
+[gc]
+\tauto = 0
+"""
+_TEMP_RE = re.compile(r"tmp_(?:obj|pack)_(\d+)_[0-9a-f]+(?:\.pack|\.idx)?")
+_CHUNK = 1 << 20
+#: how long an orphaned pack (renamed, its .idx never was) may be a live writer's, not a crash's.
+_ORPHAN_AGE_S = 60.0
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ObjectDB:
+    """A git object store (loose objects and packs) at ``gitdir``."""
+
+    def __init__(self, gitdir: Path, *, fsync: bool, compression: int = 0) -> None:
+        self.gitdir = gitdir
+        self.objects = str(gitdir / "objects")
+        self.pack_dir = str(gitdir / "objects" / "pack")
+        self.fsync = fsync
+        self.compression = compression
+        self._refresh_lock = threading.Lock()
+        self._packs: dict[str, PackReader] = {}
+        self._where: dict[bytes, tuple[PackReader, int]] = {}
+
+    # -- layout ----------------------------------------------------------------------------------
+
+    def init(self) -> None:
+        """Create the repository if missing, check it is SHA-256 if present, clean crash leftovers."""
+        config = self.gitdir / "config"
+        try:
+            if config.exists():
+                text = config.read_text()
+                if not re.search(r"objectformat\s*=\s*sha256", text):
+                    raise StorageError(f"{self.gitdir} is a git repository, but not in SHA-256 format")
+            else:
+                for sub in ("objects/pack", "objects/info", "refs/heads", "refs/tags"):
+                    (self.gitdir / sub).mkdir(parents=True, exist_ok=True)
+                head = self.gitdir / "HEAD"
+                if not head.exists():
+                    head.write_text("ref: refs/heads/main\n")
+                (self.gitdir / "description").write_text("pforge_async content-addressed store\n")
+                tmp = self.gitdir / f"config.tmp{os.getpid()}"
+                tmp.write_text(_CONFIG)
+                os.replace(tmp, config)
+            self.clean_temp()
+        except OSError as exc:
+            raise StorageError(f"cannot open the CAS at {self.gitdir}: {exc}") from exc
+        self.refresh()
+
+    def clean_temp(self) -> None:
+        """Remove temp files whose writing process is gone; never another live writer's."""
+        dirs = [self.objects, self.pack_dir]
+        dirs += [os.path.join(self.objects, d) for d in os.listdir(self.objects) if len(d) == 2]
+        for directory in dirs:
+            for name in os.listdir(directory):
+                match = _TEMP_RE.fullmatch(name)
+                if match and not _pid_alive(int(match[1])):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(directory, name))
+        now = time.time()
+        for name in os.listdir(self.pack_dir):
+            if name.endswith(".pack"):
+                path = os.path.join(self.pack_dir, name)
+                if not os.path.exists(path[:-5] + ".idx"):
+                    with contextlib.suppress(FileNotFoundError):
+                        if now - os.stat(path).st_mtime > _ORPHAN_AGE_S:
+                            os.unlink(path)
+
+    def _temp_name(self, kind: str) -> str:
+        return f"tmp_{kind}_{os.getpid()}_{secrets.token_hex(8)}"
+
+    def refresh(self) -> None:
+        """Load the index of every pack not yet known (another process may have written some)."""
+        with self._refresh_lock:
+            try:
+                names = os.listdir(self.pack_dir)
+            except OSError as exc:
+                raise StorageError(f"cannot list {self.pack_dir}: {exc.strerror}") from exc
+            for name in sorted(names):
+                if not (name.startswith("pack-") and name.endswith(".idx")) or name in self._packs:
+                    continue
+                base = os.path.join(self.pack_dir, name[:-4])
+                try:
+                    index = PackIndex(base + ".idx")
+                    reader = PackReader(base + ".pack")
+                except FileNotFoundError:
+                    continue  # removed by `git repack` meanwhile
+                except (OSError, ValueError) as exc:
+                    raise StorageError(f"cannot open pack {base}: {exc}") from exc
+                self._add_pack(name, reader, index.offsets.items())
+
+    def _add_pack(self, name: str, reader: PackReader, offsets: Iterable[tuple[bytes, int]]) -> None:
+        self._packs[name] = reader
+        where = self._where
+        for raw, offset in offsets:
+            where.setdefault(raw, (reader, offset))
+
+    def close(self) -> None:
+        with self._refresh_lock:
+            self._where.clear()
+            for reader in self._packs.values():
+                reader.close()
+            self._packs.clear()
+
+    # -- lookups ---------------------------------------------------------------------------------
+
+    def loose_path(self, hex_oid: str) -> str:
+        return os.path.join(self.objects, hex_oid[:2], hex_oid[2:])
+
+    def known(self, raw: bytes) -> bool:
+        """Whether a pack already loaded holds the object: no I/O, for deduplicating writes."""
+        return raw in self._where
+
+    def has(self, raw: bytes) -> bool:
+        if raw in self._where:
+            return True
+        if os.path.exists(self.loose_path(raw.hex())):
+            return True
+        self.refresh()
+        return raw in self._where
+
+    def read(self, oid: str) -> tuple[int, bytes]:
+        """``(type, body)`` of an object; ``ObjectNotFound`` or ``IntegrityError`` otherwise."""
+        validate_oid(oid)
+        raw = bytes.fromhex(oid)
+        type_num, body = self._read_raw(raw)
+        if hashlib.sha256(object_header(type_num, len(body)) + body).digest() != raw:
+            raise IntegrityError(f"object {oid} does not match its id: the stored bytes are corrupt")
+        return type_num, body
+
+    def read_blob(self, oid: str) -> bytes:
+        type_num, body = self.read(oid)
+        if type_num != BLOB:
+            raise InvalidInput(f"object {oid} is a {TYPE_NAMES[type_num]}, not a blob")
+        return body
+
+    def copy_blob(self, oid: str, fd: int) -> None:
+        """Write a blob's bytes to ``fd``; a loose blob streams, so a large one never sits in memory."""
+        validate_oid(oid)
+        stream = self._stream_loose_object(oid)
+        if stream is None:
+            _write_all(fd, self.read_blob(oid))
+            return
+        type_num = next(stream)
+        if type_num != BLOB:
+            raise InvalidInput(f"object {oid} is a {TYPE_NAMES[int(type_num)]}, not a blob")
+        for chunk in stream:
+            _write_all(fd, chunk)  # type: ignore[arg-type]
+
+    def verify(self, oid: str) -> tuple[int, bytes | None]:
+        """Re-hash one object; returns its type, and its body unless it is a blob (which streams)."""
+        stream = self._stream_loose_object(oid)
+        if stream is None:
+            type_num, body = self.read(oid)
+            return type_num, None if type_num == BLOB else body
+        type_num = int(next(stream))  # type: ignore[arg-type]
+        parts = [chunk for chunk in stream if type_num != BLOB]
+        return type_num, None if type_num == BLOB else b"".join(parts)  # type: ignore[arg-type]
+
+    def _stream_loose_object(self, oid: str) -> Iterator[int | bytes] | None:
+        """For a loose object: a generator yielding its type, then its body in pieces, checking the
+        id at the end (``IntegrityError`` before the last piece is done). None if not loose."""
+        try:
+            f = open(self.loose_path(oid), "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read object {oid}: {exc.strerror}") from exc
+        return self._stream(oid, f)
+
+    def _stream(self, oid: str, f: BinaryIO) -> Iterator[int | bytes]:
+        with f:
+            digest = hashlib.sha256()
+            head = b""
+            remaining: int | None = None
+            try:
+                for out in _inflated(f):
+                    if remaining is None:
+                        head += out
+                        if b"\0" not in head:
+                            if len(head) > 64:
+                                raise ValueError("no object header")
+                            continue
+                        header, _, out = head.partition(b"\0")
+                        kind, _, size = header.partition(b" ")
+                        remaining = int(size)
+                        digest.update(header + b"\0")
+                        yield TYPE_NUMBERS[kind]
+                    digest.update(out)
+                    remaining -= len(out)
+                    if out:
+                        yield out
+            except (zlib.error, ValueError, KeyError) as exc:
+                raise IntegrityError(f"object {oid} is corrupt: {exc}") from exc
+            if remaining != 0 or digest.hexdigest() != oid:
+                raise IntegrityError(f"object {oid} does not match its id: the stored bytes are corrupt")
+
+    def _read_raw(self, raw: bytes) -> tuple[int, bytes]:
+        found = self._where.get(raw)
+        if found is None:
+            loose = self._read_loose(raw.hex())
+            if loose is not None:
+                return loose
+            self.refresh()
+            found = self._where.get(raw)
+            if found is None:
+                raise ObjectNotFound(f"no object {raw.hex()} in the CAS")
+        reader, offset = found
+        try:
+            return reader.read(offset, self._read_raw)
+        except (IntegrityError, IndexError, ValueError, struct.error) as exc:
+            raise IntegrityError(f"object {raw.hex()} is corrupt: {exc}") from exc
+
+    def _read_loose(self, hex_oid: str) -> tuple[int, bytes] | None:
+        try:
+            with open(self.loose_path(hex_oid), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read object {hex_oid}: {exc.strerror}") from exc
+        try:
+            full = zlib.decompress(data)
+            header, _, body = full.partition(b"\0")
+            kind, _, size = header.partition(b" ")
+            type_num = TYPE_NUMBERS[kind]
+            if int(size) != len(body):
+                raise ValueError(f"header says {int(size)} bytes, body has {len(body)}")
+        except (zlib.error, KeyError, ValueError) as exc:
+            raise IntegrityError(f"object {hex_oid} is corrupt: {exc}") from exc
+        return type_num, body
+
+    def iter_oids(self) -> Iterator[str]:
+        """Every object id present, loose and packed (each once)."""
+        self.refresh()
+        seen: set[bytes] = set(self._where)
+        yield from (raw.hex() for raw in seen)
+        for prefix in sorted(os.listdir(self.objects)):
+            if len(prefix) != 2:
+                continue
+            for rest in os.listdir(os.path.join(self.objects, prefix)):
+                oid = prefix + rest
+                if len(oid) == 64 and not rest.startswith("tmp_"):
+                    raw = bytes.fromhex(oid)
+                    if raw not in seen:
+                        seen.add(raw)
+                        yield oid
+
+    # -- writes (the CAS actor's thread only) ----------------------------------------------------
+
+    def write_pack(self, objects: list[tuple[bytes, int, bytes]]) -> None:
+        """Store ``(raw oid, type, body)`` objects (all new) as one pack."""
+        if not objects:
+            return
+        try:
+            name, offsets = write_pack(
+                self.pack_dir,
+                objects,
+                len(objects),
+                level=self.compression,
+                fsync=self.fsync,
+                temp_prefix=self._temp_name("pack"),
+            )
+            reader = PackReader(os.path.join(self.pack_dir, f"pack-{name}.pack"))
+        except OSError as exc:
+            raise StorageError(f"cannot write a pack in {self.pack_dir}: {exc}") from exc
+        with self._refresh_lock:
+            self._add_pack(f"pack-{name}.idx", reader, offsets)
+
+    def write_file_blob(self, path: str) -> tuple[bytes, os.stat_result] | None:
+        """Stream a (large) regular file into a loose blob without holding it in memory.
+
+        Returns the raw oid and the file's ``fstat`` after reading, or None if the file vanished.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+        try:
+            for _attempt in range(3):
+                before = os.fstat(fd)
+                if not stat.S_ISREG(before.st_mode):
+                    raise InvalidInput(f"{path} is not a regular file")
+                result = self._stream_loose(fd, before.st_size, path)
+                after = os.fstat(fd)
+                if result is not None and after.st_mtime_ns == before.st_mtime_ns:
+                    return result, after
+            raise StorageError(f"{path} kept changing while it was read")
+        finally:
+            os.close(fd)
+
+    def _stream_loose(self, fd: int, size: int, path: str) -> bytes | None:
+        header = object_header(BLOB, size)
+        digest = hashlib.sha256(header)
+        temp = os.path.join(self.objects, self._temp_name("obj"))
+        level = self.compression
+        try:
+            with open(temp, "xb") as out:
+                if level:
+                    comp = zlib.compressobj(level)
+                    out.write(comp.compress(header))
+                else:  # stored deflate blocks by hand, so the stream costs no compression time
+                    out.write(b"\x78\x01")
+                    adler = zlib.adler32(header)
+                    pending = header
+                os.lseek(fd, 0, os.SEEK_SET)
+                remaining = size
+                while True:
+                    chunk = os.read(fd, min(_CHUNK, remaining) if remaining else 1)
+                    if len(chunk) > remaining:
+                        return None  # the file grew under us: read it again
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
+                    digest.update(chunk)
+                    if level:
+                        out.write(comp.compress(chunk))
+                    else:
+                        adler = zlib.adler32(chunk, adler)
+                        data = pending + chunk
+                        last = remaining == 0
+                        for part in zlib_stream_blocks(data, final=last):
+                            out.write(part)
+                        pending = b""
+                    if remaining == 0:
+                        if os.read(fd, 1):
+                            return None
+                        break
+                if remaining:
+                    return None  # the file shrank under us
+                if level:
+                    out.write(comp.flush())
+                else:
+                    if size == 0:
+                        for part in zlib_stream_blocks(pending, final=True):
+                            out.write(part)
+                    out.write(adler.to_bytes(4, "big"))
+                out.flush()
+                if self.fsync:
+                    os.fsync(out.fileno())
+            raw = digest.digest()
+            self._publish_loose(temp, raw.hex())
+            temp = ""
+            return raw
+        except OSError as exc:
+            raise StorageError(f"cannot store {path}: {exc}") from exc
+        finally:
+            if temp:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+
+    def _publish_loose(self, temp: str, hex_oid: str) -> None:
+        os.chmod(temp, 0o444)
+        directory = os.path.join(self.objects, hex_oid[:2])
+        created = False
+        try:
+            os.mkdir(directory)
+            created = True
+        except FileExistsError:
+            pass
+        os.rename(temp, os.path.join(directory, hex_oid[2:]))
+        if self.fsync:
+            fsync_dir(directory)
+            if created:
+                fsync_dir(self.objects)
+
+
+def _inflated(f: BinaryIO) -> Iterator[bytes]:
+    """Inflate a zlib file in bounded pieces (a highly compressed object cannot balloon memory)."""
+    inflate = zlib.decompressobj()
+    while chunk := f.read(_CHUNK):
+        while chunk:
+            out = inflate.decompress(chunk, _CHUNK)
+            if out:
+                yield out
+            chunk = inflate.unconsumed_tail
+    if tail := inflate.flush():
+        yield tail
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def zlib_stream_blocks(data: bytes, *, final: bool) -> list[bytes]:
+    """Stored deflate blocks of ``data`` (no zlib header or checksum): the middle of a stream."""
+    if not data and not final:
+        return []
+    parts = zlib_stream(data, 0)[1:-1]
+    if not final:
+        # zlib_stream marks its last block final; a stream that goes on must not.
+        last_header = parts[-2]
+        parts[-2] = bytes([0]) + last_header[1:]
+    return parts

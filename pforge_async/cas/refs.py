@@ -1,0 +1,102 @@
+"""Git refs as loose files under the CAS, updated compare-and-swap under a file lock."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+
+from ..errors import InvalidInput, RefConflict, StorageError
+from .objects import NULL_OID, validate_oid
+from .pack import fsync_dir
+
+__all__ = ["RefStore", "validate_ref_name"]
+
+_BAD_REF_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def validate_ref_name(name: object) -> str:
+    """``HEAD`` or ``refs/...`` following ``git check-ref-format``; checked before any path is built."""
+    if not isinstance(name, str):
+        raise InvalidInput(f"invalid ref name {name!r}: want a str")
+    if name == "HEAD":
+        return name
+    parts = name.split("/")
+    ok = (
+        name.startswith("refs/")
+        and len(parts) >= 3
+        and not _BAD_REF_CHARS.search(name)
+        and ".." not in name
+        and "@{" not in name
+        and not name.endswith((".", ".lock"))
+        and all(p and not p.startswith(".") and not p.endswith(".lock") for p in parts)
+    )
+    if not ok:
+        raise InvalidInput(f"invalid ref name {name!r}: want 'HEAD' or 'refs/<kind>/<name>' as git allows")
+    return name
+
+
+class RefStore:
+    def __init__(self, gitdir: Path, *, fsync: bool) -> None:
+        self.gitdir = gitdir
+        self.fsync = fsync
+
+    def _resolve_symbolic(self, name: str) -> str:
+        for _ in range(5):
+            try:
+                text = (self.gitdir / name).read_text().strip()
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return name
+            if not text.startswith("ref: "):
+                return name
+            name = validate_ref_name(text[5:])
+        raise StorageError(f"symbolic ref chain from {name} is too deep")
+
+    def get(self, name: str) -> str | None:
+        """The oid a ref points at (following symbolic refs), or None if it does not exist."""
+        target = self._resolve_symbolic(validate_ref_name(name))
+        try:
+            text = (self.gitdir / target).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return self._packed(target)
+        except OSError as exc:
+            raise StorageError(f"cannot read ref {target}: {exc.strerror}") from exc
+        return validate_oid(text, f"value of ref {target}")
+
+    def _packed(self, name: str) -> str | None:
+        try:
+            lines = (self.gitdir / "packed-refs").read_text().splitlines()
+        except FileNotFoundError:
+            return None
+        for line in lines:
+            oid, _, ref = line.partition(" ")
+            if ref == name:
+                return validate_oid(oid, f"value of ref {name}")
+        return None
+
+    def update(self, name: str, new: str, expected: str | None) -> None:
+        """Set ``name`` to ``new``. The caller holds the refs lock. ``expected`` None means no check;
+        the null oid means the ref must not exist yet."""
+        target = self._resolve_symbolic(name)
+        if expected is not None:
+            current = self.get(target)
+            if (current or NULL_OID) != expected:
+                raise RefConflict(f"ref {target} is {current or 'absent'}, expected {expected}")
+        path = self.gitdir / target
+        # git's own lock-file name: a git process updating the same ref at once fails cleanly.
+        temp = path.with_name(f"{path.name}.lock")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temp, "w") as f:
+                f.write(new + "\n")
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(temp, path)
+            if self.fsync:
+                fsync_dir(str(path.parent))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise StorageError(f"cannot update ref {target}: {exc}") from exc
