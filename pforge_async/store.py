@@ -14,6 +14,7 @@ from anyio.abc import TaskGroup
 from .actor import Actor
 from .cas.actor import CasActor
 from .cas.store import Cas
+from .cas.watch import open_watcher
 from .errors import InvalidInput, StorageError
 
 __all__ = ["Durability", "Store", "open_store"]
@@ -27,17 +28,20 @@ class Store:
 
     cas: Cas
 
-    def __init__(self, root: Path, durability: Durability, task_group: TaskGroup) -> None:
+    def __init__(
+        self, root: Path, durability: Durability, task_group: TaskGroup, *, watch_workspaces: bool
+    ) -> None:
         self.root = root
         self.durability: Durability = durability
         self._task_group = task_group
         self._actors: list[Actor[Any]] = []
+        self._watcher = open_watcher() if watch_workspaces else None
 
     async def _start(self) -> None:
         fsync = self.durability == "full"
         cas_actor = CasActor(self.root / "cas", self.locks_dir / "cas-refs.lock", fsync=fsync)
         await self.start_actor(cas_actor)
-        self.cas = Cas(cas_actor, self.root / "cache", self.root)
+        self.cas = Cas(cas_actor, self.root / "cache", self.root, self._watcher)
 
     @property
     def locks_dir(self) -> Path:
@@ -52,6 +56,8 @@ class Store:
         # Newest first: later actors may call into earlier ones while draining.
         for actor in reversed(self._actors):
             await actor.aclose()
+        if self._watcher is not None:
+            self._watcher.close()
 
 
 def _make_root(root: Path) -> None:
@@ -66,19 +72,24 @@ def _make_root(root: Path) -> None:
 
 @asynccontextmanager
 async def open_store(
-    root: str | os.PathLike[str] = DEFAULT_ROOT, *, durability: Durability = "full"
+    root: str | os.PathLike[str] = DEFAULT_ROOT,
+    *,
+    durability: Durability = "full",
+    watch_workspaces: bool = True,
 ) -> AsyncIterator[Store]:
     """Open (creating if needed) the store at ``root`` and run its actors until the block exits.
 
     ``durability="full"`` makes an acknowledged write survive power loss (fsync per batch);
     ``"normal"`` makes it survive a killed process. The root is created owner-only (0700).
+    ``watch_workspaces`` lets a repeated ``cas.snapshot`` of an unchanged directory answer from
+    inotify events instead of a stat walk (see :mod:`pforge_async.cas.watch` for its limits).
     """
     if durability not in get_args(Durability):
         raise InvalidInput(f"durability must be 'full' or 'normal', got {durability!r}")
     path = Path(root).absolute()
     await anyio.to_thread.run_sync(_make_root, path)
     async with anyio.create_task_group() as tg:
-        store = Store(path, durability, tg)
+        store = Store(path, durability, tg, watch_workspaces=watch_workspaces)
         try:
             await store._start()
             yield store

@@ -190,11 +190,17 @@ class TestObjects:
             assert await cas.get_ref("HEAD") == c2
 
 
+@pytest.fixture(params=[True, False], ids=["watched", "stat-cache-only"])
+def watch(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
 class TestSnapshots:
-    async def test_snapshot_then_restore_reproduces_the_workspace(self, tmp_path: Path) -> None:
+    async def test_snapshot_then_restore_reproduces_the_workspace(self, tmp_path: Path, watch: bool) -> None:
         work = tmp_path / "work"
         make_workspace(work)
-        async with open_store(work / ".pforge") as store:  # the store inside the workspace
+        # the store inside the workspace
+        async with open_store(work / ".pforge", watch_workspaces=watch) as store:
             tree = await store.cas.snapshot(work)
             names = {e.name for e in await store.cas.read_tree(tree, recursive=True)}
             assert ".pforge" not in {n.split("/")[0] for n in names}
@@ -208,21 +214,21 @@ class TestSnapshots:
         assert os.readlink(out / "dangling") == "../nowhere"
         assert (out / "run.sh").stat().st_mode & 0o111
 
-    async def test_same_content_gives_the_same_id_anywhere(self, tmp_path: Path) -> None:
+    async def test_same_content_gives_the_same_id_anywhere(self, tmp_path: Path, watch: bool) -> None:
         make_workspace(tmp_path / "one")
         make_workspace(tmp_path / "two")
-        async with open_store(tmp_path / ".pforge") as store:
+        async with open_store(tmp_path / ".pforge", watch_workspaces=watch) as store:
             first = await store.cas.snapshot(tmp_path / "one")
             assert await store.cas.snapshot(tmp_path / "one") == first
             assert await store.cas.snapshot(tmp_path / "two") == first
         async with open_store(tmp_path / ".other") as store:
             assert await store.cas.snapshot(tmp_path / "one") == first
 
-    async def test_a_change_is_seen_even_right_after_a_snapshot(self, tmp_path: Path) -> None:
+    async def test_a_change_is_seen_even_right_after_a_snapshot(self, tmp_path: Path, watch: bool) -> None:
         work = tmp_path / "work"
         make_workspace(work)
         target = work / "src" / "main.py"
-        async with open_store(tmp_path / ".pforge") as store:
+        async with open_store(tmp_path / ".pforge", watch_workspaces=watch) as store:
             before = await store.cas.snapshot(work)
             # Same size, written at once: the racily-clean case a naive stat cache misses.
             stamp = target.stat()
@@ -238,8 +244,33 @@ class TestSnapshots:
             again = await store.cas.snapshot(work)
             names = {e.name for e in await store.cas.read_tree(again, recursive=True)}
             assert "src/pkg/mod.py" not in names
+            (work / "src" / "new" / "deeper").mkdir(parents=True)
+            (work / "src" / "new" / "deeper" / "n.txt").write_text("new")
+            newer = await store.cas.snapshot(work)
+            names = {e.name for e in await store.cas.read_tree(newer, recursive=True)}
+            assert "src/new/deeper/n.txt" in names
+            (work / "src" / "new" / "deeper" / "n.txt").write_text("new, changed")
+            newest = await store.cas.snapshot(work)
+            entries = {e.name: e.oid for e in await store.cas.read_tree(newest, recursive=True)}
+            assert await store.cas.read_blob(entries["src/new/deeper/n.txt"]) == b"new, changed"
+
+    async def test_an_unchanged_workspace_is_answered_by_the_watch(self, tmp_path: Path) -> None:
+        work = tmp_path / "work"
+        make_workspace(work)
+        async with open_store(work / ".pforge") as store:  # the store's own writes are no change
+            first = await store.cas.snapshot(work)
+            await store.cas.write_blob(b"store activity inside the workspace")
+            assert await store.cas.snapshot(work) == first
+            assert (store.cas.snapshots_scanned, store.cas.snapshots_unchanged) == (1, 1)
+            (work / ".git" / "HEAD").write_text("ref: refs/heads/y\n")  # excluded as well
+            assert await store.cas.snapshot(work) == first
+            assert store.cas.snapshots_unchanged == 2
+            (work / "src" / "pkg" / "mod.py").write_text("print('changed')\n")
+            assert await store.cas.snapshot(work) != first
+            assert store.cas.snapshots_scanned == 2
 
     async def test_the_stat_cache_survives_reopening(self, tmp_path: Path) -> None:
+        # A new process has no watch: the stat cache answers, and must agree.
         work = tmp_path / "work"
         make_workspace(work)
         async with open_store(tmp_path / ".pforge") as store:

@@ -61,7 +61,8 @@ class _Batch:
         return raw in self.staged or self.odb.has(raw)
 
     def add(self, type_num: int, body: bytes, raw: bytes | None = None) -> bytes:
-        raw = raw or hash_object(type_num, body)
+        if raw is None:
+            raw = hash_object(type_num, body)
         # A duplicate that slips through (say, a loose copy) costs space, never correctness.
         if raw not in self.staged and not self.odb.known(raw):
             self.staged[raw] = (type_num, body)

@@ -91,13 +91,17 @@ class TreeEntry(msgspec.Struct, frozen=True):
         return self.mode == DIR_MODE
 
 
-def _validate_name(name: bytes, shown: object) -> None:
+def _validate_name(name: bytes) -> None:
+    why = ""
     if not name or name in (b".", b".."):
-        raise InvalidInput(f"invalid tree entry name {shown!r}: empty, '.' or '..'")
-    if b"/" in name or b"\0" in name:
-        raise InvalidInput(f"invalid tree entry name {shown!r}: contains '/' or NUL")
-    if name.lower() == b".git":
-        raise InvalidInput(f"invalid tree entry name {shown!r}: git refuses '.git' in trees")
+        why = "empty, '.' or '..'"
+    elif b"/" in name or b"\0" in name:
+        why = "contains '/' or NUL"
+    elif name.lower() == b".git":
+        why = "git refuses '.git' in trees"
+    if why:
+        shown = name.decode("utf-8", "surrogateescape")
+        raise InvalidInput(f"invalid tree entry name {shown!r}: {why}")
 
 
 def _sort_key(item: tuple[bytes, int, bytes]) -> bytes:
@@ -111,7 +115,7 @@ def encode_tree(entries: Iterable[tuple[bytes, int, bytes]]) -> bytes:
     out = bytearray()
     previous: bytes | None = None
     for name, mode, raw in items:
-        _validate_name(name, name.decode("utf-8", "surrogateescape"))
+        _validate_name(name)
         if name == previous:
             raise InvalidInput(f"duplicate tree entry {name.decode('utf-8', 'surrogateescape')!r}")
         previous = name

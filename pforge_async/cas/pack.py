@@ -73,40 +73,43 @@ def write_pack(
     offsets: list[tuple[bytes, int, int]] = []  # raw oid, offset, crc32
     digest = hashlib.sha256()
     try:
-        with open(pack_tmp, "xb") as out:
-            buf = bytearray(b"PACK" + struct.pack(">II", 2, count))
-            position = 0  # of buf's start in the file
-            crc32, pack_header = zlib.crc32, struct.Struct("<BHH").pack
-            adler32 = zlib.adler32
+        fd = os.open(pack_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        try:
+            pending = [b"PACK" + struct.pack(">II", 2, count)]
+            position = len(pending[0])
+            crc32, adler32, block_header = zlib.crc32, zlib.adler32, struct.Struct("<BHH").pack
             for raw, type_num, body in objects:
                 n = len(body)
-                if level == 0 and n < 0xFFFF:  # the common case, in one concatenation
+                if level == 0 and n < 0xFFFF:  # the common case: one stored block
                     entry = b"".join(
                         (
                             entry_header(type_num, n),
                             b"\x78\x01",
-                            pack_header(1, n, n ^ 0xFFFF),
+                            block_header(1, n, n ^ 0xFFFF),
                             body,
                             adler32(body).to_bytes(4, "big"),
                         )
                     )
                 else:
-                    entry = b"".join([entry_header(type_num, n), *zlib_stream(body, level)])
-                offsets.append((raw, position + len(buf), crc32(entry)))
-                buf += entry
-                if len(buf) >= 1 << 22:
-                    digest.update(buf)
-                    out.write(buf)
-                    position += len(buf)
-                    buf = bytearray()
+                    entry = b"".join((entry_header(type_num, n), *zlib_stream(body, level)))
+                offsets.append((raw, position, crc32(entry)))
+                position += len(entry)
+                pending.append(entry)
+                if len(pending) >= 512:
+                    chunk = b"".join(pending)
+                    digest.update(chunk)
+                    _write_all(fd, chunk)
+                    pending = []
             if len(offsets) != count:
                 raise RuntimeError(f"pack promised {count} objects, got {len(offsets)}")
-            digest.update(buf)
+            chunk = b"".join(pending)
+            digest.update(chunk)
             trailer = digest.digest()
-            buf += trailer
-            out.write(buf)
+            _write_all(fd, chunk + trailer)
             if fsync:
-                os.fsync(out.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         name = trailer.hex()
         _write_idx(idx_tmp, offsets, trailer, fsync)
         os.rename(pack_tmp, os.path.join(directory, f"pack-{name}.pack"))
@@ -121,6 +124,12 @@ def write_pack(
     if fsync:
         fsync_dir(directory)
     return name, [(raw, offset) for raw, offset, _ in offsets]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _write_idx(path: str, offsets: list[tuple[bytes, int, int]], pack_hash: bytes, fsync: bool) -> None:

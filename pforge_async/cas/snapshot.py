@@ -20,13 +20,14 @@ import msgspec
 from ..errors import IntegrityError, InvalidInput, StorageError
 from .objects import BLOB, DIR_MODE, TREE, decode_tree, encode_tree, hash_object
 from .odb import ObjectDB
+from .watch import Watcher
 
 __all__ = ["SnapshotPlan", "restore_tree"]
 
 RACY_NS = 50_000_000
 #: how many bytes of small files one command to the actor carries.
-CHUNK_BYTES = 16 << 20
-CHUNK_FILES = 4096
+CHUNK_BYTES = 4 << 20
+CHUNK_FILES = 1024
 
 _CacheEntry = tuple[int, int, int, int, int, str]  # mode, size, mtime_ns, ctime_ns, ino, oid
 _cache_decoder = msgspec.msgpack.Decoder(dict[str, _CacheEntry])
@@ -73,12 +74,16 @@ class SnapshotPlan:
 
     # -- scan --------------------------------------------------------------------------------------
 
-    def scan(self, odb: ObjectDB) -> None:
+    def scan(self, odb: ObjectDB, watcher: Watcher | None = None) -> None:
         cache = self._load_cache()
+        if watcher is not None:
+            watcher.begin(self.root)
         self.dirs.append((-1, b""))
         stack = [(0, self.root, "")]
         while stack:
             index, path, rel = stack.pop()
+            # Watched before listed: a change after this point is an event, never a miss.
+            wd = watcher.watch_dir(self.root, path) if watcher is not None else -1
             try:
                 entries = list(os.scandir(path))
             except OSError as exc:
@@ -86,6 +91,8 @@ class SnapshotPlan:
             for entry in entries:
                 name = entry.name
                 if _excluded(name):
+                    if watcher is not None:
+                        watcher.ignore(wd, name)
                     continue
                 try:
                     st = entry.stat(follow_symlinks=False)
@@ -94,6 +101,8 @@ class SnapshotPlan:
                 child_rel = f"{rel}/{name}" if rel else name
                 if stat.S_ISDIR(st.st_mode):
                     if (st.st_dev, st.st_ino) in self.exclude:
+                        if watcher is not None:
+                            watcher.ignore(wd, name)
                         continue
                     self.dirs.append((index, os.fsencode(name)))
                     stack.append((len(self.dirs) - 1, entry.path, child_rel))

@@ -1,0 +1,144 @@
+"""Change watching for snapshots (Linux inotify), the idea of git's fsmonitor.
+
+While a store is open, every directory a snapshot scanned stays watched. The next snapshot of the
+same root first reads the pending events: if nothing under the root changed, the previous tree id is
+the answer and no file is even stat'ed. Any event, a lost event queue (overflow), or a directory that
+could not be watched sends the snapshot down the full stat-cache path, so the watch only ever skips
+work, never changes a result.
+
+Limits (as for every inotify-based monitor): writes through a shared ``mmap`` and changes made on
+another machine of a network file system raise no event. Open the store with
+``watch_workspaces=False`` where that matters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import struct
+import sys
+import threading
+
+__all__ = ["Watcher", "open_watcher"]
+
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+_MASK = (
+    0x2  # IN_MODIFY
+    | 0x4  # IN_ATTRIB
+    | 0x8  # IN_CLOSE_WRITE
+    | 0x40  # IN_MOVED_FROM
+    | 0x80  # IN_MOVED_TO
+    | 0x100  # IN_CREATE
+    | 0x200  # IN_DELETE
+    | 0x400  # IN_DELETE_SELF
+    | 0x800  # IN_MOVE_SELF
+    | 0x01000000  # IN_ONLYDIR
+    | 0x02000000  # IN_DONT_FOLLOW
+    | 0x04000000  # IN_EXCL_UNLINK
+)
+_IN_Q_OVERFLOW = 0x4000
+_EVENT = struct.Struct("iIII")
+
+
+class _Root:
+    __slots__ = ("dirty", "tree", "watched")
+
+    def __init__(self) -> None:
+        self.tree: str | None = None
+        self.dirty = True
+        self.watched = True
+
+
+class Watcher:
+    """One inotify instance for a store, shared by every root it snapshots."""
+
+    def __init__(self, fd: int, add_watch: ctypes._NamedFuncPointer) -> None:
+        self._fd = fd
+        self._add_watch = add_watch
+        self._lock = threading.Lock()
+        self._roots: dict[str, _Root] = {}
+        self._wd_roots: dict[int, set[str]] = {}
+        self._ignored: set[tuple[int, bytes]] = set()
+
+    def unchanged_tree(self, root: str) -> str | None:
+        """The last tree of ``root`` if nothing under it changed since that snapshot's scan began."""
+        with self._lock:
+            self._drain()
+            state = self._roots.get(root)
+            if state is None or state.dirty or not state.watched:
+                return None
+            return state.tree
+
+    def begin(self, root: str) -> None:
+        """A full scan of ``root`` starts: forget what it was, watch what the scan lists."""
+        with self._lock:
+            self._drain()
+            state = self._roots.setdefault(root, _Root())
+            state.dirty = False
+            state.watched = True
+            state.tree = None
+
+    def watch_dir(self, root: str, path: str) -> int:
+        """Watch a directory before it is listed; returns its watch descriptor, or -1."""
+        wd = int(self._add_watch(self._fd, os.fsencode(path), _MASK))
+        with self._lock:
+            if wd < 0:
+                self._roots[root].watched = False  # e.g. the user's inotify watch limit
+                return -1
+            self._wd_roots.setdefault(wd, set()).add(root)
+        return wd
+
+    def ignore(self, wd: int, name: str) -> None:
+        """Events about ``name`` in the directory ``wd`` concern no snapshot (the store, ``.git``)."""
+        if wd >= 0:
+            with self._lock:
+                self._ignored.add((wd, os.fsencode(name)))
+
+    def finish(self, root: str, tree: str) -> None:
+        with self._lock:
+            self._roots[root].tree = tree
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                return
+            pos = 0
+            while pos < len(data):
+                wd, mask, _cookie, size = _EVENT.unpack_from(data, pos)
+                name = data[pos + _EVENT.size : pos + _EVENT.size + size].rstrip(b"\0")
+                pos += _EVENT.size + size
+                if mask & _IN_Q_OVERFLOW:
+                    for state in self._roots.values():
+                        state.dirty = True
+                elif (wd, name) not in self._ignored:
+                    for root in self._wd_roots.get(wd, ()):
+                        self._roots[root].dirty = True
+
+    def close(self) -> None:
+        with self._lock, contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def open_watcher() -> Watcher | None:
+    """A watcher, or None where inotify is not available (not Linux, or no instance left)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        init = libc.inotify_init1
+        add_watch = libc.inotify_add_watch
+    except (OSError, AttributeError):
+        return None
+    init.argtypes = [ctypes.c_int]
+    init.restype = ctypes.c_int
+    add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    add_watch.restype = ctypes.c_int
+    fd = int(init(_IN_NONBLOCK | _IN_CLOEXEC))
+    if fd < 0:
+        return None
+    return Watcher(fd, add_watch)
