@@ -107,7 +107,11 @@ class Actor(ABC, Generic[C]):
         """Send already-encoded command bytes: the mailbox protocol is a wire protocol."""
         envelope = _Envelope(data)
         try:
-            await self._send.send(envelope)
+            try:
+                # Room in the mailbox: no extra trip around the event loop. Full: wait for room.
+                self._send.send_nowait(envelope)
+            except anyio.WouldBlock:
+                await self._send.send(envelope)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise self._closed_error() from self._death
         await envelope.done.wait()

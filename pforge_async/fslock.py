@@ -41,13 +41,14 @@ _MAX_BACKOFF = 0.01
 class _PathState:
     """Who in this process holds the lock on one path, and the one descriptor they share."""
 
-    __slots__ = ("fd", "mutex", "readers", "writer")
+    __slots__ = ("fd", "keepers", "mutex", "readers", "writer")
 
     def __init__(self) -> None:
         self.mutex = threading.Lock()
         self.readers = 0
         self.writer = False
         self.fd: int | None = None
+        self.keepers = 0  # lock objects that asked for the descriptor to stay open between holds
 
 
 _registry_mutex = threading.Lock()
@@ -84,11 +85,17 @@ class FsLock:
 
     ``timeout`` is in seconds; ``None`` waits forever, ``0`` tries once. The lock file is created
     (mode 0600) if missing and never deleted. Not reentrant: acquiring a lock object twice without
-    releasing it waits on itself.
+    releasing it waits on itself. ``keep_open`` keeps the file open between holds (for a lock taken
+    very often); :meth:`close` gives it up.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, shared: bool = False, timeout: float | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        shared: bool = False,
+        timeout: float | None = None,
+        keep_open: bool = False,
     ) -> None:
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
             raise InvalidInput(f"FsLock timeout must be None or a number >= 0, got {timeout!r}")
@@ -97,6 +104,10 @@ class FsLock:
         self.timeout = timeout
         self._state = _state_for(self.path)
         self._held = False
+        self._keeping = keep_open
+        if keep_open:
+            with self._state.mutex:
+                self._state.keepers += 1
 
     @property
     def held(self) -> bool:
@@ -108,11 +119,11 @@ class FsLock:
         with state.mutex:
             if state.writer or (not self.shared and state.readers):
                 return False
-            if state.fd is None:
-                state.fd = self._open()
+            if not state.readers and not state.writer:
+                if state.fd is None:
+                    state.fd = self._open()
                 if not self._flock(state.fd):
-                    os.close(state.fd)
-                    state.fd = None
+                    self._maybe_close(state)
                     return False
             if self.shared:
                 state.readers += 1
@@ -147,12 +158,23 @@ class FsLock:
             else:
                 state.writer = False
             if not state.readers and not state.writer and state.fd is not None:
-                fd, state.fd = state.fd, None
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                finally:
-                    os.close(fd)
+                fcntl.flock(state.fd, fcntl.LOCK_UN)
+                self._maybe_close(state)
         self._held = False
+
+    @staticmethod
+    def _maybe_close(state: _PathState) -> None:
+        if state.fd is not None and not state.keepers and not state.readers and not state.writer:
+            fd, state.fd = state.fd, None
+            os.close(fd)
+
+    def close(self) -> None:
+        """Stop keeping the file open (``keep_open``); the lock itself is released by ``release``."""
+        if self._keeping:
+            self._keeping = False
+            with self._state.mutex:
+                self._state.keepers = max(0, self._state.keepers - 1)
+                self._maybe_close(self._state)
 
     def _timeout_error(self, waited: float) -> LockTimeout:
         mode = "shared" if self.shared else "exclusive"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,11 @@ from .cas.actor import CasActor
 from .cas.store import Cas
 from .cas.watch import open_watcher
 from .errors import InvalidInput, StorageError
+from .turnstore.rules import DEFAULT_MAX_PAYLOAD
+from .turnstore.sqlite import SqliteTurnStore, TurnActor
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found]
 
 __all__ = ["Durability", "Store", "open_store"]
 
@@ -27,21 +33,32 @@ class Store:
     """What ``open_store`` yields. Its actors live exactly as long as the ``async with`` block."""
 
     cas: Cas
+    turns: SqliteTurnStore
 
     def __init__(
-        self, root: Path, durability: Durability, task_group: TaskGroup, *, watch_workspaces: bool
+        self,
+        root: Path,
+        durability: Durability,
+        task_group: TaskGroup,
+        *,
+        watch_workspaces: bool,
+        max_payload_bytes: int,
     ) -> None:
         self.root = root
         self.durability: Durability = durability
         self._task_group = task_group
         self._actors: list[Actor[Any]] = []
         self._watcher = open_watcher() if watch_workspaces else None
+        self._max_payload_bytes = max_payload_bytes
 
     async def _start(self) -> None:
         fsync = self.durability == "full"
         cas_actor = CasActor(self.root / "cas", self.locks_dir / "cas-refs.lock", fsync=fsync)
         await self.start_actor(cas_actor)
         self.cas = Cas(cas_actor, self.root / "cache", self.root, self._watcher)
+        turns = TurnActor(self.root / "turns.db", self.locks_dir / "turns.lock", durability=self.durability)
+        await self.start_actor(turns)
+        self.turns = SqliteTurnStore(turns, self.cas, max_payload_bytes=self._max_payload_bytes)
 
     @property
     def locks_dir(self) -> Path:
@@ -76,6 +93,7 @@ async def open_store(
     *,
     durability: Durability = "full",
     watch_workspaces: bool = True,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
 ) -> AsyncIterator[Store]:
     """Open (creating if needed) the store at ``root`` and run its actors until the block exits.
 
@@ -83,16 +101,34 @@ async def open_store(
     ``"normal"`` makes it survive a killed process. The root is created owner-only (0700).
     ``watch_workspaces`` lets a repeated ``cas.snapshot`` of an unchanged directory answer from
     inotify events instead of a stat walk (see :mod:`pforge_async.cas.watch` for its limits).
+    ``max_payload_bytes`` bounds one turn's payload.
     """
     if durability not in get_args(Durability):
         raise InvalidInput(f"durability must be 'full' or 'normal', got {durability!r}")
     path = Path(root).absolute()
     await anyio.to_thread.run_sync(_make_root, path)
-    async with anyio.create_task_group() as tg:
-        store = Store(path, durability, tg, watch_workspaces=watch_workspaces)
-        try:
-            await store._start()
-            yield store
-        finally:
-            with anyio.CancelScope(shield=True):
-                await store._close()
+    try:
+        async with anyio.create_task_group() as tg:
+            store = Store(
+                path,
+                durability,
+                tg,
+                watch_workspaces=watch_workspaces,
+                max_payload_bytes=max_payload_bytes,
+            )
+            try:
+                await store._start()
+                yield store
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await store._close()
+    except BaseExceptionGroup as group:
+        # The task group wraps whatever the block (or an actor's startup) raised: hand the one
+        # error back as itself, as a caller of open_store expects (raised outside this handler, so
+        # its own cause and context stay as they were).
+        if len(group.exceptions) != 1:
+            raise
+        error = group.exceptions[0]
+    else:
+        return
+    raise error

@@ -34,3 +34,11 @@ async def test_open_store_rejects_a_root_that_is_a_file(tmp_path: Path) -> None:
             pass
     assert "file" in str(info.value)
     assert root.read_text() == "not a store"
+
+
+async def test_an_error_in_the_block_comes_out_as_itself(tmp_path: Path) -> None:
+    cause = KeyError("inner")
+    with pytest.raises(ValueError, match="user error") as info:
+        async with open_store(tmp_path / "s"):
+            raise ValueError("user error") from cause
+    assert info.value.__cause__ is cause

@@ -1,0 +1,255 @@
+"""The SQLite actor machinery every database of the store shares.
+
+One writer connection per database, owned by the actor: a batch of commands runs in one
+``BEGIN IMMEDIATE`` transaction, each command inside its own savepoint (a failing command rolls back
+only itself), and one ``COMMIT`` (one fsync under ``synchronous=FULL``) answers the whole batch.
+Across processes, an fslock held around each batch makes the writers of one database take turns, so
+``SQLITE_BUSY`` never reaches a caller. Reads use a separate connection (aiosqlite) in WAL mode, and
+see every write whose call has returned.
+
+Schemas are versioned with ``PRAGMA user_version`` and migrated forward at open inside a transaction;
+a database written by a newer version is refused before anything touches it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import aiosqlite
+import anyio
+
+from ..actor import Actor, Failed
+from ..errors import ActorClosed, IntegrityError, PforgeError, StorageError
+from ..fslock import FsLock
+
+__all__ = ["SqliteActor", "load_script", "split_statements"]
+
+C = TypeVar("C")
+log = logging.getLogger(__name__)
+
+
+def load_script(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text()
+
+
+def split_statements(script: str) -> Iterator[str]:
+    """The statements of a script, so they run inside our transaction (``executescript`` would
+    commit first)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statement = pending.strip()
+            if statement:
+                yield statement
+            pending = ""
+    if pending.strip() and not all(
+        part.strip().startswith("--") or not part.strip() for part in pending.splitlines()
+    ):
+        raise ValueError(f"incomplete SQL statement at the end of a script: {pending.strip()[:80]}")
+
+
+def translate(path: Path, exc: sqlite3.Error) -> PforgeError:
+    """One boundary for sqlite3's errors: corruption is IntegrityError, the rest StorageError."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.DatabaseError) and (
+        "not a database" in text or "malformed" in text or "corrupt" in text
+    ):
+        return IntegrityError(f"database {path} is corrupt: {text}")
+    return StorageError(f"database {path}: {text}")
+
+
+class SqliteActor(Actor[C]):
+    """A subclass names its schema file and version (and migrations) and implements :meth:`apply`."""
+
+    schema_file: ClassVar[str]
+    schema_version: ClassVar[int]
+    #: version -> script that upgrades version - 1 to it.
+    migrations: ClassVar[dict[int, str]] = {}
+
+    def __init__(
+        self,
+        path: Path,
+        lock_path: Path,
+        *,
+        durability: str = "full",
+        mailbox_size: int = 256,
+        max_batch: int = 256,
+    ) -> None:
+        super().__init__(mailbox_size=mailbox_size, max_batch=max_batch)
+        self.path = path
+        self.lock_path = lock_path
+        self.durability = durability
+        self._limiter = anyio.CapacityLimiter(1)
+        self._conn: sqlite3.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._lock = FsLock(lock_path, keep_open=True)
+        self._data_version = -1
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        await anyio.to_thread.run_sync(self._open_writer, limiter=self._limiter)
+        try:
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._reader.execute("PRAGMA query_only = ON")
+            await self._reader.execute("PRAGMA busy_timeout = 10000")
+        except sqlite3.Error as exc:
+            await self.teardown()
+            raise translate(self.path, exc) from exc
+
+    async def teardown(self) -> None:
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await reader.close()
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await anyio.to_thread.run_sync(conn.close, limiter=self._limiter)
+        self._lock.close()
+
+    def _open_writer(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
+        except sqlite3.Error as exc:
+            raise translate(self.path, exc) from exc
+        try:
+            # Read the version before any pragma can write to the file.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > self.schema_version:
+                raise StorageError(
+                    f"database {self.path} has schema version {version}, newer than this "
+                    f"pforge_async understands ({self.schema_version}); it was left untouched"
+                )
+            conn.execute("PRAGMA journal_mode = WAL")
+            sync = "FULL" if self.durability == "full" else "NORMAL"
+            conn.execute(f"PRAGMA synchronous = {sync}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            if version < self.schema_version:
+                with FsLock(self.lock_path):
+                    self._migrate(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise translate(self.path, exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Read again under the lock: another process may have migrated meanwhile.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:  # a fresh database gets the current schema whole
+                scripts = [self.schema_file] if self.schema_version else []
+            else:
+                try:
+                    scripts = [self.migrations[v] for v in range(version + 1, self.schema_version + 1)]
+                except KeyError as exc:
+                    raise StorageError(f"database {self.path}: no migration to version {exc}") from exc
+            for name in scripts:
+                for statement in split_statements(load_script(name)):
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {int(self.schema_version)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    #: run each command in its own savepoint. A subclass whose ``apply`` checks everything before it
+    #: writes anything (and defers its writes to :meth:`flush`) may turn this off to save two
+    #: statements per command.
+    savepoints: ClassVar[bool] = True
+
+    @abstractmethod
+    def apply(self, conn: sqlite3.Connection, command: C) -> Any:
+        """Run one command inside the batch's transaction and return its reply. Raise a
+        ``PforgeError`` to fail just this command."""
+
+    def begin(self, conn: sqlite3.Connection, changed_elsewhere: bool) -> None:
+        """A batch starts. ``changed_elsewhere``: another connection (process) committed since our
+        last batch, so anything cached from the database is stale."""
+
+    def flush(self, conn: sqlite3.Connection) -> None:
+        """Write what the batch's commands deferred; runs just before the commit."""
+
+    def abort(self) -> None:
+        """The batch was rolled back: forget whatever it cached or deferred."""
+
+    async def handle_batch(self, commands: Sequence[C]) -> list[Any]:
+        return await anyio.to_thread.run_sync(self._transact, commands, limiter=self._limiter)
+
+    def _transact(self, commands: Sequence[C]) -> list[Any]:
+        conn = self._conn
+        if conn is None:
+            raise StorageError(f"database {self.path} is closed")
+        with self._lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                self.begin(conn, version != self._data_version)
+                outcomes = [self._apply_one(conn, command) for command in commands]
+                self.flush(conn)
+                conn.execute("COMMIT")
+                self._data_version = version  # our own commits leave it as it is
+            except Exception as exc:
+                # Nothing of the batch is kept; its callers learn why, later batches go on.
+                self._rollback(conn)
+                error = translate(self.path, exc) if isinstance(exc, sqlite3.Error) else exc
+                return [Failed(error) for _ in commands]
+            except BaseException:
+                self._rollback(conn)
+                raise
+        return outcomes
+
+    def _apply_one(self, conn: sqlite3.Connection, command: C) -> Any:
+        if not self.savepoints:
+            try:
+                return self.apply(conn, command)
+            except PforgeError as exc:
+                return Failed(exc)
+        conn.execute("SAVEPOINT command")
+        try:
+            return self.apply(conn, command)
+        except Exception as exc:
+            conn.execute("ROLLBACK TO command")
+            if isinstance(exc, sqlite3.Error):
+                exc = translate(self.path, exc)
+            return Failed(exc)
+        finally:
+            conn.execute("RELEASE command")
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        self.abort()
+        self._data_version = -1
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("rollback of %s failed", self.path)
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        reader = self._reader
+        if reader is None:
+            raise ActorClosed(f"database {self.path} is closed")
+        try:
+            async with reader.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as exc:
+            raise translate(self.path, exc) from exc
+        except ValueError as exc:  # aiosqlite: the connection was closed meanwhile
+            raise ActorClosed(f"database {self.path} is closed") from exc
+
+    async def fetchone(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None

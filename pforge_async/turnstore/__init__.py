@@ -1,0 +1,26 @@
+"""The turn store: conversations as an immutable DAG of turns, with O(1) forks and idempotent appends."""
+
+from __future__ import annotations
+
+from .fs import FsTurnStore
+from .keys import agent_key, attractor_key, idempotency_key
+from .memory import MemoryTurnStore
+from .protocol import ArtifactStore, TurnStore, TypedTurnStore
+from .sqlite import SqliteTurnStore
+from .types import ContextHead, Correlation, TurnEnvelope, TurnRecord
+
+__all__ = [
+    "ArtifactStore",
+    "ContextHead",
+    "Correlation",
+    "FsTurnStore",
+    "MemoryTurnStore",
+    "SqliteTurnStore",
+    "TurnEnvelope",
+    "TurnRecord",
+    "TurnStore",
+    "TypedTurnStore",
+    "agent_key",
+    "attractor_key",
+    "idempotency_key",
+]

@@ -1,0 +1,228 @@
+"""``FsTurnStore``: the turn store as one append-only log file, for local parity and offline inspection.
+
+The file starts with a magic line; then each record is a frame ``<u32 length><u32 crc32><msgpack
+record>``. Appends never rewrite earlier bytes. At open the log is replayed into memory: a frame cut
+short at the very end (a torn write) is truncated away; a bad frame anywhere before the end is
+corruption and raises ``IntegrityError`` rather than lose what follows it.
+
+Writes go through an actor, so concurrent appends are group-committed: one write and one fsync per
+batch. One process at a time may open a directory (a file lock says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from ..actor import Actor, Failed
+from ..cas.pack import fsync_dir
+from ..errors import ActorClosed, IntegrityError, LockTimeout, PforgeError, StorageError
+from ..fslock import FsLock
+from .base import TurnStoreBase
+from .commands import TurnCommand
+from .core import Record, TurnCore, now_ms
+from .rules import DEFAULT_MAX_PAYLOAD
+from .types import ContextHead, TurnRecord
+
+__all__ = ["FsTurnStore", "replay"]
+
+MAGIC = b"pforge-turns v1\n"
+_FRAME = struct.Struct("<II")
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Record)
+log = logging.getLogger(__name__)
+
+
+def replay(path: Path, core: TurnCore) -> int:
+    """Load every record into ``core``; truncate a torn tail. Returns the log's good length."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        raise StorageError(f"cannot read turn log {path}: {exc.strerror}") from exc
+    if not data:
+        return 0
+    if not data.startswith(MAGIC):
+        if MAGIC.startswith(data):
+            return 0  # torn while writing the magic itself
+        raise IntegrityError(f"{path} is not a pforge turn log")
+    pos = len(MAGIC)
+    end = len(data)
+    while pos < end:
+        if pos + _FRAME.size > end:
+            break  # torn header
+        size, crc = _FRAME.unpack_from(data, pos)
+        body_end = pos + _FRAME.size + size
+        if body_end > end:
+            break  # torn body
+        body = data[pos + _FRAME.size : body_end]
+        if zlib.crc32(body) != crc:
+            if body_end == end:
+                break  # the last frame, half on disk when the writer died
+            raise IntegrityError(f"turn log {path} is corrupt at byte {pos}: checksum mismatch")
+        try:
+            record = _decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise IntegrityError(f"turn log {path} has an undecodable record at byte {pos}") from exc
+        core.load(record)
+        pos = body_end
+    if pos < end:
+        log.warning("truncating a torn tail of %d bytes from %s", end - pos, path)
+        try:
+            with open(path, "r+b") as f:
+                f.truncate(pos)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise StorageError(f"cannot truncate the torn tail of {path}: {exc.strerror}") from exc
+    return pos
+
+
+def frame(record: Record) -> bytes:
+    body = _encoder.encode(record)
+    return _FRAME.pack(len(body), zlib.crc32(body)) + body
+
+
+class _LogActor(Actor[TurnCommand]):
+    command_type = TurnCommand
+    name = "fs-turn-log"
+
+    def __init__(self, core: TurnCore, fd: int, fsync: bool) -> None:
+        super().__init__(mailbox_size=256, max_batch=256)
+        self.core = core
+        self.fd = fd
+        self.fsync = fsync
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def handle_batch(self, commands: Sequence[TurnCommand]) -> list[Any]:
+        outcomes: list[Any] = []
+        frames: list[bytes] = []
+        for command in commands:
+            try:
+                result, record = self.core.decide(command)
+            except PforgeError as exc:
+                outcomes.append(Failed(exc))
+                continue
+            if record is not None:
+                # Loaded before it is on disk, so later commands of this batch see it; nobody is
+                # answered before the write below, and a failed write kills the actor (the log on
+                # disk stays the truth, replayed at the next open).
+                self.core.load(record)
+                frames.append(frame(record))
+            outcomes.append(result)
+        if frames:
+            await anyio.to_thread.run_sync(self._write, b"".join(frames), limiter=self._limiter)
+        return outcomes
+
+    def _write(self, data: bytes) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view) :]
+            if self.fsync:
+                os.fsync(self.fd)
+        except OSError as exc:
+            raise StorageError(f"cannot append to the turn log: {exc.strerror}") from exc
+
+
+class FsTurnStore(TurnStoreBase):
+    """``async with FsTurnStore(directory) as store:`` — the log is ``directory/turns.log``."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        durability: str = "full",
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        super().__init__(max_payload_bytes=max_payload_bytes)
+        self.directory = Path(directory)
+        self.path = self.directory / "turns.log"
+        self.durability = durability
+        self._clock = clock
+        self._core = TurnCore(clock)
+        self._stack: AsyncExitStack | None = None
+        self._actor: _LogActor | None = None
+
+    async def __aenter__(self) -> FsTurnStore:
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await anyio.to_thread.run_sync(self._open, stack)
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            await tg.start(self._actor_or_fail().run)
+            stack.push_async_callback(self._actor_or_fail().aclose)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    def _open(self, stack: AsyncExitStack) -> None:
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.directory}: {exc.strerror}") from exc
+        lock = FsLock(self.directory / "turns.lock", timeout=0)
+        try:
+            lock.acquire()
+        except LockTimeout as exc:
+            raise StorageError(f"{self.directory} is open in another process") from exc
+        stack.callback(lock.release)
+        replay(self.path, self._core)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot open turn log {self.path}: {exc.strerror}") from exc
+        stack.callback(os.close, fd)
+        if os.fstat(fd).st_size == 0:
+            os.write(fd, MAGIC)
+            if self.durability == "full":
+                os.fsync(fd)
+                fsync_dir(str(self.directory))
+        self._actor = _LogActor(self._core, fd, fsync=self.durability == "full")
+
+    def _actor_or_fail(self) -> _LogActor:
+        if self._actor is None:
+            raise ActorClosed("FsTurnStore is not open: use `async with FsTurnStore(...)`")
+        return self._actor
+
+    def _readable(self) -> TurnCore:
+        # After a close, or a failed log write, memory may hold what the log does not: refuse.
+        if self._actor is None or self._actor.closed:
+            raise ActorClosed(f"FsTurnStore {self.directory} is closed")
+        return self._core
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await stack.aclose()
+
+    async def _write(self, command: TurnCommand) -> object:
+        return await self._actor_or_fail().call(command)
+
+    async def _get_head(self, context_id: int) -> ContextHead:
+        return self._readable().get_head(context_id)
+
+    async def _get_turn(self, turn_id: int) -> TurnRecord:
+        return self._readable().get_turn(turn_id)
+
+    async def _list_turns(self, context_id: int, before_turn_id: int | None, limit: int) -> list[TurnRecord]:
+        return self._readable().list_turns(context_id, before_turn_id, limit)
+
+    async def _get_registry_bundle(self, bundle_id: str) -> bytes | None:
+        return self._readable().bundles.get(bundle_id)
+
+    async def _get_blob(self, oid: str) -> bytes:
+        return self._readable().get_blob(oid)
