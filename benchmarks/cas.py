@@ -25,10 +25,7 @@ from _machine import describe
 
 def make_files(root: Path, count: int) -> None:
     rng = random.Random(7)
-    words = [
-        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz_") for _ in range(rng.randint(2, 10)))
-        for _ in range(3000)
-    ]
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz_") for _ in range(rng.randint(2, 10))) for _ in range(3000)]
     text = []
     size = 0
     while size < 4096 * 64:

@@ -38,9 +38,7 @@ def payloads(count: int) -> list[bytes]:
     return [bytes(rng.choice(alphabet) for _ in range(1024)) for _ in range(count)]
 
 
-async def drive(
-    writers: int, per_writer: int, data: list[bytes], append: Append
-) -> tuple[float, list[float]]:
+async def drive(writers: int, per_writer: int, data: list[bytes], append: Append) -> tuple[float, list[float]]:
     latencies: list[float] = []
 
     async def writer(w: int) -> None:
@@ -59,9 +57,7 @@ async def drive(
 # -- contenders -------------------------------------------------------------------------------------
 
 
-async def run_pforge(
-    work: Path, writers: int, per_writer: int, data: list[bytes]
-) -> tuple[float, list[float]]:
+async def run_pforge(work: Path, writers: int, per_writer: int, data: list[bytes]) -> tuple[float, list[float]]:
     async with open_store(work / ".pforge", durability="full") as store:
         contexts = [(await store.turns.create_context()).context_id for _ in range(writers)]
 
@@ -71,9 +67,7 @@ async def run_pforge(
         return await drive(writers, per_writer, data, append)
 
 
-async def run_langgraph(
-    work: Path, writers: int, per_writer: int, data: list[bytes]
-) -> tuple[float, list[float]]:
+async def run_langgraph(work: Path, writers: int, per_writer: int, data: list[bytes]) -> tuple[float, list[float]]:
     from langgraph.checkpoint.base import empty_checkpoint
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
@@ -92,9 +86,7 @@ async def run_langgraph(
         return await drive(writers, per_writer, data, append)
 
 
-async def run_openai_agents(
-    work: Path, writers: int, per_writer: int, data: list[bytes]
-) -> tuple[float, list[float]]:
+async def run_openai_agents(work: Path, writers: int, per_writer: int, data: list[bytes]) -> tuple[float, list[float]]:
     from agents import SQLiteSession
 
     sessions = [SQLiteSession(f"s{w}", work / "agents.db") for w in range(writers)]
@@ -210,9 +202,7 @@ async def depth_costs(base: Path) -> None:
         list_shallow = await timed(lambda: turns.list_turns(shallow.context_id, limit=64))
         list_deep = await timed(lambda: turns.list_turns(deep.context_id, limit=64))
         page = await turns.list_turns(deep.context_id, limit=64)
-        cursor_deep = await timed(
-            lambda: turns.list_turns(deep.context_id, before_turn_id=page[0].turn_id, limit=64)
-        )
+        cursor_deep = await timed(lambda: turns.list_turns(deep.context_id, before_turn_id=page[0].turn_id, limit=64))
         fork_shallow = await timed(lambda: turns.fork_context(ten.turn_id), 200)
         fork_deep = await timed(lambda: turns.fork_context(head.head_turn_id), 200)
     print(

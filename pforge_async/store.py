@@ -17,6 +17,9 @@ from .cas.actor import CasActor
 from .cas.store import Cas
 from .cas.watch import open_watcher
 from .errors import InvalidInput, StorageError
+from .ledgers.budget import BudgetActor, BudgetLedger
+from .ledgers.constellation import ConstellationActor, ConstellationMemory
+from .ledgers.nonces import NonceActor, NonceLedger
 from .turnstore.rules import DEFAULT_MAX_PAYLOAD
 from .turnstore.sqlite import SqliteTurnStore, TurnActor
 
@@ -34,6 +37,9 @@ class Store:
 
     cas: Cas
     turns: SqliteTurnStore
+    memory: ConstellationMemory
+    nonces: NonceLedger
+    budget: BudgetLedger
 
     def __init__(
         self,
@@ -56,9 +62,23 @@ class Store:
         cas_actor = CasActor(self.root / "cas", self.locks_dir / "cas-refs.lock", fsync=fsync)
         await self.start_actor(cas_actor)
         self.cas = Cas(cas_actor, self.root / "cache", self.root, self._watcher)
-        turns = TurnActor(self.root / "turns.db", self.locks_dir / "turns.lock", durability=self.durability)
+        turns = TurnActor(self._db("turns"), self._lock("turns"), durability=self.durability)
         await self.start_actor(turns)
         self.turns = SqliteTurnStore(turns, self.cas, max_payload_bytes=self._max_payload_bytes)
+        memory = ConstellationActor(self._db("memory"), self._lock("memory"), durability=self.durability)
+        nonces = NonceActor(self._db("nonces"), self._lock("nonces"), durability=self.durability)
+        budget = BudgetActor(self._db("budget"), self._lock("budget"), durability=self.durability)
+        for actor in (memory, nonces, budget):
+            await self.start_actor(actor)
+        self.memory = ConstellationMemory(memory)
+        self.nonces = NonceLedger(nonces)
+        self.budget = BudgetLedger(budget)
+
+    def _db(self, name: str) -> Path:
+        return self.root / f"{name}.db"
+
+    def _lock(self, name: str) -> Path:
+        return self.locks_dir / f"{name}.lock"
 
     @property
     def locks_dir(self) -> Path:

@@ -25,9 +25,7 @@ pytestmark = pytest.mark.anyio
 
 
 def git(gitdir: Path, *args: str, input: bytes | None = None) -> str:
-    proc = subprocess.run(
-        ["git", f"--git-dir={gitdir}", *args], input=input, capture_output=True, check=False
-    )
+    proc = subprocess.run(["git", f"--git-dir={gitdir}", *args], input=input, capture_output=True, check=False)
     assert proc.returncode == 0, proc.stderr.decode()
     return proc.stdout.decode("utf-8", "surrogateescape")
 

@@ -116,9 +116,7 @@ class TestTurnStoreConformance:
             await store.list_turns(other.context_id, before_turn_id=b.turn_id)
         with pytest.raises(InvalidInput):
             await store.list_turns(ctx.context_id, before_turn_id=10**9)
-        assert [t.turn_id for t in await store.list_turns(other.context_id, before_turn_id=c.turn_id)] == [
-            a.turn_id
-        ]
+        assert [t.turn_id for t in await store.list_turns(other.context_id, before_turn_id=c.turn_id)] == [a.turn_id]
 
     async def test_idempotent_append(self, store: TurnStoreBase) -> None:
         ctx = await store.create_context()
@@ -129,10 +127,7 @@ class TestTurnStoreConformance:
         later = await store.append_turn(ctx.context_id, "user", b"later")
         # The head moved on; a retry of the first write still gets the first turn, writes nothing.
         assert await store.append_turn(ctx.context_id, "user", b"once", idempotency_key="k") == first
-        assert (
-            await store.append_turn(ctx.context_id, "user", b"once", idempotency_key="k", parent_turn_id=0)
-            == first
-        )
+        assert await store.append_turn(ctx.context_id, "user", b"once", idempotency_key="k", parent_turn_id=0) == first
         assert (await store.get_head(ctx.context_id)).head_turn_id == later.turn_id
         assert await chain(store, ctx.context_id) == [first.turn_id, later.turn_id]
 
@@ -146,9 +141,7 @@ class TestTurnStoreConformance:
         with pytest.raises(IdempotencyConflict, match="type"):
             await store.append_turn(ctx.context_id, "user", b"once", type_version=2, idempotency_key="k")
         with pytest.raises(IdempotencyConflict, match="parent"):
-            await store.append_turn(
-                ctx.context_id, "user", b"once", idempotency_key="k", parent_turn_id=first.turn_id
-            )
+            await store.append_turn(ctx.context_id, "user", b"once", idempotency_key="k", parent_turn_id=first.turn_id)
         assert await chain(store, ctx.context_id) == [first.turn_id]
 
     async def test_keys_are_per_context(self, store: TurnStoreBase) -> None:
@@ -237,9 +230,7 @@ class TestTurnStoreConformance:
             for i in range(10):
                 turn = await store.append_turn(ctx.context_id, "t", b"%d-%d" % (n, i), idempotency_key=f"{i}")
                 own[ctx.context_id].append(turn.turn_id)
-                turn = await store.append_turn(
-                    shared.context_id, "t", b"%d-%d" % (n, i), idempotency_key=f"{n}-{i}"
-                )
+                turn = await store.append_turn(shared.context_id, "t", b"%d-%d" % (n, i), idempotency_key=f"{n}-{i}")
                 shared_ids.append(turn.turn_id)
 
         async with anyio.create_task_group() as tg:

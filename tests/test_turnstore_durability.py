@@ -63,9 +63,7 @@ anyio.run(main)
 """
 
 CRASH_FS = (
-    CRASH_SQLITE.replace(
-        "from pforge_async import open_store", "from pforge_async.turnstore import FsTurnStore"
-    )
+    CRASH_SQLITE.replace("from pforge_async import open_store", "from pforge_async.turnstore import FsTurnStore")
     .replace(
         "async with open_store(sys.argv[1]) as store:\n        ctx = await store.turns.create_context()",
         "async with FsTurnStore(sys.argv[1]) as turns:\n        ctx = await turns.create_context()",

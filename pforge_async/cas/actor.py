@@ -137,8 +137,7 @@ class CasActor(Actor[CasCommand]):
                 for name, _mode, target in decode_tree(body, raw.hex()):
                     if target not in pending and not batch.has(target):
                         raise ObjectNotFound(
-                            f"tree entry {name.decode(errors='replace')!r} points at missing object "
-                            f"{target.hex()}"
+                            f"tree entry {name.decode(errors='replace')!r} points at missing object {target.hex()}"
                         )
             elif type_num == COMMIT:
                 for target in _commit_links(body):

@@ -185,9 +185,7 @@ class SnapshotPlan:
 
     def save_cache(self, start_ns: int) -> None:
         horizon = start_ns - RACY_NS
-        cache = {
-            f.rel: (*f.st, f.oid) for f in self.files if f.oid and f.st[2] < horizon and f.st[3] < horizon
-        }
+        cache = {f.rel: (*f.st, f.oid) for f in self.files if f.oid and f.st[2] < horizon and f.st[3] < horizon}
         temp = self.cache_path.with_name(f"{self.cache_path.name}.{os.getpid()}.tmp")
         try:
             self.cache_path.parent.mkdir(mode=0o700, exist_ok=True)

@@ -50,9 +50,7 @@ class FsckReport(msgspec.Struct, frozen=True):
 class Cas:
     """Blobs, trees, commits and refs in a SHA-256 git repository (``<root>/cas``)."""
 
-    def __init__(
-        self, actor: CasActor, cache_dir: Path, store_root: Path, watcher: Watcher | None = None
-    ) -> None:
+    def __init__(self, actor: CasActor, cache_dir: Path, store_root: Path, watcher: Watcher | None = None) -> None:
         self._actor = actor
         self._odb = actor.odb
         self._refs = actor.refs
@@ -125,9 +123,7 @@ class Cas:
         timestamp: int | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> str:
-        body = encode_commit(
-            tree, parents, message=message, author=author, timestamp=timestamp, metadata=metadata
-        )
+        body = encode_commit(tree, parents, message=message, author=author, timestamp=timestamp, metadata=metadata)
         (oid,) = await self._actor.call(PutObjects([(COMMIT, body)]))
         return str(oid)
 
@@ -182,9 +178,7 @@ class Cas:
         await anyio.to_thread.run_sync(plan.scan, self._odb, self._watcher)
 
         async def put_files(chunk: list[Any]) -> None:
-            plan.fill(
-                chunk, await self._actor.call(PutFiles([f.path for f in chunk], [f.st[1] for f in chunk]))
-            )
+            plan.fill(chunk, await self._actor.call(PutFiles([f.path for f in chunk], [f.st[1] for f in chunk])))
 
         # Sent at once, the chunks land in one actor batch: one pass of reads overlapping pack writes.
         async with anyio.create_task_group() as tg:

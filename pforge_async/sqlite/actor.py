@@ -49,9 +49,7 @@ def split_statements(script: str) -> Iterator[str]:
             if statement:
                 yield statement
             pending = ""
-    if pending.strip() and not all(
-        part.strip().startswith("--") or not part.strip() for part in pending.splitlines()
-    ):
+    if pending.strip() and not all(part.strip().startswith("--") or not part.strip() for part in pending.splitlines()):
         raise ValueError(f"incomplete SQL statement at the end of a script: {pending.strip()[:80]}")
 
 

@@ -93,9 +93,7 @@ class TurnStoreBase(ABC):
         return await self._list_turns(context_id, before_turn_id, limit)
 
     @abstractmethod
-    async def _list_turns(
-        self, context_id: int, before_turn_id: int | None, limit: int
-    ) -> list[TurnRecord]: ...
+    async def _list_turns(self, context_id: int, before_turn_id: int | None, limit: int) -> list[TurnRecord]: ...
 
     # -- TypedTurnStore ----------------------------------------------------------------------------
 

@@ -16,9 +16,7 @@ __all__ = ["MemoryTurnStore"]
 class MemoryTurnStore(TurnStoreBase):
     """Ids count up from 1; ``clock`` (milliseconds) may be fixed to make records fully deterministic."""
 
-    def __init__(
-        self, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, clock: Callable[[], int] = now_ms
-    ) -> None:
+    def __init__(self, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, clock: Callable[[], int] = now_ms) -> None:
         super().__init__(max_payload_bytes=max_payload_bytes)
         self._core = TurnCore(clock)
 

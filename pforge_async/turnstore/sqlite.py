@@ -64,9 +64,7 @@ class TurnActor(SqliteActor[TurnCommand]):
             self._heads.clear()
             self._nodes.clear()
             self._next_turn = conn.execute("SELECT COALESCE(MAX(turn_id), 0) + 1 FROM turns").fetchone()[0]
-            self._next_context = conn.execute(
-                "SELECT COALESCE(MAX(context_id), 0) + 1 FROM contexts"
-            ).fetchone()[0]
+            self._next_context = conn.execute("SELECT COALESCE(MAX(context_id), 0) + 1 FROM contexts").fetchone()[0]
         elif len(self._heads) > self._CACHE_LIMIT:
             self._heads.clear()
 
@@ -103,9 +101,7 @@ class TurnActor(SqliteActor[TurnCommand]):
     def _head(self, conn: sqlite3.Connection, context_id: int) -> int:
         head = self._heads.get(context_id)
         if head is None:
-            row = conn.execute(
-                "SELECT head_turn_id FROM contexts WHERE context_id = ?", (context_id,)
-            ).fetchone()
+            row = conn.execute("SELECT head_turn_id FROM contexts WHERE context_id = ?", (context_id,)).fetchone()
             if row is None:
                 raise ContextNotFound(f"no context {context_id}")
             head = self._heads[context_id] = row[0]
@@ -292,9 +288,7 @@ class SqliteTurnStore(TurnStoreBase):
         return [_record(row) for row in rows]
 
     async def _get_registry_bundle(self, bundle_id: str) -> bytes | None:
-        row = await self._actor.fetchone(
-            "SELECT bundle_json FROM registry_bundles WHERE bundle_id = ?", (bundle_id,)
-        )
+        row = await self._actor.fetchone("SELECT bundle_json FROM registry_bundles WHERE bundle_id = ?", (bundle_id,))
         return None if row is None else bytes(row[0])
 
     async def put_blob(self, data: bytes) -> str:

@@ -1,0 +1,17 @@
+"""The SQLite ledgers: constellation memory, capability nonces, the token budget ledger."""
+
+from __future__ import annotations
+
+from .budget import BudgetLedger, Reservation, Totals, Usage
+from .constellation import ActionStats, ConstellationMemory
+from .nonces import NonceLedger
+
+__all__ = [
+    "ActionStats",
+    "BudgetLedger",
+    "ConstellationMemory",
+    "NonceLedger",
+    "Reservation",
+    "Totals",
+    "Usage",
+]

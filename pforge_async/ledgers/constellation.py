@@ -1,0 +1,198 @@
+"""Constellation memory (``store.memory``): transitions an agent learns from, and per-action statistics.
+
+``best_action`` follows UCB1 (Auer, Cesa-Bianchi and Fischer, 2002): an action never tried in this
+state comes first (candidates in the order given); otherwise the highest
+``mean_reward + exploration * sqrt(ln N / n)``, where ``n`` is the action's count, ``N`` the total
+count of the actions considered, and ``exploration`` defaults to ``sqrt(2)`` (classic UCB1, whose
+regret bound assumes rewards in [0, 1]; scale it for other reward ranges). Ties go to the
+alphabetically first action, so the choice is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import msgspec
+
+from ..errors import IdempotencyConflict, InvalidInput
+from ..sqlite.actor import SqliteActor
+from ._checks import now_ms, optional_text, text
+
+__all__ = ["ActionStats", "ConstellationActor", "ConstellationMemory", "RecordTransition"]
+
+
+class RecordTransition(msgspec.Struct, frozen=True, tag="record_transition"):
+    state: str
+    action: str
+    next_state: str
+    reward: float
+    success: bool
+    context: str | None = None
+    idempotency_key: str | None = None
+
+
+class ActionStats(msgspec.Struct, frozen=True):
+    """What the memory knows of one action in one state."""
+
+    action: str
+    count: int
+    successes: int
+    reward_sum: float
+    reward_sq_sum: float
+    last_seen_ms: int
+
+    @property
+    def mean_reward(self) -> float:
+        return self.reward_sum / self.count
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / self.count
+
+    @property
+    def reward_variance(self) -> float:
+        mean = self.mean_reward
+        return max(0.0, self.reward_sq_sum / self.count - mean * mean)
+
+
+class ConstellationActor(SqliteActor[RecordTransition]):
+    command_type = RecordTransition
+    name = "memory"
+    schema_file = "constellation_schema.sql"
+    schema_version = 2
+    migrations: ClassVar[dict[int, str]] = {2: "constellation_v2.sql"}
+
+    def apply(self, conn: sqlite3.Connection, command: RecordTransition) -> int:
+        key = command.idempotency_key
+        if key is not None:
+            row = conn.execute(
+                "SELECT transition_id, state, action, next_state, reward, success, context "
+                "FROM transitions WHERE idempotency_key = ?",
+                (key,),
+            ).fetchone()
+            if row is not None:
+                asked = (
+                    command.state,
+                    command.action,
+                    command.next_state,
+                    command.reward,
+                    int(command.success),
+                    command.context,
+                )
+                if tuple(row[1:]) != asked:
+                    raise IdempotencyConflict(
+                        f"idempotency key {key!r} was used for transition {row[0]} with other values"
+                    )
+                return int(row[0])
+        now = now_ms()
+        cursor = conn.execute(
+            "INSERT INTO transitions (state, action, next_state, reward, success, idempotency_key, "
+            "recorded_at_ms, context) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                command.state,
+                command.action,
+                command.next_state,
+                command.reward,
+                int(command.success),
+                key,
+                now,
+                command.context,
+            ),
+        )
+        conn.execute(
+            "INSERT INTO action_stats VALUES (?, ?, 1, ?, ?, ?, ?) ON CONFLICT (state, action) DO UPDATE SET "
+            "count = count + 1, successes = successes + excluded.successes, "
+            "reward_sum = reward_sum + excluded.reward_sum, "
+            "reward_sq_sum = reward_sq_sum + excluded.reward_sq_sum, last_seen_ms = excluded.last_seen_ms",
+            (command.state, command.action, int(command.success), command.reward, command.reward**2, now),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+
+class ConstellationMemory:
+    """``store.memory``."""
+
+    def __init__(self, actor: ConstellationActor) -> None:
+        self._actor = actor
+
+    async def record_transition(
+        self,
+        state: str,
+        action: str,
+        next_state: str,
+        reward: float,
+        success: bool,
+        *,
+        context: str | Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """Record ``state --action--> next_state`` and update the action's statistics in the same
+        transaction. Returns the transition id (the first one's, for a repeated idempotency key)."""
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+            raise InvalidInput(f"reward must be a finite number, got {reward!r}")
+        if not isinstance(success, bool):
+            raise InvalidInput(f"success must be a bool, got {type(success).__name__}")
+        if isinstance(context, Mapping):
+            try:
+                context = json.dumps(context, sort_keys=True, separators=(",", ":"))
+            except (TypeError, ValueError) as exc:
+                raise InvalidInput(f"context is not JSON-serialisable: {exc}") from exc
+        command = RecordTransition(
+            text(state, "state"),
+            text(action, "action"),
+            text(next_state, "next_state"),
+            float(reward),
+            success,
+            None if context is None else text(context, "context"),
+            optional_text(idempotency_key, "idempotency_key"),
+        )
+        return int(await self._actor.call(command))
+
+    async def stats(self, state: str) -> list[ActionStats]:
+        """Every action recorded in ``state``, by action name."""
+        rows = await self._actor.fetchall(
+            "SELECT action, count, successes, reward_sum, reward_sq_sum, last_seen_ms FROM action_stats "
+            "WHERE state = ? ORDER BY action",
+            (text(state, "state"),),
+        )
+        return [ActionStats(*row) for row in rows]
+
+    async def best_action(
+        self,
+        state: str,
+        candidates: Iterable[str] | None = None,
+        *,
+        exploration: float = math.sqrt(2),
+    ) -> str | None:
+        """The action to take next in ``state`` by UCB1 (see the module); None if there is none."""
+        if isinstance(exploration, bool) or not isinstance(exploration, (int, float)) or exploration < 0:
+            raise InvalidInput(f"exploration must be a number >= 0, got {exploration!r}")
+        known = {s.action: s for s in await self.stats(state)}
+        if candidates is None:
+            options: Sequence[str] = sorted(known)
+        else:
+            if isinstance(candidates, str):
+                raise InvalidInput("candidates must be a collection of action names, not one str")
+            options = [text(c, "candidate action") for c in candidates]
+        return choose_ucb1(options, known, exploration)
+
+
+def choose_ucb1(options: Sequence[str], known: Mapping[str, ActionStats], exploration: float) -> str | None:
+    for action in options:
+        if action not in known:
+            return action
+    if not options:
+        return None
+    total = sum(known[a].count for a in options)
+    log_total = math.log(total)
+
+    def score(action: str) -> tuple[float, str]:
+        s = known[action]
+        return (-(s.mean_reward + exploration * math.sqrt(log_total / s.count)), action)
+
+    return min(options, key=score)

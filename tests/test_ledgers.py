@@ -1,0 +1,402 @@
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pforge_async import (
+    BudgetExceeded,
+    Conflict,
+    IdempotencyConflict,
+    InvalidInput,
+    NonceExpired,
+    NonceReplayed,
+    NonceUnknown,
+    NotFound,
+    StorageError,
+    open_store,
+)
+from pforge_async.ledgers import Usage
+
+from ._procs import run_all, spawn
+
+pytestmark = pytest.mark.anyio
+
+
+# -- constellation memory ---------------------------------------------------------------------------
+
+transition = st.tuples(
+    st.sampled_from(["s0", "s1"]),
+    st.sampled_from(["left", "right", "wait"]),
+    st.floats(min_value=-10, max_value=10, allow_nan=False),
+    st.booleans(),
+    st.none() | st.sampled_from(["k1", "k2", "k3"]),
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(transition, max_size=30))
+async def test_action_stats_always_equal_the_aggregate_of_transitions(
+    steps: list[tuple[str, str, float, bool, str | None]],
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / ".pforge"
+        first_use: dict[str, tuple[str, str, float, bool]] = {}
+        async with open_store(root, durability="normal", watch_workspaces=False) as store:
+            for state, action, reward, success, key in steps:
+                values = (state, action, reward, success)
+                if key is not None and key in first_use and first_use[key] != values:
+                    with pytest.raises(IdempotencyConflict):
+                        await store.memory.record_transition(
+                            state, action, "next", reward, success, idempotency_key=key
+                        )
+                    continue
+                if key is not None:
+                    first_use.setdefault(key, values)
+                await store.memory.record_transition(state, action, "next", reward, success, idempotency_key=key)
+            stats = {s: {a.action: a for a in await store.memory.stats(s)} for s in ("s0", "s1")}
+        with sqlite3.connect(root / "memory.db") as conn:
+            rows = conn.execute(
+                "SELECT state, action, COUNT(*), SUM(success), SUM(reward), SUM(reward * reward), "
+                "MAX(recorded_at_ms) FROM transitions GROUP BY state, action"
+            ).fetchall()
+            total = conn.execute("SELECT COUNT(*) FROM transitions").fetchone()[0]
+        conn.close()
+        assert total == sum(1 for *_, key in steps if key is None) + len(first_use)
+        assert sum(len(v) for v in stats.values()) == len(rows)
+        for state, action, count, successes, reward_sum, sq_sum, last_seen in rows:
+            s = stats[state][action]
+            assert (s.count, s.successes, s.last_seen_ms) == (count, successes, last_seen)
+            assert math.isclose(s.reward_sum, reward_sum, rel_tol=1e-9, abs_tol=1e-9)
+            assert math.isclose(s.reward_sq_sum, sq_sum, rel_tol=1e-9, abs_tol=1e-9)
+
+
+async def test_best_action_tries_everything_then_converges(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    odds = {"a": 0.2, "b": 0.5, "c": 0.8}
+    chosen: list[str] = []
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        assert await store.memory.best_action("start") is None
+        for _ in range(400):
+            action = await store.memory.best_action("start", ["a", "b", "c"])
+            assert action is not None
+            chosen.append(action)
+            win = rng.random() < odds[action]
+            await store.memory.record_transition("start", action, "end", 1.0 if win else 0.0, win)
+        stats = {s.action: s for s in await store.memory.stats("start")}
+    assert chosen[:3] == ["a", "b", "c"]  # untried first, in the order given
+    assert chosen[-100:].count("c") > 70
+    assert stats["c"].count > stats["b"].count > stats["a"].count
+    assert sum(s.count for s in stats.values()) == 400
+
+
+async def test_constellation_bad_input(tmp_path: Path) -> None:
+    async with open_store(tmp_path / ".pforge") as store:
+        memory = store.memory
+        await memory.record_transition("s", "a", "t", 0.5, True, context={"turn": 3}, idempotency_key="k")
+        for bad in (
+            dict(reward=float("nan")),
+            dict(reward="1"),
+            dict(success=1),
+            dict(state=""),
+            dict(action=3),
+        ):
+            args = {"state": "s", "action": "a", "next_state": "t", "reward": 0.5, "success": True} | bad
+            with pytest.raises(InvalidInput):
+                await memory.record_transition(**args)  # type: ignore[arg-type]
+        with pytest.raises(IdempotencyConflict):
+            await memory.record_transition("s", "a", "t", 0.7, True, idempotency_key="k")
+        with pytest.raises(InvalidInput, match="candidates"):
+            await memory.best_action("s", "a")
+        (only,) = await memory.stats("s")
+        assert (only.count, only.reward_sum) == (1, 0.5)
+
+
+V1_CONSTELLATION = """
+CREATE TABLE transitions (transition_id INTEGER PRIMARY KEY, state TEXT NOT NULL, action TEXT NOT NULL,
+    next_state TEXT NOT NULL, reward REAL NOT NULL, success INTEGER NOT NULL CHECK (success IN (0, 1)),
+    idempotency_key TEXT UNIQUE, recorded_at_ms INTEGER NOT NULL);
+CREATE INDEX transitions_state_action ON transitions (state, action);
+CREATE TABLE action_stats (state TEXT NOT NULL, action TEXT NOT NULL, count INTEGER NOT NULL,
+    successes INTEGER NOT NULL, reward_sum REAL NOT NULL, reward_sq_sum REAL NOT NULL,
+    last_seen_ms INTEGER NOT NULL, PRIMARY KEY (state, action)) WITHOUT ROWID;
+INSERT INTO transitions VALUES (1, 's', 'a', 't', 1.0, 1, NULL, 5);
+INSERT INTO action_stats VALUES ('s', 'a', 1, 1, 1.0, 1.0, 5);
+PRAGMA user_version = 1;
+"""
+
+
+async def test_an_older_database_is_migrated_forward(tmp_path: Path) -> None:
+    root = tmp_path / ".pforge"
+    root.mkdir(mode=0o700)
+    with sqlite3.connect(root / "memory.db") as conn:
+        conn.executescript(V1_CONSTELLATION)
+    conn.close()
+    async with open_store(root) as store:
+        (stats,) = await store.memory.stats("s")
+        assert stats.count == 1
+        await store.memory.record_transition("s", "a", "t", 0.0, False, context="since v2")
+        assert (await store.memory.stats("s"))[0].count == 2
+    with sqlite3.connect(root / "memory.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("SELECT context FROM transitions ORDER BY transition_id").fetchall() == [
+            (None,),
+            ("since v2",),
+        ]
+    conn.close()
+
+
+async def test_a_newer_ledger_database_is_refused_untouched(tmp_path: Path) -> None:
+    root = tmp_path / ".pforge"
+    async with open_store(root) as store:
+        await store.budget.set_budget("v", tokens=1)
+    with sqlite3.connect(root / "budget.db") as conn:
+        conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    before = (root / "budget.db").read_bytes()
+    with pytest.raises(StorageError, match="newer"):
+        async with open_store(root):
+            pass
+    assert (root / "budget.db").read_bytes() == before
+
+
+# -- nonces -----------------------------------------------------------------------------------------
+
+
+async def test_nonces_are_honoured_once(tmp_path: Path) -> None:
+    async with open_store(tmp_path / ".pforge") as store:
+        nonces = store.nonces
+        first, second = await nonces.issue("tool:shell", 60), await nonces.issue("tool:shell", 60)
+        assert first != second and len(first) == 43
+        with pytest.raises(InvalidInput, match="subject"):
+            await nonces.consume(first, "tool:other")
+        await nonces.consume(first, "tool:shell")  # a wrong subject did not burn it
+        with pytest.raises(NonceReplayed):
+            await nonces.consume(first, "tool:shell")
+        with pytest.raises(NonceUnknown):
+            await nonces.consume("A" * 43, "tool:shell")
+        for malformed in ("short", "../../etc/passwd" + "x" * 27, 42, "A" * 44):
+            with pytest.raises(InvalidInput, match="malformed"):
+                await nonces.consume(malformed, "tool:shell")  # type: ignore[arg-type]
+        for bad_ttl in (0, -1, float("inf"), "10"):
+            with pytest.raises(InvalidInput, match="ttl_s"):
+                await nonces.issue("tool:shell", bad_ttl)  # type: ignore[arg-type]
+        short = await nonces.issue("tool:shell", 0.05)
+        await anyio.sleep(0.1)
+        with pytest.raises(NonceExpired):
+            await nonces.consume(short, "tool:shell")
+        used = await nonces.issue("tool:shell", 0.05)
+        await nonces.consume(used, "tool:shell")
+        await anyio.sleep(0.1)
+        assert await nonces.purge_expired() == 2
+        for purged in (short, used):
+            with pytest.raises(NonceUnknown):
+                await nonces.consume(purged, "tool:shell")
+        await nonces.consume(second, "tool:shell")
+
+
+CONSUMER = """
+import json, sys, anyio
+from pforge_async import open_store, NonceReplayed
+async def main():
+    nonces = json.loads(open(sys.argv[2]).read())
+    won = []
+    async with open_store(sys.argv[1]) as store:
+        async def task(offset):
+            for i in range(len(nonces)):
+                nonce = nonces[(i + offset) % len(nonces)]
+                try:
+                    await store.nonces.consume(nonce, "subject")
+                    won.append(nonce)
+                except NonceReplayed:
+                    pass
+        async with anyio.create_task_group() as tg:
+            for t in range(8):
+                tg.start_soon(task, t * 25)
+    print(json.dumps(won))
+anyio.run(main)
+"""
+
+
+async def test_eight_processes_consume_each_nonce_exactly_once(tmp_path: Path) -> None:
+    root = tmp_path / ".pforge"
+    async with open_store(root) as store:
+        nonces = [await store.nonces.issue("subject", 600) for _ in range(200)]
+    (tmp_path / "nonces.json").write_text(json.dumps(nonces))
+    outs = run_all([spawn(CONSUMER, root, tmp_path / "nonces.json") for _ in range(8)], timeout=300)
+    wins = [n for out in outs for n in json.loads(out)]
+    assert sorted(wins) == sorted(nonces)  # every nonce once, none twice
+
+
+# -- budget ledger ----------------------------------------------------------------------------------
+
+
+async def test_reserve_commit_release_and_totals(tmp_path: Path) -> None:
+    async with open_store(tmp_path / ".pforge") as store:
+        budget = store.budget
+        await budget.set_budget("anthropic", tokens=1000, cost=2_000_000)
+        held = await budget.reserve("anthropic", tokens=700, cost=1_000_000, model="claude")
+        with pytest.raises(BudgetExceeded) as info:
+            await budget.reserve("anthropic", tokens=400)
+        message = str(info.value)
+        assert "limit 1000" in message and "reserved 700" in message and "asked 400" in message
+        spend_id = await budget.commit(held, Usage(input_tokens=300, output_tokens=200, cost=600_000))
+        assert await budget.commit(held, Usage(300, 200, 600_000)) == spend_id  # idempotent
+        with pytest.raises(Conflict):
+            await budget.commit(held, Usage(300, 201, 600_000))
+        totals = await budget.totals("anthropic")
+        assert (totals.input_tokens, totals.output_tokens, totals.cost, totals.reserved_tokens) == (
+            300,
+            200,
+            600_000,
+            0,
+        )
+        again = await budget.reserve("anthropic", tokens=500)  # 500 spent + 500 held = the limit
+        with pytest.raises(BudgetExceeded):
+            await budget.reserve("anthropic", tokens=1)
+        await budget.release(again)
+        with pytest.raises(Conflict):
+            await budget.commit(again, Usage(1, 0, 0))
+        await budget.reserve("anthropic", tokens=500)
+        with pytest.raises(BudgetExceeded, match="cost"):
+            await budget.record_spend("anthropic", "claude", input_tokens=0, output_tokens=0, cost=1_500_000)
+        assert (await budget.totals("anthropic", since=time.time() + 60)).cost == 0
+
+
+async def test_expired_reservations_stop_counting(tmp_path: Path) -> None:
+    async with open_store(tmp_path / ".pforge") as store:
+        budget = store.budget
+        await budget.set_budget("v", tokens=100, window="day")
+        short = await budget.reserve("v", tokens=100, ttl_s=0.05)
+        await anyio.sleep(0.1)
+        await budget.reserve("v", tokens=100)
+        with pytest.raises(Conflict, match="expired"):
+            await budget.commit(short, Usage(1, 1, 0))
+
+
+async def test_budget_bad_input_stores_nothing(tmp_path: Path) -> None:
+    async with open_store(tmp_path / ".pforge") as store:
+        budget = store.budget
+        with pytest.raises(NotFound, match="no budget"):
+            await budget.reserve("unknown-vendor", tokens=1)
+        await budget.set_budget("v", tokens=100, cost=100)
+        for kwargs in (dict(tokens=-1), dict(cost=-5), dict(cost=1.5), dict(tokens=True), dict(tokens="3")):
+            with pytest.raises(InvalidInput):
+                await budget.reserve("v", **kwargs)  # type: ignore[arg-type]
+            with pytest.raises(InvalidInput):
+                await budget.set_budget("v", **kwargs)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInput, match="window"):
+            await budget.set_budget("v", tokens=1, window="week")  # type: ignore[arg-type]
+        held = await budget.reserve("v", tokens=10, cost=10)
+        with pytest.raises(InvalidInput, match="over reservation"):
+            await budget.commit(held, Usage(8, 8, 1))
+        with pytest.raises(InvalidInput, match="malformed reservation"):
+            await budget.commit("../x", Usage(1, 1, 1))
+        with pytest.raises(InvalidInput):
+            await budget.commit(held, Usage(1, 1, 0.5))  # type: ignore[arg-type]
+        with pytest.raises(InvalidInput):
+            await budget.commit(held, {"input_tokens": 1})  # type: ignore[arg-type]
+        with pytest.raises(NotFound):
+            await budget.release("0" * 32)
+        totals = await budget.totals("v")
+        assert (totals.tokens, totals.cost, totals.reserved_tokens, totals.reserved_cost) == (0, 0, 10, 10)
+
+
+SPENDER = """
+import json, random, sys, anyio
+from pforge_async import open_store, BudgetExceeded
+from pforge_async.ledgers import Usage
+async def main():
+    rng = random.Random(int(sys.argv[2]))
+    committed = [0, 0]
+    refused = 0
+    async with open_store(sys.argv[1]) as store:
+        async def task():
+            nonlocal refused
+            for _ in range(40):
+                tokens, cost = rng.randint(50, 300), rng.randint(1, 5000)
+                try:
+                    held = await store.budget.reserve("shared", tokens=tokens, cost=cost)
+                except BudgetExceeded:
+                    refused += 1
+                    continue
+                used = Usage(rng.randint(0, tokens // 2), rng.randint(0, tokens // 2), rng.randint(0, cost))
+                await store.budget.commit(held, used)
+                committed[0] += used.tokens
+                committed[1] += used.cost
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(task)
+    print(json.dumps({"tokens": committed[0], "cost": committed[1], "refused": refused}))
+anyio.run(main)
+"""
+
+
+async def test_four_processes_never_overdraw_a_budget(tmp_path: Path) -> None:
+    root = tmp_path / ".pforge"
+    async with open_store(root) as store:
+        await store.budget.set_budget("shared", tokens=20_000, cost=400_000)
+    outs = [json.loads(o) for o in run_all([spawn(SPENDER, root, seed) for seed in range(4)], timeout=300)]
+    assert sum(o["refused"] for o in outs) > 0  # the limit was really reached
+    async with open_store(root) as store:
+        totals = await store.budget.totals("shared")
+    assert totals.tokens == sum(o["tokens"] for o in outs)
+    assert totals.cost == sum(o["cost"] for o in outs)
+    assert totals.tokens <= 20_000 and totals.cost <= 400_000
+
+
+# -- crash ------------------------------------------------------------------------------------------
+
+CRASH_LEDGERS = """
+import sys, anyio
+from pforge_async import open_store
+async def main():
+    async with open_store(sys.argv[1]) as store:
+        await store.budget.set_budget("v", tokens=10**12)
+        i = 0
+        while True:
+            spend = await store.budget.record_spend("v", "m", input_tokens=i, output_tokens=1, cost=i,
+                                                    idempotency_key=f"call-{i}")
+            nonce = await store.nonces.issue("s", 600)
+            await store.nonces.consume(nonce, "s")
+            print(i, spend, nonce, flush=True)
+            i += 1
+anyio.run(main)
+"""
+
+
+async def test_sigkill_loses_no_acknowledged_spend_or_consumption(tmp_path: Path) -> None:
+    root = tmp_path / ".pforge"
+    child = spawn(CRASH_LEDGERS, root)
+    assert child.stdout is not None
+    acked = []
+    deadline = time.monotonic() + random.uniform(0.3, 0.8)
+    while time.monotonic() < deadline:
+        line = child.stdout.readline()
+        assert line, child.stderr.read() if child.stderr else ""
+        i, spend, nonce = line.split()
+        acked.append((int(i), int(spend), nonce))
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert len(acked) > 5
+    async with open_store(root) as store:
+        before = await store.budget.totals("v")
+        for i, spend, nonce in acked:
+            again = await store.budget.record_spend(
+                "v", "m", input_tokens=i, output_tokens=1, cost=i, idempotency_key=f"call-{i}"
+            )
+            assert again == spend  # the row is there: the retry found it and wrote nothing
+            with pytest.raises(NonceReplayed):
+                await store.nonces.consume(nonce, "s")
+        assert await store.budget.totals("v") == before
+        assert before.cost >= sum(i for i, _, _ in acked)
