@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .actor import Actor, Failed
+from .cas import EMPTY_TREE, Commit, FsckReport, TreeEntry
 from .errors import (
     ActorClosed,
     BudgetExceeded,
@@ -24,23 +25,42 @@ from .errors import (
     TurnNotFound,
 )
 from .fslock import FsLock
+from .ledgers import ActionStats, Reservation, Totals, Usage
 from .store import Durability, Store, open_store
+from .turnstore import (
+    ContextHead,
+    Correlation,
+    FsTurnStore,
+    MemoryTurnStore,
+    TurnEnvelope,
+    TurnRecord,
+    agent_key,
+    attractor_key,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMPTY_TREE",
+    "ActionStats",
     "Actor",
     "ActorClosed",
     "BudgetExceeded",
+    "Commit",
     "Conflict",
+    "ContextHead",
     "ContextNotFound",
+    "Correlation",
     "Durability",
     "Failed",
     "FsLock",
+    "FsTurnStore",
+    "FsckReport",
     "IdempotencyConflict",
     "IntegrityError",
     "InvalidInput",
     "LockTimeout",
+    "MemoryTurnStore",
     "NonceExpired",
     "NonceReplayed",
     "NonceUnknown",
@@ -49,9 +69,17 @@ __all__ = [
     "PersistenceError",
     "PforgeError",
     "RefConflict",
+    "Reservation",
     "StorageError",
     "Store",
+    "Totals",
+    "TreeEntry",
+    "TurnEnvelope",
     "TurnNotFound",
+    "TurnRecord",
+    "Usage",
     "__version__",
+    "agent_key",
+    "attractor_key",
     "open_store",
 ]

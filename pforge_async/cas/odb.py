@@ -34,6 +34,7 @@ _CONFIG = """[core]
 \tobjectformat = sha256
 [gc]
 \tauto = 0
+\tpruneExpire = never
 """
 _TEMP_RE = re.compile(r"tmp_(?:obj|pack)_(\d+)_[0-9a-f]+(?:\.pack|\.idx)?")
 _CHUNK = 1 << 20
