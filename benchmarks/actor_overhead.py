@@ -7,7 +7,6 @@ callers and the ratio actor/plain.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import anyio
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import describe
+from _bench import describe, run_callers
 
 from pforge_async import Actor
 
@@ -38,15 +37,7 @@ async def work(n: int) -> int:
 
 
 async def timed(callers: int, per_caller: int, call: Any) -> float:
-    async def caller(i: int) -> None:
-        for j in range(per_caller):
-            await call(i * per_caller + j)
-
-    start = time.perf_counter()
-    async with anyio.create_task_group() as tg:
-        for i in range(callers):
-            tg.start_soon(caller, i)
-    return (time.perf_counter() - start) / (callers * per_caller) * 1e6
+    return await run_callers(callers, per_caller, call) / (callers * per_caller) * 1e6
 
 
 async def main() -> None:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import describe
+from _bench import describe
 
 
 def make_files(root: Path, count: int) -> None:

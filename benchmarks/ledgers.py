@@ -21,7 +21,7 @@ import aiosqlite
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import describe
+from _bench import describe, run_callers
 
 from pforge_async import open_store
 from pforge_async.ledgers import Usage
@@ -140,16 +140,7 @@ class PlainLedgers:
 
 async def rate(callers: int, total: int, op: Callable[[int], Awaitable[Any]]) -> float:
     per = total // callers
-
-    async def caller(c: int) -> None:
-        for i in range(per):
-            await op(c * per + i)
-
-    start = time.perf_counter()
-    async with anyio.create_task_group() as tg:
-        for c in range(callers):
-            tg.start_soon(caller, c)
-    return callers * per / (time.perf_counter() - start)
+    return callers * per / await run_callers(callers, per, op)
 
 
 async def measure_round(callers: int, base: Path, total: int) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import describe
+from _bench import describe
 
 from pforge_async import open_store
 

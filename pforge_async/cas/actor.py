@@ -14,7 +14,7 @@ from ..actor import Actor, Failed
 from ..errors import InvalidInput, ObjectNotFound, PforgeError, StorageError
 from ..fslock import FsLock
 from .objects import BLOB, COMMIT, TREE, decode_tree, hash_object, validate_oid
-from .odb import ObjectDB
+from .odb import ObjectDB, open_for_reading
 from .refs import RefStore, validate_ref_name
 
 __all__ = ["CasActor", "PutFiles", "PutObjects", "UpdateRef"]
@@ -151,12 +151,9 @@ class CasActor(Actor[CasCommand]):
         if size >= LARGE_FILE:
             streamed = self.odb.write_file_blob(path)
             return None if streamed is None else streamed[0].hex()
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except FileNotFoundError:
+        fd = open_for_reading(path)
+        if fd is None:
             return None
-        except OSError as exc:
-            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
         try:
             data = _read_all(fd, size)
         except IsADirectoryError as exc:

@@ -317,12 +317,9 @@ class ObjectDB:
 
         Returns the raw oid and the file's ``fstat`` after reading, or None if the file vanished.
         """
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except FileNotFoundError:
+        fd = open_for_reading(path)
+        if fd is None:
             return None
-        except OSError as exc:
-            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
         try:
             for _attempt in range(3):
                 before = os.fstat(fd)
@@ -410,6 +407,16 @@ class ObjectDB:
             fsync_dir(directory)
             if created:
                 fsync_dir(self.objects)
+
+
+def open_for_reading(path: str) -> int | None:
+    """A descriptor on a workspace file (never through a symlink), or None if it vanished."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
 
 
 def _inflated(f: BinaryIO) -> Iterator[bytes]:

@@ -17,6 +17,7 @@ import logging
 import sqlite3
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -89,6 +90,10 @@ class SqliteActor(Actor[C]):
         self._reader: aiosqlite.Connection | None = None
         self._lock = FsLock(lock_path, keep_open=True)
         self._data_version = -1
+        self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pforge-{self.name}-ckpt")
+        self._checkpointing: Future[None] | None = None
+        self._checkpoint_conn: sqlite3.Connection | None = None
+        self._since_checkpoint = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -102,7 +107,11 @@ class SqliteActor(Actor[C]):
             await self.teardown()
             raise translate(self.path, exc) from exc
 
+    #: commands between WAL checkpoints (SQLite's own default is every 1000 pages).
+    checkpoint_every: ClassVar[int] = 1000
+
     async def teardown(self) -> None:
+        await anyio.to_thread.run_sync(self._stop_checkpointer)
         if self._reader is not None:
             reader, self._reader = self._reader, None
             await reader.close()
@@ -110,6 +119,12 @@ class SqliteActor(Actor[C]):
             conn, self._conn = self._conn, None
             await anyio.to_thread.run_sync(conn.close, limiter=self._limiter)
         self._lock.close()
+
+    def _stop_checkpointer(self) -> None:
+        self._checkpointer.shutdown(wait=True)
+        if self._checkpoint_conn is not None:
+            self._checkpoint_conn.close()
+            self._checkpoint_conn = None
 
     def _open_writer(self) -> None:
         try:
@@ -125,6 +140,8 @@ class SqliteActor(Actor[C]):
                     f"pforge_async understands ({self.schema_version}); it was left untouched"
                 )
             conn.execute("PRAGMA journal_mode = WAL")
+            # Checkpoints run beside the writer (see _checkpoint), never inside a caller's commit.
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
             sync = "FULL" if self.durability == "full" else "NORMAL"
             conn.execute(f"PRAGMA synchronous = {sync}")
             conn.execute("PRAGMA foreign_keys = ON")
@@ -198,6 +215,7 @@ class SqliteActor(Actor[C]):
                 self.flush(conn)
                 conn.execute("COMMIT")
                 self._data_version = version  # our own commits leave it as it is
+                self._maybe_checkpoint(len(commands))
             except Exception as exc:
                 # Nothing of the batch is kept; its callers learn why, later batches go on.
                 self._rollback(conn)
@@ -224,6 +242,24 @@ class SqliteActor(Actor[C]):
             return Failed(exc)
         finally:
             conn.execute("RELEASE command")
+
+    def _maybe_checkpoint(self, commands: int) -> None:
+        self._since_checkpoint += commands
+        if self._since_checkpoint >= self.checkpoint_every and (
+            self._checkpointing is None or self._checkpointing.done()
+        ):
+            self._since_checkpoint = 0
+            self._checkpointing = self._checkpointer.submit(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL back into the database (PASSIVE: never waits for, nor blocks, the writer or
+        readers), on a connection and thread of its own."""
+        try:
+            if self._checkpoint_conn is None:
+                self._checkpoint_conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            log.warning("checkpoint of %s failed; the next one will retry", self.path, exc_info=True)
 
     def _rollback(self, conn: sqlite3.Connection) -> None:
         self.abort()

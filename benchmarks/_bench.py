@@ -1,11 +1,17 @@
-"""What every benchmark prints first: the machine and the versions, because this machine is noisy."""
+"""What the benchmarks share: the machine and versions they print first (this machine is noisy), and
+the loop that drives concurrent callers."""
 
 from __future__ import annotations
 
 import os
 import platform
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import anyio
 
 
 def describe(*packages: str) -> str:
@@ -27,3 +33,17 @@ def peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def run_callers(callers: int, per_caller: int, op: Callable[[int], Awaitable[Any]]) -> float:
+    """Seconds for ``callers`` tasks each awaiting ``op(n)`` ``per_caller`` times (``n`` unique)."""
+
+    async def caller(c: int) -> None:
+        for i in range(per_caller):
+            await op(c * per_caller + i)
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for c in range(callers):
+            tg.start_soon(caller, c)
+    return time.perf_counter() - start
