@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pforge_async import InvalidInput, StorageError, open_store
+from pforge_async import ActorClosed, InvalidInput, StorageError, open_store
 
 pytestmark = pytest.mark.anyio
 
@@ -42,3 +42,22 @@ async def test_an_error_in_the_block_comes_out_as_itself(tmp_path: Path) -> None
         async with open_store(tmp_path / "s"):
             raise ValueError("user error") from cause
     assert info.value.__cause__ is cause
+
+
+async def test_every_part_refuses_calls_after_close(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "s") as store:
+        blob = await store.cas.write_blob(b"x")
+        ctx = await store.turns.create_context()
+    calls = [
+        store.cas.read_blob(blob),
+        store.cas.write_blob(b"y"),
+        store.cas.read_tree(blob),
+        store.turns.get_head(ctx.context_id),
+        store.turns.append_turn(ctx.context_id, "t", b"x"),
+        store.memory.stats("s"),
+        store.nonces.issue("s", 1),
+        store.budget.totals("v"),
+    ]
+    for call in calls:
+        with pytest.raises(ActorClosed):
+            await call

@@ -110,8 +110,7 @@ class CasActor(Actor[CasCommand]):
                     case PutFiles(paths=paths, sizes=sizes):
                         if len(paths) != len(sizes):
                             raise InvalidInput("put_files needs one size per path")
-                        put = self._put_file
-                        outcomes[i] = [put(batch, p, n) for p, n in zip(paths, sizes, strict=True)]
+                        outcomes[i] = self._put_files(batch, paths, sizes)
                     case UpdateRef():
                         refs.append(i)
             except PforgeError as exc:
@@ -147,22 +146,40 @@ class CasActor(Actor[CasCommand]):
             hashed.append((type_num, body, raw))
         return [batch.add(type_num, body, raw).hex() for type_num, body, raw in hashed]
 
-    def _put_file(self, batch: _Batch, path: str, size: int) -> str | None:
-        if size >= LARGE_FILE:
-            streamed = self.odb.write_file_blob(path)
-            return None if streamed is None else streamed[0].hex()
-        fd = open_for_reading(path)
-        if fd is None:
-            return None
+    def _put_files(self, batch: _Batch, paths: list[str], sizes: list[int]) -> list[str | None]:
+        # Files of one directory come together (a scan lists them so): each is opened relative to
+        # the directory's descriptor, sparing the kernel a path walk per file.
+        oids: list[str | None] = []
+        directory: str | None = None
+        dir_fd: int | None = None
         try:
-            data = _read_all(fd, size)
-        except IsADirectoryError as exc:
-            raise InvalidInput(f"{path} is not a regular file") from exc
-        except OSError as exc:
-            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+            for path, size in zip(paths, sizes, strict=True):
+                if size >= LARGE_FILE:
+                    streamed = self.odb.write_file_blob(path)
+                    oids.append(None if streamed is None else streamed[0].hex())
+                    continue
+                parent, name = os.path.split(path)
+                if parent != directory:
+                    if dir_fd is not None:
+                        os.close(dir_fd)
+                    directory, dir_fd = parent, open_for_reading(parent, directory=True)
+                fd = None if dir_fd is None else open_for_reading(name, dir_fd=dir_fd, shown=path)
+                if fd is None:
+                    oids.append(None)  # vanished since the scan
+                    continue
+                try:
+                    data = _read_all(fd, size)
+                except IsADirectoryError as exc:
+                    raise InvalidInput(f"{path} is not a regular file") from exc
+                except OSError as exc:
+                    raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+                finally:
+                    os.close(fd)
+                oids.append(batch.add(BLOB, data).hex())
         finally:
-            os.close(fd)
-        return batch.add(BLOB, data).hex()
+            if dir_fd is not None:
+                os.close(dir_fd)
+        return oids
 
     def _update_refs(self, commands: Sequence[CasCommand], refs: list[int], outcomes: list[Any]) -> None:
         try:

@@ -409,14 +409,16 @@ class ObjectDB:
                 fsync_dir(self.objects)
 
 
-def open_for_reading(path: str) -> int | None:
-    """A descriptor on a workspace file (never through a symlink), or None if it vanished."""
+def open_for_reading(path: str, *, dir_fd: int | None = None, directory: bool = False, shown: str = "") -> int | None:
+    """A descriptor on a workspace file or directory (never through a final symlink), or None if it
+    vanished. With ``dir_fd``, ``path`` is relative to that directory."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_DIRECTORY if directory else 0)
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        return os.open(path, flags, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+        raise StorageError(f"cannot read {shown or path}: {exc.strerror}") from exc
 
 
 def _inflated(f: BinaryIO) -> Iterator[bytes]:

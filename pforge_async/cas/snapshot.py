@@ -85,34 +85,59 @@ class SnapshotPlan:
             # Watched before listed: a change after this point is an event, never a miss.
             wd = watcher.watch_dir(self.root, path) if watcher is not None else -1
             try:
-                entries = list(os.scandir(path))
+                # Listed and stat'ed relative to the directory's descriptor (getdents + fstatat):
+                # no path walk from / for every file.
+                dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # removed while we scanned
             except OSError as exc:
                 raise StorageError(f"cannot list {path}: {exc.strerror}") from exc
-            for entry in entries:
-                name = entry.name
-                if _excluded(name):
+            try:
+                self._scan_dir(dir_fd, index, path, rel, wd, cache, odb, watcher, stack)
+            finally:
+                os.close(dir_fd)
+
+    def _scan_dir(
+        self,
+        dir_fd: int,
+        index: int,
+        path: str,
+        rel: str,
+        wd: int,
+        cache: dict[str, _CacheEntry],
+        odb: ObjectDB,
+        watcher: Watcher | None,
+        stack: list[tuple[int, str, str]],
+    ) -> None:
+        try:
+            entries = list(os.scandir(dir_fd))
+        except OSError as exc:
+            raise StorageError(f"cannot list {path}: {exc.strerror}") from exc
+        for entry in entries:
+            name = entry.name
+            if _excluded(name):
+                if watcher is not None:
+                    watcher.ignore(wd, name)
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed while we scanned
+            child_rel = f"{rel}/{name}" if rel else name
+            if stat.S_ISDIR(st.st_mode):
+                if (st.st_dev, st.st_ino) in self.exclude:
                     if watcher is not None:
                         watcher.ignore(wd, name)
                     continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # removed while we scanned
-                child_rel = f"{rel}/{name}" if rel else name
-                if stat.S_ISDIR(st.st_mode):
-                    if (st.st_dev, st.st_ino) in self.exclude:
-                        if watcher is not None:
-                            watcher.ignore(wd, name)
-                        continue
-                    self.dirs.append((index, os.fsencode(name)))
-                    stack.append((len(self.dirs) - 1, entry.path, child_rel))
-                elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                    f = _File(index, os.fsencode(name), child_rel, entry.path, st)
-                    hit = cache.get(child_rel)
-                    if hit is not None and hit[:5] == f.st and odb.has(bytes.fromhex(hit[5])):
-                        f.oid = hit[5]
-                    self.files.append(f)
-                # sockets, fifos and devices have no git representation: skipped, as git does
+                self.dirs.append((index, os.fsencode(name)))
+                stack.append((len(self.dirs) - 1, f"{path}/{name}", child_rel))
+            elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                f = _File(index, os.fsencode(name), child_rel, f"{path}/{name}", st)
+                hit = cache.get(child_rel)
+                if hit is not None and hit[:5] == f.st and odb.has(bytes.fromhex(hit[5])):
+                    f.oid = hit[5]
+                self.files.append(f)
+            # sockets, fifos and devices have no git representation: skipped, as git does
 
     def _load_cache(self) -> dict[str, _CacheEntry]:
         try:

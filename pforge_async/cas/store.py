@@ -11,8 +11,9 @@ from typing import Any, cast
 import anyio
 import msgspec
 
-from ..errors import IntegrityError, InvalidInput, NotFound, PforgeError
+from ..errors import ActorClosed, IntegrityError, InvalidInput, NotFound, PforgeError
 from .actor import CasActor, PutFiles, PutObjects, UpdateRef
+from .odb import ObjectDB
 from .objects import (
     BLOB,
     COMMIT,
@@ -63,6 +64,12 @@ class Cas:
         self.snapshots_unchanged = 0
         self.snapshots_scanned = 0
 
+    def _odb_open(self) -> ObjectDB:
+        """The object database, for reads; after the store closed, ``ActorClosed``."""
+        if self._actor.closed:
+            raise ActorClosed("the CAS is closed")
+        return self._odb
+
     # -- blobs -------------------------------------------------------------------------------------
 
     async def write_blob(self, data: bytes) -> str:
@@ -73,11 +80,11 @@ class Cas:
 
     async def read_blob(self, oid: str) -> bytes:
         validate_oid(oid)
-        return await anyio.to_thread.run_sync(self._odb.read_blob, oid)
+        return await anyio.to_thread.run_sync(self._odb_open().read_blob, oid)
 
     async def has(self, oid: str) -> bool:
         validate_oid(oid)
-        return await anyio.to_thread.run_sync(self._odb.has, bytes.fromhex(oid))
+        return await anyio.to_thread.run_sync(self._odb_open().has, bytes.fromhex(oid))
 
     # -- trees -------------------------------------------------------------------------------------
 
@@ -91,6 +98,7 @@ class Cas:
     async def read_tree(self, oid: str, recursive: bool = False) -> list[TreeEntry]:
         """One level of a tree, or with ``recursive`` every non-tree entry below it by path."""
         validate_oid(oid)
+        self._odb_open()
         return await anyio.to_thread.run_sync(self._read_tree, oid, recursive)
 
     def _read_tree(self, oid: str, recursive: bool) -> list[TreeEntry]:
@@ -129,7 +137,7 @@ class Cas:
 
     async def read_commit(self, oid: str) -> Commit:
         validate_oid(oid)
-        type_num, body = await anyio.to_thread.run_sync(self._odb.read, oid)
+        type_num, body = await anyio.to_thread.run_sync(self._odb_open().read, oid)
         if type_num != COMMIT:
             raise InvalidInput(f"object {oid} is not a commit")
         return decode_commit(body, oid)
@@ -147,6 +155,7 @@ class Cas:
 
     async def get_ref(self, name: str) -> str | None:
         validate_ref_name(name)
+        self._odb_open()
         return await anyio.to_thread.run_sync(self._refs.get, name)
 
     # -- workspaces --------------------------------------------------------------------------------
@@ -200,12 +209,13 @@ class Cas:
     async def restore(self, tree: str, directory: str | os.PathLike[str]) -> None:
         """Recreate a snapshot in ``directory``, which must be missing or empty."""
         validate_oid(tree)
-        await anyio.to_thread.run_sync(restore_tree, self._odb, tree, os.path.abspath(directory))
+        await anyio.to_thread.run_sync(restore_tree, self._odb_open(), tree, os.path.abspath(directory))
 
     # -- verification ------------------------------------------------------------------------------
 
     async def fsck(self) -> FsckReport:
         """Read and re-hash every object; report corrupt ones and links to missing ones."""
+        self._odb_open()
         return await anyio.to_thread.run_sync(self._fsck)
 
     def _fsck(self) -> FsckReport:

@@ -25,7 +25,7 @@ import msgspec
 
 from ..actor import Actor, Failed
 from ..cas.pack import fsync_dir
-from ..errors import ActorClosed, IntegrityError, LockTimeout, PforgeError, StorageError
+from ..errors import ActorClosed, IntegrityError, InvalidInput, LockTimeout, PforgeError, StorageError
 from ..fslock import FsLock
 from .base import TurnStoreBase
 from .commands import TurnCommand
@@ -147,6 +147,8 @@ class FsTurnStore(TurnStoreBase):
         clock: Callable[[], int] = now_ms,
     ) -> None:
         super().__init__(max_payload_bytes=max_payload_bytes)
+        if durability not in ("full", "normal"):
+            raise InvalidInput(f"durability must be 'full' or 'normal', got {durability!r}")
         self.directory = Path(directory)
         self.path = self.directory / "turns.log"
         self.durability = durability
