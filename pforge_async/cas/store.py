@@ -13,7 +13,6 @@ import msgspec
 
 from ..errors import ActorClosed, IntegrityError, InvalidInput, NotFound, PforgeError
 from .actor import CasActor, PutFiles, PutObjects, UpdateRef
-from .odb import ObjectDB
 from .objects import (
     BLOB,
     COMMIT,
@@ -29,6 +28,7 @@ from .objects import (
     parse_mode,
     validate_oid,
 )
+from .odb import ObjectDB
 from .refs import validate_ref_name
 from .snapshot import SnapshotPlan, cache_file, restore_tree
 from .watch import Watcher
