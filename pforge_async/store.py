@@ -59,9 +59,9 @@ class Store:
 
     async def _start(self) -> None:
         fsync = self.durability == "full"
-        cas_actor = CasActor(self.root / "cas", self.locks_dir / "cas-refs.lock", fsync=fsync)
+        cas_actor = CasActor(self.root / "cas", self.locks_dir / "cas-refs.lock", fsync=fsync, watcher=self._watcher)
         await self.start_actor(cas_actor)
-        self.cas = Cas(cas_actor, self.root / "cache", self.root, self._watcher)
+        self.cas = Cas(cas_actor, self.root / "cache", self.root)
         turns = TurnActor(self._db("turns"), self._lock("turns"), durability=self.durability)
         await self.start_actor(turns)
         self.turns = SqliteTurnStore(turns, self.cas, max_payload_bytes=self._max_payload_bytes)

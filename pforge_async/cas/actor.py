@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,16 +10,16 @@ import anyio
 import msgspec
 
 from ..actor import Actor, Failed
-from ..errors import InvalidInput, ObjectNotFound, PforgeError, StorageError
+from ..errors import InvalidInput, ObjectNotFound, PforgeError
 from ..fslock import FsLock
 from .objects import BLOB, COMMIT, TREE, decode_tree, hash_object, validate_oid
-from .odb import ObjectDB, open_for_reading
+from .odb import ObjectDB
 from .refs import RefStore, validate_ref_name
+from .snapshot import SnapshotPlan
+from .watch import Watcher
 
-__all__ = ["CasActor", "PutFiles", "PutObjects", "UpdateRef"]
+__all__ = ["CasActor", "PutObjects", "Snapshot", "UpdateRef"]
 
-#: files at least this large stream into loose objects instead of being read whole into a pack.
-LARGE_FILE = 1 << 20
 #: a batch writes a pack early once it holds this much, bounding the actor's memory.
 _PACK_FLUSH_BYTES = 64 << 20
 
@@ -31,12 +30,13 @@ class PutObjects(msgspec.Struct, frozen=True, tag="put_objects"):
     objects: list[tuple[int, bytes]]
 
 
-class PutFiles(msgspec.Struct, frozen=True, tag="put_files"):
-    """Read files and store them as blobs; replies with each one's hex id, or None if it vanished.
-    ``sizes`` are what a scan saw: hints for reading, not promises."""
+class Snapshot(msgspec.Struct, frozen=True, tag="snapshot"):
+    """Store the directory ``root`` as a tree; replies with the tree's hex id. ``cache_file`` is its
+    stat cache; directories whose ``(st_dev, st_ino)`` is in ``exclude`` are left out."""
 
-    paths: list[str]
-    sizes: list[int]
+    root: str
+    cache_file: str
+    exclude: list[tuple[int, int]]
 
 
 class UpdateRef(msgspec.Struct, frozen=True, tag="update_ref"):
@@ -45,7 +45,7 @@ class UpdateRef(msgspec.Struct, frozen=True, tag="update_ref"):
     expected: str | None = None
 
 
-CasCommand = PutObjects | PutFiles | UpdateRef
+CasCommand = PutObjects | Snapshot | UpdateRef
 
 
 class _Batch:
@@ -71,6 +71,10 @@ class _Batch:
                 self.flush()
         return raw
 
+    def add_large_file(self, path: str) -> bytes | None:
+        streamed = self.odb.write_file_blob(path)
+        return None if streamed is None else streamed[0]
+
     def flush(self) -> None:
         objects = [(raw, type_num, body) for raw, (type_num, body) in self.staged.items()]
         self.staged = {}
@@ -82,8 +86,17 @@ class CasActor(Actor[CasCommand]):
     command_type = CasCommand
     name = "cas"
 
-    def __init__(self, gitdir: Path, lock_path: Path, *, fsync: bool, compression: int = 0) -> None:
+    def __init__(
+        self,
+        gitdir: Path,
+        lock_path: Path,
+        *,
+        fsync: bool,
+        compression: int = 0,
+        watcher: Watcher | None = None,
+    ) -> None:
         super().__init__(mailbox_size=64, max_batch=64)
+        self.watcher = watcher
         self.odb = ObjectDB(gitdir, fsync=fsync, compression=compression)
         self.refs = RefStore(gitdir, fsync=fsync)
         self.lock_path = lock_path
@@ -102,15 +115,16 @@ class CasActor(Actor[CasCommand]):
         batch = _Batch(self.odb)
         outcomes: list[Any] = [None] * len(commands)
         refs: list[int] = []
+        snapshots: list[SnapshotPlan] = []
         for i, command in enumerate(commands):
             try:
                 match command:
                     case PutObjects(objects=objects):
                         outcomes[i] = self._put_objects(batch, objects)
-                    case PutFiles(paths=paths, sizes=sizes):
-                        if len(paths) != len(sizes):
-                            raise InvalidInput("put_files needs one size per path")
-                        outcomes[i] = self._put_files(batch, paths, sizes)
+                    case Snapshot(root=root, cache_file=cache, exclude=exclude):
+                        plan = SnapshotPlan(root, Path(cache), {(dev, ino) for dev, ino in exclude})
+                        outcomes[i] = plan.run(batch, self.odb, self.watcher).hex()
+                        snapshots.append(plan)
                     case UpdateRef():
                         refs.append(i)
             except PforgeError as exc:
@@ -120,6 +134,8 @@ class CasActor(Actor[CasCommand]):
         except PforgeError as exc:
             # Nothing of this batch is stored: fail its writers, keep serving.
             return [Failed(exc) for _ in commands]
+        for plan in snapshots:
+            plan.save_cache()  # only now: what it records is durable
         if refs:
             self._update_refs(commands, refs, outcomes)
         return outcomes
@@ -146,41 +162,6 @@ class CasActor(Actor[CasCommand]):
             hashed.append((type_num, body, raw))
         return [batch.add(type_num, body, raw).hex() for type_num, body, raw in hashed]
 
-    def _put_files(self, batch: _Batch, paths: list[str], sizes: list[int]) -> list[str | None]:
-        # Files of one directory come together (a scan lists them so): each is opened relative to
-        # the directory's descriptor, sparing the kernel a path walk per file.
-        oids: list[str | None] = []
-        directory: str | None = None
-        dir_fd: int | None = None
-        try:
-            for path, size in zip(paths, sizes, strict=True):
-                if size >= LARGE_FILE:
-                    streamed = self.odb.write_file_blob(path)
-                    oids.append(None if streamed is None else streamed[0].hex())
-                    continue
-                parent, name = os.path.split(path)
-                if parent != directory:
-                    if dir_fd is not None:
-                        os.close(dir_fd)
-                    directory, dir_fd = parent, open_for_reading(parent, directory=True)
-                fd = None if dir_fd is None else open_for_reading(name, dir_fd=dir_fd, shown=path)
-                if fd is None:
-                    oids.append(None)  # vanished since the scan
-                    continue
-                try:
-                    data = _read_all(fd, size)
-                except IsADirectoryError as exc:
-                    raise InvalidInput(f"{path} is not a regular file") from exc
-                except OSError as exc:
-                    raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
-                finally:
-                    os.close(fd)
-                oids.append(batch.add(BLOB, data).hex())
-        finally:
-            if dir_fd is not None:
-                os.close(dir_fd)
-        return oids
-
     def _update_refs(self, commands: Sequence[CasCommand], refs: list[int], outcomes: list[Any]) -> None:
         try:
             lock = FsLock(self.lock_path)
@@ -205,17 +186,6 @@ class CasActor(Actor[CasCommand]):
                     outcomes[i] = Failed(exc)
         finally:
             lock.release()
-
-
-def _read_all(fd: int, size: int) -> bytes:
-    # Asking for one byte more than the size says in one read whether the file grew meanwhile.
-    data = os.read(fd, size + 1)
-    if len(data) <= size:
-        return data
-    chunks = [data]
-    while chunk := os.read(fd, 1 << 16):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _commit_links(body: bytes) -> list[bytes]:

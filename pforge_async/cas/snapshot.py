@@ -12,22 +12,22 @@ import contextlib
 import hashlib
 import os
 import stat
-from collections.abc import Iterator, Sequence
+import time
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 
 from ..errors import IntegrityError, InvalidInput, StorageError
 from .objects import BLOB, DIR_MODE, TREE, decode_tree, encode_tree, hash_object
-from .odb import ObjectDB
+from .odb import ObjectDB, open_for_reading
 from .watch import Watcher
 
-__all__ = ["SnapshotPlan", "restore_tree"]
+__all__ = ["LARGE_FILE", "SnapshotPlan", "Sink", "cache_file", "restore_tree"]
 
 RACY_NS = 50_000_000
-#: how many bytes of small files one command to the actor carries.
-CHUNK_BYTES = 4 << 20
-CHUNK_FILES = 1024
+#: files at least this large stream into loose objects instead of being read whole into a pack.
+LARGE_FILE = 1 << 20
 
 _CacheEntry = tuple[int, int, int, int, int, str]  # mode, size, mtime_ns, ctime_ns, ino, oid
 _cache_decoder = msgspec.msgpack.Decoder(dict[str, _CacheEntry])
@@ -44,58 +44,58 @@ def _excluded(name: str) -> bool:
     return name.lower() == ".git"
 
 
-class _File:
-    __slots__ = ("dir_index", "name", "oid", "path", "rel", "st")
+class Sink(Protocol):
+    """Where a snapshot puts what it reads: the CAS actor's batch."""
 
-    def __init__(self, dir_index: int, name: bytes, rel: str, path: str, st: os.stat_result) -> None:
-        self.dir_index = dir_index
-        self.name = name
-        self.rel = rel
-        self.path = path
-        self.st: tuple[int, int, int, int, int] = (
-            st.st_mode,
-            st.st_size,
-            st.st_mtime_ns,
-            st.st_ctime_ns,
-            st.st_ino,
-        )
-        self.oid: str | None = None
+    def add(self, type_num: int, body: bytes, raw: bytes | None = None) -> bytes: ...
+
+    def add_large_file(self, path: str) -> bytes | None: ...
 
 
 class SnapshotPlan:
-    """One snapshot in progress: what the scan found, what the cache answered, what is left to store."""
+    """One snapshot, in one pass over the directory, run by the CAS actor (its single writer).
+
+    Each directory is watched (if a watcher is given) before it is listed, listed and stat'ed
+    relative to its descriptor, and every file the stat cache cannot answer is read and staged at
+    once, while the directory is open. Trees are built bottom-up at the end.
+    """
 
     def __init__(self, root: str, cache_path: Path, exclude: set[tuple[int, int]]) -> None:
         self.root = root
         self.cache_path = cache_path
         self.exclude = exclude
         self.dirs: list[tuple[int, bytes]] = []  # (parent index, name); index 0 is the root
-        self.files: list[_File] = []
+        #: per directory: (name, mode, raw oid) entries found so far
+        self.levels: list[list[tuple[bytes, int, bytes]]] = []
+        self.seen: dict[str, _CacheEntry] = {}  # what the next stat cache will hold
+        self.start_ns = 0
 
-    # -- scan --------------------------------------------------------------------------------------
-
-    def scan(self, odb: ObjectDB, watcher: Watcher | None = None) -> None:
+    def run(self, sink: Sink, odb: ObjectDB, watcher: Watcher | None) -> bytes:
+        """Scan, store, and return the raw id of the root tree."""
+        self.start_ns = time.time_ns()
         cache = self._load_cache()
         if watcher is not None:
             watcher.begin(self.root)
         self.dirs.append((-1, b""))
+        self.levels.append([])
         stack = [(0, self.root, "")]
         while stack:
             index, path, rel = stack.pop()
             # Watched before listed: a change after this point is an event, never a miss.
             wd = watcher.watch_dir(self.root, path) if watcher is not None else -1
             try:
-                # Listed and stat'ed relative to the directory's descriptor (getdents + fstatat):
-                # no path walk from / for every file.
+                # Listed, stat'ed and opened relative to the directory's descriptor (getdents,
+                # fstatat, openat): no path walk from / for every file.
                 dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue  # removed while we scanned
             except OSError as exc:
                 raise StorageError(f"cannot list {path}: {exc.strerror}") from exc
             try:
-                self._scan_dir(dir_fd, index, path, rel, wd, cache, odb, watcher, stack)
+                self._scan_dir(dir_fd, index, path, rel, wd, cache, sink, odb, watcher, stack)
             finally:
                 os.close(dir_fd)
+        return self._build_trees(sink)
 
     def _scan_dir(
         self,
@@ -105,6 +105,7 @@ class SnapshotPlan:
         rel: str,
         wd: int,
         cache: dict[str, _CacheEntry],
+        sink: Sink,
         odb: ObjectDB,
         watcher: Watcher | None,
         stack: list[tuple[int, str, str]],
@@ -113,6 +114,7 @@ class SnapshotPlan:
             entries = list(os.scandir(dir_fd))
         except OSError as exc:
             raise StorageError(f"cannot list {path}: {exc.strerror}") from exc
+        level = self.levels[index]
         for entry in entries:
             name = entry.name
             if _excluded(name):
@@ -123,21 +125,53 @@ class SnapshotPlan:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # removed while we scanned
+            mode = st.st_mode
             child_rel = f"{rel}/{name}" if rel else name
-            if stat.S_ISDIR(st.st_mode):
+            if stat.S_ISDIR(mode):
                 if (st.st_dev, st.st_ino) in self.exclude:
                     if watcher is not None:
                         watcher.ignore(wd, name)
                     continue
                 self.dirs.append((index, os.fsencode(name)))
+                self.levels.append([])
                 stack.append((len(self.dirs) - 1, f"{path}/{name}", child_rel))
-            elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                f = _File(index, os.fsencode(name), child_rel, f"{path}/{name}", st)
-                hit = cache.get(child_rel)
-                if hit is not None and hit[:5] == f.st and odb.has(bytes.fromhex(hit[5])):
-                    f.oid = hit[5]
-                self.files.append(f)
-            # sockets, fifos and devices have no git representation: skipped, as git does
+                continue
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                continue  # sockets, fifos and devices have no git representation: skipped, as git does
+            # The stat recorded is the scan's: had the file changed since, its next stat differs from
+            # it and the cache misses.
+            key = (mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            hit = cache.get(child_rel)
+            if hit is not None and hit[:5] == key and odb.has(raw := bytes.fromhex(hit[5])):
+                oid = raw
+            else:
+                found = self._store(sink, dir_fd, name, f"{path}/{name}", mode, st.st_size)
+                if found is None:
+                    continue  # vanished before it could be read: left out of the tree
+                oid = found
+            level.append((os.fsencode(name), _git_mode(mode), oid))
+            self.seen[child_rel] = (*key, oid.hex())
+
+    def _store(self, sink: Sink, dir_fd: int, name: str, path: str, mode: int, size: int) -> bytes | None:
+        try:
+            if stat.S_ISLNK(mode):
+                return sink.add(BLOB, os.fsencode(os.readlink(name, dir_fd=dir_fd)))
+            if size >= LARGE_FILE:
+                return sink.add_large_file(path)
+            fd = open_for_reading(name, dir_fd=dir_fd, shown=path)
+            if fd is None:
+                return None
+            try:
+                data = _read_all(fd, size)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError as exc:
+            raise InvalidInput(f"{path} is not a regular file") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+        return sink.add(BLOB, data)
 
     def _load_cache(self) -> dict[str, _CacheEntry]:
         try:
@@ -148,69 +182,26 @@ class SnapshotPlan:
         except OSError as exc:
             raise StorageError(f"cannot read the snapshot cache {self.cache_path}: {exc}") from exc
 
-    # -- what is left to store ---------------------------------------------------------------------
-
-    def file_chunks(self) -> Iterator[list[_File]]:
-        """Regular files the cache could not answer, in chunks of bounded size."""
-        chunk: list[_File] = []
-        size = 0
-        for f in self.files:
-            if f.oid is None and stat.S_ISREG(f.st[0]):
-                chunk.append(f)
-                size += f.st[1]
-                if size >= CHUNK_BYTES or len(chunk) >= CHUNK_FILES:
-                    yield chunk
-                    chunk, size = [], 0
-        if chunk:
-            yield chunk
-
-    def links(self) -> list[_File]:
-        return [f for f in self.files if f.oid is None and stat.S_ISLNK(f.st[0])]
-
-    def read_links(self, links: list[_File]) -> list[tuple[int, bytes]]:
-        objects = []
-        for f in links:
-            try:
-                objects.append((BLOB, os.fsencode(os.readlink(f.path))))
-            except OSError as exc:
-                raise StorageError(f"cannot read symlink {f.path}: {exc.strerror}") from exc
-        return objects
-
-    def fill(self, files: list[_File], oids: Sequence[str | None]) -> None:
-        # The stat recorded stays the scan's: had a file changed since, its next stat differs from it
-        # and the cache misses.
-        for f, oid in zip(files, oids, strict=True):
-            f.oid = oid or ""  # "": vanished before it could be read, left out of the tree
-
-    # -- trees -------------------------------------------------------------------------------------
-
-    def build_trees(self, odb: ObjectDB) -> tuple[str, list[tuple[int, bytes]]]:
-        """The root tree's id and the tree objects the store does not have yet (children first)."""
-        levels: list[list[tuple[bytes, int, bytes]]] = [[] for _ in self.dirs]
-        for f in self.files:
-            if f.oid:
-                levels[f.dir_index].append((f.name, _git_mode(f.st[0]), bytes.fromhex(f.oid)))
-        missing: list[tuple[int, bytes]] = []
+    def _build_trees(self, sink: Sink) -> bytes:
         root_raw = b""
         # Children were appended after their parents, so walking backwards sees children first.
         for index in range(len(self.dirs) - 1, -1, -1):
-            entries = levels[index]
+            entries = self.levels[index]
             if not entries and index:
                 continue  # git cannot represent an empty directory
             body = encode_tree(entries)
-            raw = hash_object(TREE, body)
-            if not odb.has(raw):
-                missing.append((TREE, body))
+            raw = sink.add(TREE, body, hash_object(TREE, body))
             parent, name = self.dirs[index]
             if index:
-                levels[parent].append((name, DIR_MODE, raw))
+                self.levels[parent].append((name, DIR_MODE, raw))
             else:
                 root_raw = raw
-        return root_raw.hex(), missing
+        return root_raw
 
-    def save_cache(self, start_ns: int) -> None:
-        horizon = start_ns - RACY_NS
-        cache = {f.rel: (*f.st, f.oid) for f in self.files if f.oid and f.st[2] < horizon and f.st[3] < horizon}
+    def save_cache(self) -> None:
+        """Record what this snapshot saw; call once its objects are durable."""
+        horizon = self.start_ns - RACY_NS
+        cache = {rel: entry for rel, entry in self.seen.items() if entry[2] < horizon and entry[3] < horizon}
         temp = self.cache_path.with_name(f"{self.cache_path.name}.{os.getpid()}.tmp")
         try:
             self.cache_path.parent.mkdir(mode=0o700, exist_ok=True)
@@ -220,6 +211,17 @@ class SnapshotPlan:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise StorageError(f"cannot write the snapshot cache {self.cache_path}: {exc}") from exc
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    # Asking for one byte more than the size says in one read whether the file grew meanwhile.
+    data = os.read(fd, size + 1)
+    if len(data) <= size:
+        return data
+    chunks = [data]
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def cache_file(cache_dir: Path, directory: str) -> Path:

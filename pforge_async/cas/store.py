@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import anyio
 import msgspec
 
 from ..errors import ActorClosed, IntegrityError, InvalidInput, NotFound, PforgeError
-from .actor import CasActor, PutFiles, PutObjects, UpdateRef
+from .actor import CasActor, PutObjects, Snapshot, UpdateRef
 from .objects import (
     BLOB,
     COMMIT,
@@ -30,8 +29,7 @@ from .objects import (
 )
 from .odb import ObjectDB
 from .refs import validate_ref_name
-from .snapshot import SnapshotPlan, cache_file, restore_tree
-from .watch import Watcher
+from .snapshot import cache_file, restore_tree
 
 __all__ = ["Cas", "FsckReport"]
 
@@ -51,13 +49,13 @@ class FsckReport(msgspec.Struct, frozen=True):
 class Cas:
     """Blobs, trees, commits and refs in a SHA-256 git repository (``<root>/cas``)."""
 
-    def __init__(self, actor: CasActor, cache_dir: Path, store_root: Path, watcher: Watcher | None = None) -> None:
+    def __init__(self, actor: CasActor, cache_dir: Path, store_root: Path) -> None:
         self._actor = actor
         self._odb = actor.odb
         self._refs = actor.refs
         self._cache_dir = cache_dir
         self._store_root = store_root
-        self._watcher = watcher
+        self._watcher = actor.watcher
         self._snapshot_locks: dict[str, anyio.Lock] = {}
         self.path = actor.odb.gitdir
         #: snapshots answered from the change watch without scanning, and those that scanned.
@@ -181,27 +179,9 @@ class Cas:
             return tree
 
     async def _snapshot(self, root: str) -> str:
-        start_ns = time.time_ns()
         store = os.stat(self._store_root)
-        plan = SnapshotPlan(root, cache_file(self._cache_dir, root), {(store.st_dev, store.st_ino)})
-        await anyio.to_thread.run_sync(plan.scan, self._odb, self._watcher)
-
-        async def put_files(chunk: list[Any]) -> None:
-            plan.fill(chunk, await self._actor.call(PutFiles([f.path for f in chunk], [f.st[1] for f in chunk])))
-
-        # Sent at once, the chunks land in one actor batch: one pass of reads overlapping pack writes.
-        async with anyio.create_task_group() as tg:
-            for chunk in plan.file_chunks():
-                tg.start_soon(put_files, chunk)
-        links = plan.links()
-        if links:
-            objects = await anyio.to_thread.run_sync(plan.read_links, links)
-            plan.fill(links, await self._put(objects))
-        root_oid, trees = await anyio.to_thread.run_sync(plan.build_trees, self._odb)
-        if trees:
-            await self._put(trees)
-        await anyio.to_thread.run_sync(plan.save_cache, start_ns)
-        return root_oid
+        command = Snapshot(root, str(cache_file(self._cache_dir, root)), [(store.st_dev, store.st_ino)])
+        return str(await self._actor.call(command))
 
     async def _put(self, objects: list[tuple[int, bytes]]) -> list[str]:
         return list(await self._actor.call(PutObjects(objects)))
