@@ -169,3 +169,30 @@ def test_bad_input(tmp_path: Path) -> None:
     lock = FsLock(tmp_path / "x.lock")
     with pytest.raises(RuntimeError, match="not held"):
         lock.release()
+
+
+def test_a_forked_child_neither_inherits_nor_releases_the_lock(tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "fork.lock"
+    with FsLock(path):
+        pid = os.fork()
+        if pid == 0:  # the child: it must not hold the parent's lock, nor drop it on exit
+            try:
+                FsLock(path, timeout=0).acquire()
+                os._exit(3)  # it got the lock: exclusion is broken
+            except LockTimeout:
+                os._exit(0)
+            except BaseException:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        probe = spawn(HOLD, path, "exclusive", 0)  # still held by us after the child is gone
+        try:
+            with pytest.raises(AssertionError):
+                wait_for_line(probe, "locked", timeout=2)
+        finally:
+            probe.kill()
+            probe.wait()
+    with FsLock(path, timeout=5):
+        pass
