@@ -16,8 +16,8 @@ from typing import Literal
 
 import msgspec
 
-from ..errors import BudgetExceeded, Conflict, IdempotencyConflict, InvalidInput, NotFound
-from ..sqlite.actor import SqliteActor
+from ..errors import BudgetExceeded, Conflict, InvalidInput, NotFound
+from ..sqlite.actor import SqliteActor, replay
 from ._checks import now_ms, optional_text, seconds, text, whole
 
 __all__ = ["BudgetActor", "BudgetLedger", "Reservation", "Totals", "Usage"]
@@ -153,26 +153,16 @@ class BudgetActor(SqliteActor[BudgetCommand]):
                 conn.execute("UPDATE reservations SET state = 'released' WHERE reservation_id = ?", (reservation_id,))
                 return None
             case RecordSpend():
-                if command.idempotency_key is not None:
-                    row = conn.execute(
-                        "SELECT spend_id, vendor, model, input_tokens, output_tokens, cost FROM spend "
-                        "WHERE idempotency_key = ?",
-                        (command.idempotency_key,),
-                    ).fetchone()
-                    if row is not None:
-                        asked = (
-                            command.vendor,
-                            command.model,
-                            command.input_tokens,
-                            command.output_tokens,
-                            command.cost,
-                        )
-                        if tuple(row[1:]) != asked:
-                            raise IdempotencyConflict(
-                                f"idempotency key {command.idempotency_key!r} was used for spend {row[0]} "
-                                "with other values"
-                            )
-                        return int(row[0])
+                first = replay(
+                    conn,
+                    "SELECT spend_id, vendor, model, input_tokens, output_tokens, cost FROM spend "
+                    "WHERE idempotency_key = ?",
+                    command.idempotency_key,
+                    (command.vendor, command.model, command.input_tokens, command.output_tokens, command.cost),
+                    "spend",
+                )
+                if first is not None:
+                    return first
                 self._check(conn, command.vendor, command.input_tokens + command.output_tokens, command.cost, now)
                 return self._insert_spend(
                     conn,

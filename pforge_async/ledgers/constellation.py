@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from ..errors import IdempotencyConflict, InvalidInput
-from ..sqlite.actor import SqliteActor
+from ..errors import InvalidInput
+from ..sqlite.actor import SqliteActor, replay
 from ._checks import now_ms, optional_text, text
 
 __all__ = ["ActionStats", "ConstellationActor", "ConstellationMemory", "RecordTransition"]
@@ -68,26 +68,16 @@ class ConstellationActor(SqliteActor[RecordTransition]):
 
     def apply(self, conn: sqlite3.Connection, command: RecordTransition) -> int:
         key = command.idempotency_key
-        if key is not None:
-            row = conn.execute(
-                "SELECT transition_id, state, action, next_state, reward, success, context "
-                "FROM transitions WHERE idempotency_key = ?",
-                (key,),
-            ).fetchone()
-            if row is not None:
-                asked = (
-                    command.state,
-                    command.action,
-                    command.next_state,
-                    command.reward,
-                    int(command.success),
-                    command.context,
-                )
-                if tuple(row[1:]) != asked:
-                    raise IdempotencyConflict(
-                        f"idempotency key {key!r} was used for transition {row[0]} with other values"
-                    )
-                return int(row[0])
+        first = replay(
+            conn,
+            "SELECT transition_id, state, action, next_state, reward, success, context "
+            "FROM transitions WHERE idempotency_key = ?",
+            key,
+            (command.state, command.action, command.next_state, command.reward, int(command.success), command.context),
+            "transition",
+        )
+        if first is not None:
+            return first
         now = now_ms()
         cursor = conn.execute(
             "INSERT INTO transitions (state, action, next_state, reward, success, idempotency_key, "

@@ -29,10 +29,10 @@ import aiosqlite
 import anyio
 
 from ..actor import Actor, Failed
-from ..errors import ActorClosed, IntegrityError, PforgeError, StorageError
+from ..errors import ActorClosed, IdempotencyConflict, IntegrityError, PforgeError, StorageError
 from ..fslock import FsLock
 
-__all__ = ["SqliteActor", "load_script", "split_statements"]
+__all__ = ["SqliteActor", "load_script", "replay", "split_statements"]
 
 C = TypeVar("C")
 log = logging.getLogger(__name__)
@@ -55,6 +55,22 @@ def split_statements(script: str) -> Iterator[str]:
             pending = ""
     if pending.strip() and not all(part.strip().startswith("--") or not part.strip() for part in pending.splitlines()):
         raise ValueError(f"incomplete SQL statement at the end of a script: {pending.strip()[:80]}")
+
+
+def replay(conn: sqlite3.Connection, select: str, key: str | None, asked: tuple[Any, ...], what: str) -> int | None:
+    """The id of the row an idempotency key already wrote, if the key was used before; None if not.
+
+    ``select`` selects ``(id, *columns)`` by key; the columns must equal ``asked``, or the reuse of the
+    key for other values is an ``IdempotencyConflict``.
+    """
+    if key is None:
+        return None
+    row = conn.execute(select, (key,)).fetchone()
+    if row is None:
+        return None
+    if tuple(row[1:]) != asked:
+        raise IdempotencyConflict(f"idempotency key {key!r} was used for {what} {row[0]} with other values")
+    return int(row[0])
 
 
 def translate(path: Path, exc: sqlite3.Error) -> PforgeError:
