@@ -380,15 +380,16 @@ async def test_sigkill_loses_no_acknowledged_spend_or_consumption(tmp_path: Path
     child = spawn(CRASH_LEDGERS, root)
     assert child.stdout is not None
     acked = []
-    deadline = time.monotonic() + random.uniform(0.3, 0.8)
-    while time.monotonic() < deadline:
+    deadline = None  # counted from the first acknowledgement: a slow start on a busy machine is no crash
+    while deadline is None or time.monotonic() < deadline or len(acked) < 10:
         line = child.stdout.readline()
+        if deadline is None:
+            deadline = time.monotonic() + random.uniform(0.3, 0.8)
         assert line, child.stderr.read() if child.stderr else ""
         i, spend, nonce = line.split()
         acked.append((int(i), int(spend), nonce))
     child.send_signal(signal.SIGKILL)
     child.wait()
-    assert len(acked) > 5
     async with open_store(root) as store:
         before = await store.budget.totals("v")
         for i, spend, nonce in acked:
