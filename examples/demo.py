@@ -104,6 +104,8 @@ async def main() -> None:
         totals = await store.budget.totals(VENDOR)
         report = await cas.fsck()
         assert report.ok, report
+        check = await store.check()
+        assert check.ok, check.problems
         best = await store.memory.best_action("step3", TOOLS)
         turn_actor = store.turns._actor
 
@@ -125,7 +127,8 @@ async def main() -> None:
         print(f"nonces: {SUBAGENTS * STEPS} tool capabilities issued and each consumed exactly once")
         print(f"memory: best next tool at step3 by UCB1: {best}")
         print(f"cas: {report.checked} objects verified; last workspace tree {last.fs_root} holds {len(files)} files")
-        print(f"verify with git: git --git-dir {cas.path} fsck --strict --no-dangling")
+        print("store check (every object re-hashed, every database and invariant verified): ok")
+        print(f"verify with git: git --git-dir {cas.path} fsck --strict --no-dangling; or: pforge check")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from .errors import (
 )
 from .fslock import FsLock
 from .ledgers import ActionStats, Reservation, Totals, Usage
-from .store import Durability, Store, open_store
+from .store import Durability, Store, StoreCheck, open_store
 from .turnstore import (
     ContextHead,
     Correlation,
@@ -72,6 +72,7 @@ __all__ = [
     "Reservation",
     "StorageError",
     "Store",
+    "StoreCheck",
     "Totals",
     "TreeEntry",
     "TurnEnvelope",

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import anyio
+import msgspec
 from anyio.abc import TaskGroup
 
 from .actor import Actor
 from .cas.actor import CasActor
-from .cas.store import Cas
+from .cas.store import Cas, FsckReport
 from .cas.watch import open_watcher
 from .errors import InvalidInput, StorageError
 from .ledgers.budget import BudgetActor, BudgetLedger
@@ -26,10 +27,21 @@ from .turnstore.sqlite import SqliteTurnStore, TurnActor
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found]
 
-__all__ = ["Durability", "Store", "open_store"]
+__all__ = ["Durability", "Store", "StoreCheck", "open_store"]
 
 Durability = Literal["full", "normal"]
 DEFAULT_ROOT = ".pforge"
+
+
+class StoreCheck(msgspec.Struct, frozen=True):
+    """What :meth:`Store.check` found; ``problems`` is empty when the store is sound."""
+
+    problems: list[str]
+    cas: FsckReport
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
 class Store:
@@ -68,11 +80,24 @@ class Store:
         memory = ConstellationActor(self._db("memory"), self._lock("memory"), durability=self.durability)
         nonces = NonceActor(self._db("nonces"), self._lock("nonces"), durability=self.durability)
         budget = BudgetActor(self._db("budget"), self._lock("budget"), durability=self.durability)
-        for actor in (memory, nonces, budget):
+        self._ledgers = (memory, nonces, budget)
+        for actor in self._ledgers:
             await self.start_actor(actor)
         self.memory = ConstellationMemory(memory)
         self.nonces = NonceLedger(nonces)
         self.budget = BudgetLedger(budget)
+
+    async def check(self) -> StoreCheck:
+        """The store's own integrity check: every CAS object re-hashed and its links followed,
+        SQLite's integrity check of every database, every turn payload re-hashed, and the invariants
+        the ledgers keep (action_stats = aggregate of transitions, spend totals = sum of spend, ...)."""
+        cas = await self.cas.fsck()
+        problems = [f"cas: object {oid} is corrupt" for oid in cas.corrupt]
+        problems += [f"cas: object {oid} is referenced but missing" for oid in cas.missing]
+        problems += await self.turns.check()
+        for actor in self._ledgers:
+            problems += await actor.check()
+        return StoreCheck(problems, cas)
 
     def _db(self, name: str) -> Path:
         return self.root / f"{name}.db"

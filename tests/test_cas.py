@@ -450,6 +450,7 @@ class TestCrashAndCorruption:
             assert report.ok, report
             acknowledged = line.split()[1]
             assert len(await store.cas.read_tree(acknowledged, recursive=True)) == 2000
+            assert (await store.check()).ok
         leftovers = [p for p in (root / "cas" / "objects").rglob("tmp_*")]
         assert leftovers == []
         git_fsck(root / "cas")

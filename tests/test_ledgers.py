@@ -350,6 +350,7 @@ async def test_four_processes_never_overdraw_a_budget(tmp_path: Path) -> None:
     assert sum(o["refused"] for o in outs) > 0  # the limit was really reached
     async with open_store(root) as store:
         totals = await store.budget.totals("shared")
+        assert (await store.check()).ok
     assert totals.tokens == sum(o["tokens"] for o in outs)
     assert totals.cost == sum(o["cost"] for o in outs)
     assert totals.tokens <= 20_000 and totals.cost <= 400_000
@@ -401,3 +402,5 @@ async def test_sigkill_loses_no_acknowledged_spend_or_consumption(tmp_path: Path
                 await store.nonces.consume(nonce, "s")
         assert await store.budget.totals("v") == before
         assert before.cost >= sum(i for i, _, _ in acked)
+        report = await store.check()
+        assert report.ok, report.problems

@@ -94,6 +94,8 @@ async def test_four_processes_of_sixteen_tasks_on_one_store(tmp_path: Path) -> N
             assert got == ids
             head = await turns.get_head(context_id)
             assert (head.head_turn_id, head.head_depth) == (ids[-1], 8)
+        report = await store.check()
+        assert report.ok, report.problems
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "fs"])
@@ -117,6 +119,8 @@ async def test_sigkill_loses_no_acknowledged_turn(tmp_path: Path, backend: str) 
         if backend == "sqlite":
             async with open_store(path) as store:
                 await check_acked(store.turns, acked)
+                report = await store.check()
+                assert report.ok, report.problems
         else:
             async with FsTurnStore(path) as turns:
                 await check_acked(turns, acked)

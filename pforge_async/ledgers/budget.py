@@ -106,6 +106,20 @@ class BudgetActor(SqliteActor[BudgetCommand]):
     name = "budget"
     schema_file = "budget_ledger_schema.sql"
     schema_version = 1
+    invariants = (
+        (
+            "spend_totals that differ from the sum of spend",
+            "SELECT * FROM (SELECT vendor, tokens, cost FROM spend_totals EXCEPT SELECT vendor, "
+            "SUM(input_tokens + output_tokens), SUM(cost) FROM spend GROUP BY vendor) UNION ALL SELECT * FROM "
+            "(SELECT vendor, SUM(input_tokens + output_tokens), SUM(cost) FROM spend GROUP BY vendor EXCEPT "
+            "SELECT vendor, tokens, cost FROM spend_totals)",
+        ),
+        (
+            "committed reservations without exactly one spend row",
+            "SELECT r.reservation_id FROM reservations r LEFT JOIN spend s ON s.reservation_id = r.reservation_id "
+            "WHERE r.state = 'committed' GROUP BY r.reservation_id HAVING COUNT(s.spend_id) != 1",
+        ),
+    )
 
     def apply(self, conn: sqlite3.Connection, command: BudgetCommand) -> object:
         now = now_ms()

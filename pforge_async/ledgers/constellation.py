@@ -65,6 +65,23 @@ class ConstellationActor(SqliteActor[RecordTransition]):
     schema_file = "constellation_schema.sql"
     schema_version = 2
     migrations: ClassVar[dict[int, str]] = {2: "constellation_v2.sql"}
+    invariants = (
+        (
+            "action_stats that differ from the aggregate of transitions",
+            "SELECT * FROM (SELECT state, action, count, successes, last_seen_ms FROM action_stats EXCEPT "
+            "SELECT state, action, COUNT(*), SUM(success), MAX(recorded_at_ms) FROM transitions GROUP BY 1, 2) "
+            "UNION ALL SELECT * FROM (SELECT state, action, COUNT(*), SUM(success), MAX(recorded_at_ms) "
+            "FROM transitions GROUP BY 1, 2 EXCEPT SELECT state, action, count, successes, last_seen_ms "
+            "FROM action_stats)",
+        ),
+        (
+            "action_stats whose reward sums differ from the transitions'",
+            "SELECT s.state, s.action FROM action_stats s JOIN (SELECT state, action, SUM(reward) AS r, "
+            "SUM(reward * reward) AS q FROM transitions GROUP BY 1, 2) a USING (state, action) "
+            "WHERE abs(s.reward_sum - a.r) > 1e-6 * max(1.0, abs(a.r)) "
+            "OR abs(s.reward_sq_sum - a.q) > 1e-6 * max(1.0, abs(a.q))",
+        ),
+    )
 
     def apply(self, conn: sqlite3.Connection, command: RecordTransition) -> int:
         key = command.idempotency_key

@@ -41,6 +41,12 @@ class NonceActor(SqliteActor[NonceCommand]):
     name = "nonces"
     schema_file = "nonces_schema.sql"
     schema_version = 1
+    invariants = (
+        (
+            "nonces consumed before they were issued, or issued expired",
+            "SELECT nonce FROM nonces WHERE consumed_at_ms < issued_at_ms OR expires_at_ms <= issued_at_ms",
+        ),
+    )
 
     def apply(self, conn: sqlite3.Connection, command: NonceCommand) -> object:
         now = now_ms()

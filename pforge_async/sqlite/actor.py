@@ -346,6 +346,22 @@ class SqliteActor(Actor[C]):
             except sqlite3.Error:
                 log.exception("rollback of %s failed", self.path)
 
+    # -- verification ------------------------------------------------------------------------------
+
+    #: (what is wrong, a query that returns the offending rows): relations the data must keep.
+    invariants: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    async def check(self) -> list[str]:
+        """SQLite's own ``integrity_check``, then every invariant of this database; what is wrong."""
+        problems = [
+            f"{self.path.name}: {row[0]}" for row in await self.fetchall("PRAGMA integrity_check") if row[0] != "ok"
+        ]
+        for what, query in self.invariants:
+            rows = await self.fetchall(query + " LIMIT 10")
+            if rows:
+                problems.append(f"{self.path.name}: {what}: {', '.join(str(tuple(r)) for r in rows)}")
+        return problems
+
     # -- reads -------------------------------------------------------------------------------------
 
     async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:

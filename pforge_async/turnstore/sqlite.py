@@ -44,6 +44,34 @@ class TurnActor(SqliteActor[TurnCommand]):
     schema_version = 1
     savepoints = False
     _CACHE_LIMIT = 100_000
+    invariants = (
+        (
+            "turns whose parent is missing",
+            "SELECT t.turn_id FROM turns t LEFT JOIN turns p ON p.turn_id = t.parent_turn_id "
+            "WHERE t.parent_turn_id != 0 AND p.turn_id IS NULL",
+        ),
+        (
+            "turns whose depth is not their parent's plus one",
+            "SELECT t.turn_id FROM turns t LEFT JOIN turns p ON p.turn_id = t.parent_turn_id "
+            "WHERE t.depth != COALESCE(p.depth, 0) + 1",
+        ),
+        (
+            "turns whose skip link is not a shallower turn",
+            "SELECT t.turn_id FROM turns t LEFT JOIN turns j ON j.turn_id = t.jump_turn_id "
+            "WHERE (t.jump_turn_id = 0 AND t.jump_depth != 0) OR (t.jump_turn_id != 0 AND "
+            "(j.turn_id IS NULL OR j.depth != t.jump_depth OR j.depth >= t.depth))",
+        ),
+        (
+            "contexts whose head is missing",
+            "SELECT c.context_id FROM contexts c LEFT JOIN turns t ON t.turn_id = c.head_turn_id "
+            "WHERE c.head_turn_id != 0 AND t.turn_id IS NULL",
+        ),
+        (
+            "turns appended to a context that does not exist",
+            "SELECT t.turn_id FROM turns t LEFT JOIN contexts c ON c.context_id = t.context_id "
+            "WHERE c.context_id IS NULL",
+        ),
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -267,6 +295,22 @@ class SqliteTurnStore(TurnStoreBase):
         if row is None:
             raise TurnNotFound(f"no turn {turn_id}")
         return _record(row)
+
+    async def check(self) -> list[str]:
+        """What is wrong in ``turns.db``: SQLite's integrity check, the DAG's invariants, and every
+        payload re-hashed."""
+        problems = await self._actor.check()
+        after = 0
+        while rows := await self._actor.fetchall(
+            "SELECT turn_id, payload, payload_hash FROM turns WHERE turn_id > ? ORDER BY turn_id LIMIT 1000", (after,)
+        ):
+            problems += [
+                f"turns.db: turn {turn_id} does not match its payload_hash"
+                for turn_id, payload, digest in rows
+                if payload_hash(payload) != digest
+            ]
+            after = rows[-1][0]
+        return problems
 
     async def _list_turns(self, context_id: int, before_turn_id: int | None, limit: int) -> list[TurnRecord]:
         head = (await self.get_head(context_id)).head_turn_id
