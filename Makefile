@@ -25,6 +25,9 @@ lint: $(PY)
 bench: $(PY)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/actor_overhead.py
+	$(PY) benchmarks/ledgers.py
+	$(PY) benchmarks/turns.py
+	$(PY) benchmarks/cas.py
 
 clean:
 	rm -rf $(VENV) .pforge .pytest_cache .mypy_cache .ruff_cache
