@@ -6,9 +6,10 @@ the answer and no file is even stat'ed. Any event, a lost event queue (overflow)
 could not be watched sends the snapshot down the full stat-cache path, so the watch only ever skips
 work, never changes a result.
 
-Limits (as for every inotify-based monitor): writes through a shared ``mmap`` and changes made on
-another machine of a network file system raise no event. Open the store with
-``watch_workspaces=False`` where that matters.
+Limits (as for every inotify-based monitor): writes through a shared ``mmap``, writes to a file
+through a hard link that lives outside the watched tree, and changes made on another machine of a
+network file system raise no event. Open the store with ``watch_workspaces=False`` where that
+matters.
 """
 
 from __future__ import annotations
