@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from pforge_async import IntegrityError, InvalidInput, StorageError, open_store
-from pforge_async.turnstore import Correlation, FsTurnStore, TurnEnvelope, agent_key, attractor_key
+from pforge_async.turnstore import Correlation, FsTurnStore, TurnEnvelope, TurnRecord, agent_key, attractor_key
+from pforge_async.turnstore.core import TurnRec
+from pforge_async.turnstore.fs import MAGIC, frame
 from pforge_async.turnstore.keys import idempotency_key
 
 from ._procs import run_all, spawn, wait_for_line
@@ -149,11 +151,15 @@ class TestFsLog:
         ids = await self._write(tmp_path, 5)
         log = tmp_path / "turns.log"
         good = log.read_bytes()
-        for torn in (
-            b"\x40\x00",
-            b"\x40\x00\x00\x00\x12\x34\x56\x78partial",
-            b"\x05\x00\x00\x00\x00\x00\x00\x00abcde",
-        ):
+        # What a crash leaves past the last acknowledged record: a prefix of the next frame, or zeros.
+        next_frame = frame(TurnRec(TurnRecord(99, 1, ids[-1], 6, "t", 1, b"x", "h", None, 0)))
+        torn_tails = (
+            next_frame[:2],  # the header, cut
+            next_frame[:-3],  # the body, cut
+            next_frame[:-1] + bytes([next_frame[-1] ^ 1]),  # a whole last frame that fails its checksum
+            b"\0" * 4096,  # zeros past the last write
+        )
+        for torn in torn_tails:
             log.write_bytes(good + torn)
             async with FsTurnStore(tmp_path) as turns:
                 assert [t.turn_id for t in await turns.list_turns(1)] == ids
@@ -161,6 +167,18 @@ class TestFsLog:
         async with FsTurnStore(tmp_path) as turns:
             turn = await turns.append_turn(1, "t", b"after")
             assert turn.parent_turn_id == ids[-1]
+
+    async def test_a_damaged_length_is_not_taken_for_a_torn_tail(self, tmp_path: Path) -> None:
+        await self._write(tmp_path, 5)
+        log = tmp_path / "turns.log"
+        data = bytearray(log.read_bytes())
+        first_frame = len(MAGIC)
+        data[first_frame + 2] ^= 0x40  # the first record now claims to run past the end of the file
+        log.write_bytes(bytes(data))
+        with pytest.raises(IntegrityError, match="frame header"):
+            async with FsTurnStore(tmp_path):
+                pass
+        assert log.read_bytes() == bytes(data)
 
     async def test_a_corrupt_record_before_the_end_is_an_integrity_error(self, tmp_path: Path) -> None:
         await self._write(tmp_path, 5)

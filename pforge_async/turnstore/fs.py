@@ -1,9 +1,11 @@
 """``FsTurnStore``: the turn store as one append-only log file, for local parity and offline inspection.
 
-The file starts with a magic line; then each record is a frame ``<u32 length><u32 crc32><msgpack
-record>``. Appends never rewrite earlier bytes. At open the log is replayed into memory: a frame cut
-short at the very end (a torn write) is truncated away; a bad frame anywhere before the end is
-corruption and raises ``IntegrityError`` rather than lose what follows it.
+The file starts with a magic line; then each record is a frame ``<u32 length><u32 crc32 of the
+record><u32 crc32 of those 8 bytes><msgpack record>``. Appends never rewrite earlier bytes. At open
+the log is replayed into memory: a frame cut short at the very end (a torn write, or the zeros a
+crash can leave past it) is truncated away; a bad frame anywhere before the end is corruption and
+raises ``IntegrityError`` rather than lose what follows it. The header has a checksum of its own, so
+a damaged length is never mistaken for a torn tail.
 
 Writes go through an actor, so concurrent appends are group-committed: one write and one fsync per
 batch. One process at a time may open a directory (a file lock says so).
@@ -36,7 +38,7 @@ from .types import ContextHead, TurnRecord
 __all__ = ["FsTurnStore", "replay"]
 
 MAGIC = b"pforge-turns v1\n"
-_FRAME = struct.Struct("<II")
+_FRAME = struct.Struct("<III")
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Record)
 log = logging.getLogger(__name__)
@@ -53,15 +55,20 @@ def replay(path: Path, core: TurnCore) -> int:
     if not data:
         return 0
     if not data.startswith(MAGIC):
-        if MAGIC.startswith(data):
-            return 0  # torn while writing the magic itself
-        raise IntegrityError(f"{path} is not a pforge turn log")
+        if not MAGIC.startswith(data):
+            raise IntegrityError(f"{path} is not a pforge turn log")
+        _truncate(path, 0, len(data))  # torn while the magic itself was written
+        return 0
     pos = len(MAGIC)
     end = len(data)
     while pos < end:
         if pos + _FRAME.size > end:
             break  # torn header
-        size, crc = _FRAME.unpack_from(data, pos)
+        size, crc, header_crc = _FRAME.unpack_from(data, pos)
+        if zlib.crc32(data[pos : pos + 8]) != header_crc:
+            if not data[pos:].strip(b"\0"):
+                break  # zeros past the last write: a torn tail
+            raise IntegrityError(f"turn log {path} is corrupt at byte {pos}: bad frame header")
         body_end = pos + _FRAME.size + size
         if body_end > end:
             break  # torn body
@@ -77,20 +84,25 @@ def replay(path: Path, core: TurnCore) -> int:
         core.load(record)
         pos = body_end
     if pos < end:
-        log.warning("truncating a torn tail of %d bytes from %s", end - pos, path)
-        try:
-            with open(path, "r+b") as f:
-                f.truncate(pos)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            raise StorageError(f"cannot truncate the torn tail of {path}: {exc.strerror}") from exc
+        _truncate(path, pos, end - pos)
     return pos
+
+
+def _truncate(path: Path, size: int, dropped: int) -> None:
+    log.warning("truncating a torn tail of %d bytes from %s", dropped, path)
+    try:
+        with open(path, "r+b") as f:
+            f.truncate(size)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise StorageError(f"cannot truncate the torn tail of {path}: {exc.strerror}") from exc
 
 
 def frame(record: Record) -> bytes:
     body = _encoder.encode(record)
-    return _FRAME.pack(len(body), zlib.crc32(body)) + body
+    head = struct.pack("<II", len(body), zlib.crc32(body))
+    return head + struct.pack("<I", zlib.crc32(head)) + body
 
 
 class _LogActor(Actor[TurnCommand]):
