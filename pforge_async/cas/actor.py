@@ -12,6 +12,7 @@ import msgspec
 from ..actor import Actor, Failed
 from ..errors import InvalidInput, ObjectNotFound, PforgeError
 from ..fslock import FsLock
+from ..owner import OwnerThread
 from .objects import BLOB, COMMIT, TREE, decode_tree, hash_object, validate_oid
 from .odb import ObjectDB
 from .refs import RefStore, validate_ref_name
@@ -100,16 +101,27 @@ class CasActor(Actor[CasCommand]):
         self.odb = ObjectDB(gitdir, fsync=fsync, compression=compression)
         self.refs = RefStore(gitdir, fsync=fsync)
         self.lock_path = lock_path
-        self._limiter = anyio.CapacityLimiter(1)
+        self._owner: OwnerThread | None = None
 
     async def setup(self) -> None:
-        await anyio.to_thread.run_sync(self.odb.init)
+        self._owner = OwnerThread("pforge-cas")
+        try:
+            await self._owner.run(self.odb.init)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.teardown()
+            raise
 
     async def teardown(self) -> None:
+        if self._owner is not None:
+            owner, self._owner = self._owner, None
+            await owner.stop()
         self.odb.close()
 
     async def handle_batch(self, commands: Sequence[CasCommand]) -> list[Any]:
-        return await anyio.to_thread.run_sync(self._apply, commands, limiter=self._limiter)
+        assert self._owner is not None
+        outcomes: list[Any] = await self._owner.run(self._apply, commands)
+        return outcomes
 
     def _apply(self, commands: Sequence[CasCommand]) -> list[Any]:
         batch = _Batch(self.odb)

@@ -13,16 +13,13 @@ a database written by a newer version is refused before anything touches it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sqlite3
-import threading
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
-from queue import SimpleQueue
 from typing import Any, ClassVar, TypeVar
 
 import aiosqlite
@@ -31,6 +28,7 @@ import anyio
 from ..actor import Actor, Failed
 from ..errors import ActorClosed, IdempotencyConflict, IntegrityError, PforgeError, StorageError
 from ..fslock import FsLock
+from ..owner import OwnerThread
 
 __all__ = ["SqliteActor", "load_script", "replay", "split_statements"]
 
@@ -83,53 +81,6 @@ def translate(path: Path, exc: sqlite3.Error) -> PforgeError:
     return StorageError(f"database {path}: {text}")
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-class _ConnectionThread:
-    """The one thread that owns a writer connection and runs its jobs in order: aiosqlite's shape.
-
-    A thread of its own rather than a pool's: a job queued to a thread already waiting on this
-    queue costs less than a trip through a worker pool, and it is paid once per batch.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._jobs: SimpleQueue[
-            tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]] | None
-        ] = SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
-
-    async def run(self, function: Callable[..., Any], *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._jobs.put((loop, future, function, args))
-        return await future
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            loop, future, function, args = job
-            try:
-                result, error = function(*args), None
-            except BaseException as exc:
-                result, error = None, exc
-            try:
-                loop.call_soon_threadsafe(_settle, future, result, error)
-            except RuntimeError:
-                pass  # the loop is gone: nobody waits for this any more
-
-    async def stop(self) -> None:
-        """Finish what is queued, then end the thread (the sentinel queues behind real work)."""
-        self._jobs.put(None)
-        await anyio.to_thread.run_sync(self._thread.join)
-
-
 class SqliteActor(Actor[C]):
     """A subclass names its schema file and version (and migrations) and implements :meth:`apply`."""
 
@@ -151,7 +102,7 @@ class SqliteActor(Actor[C]):
         self.path = path
         self.lock_path = lock_path
         self.durability = durability
-        self._worker: _ConnectionThread | None = None
+        self._worker: OwnerThread | None = None
         self._conn: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock = FsLock(lock_path, keep_open=True)
@@ -164,7 +115,7 @@ class SqliteActor(Actor[C]):
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def setup(self) -> None:
-        self._worker = _ConnectionThread(f"pforge-{self.name}")
+        self._worker = OwnerThread(f"pforge-{self.name}")
         try:
             await self._worker.run(self._open_writer)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
