@@ -148,7 +148,7 @@ class TestObjects:
             a = await cas.write_blob(b"a")
             tree = await cas.write_tree([("d/e/f.txt", "100644", a), ("g", "100755", a)])
             top = await cas.read_tree(tree)
-            assert [(e.name, e.mode) for e in top] == [("d", 0o40000), ("g", 0o100755)]
+            assert [(e.name, e.mode, e.is_tree) for e in top] == [("d", 0o40000, True), ("g", 0o100755, False)]
             assert await cas.read_tree(tree, recursive=True) == [
                 TreeEntry("d/e/f.txt", 0o100644, a),
                 TreeEntry("g", 0o100755, a),

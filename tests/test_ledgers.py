@@ -98,6 +98,9 @@ async def test_best_action_tries_everything_then_converges(tmp_path: Path) -> No
     assert chosen[-100:].count("c") > 70
     assert stats["c"].count > stats["b"].count > stats["a"].count
     assert sum(s.count for s in stats.values()) == 400
+    c = stats["c"]
+    assert c.success_rate == c.successes / c.count == c.mean_reward  # rewards were 0 or 1
+    assert math.isclose(c.reward_variance, c.mean_reward * (1 - c.mean_reward), rel_tol=1e-9)
 
 
 async def test_constellation_bad_input(tmp_path: Path) -> None:

@@ -183,9 +183,6 @@ class Cas:
         command = Snapshot(root, str(cache_file(self._cache_dir, root)), [(store.st_dev, store.st_ino)])
         return str(await self._actor.call(command))
 
-    async def _put(self, objects: list[tuple[int, bytes]]) -> list[str]:
-        return list(await self._actor.call(PutObjects(objects)))
-
     async def restore(self, tree: str, directory: str | os.PathLike[str]) -> None:
         """Recreate a snapshot in ``directory``, which must be missing or empty."""
         validate_oid(tree)
