@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import describe
+from _bench import describe, run_callers
 
 from pforge_async import open_store
 
@@ -41,17 +41,12 @@ def payloads(count: int) -> list[bytes]:
 async def drive(writers: int, per_writer: int, data: list[bytes], append: Append) -> tuple[float, list[float]]:
     latencies: list[float] = []
 
-    async def writer(w: int) -> None:
-        for i in range(per_writer):
-            start = time.perf_counter()
-            await append(w, i, data[(w * per_writer + i) % len(data)])
-            latencies.append(time.perf_counter() - start)
+    async def timed(n: int) -> None:
+        start = time.perf_counter()
+        await append(n // per_writer, n % per_writer, data[n % len(data)])
+        latencies.append(time.perf_counter() - start)
 
-    start = time.perf_counter()
-    async with anyio.create_task_group() as tg:
-        for w in range(writers):
-            tg.start_soon(writer, w)
-    return time.perf_counter() - start, latencies
+    return await run_callers(writers, per_writer, timed), latencies
 
 
 # -- contenders -------------------------------------------------------------------------------------

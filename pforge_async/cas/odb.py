@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from ..errors import IntegrityError, InvalidInput, ObjectNotFound, StorageError
 from .objects import BLOB, TYPE_NAMES, TYPE_NUMBERS, object_header, validate_oid
-from .pack import PackIndex, PackReader, fsync_dir, write_pack, zlib_stream
+from .pack import PackIndex, PackReader, fsync_dir, write_all, write_pack, zlib_stream
 
 __all__ = ["ObjectDB"]
 
@@ -184,13 +184,13 @@ class ObjectDB:
         validate_oid(oid)
         stream = self._stream_loose_object(oid)
         if stream is None:
-            _write_all(fd, self.read_blob(oid))
+            write_all(fd, self.read_blob(oid))
             return
         type_num = next(stream)
         if type_num != BLOB:
             raise InvalidInput(f"object {oid} is a {TYPE_NAMES[int(type_num)]}, not a blob")
         for chunk in stream:
-            _write_all(fd, chunk)  # type: ignore[arg-type]
+            write_all(fd, chunk)  # type: ignore[arg-type]
 
     def verify(self, oid: str) -> tuple[int, bytes | None]:
         """Re-hash one object; returns its type, and its body unless it is a blob (which streams)."""
@@ -432,12 +432,6 @@ def _inflated(f: BinaryIO) -> Iterator[bytes]:
             chunk = inflate.unconsumed_tail
     if tail := inflate.flush():
         yield tail
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def zlib_stream_blocks(data: bytes, *, final: bool) -> list[bytes]:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 from ..errors import IntegrityError
 
-__all__ = ["PackIndex", "PackReader", "apply_delta", "write_pack", "zlib_stream"]
+__all__ = ["PackIndex", "PackReader", "apply_delta", "fsync_dir", "write_all", "write_pack", "zlib_stream"]
 
 OFS_DELTA, REF_DELTA = 6, 7
 _IDX_MAGIC = b"\xfftOc"
@@ -98,14 +98,14 @@ def write_pack(
                 if len(pending) >= 512:
                     chunk = b"".join(pending)
                     digest.update(chunk)
-                    _write_all(fd, chunk)
+                    write_all(fd, chunk)
                     pending = []
             if len(offsets) != count:
                 raise RuntimeError(f"pack promised {count} objects, got {len(offsets)}")
             chunk = b"".join(pending)
             digest.update(chunk)
             trailer = digest.digest()
-            _write_all(fd, chunk + trailer)
+            write_all(fd, chunk + trailer)
             if fsync:
                 os.fsync(fd)
         finally:
@@ -126,7 +126,7 @@ def write_pack(
     return name, [(raw, offset) for raw, offset, _ in offsets]
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

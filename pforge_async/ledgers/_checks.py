@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 from ..errors import InvalidInput
 
@@ -36,7 +35,3 @@ def seconds(value: object, what: str) -> int:
     if value <= 0:
         raise InvalidInput(f"{what} must be > 0, got {value}")
     return max(1, round(value * 1000))
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000

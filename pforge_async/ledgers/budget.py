@@ -16,9 +16,10 @@ from typing import Literal
 
 import msgspec
 
+from ..clock import now_ms
 from ..errors import BudgetExceeded, Conflict, InvalidInput, NotFound
 from ..sqlite.actor import SqliteActor, replay
-from ._checks import now_ms, optional_text, seconds, text, whole
+from ._checks import optional_text, seconds, text, whole
 
 __all__ = ["BudgetActor", "BudgetLedger", "Reservation", "Totals", "Usage"]
 

@@ -18,9 +18,10 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from ..clock import now_ms
 from ..errors import InvalidInput
 from ..sqlite.actor import SqliteActor, replay
-from ._checks import now_ms, optional_text, text
+from ._checks import optional_text, text
 
 __all__ = ["ActionStats", "ConstellationActor", "ConstellationMemory", "RecordTransition"]
 

@@ -8,9 +8,10 @@ import sqlite3
 
 import msgspec
 
+from ..clock import now_ms
 from ..errors import InvalidInput, NonceExpired, NonceReplayed, NonceUnknown
 from ..sqlite.actor import SqliteActor
-from ._checks import now_ms, seconds, text
+from ._checks import seconds, text
 
 __all__ = ["NonceActor", "NonceLedger"]
 

@@ -7,18 +7,18 @@ record first and replays the same records at open, so both backends share one be
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import msgspec
 
 from ..cas.objects import BLOB, hash_object, validate_oid
+from ..clock import now_ms
 from ..errors import Conflict, ContextNotFound, InvalidInput, ObjectNotFound, TurnNotFound
 from .commands import AppendTurn, AttachFs, CreateContext, PublishBundle, PutBlob, TurnCommand
 from .rules import check_idempotent, jump_for, payload_hash, validate_id
 from .types import ContextHead, TurnRecord
 
-__all__ = ["Record", "TurnCore", "now_ms"]
+__all__ = ["Record", "TurnCore"]
 
 
 class ContextRec(msgspec.Struct, frozen=True, tag="ctx"):
@@ -46,10 +46,6 @@ class BlobRec(msgspec.Struct, frozen=True, tag="blob"):
 
 
 Record = ContextRec | TurnRec | BundleRec | AttachRec | BlobRec
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class TurnCore:

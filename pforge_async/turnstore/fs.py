@@ -27,11 +27,12 @@ import msgspec
 
 from ..actor import Actor, Failed
 from ..cas.pack import fsync_dir
+from ..clock import now_ms
 from ..errors import ActorClosed, IntegrityError, InvalidInput, LockTimeout, PforgeError, StorageError
 from ..fslock import FsLock
 from .base import TurnStoreBase
 from .commands import TurnCommand
-from .core import Record, TurnCore, now_ms
+from .core import Record, TurnCore
 from .rules import DEFAULT_MAX_PAYLOAD
 from .types import ContextHead, TurnRecord
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..clock import now_ms
 from .base import TurnStoreBase
 from .commands import TurnCommand
-from .core import TurnCore, now_ms
+from .core import TurnCore
 from .rules import DEFAULT_MAX_PAYLOAD
 from .types import ContextHead, TurnRecord
 

@@ -8,11 +8,11 @@ from typing import Any
 
 from ..cas.objects import validate_oid
 from ..cas.store import Cas
+from ..clock import now_ms
 from ..errors import Conflict, ContextNotFound, InvalidInput, ObjectNotFound, TurnNotFound
 from ..sqlite.actor import SqliteActor
 from .base import TurnStoreBase
 from .commands import AppendTurn, AttachFs, CreateContext, PublishBundle, PutBlob, TurnCommand
-from .core import now_ms
 from .rules import DEFAULT_MAX_PAYLOAD, check_idempotent, jump_for, payload_hash
 from .types import ContextHead, TurnRecord
 
