@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from queue import SimpleQueue
@@ -12,7 +13,8 @@ import anyio
 
 __all__ = ["OwnerThread"]
 
-_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
+_Job = tuple[asyncio.AbstractEventLoop | None, "asyncio.Future[Any] | None", Callable[..., Any], tuple[Any, ...]]
+log = logging.getLogger(__name__)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -42,6 +44,10 @@ class OwnerThread:
         self._jobs.put((loop, future, function, args))
         return await future
 
+    def post(self, function: Callable[..., Any], *args: Any) -> None:
+        """Queue a job nobody waits for (it runs after the jobs queued before it, as any other)."""
+        self._jobs.put((None, None, function, args))
+
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
             loop, future, function, args = job
@@ -49,6 +55,10 @@ class OwnerThread:
                 result, error = function(*args), None
             except BaseException as exc:
                 result, error = None, exc
+            if loop is None or future is None:
+                if error is not None:
+                    log.error("%s: a posted job failed", self._thread.name, exc_info=error)
+                continue
             try:
                 loop.call_soon_threadsafe(_settle, future, result, error)
             except RuntimeError:

@@ -194,3 +194,28 @@ async def test_store_runs_and_closes_its_actors(tmp_path: anyio.Path) -> None:
     assert actor.torn_down
     with pytest.raises(ActorClosed):
         await actor.call(Echo(caller=1, seq=2))
+
+
+async def test_owner_thread_runs_jobs_in_order_and_survives_a_failing_posted_job(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from pforge_async.owner import OwnerThread
+
+    worker = OwnerThread("test-owner")
+    seen: list[int] = []
+
+    def boom() -> None:
+        raise RuntimeError("posted job failed")
+
+    try:
+        worker.post(seen.append, 1)
+        worker.post(boom)
+        worker.post(seen.append, 2)
+        # A job that is awaited runs after those posted before it, on the same thread.
+        assert await worker.run(lambda: list(seen)) == [1, 2]
+        with pytest.raises(ZeroDivisionError):
+            await worker.run(lambda: 1 / 0)
+        assert await worker.run(len, seen) == 2
+    finally:
+        await worker.stop()
+    assert "posted job failed" in caplog.text

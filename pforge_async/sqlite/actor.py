@@ -317,6 +317,7 @@ class SqliteActor(Actor[C]):
         while we keep writing, a checkpoint beside us never sees the end. So once the bulk is done,
         the writer copies the few frames it wrote meanwhile itself: its next transaction then
         restarts the WAL, overwriting blocks the file already has, which syncs faster than growing.
+        The writer does that after it has answered the batch, while the callers take in their replies.
         """
         self._since_checkpoint += commands
         self._commits_since_checkpoint += 1
@@ -324,16 +325,20 @@ class SqliteActor(Actor[C]):
         if running is not None:
             if running.done():
                 self._checkpointing = None
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error:  # the batch is committed whatever happens here
-                    log.warning("checkpoint of %s failed; the next one will retry", self.path, exc_info=True)
+                assert self._worker is not None
+                self._worker.post(self._finish_checkpoint, conn)
         elif (
             self._since_checkpoint >= self.checkpoint_every
             or self._commits_since_checkpoint >= self.checkpoint_every_commits
         ):
             self._since_checkpoint = self._commits_since_checkpoint = 0
             self._checkpointing = self._checkpointer.submit(self._checkpoint)
+
+    def _finish_checkpoint(self, conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            log.warning("checkpoint of %s failed; the next one will retry", self.path, exc_info=True)
 
     def _checkpoint(self) -> None:
         """Copy the WAL back into the database (PASSIVE: never waits for, nor blocks, the writer or
