@@ -112,6 +112,7 @@ class SqliteActor(Actor[C]):
         self._checkpointing: Future[None] | None = None
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._since_checkpoint = self._commits_since_checkpoint = 0
+        self._commits_during_checkpoint = self._checkpoint_rounds = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -317,21 +318,31 @@ class SqliteActor(Actor[C]):
         while we keep writing, a checkpoint beside us never sees the end. So once the bulk is done,
         the writer copies the few frames it wrote meanwhile itself: its next transaction then
         restarts the WAL, overwriting blocks the file already has, which syncs faster than growing.
-        The writer does that after it has answered the batch, while the callers take in their replies.
+        "Few": while more than one commit landed during a checkpoint beside us, another one runs
+        beside us (each is shorter than the last), so the writer's own share stays about one
+        batch's pages and one sync. It does that after it has answered the batch, while the callers
+        take in their replies.
         """
         self._since_checkpoint += commands
         self._commits_since_checkpoint += 1
         running = self._checkpointing
         if running is not None:
+            self._commits_during_checkpoint += 1
             if running.done():
                 self._checkpointing = None
-                assert self._worker is not None
-                self._worker.post(self._finish_checkpoint, conn)
+                self._checkpoint_rounds += 1
+                if self._commits_during_checkpoint > 1 and self._checkpoint_rounds < 8:
+                    self._commits_during_checkpoint = 0
+                    self._checkpointing = self._checkpointer.submit(self._checkpoint)
+                else:
+                    assert self._worker is not None
+                    self._worker.post(self._finish_checkpoint, conn)
         elif (
             self._since_checkpoint >= self.checkpoint_every
             or self._commits_since_checkpoint >= self.checkpoint_every_commits
         ):
             self._since_checkpoint = self._commits_since_checkpoint = 0
+            self._commits_during_checkpoint = self._checkpoint_rounds = 0
             self._checkpointing = self._checkpointer.submit(self._checkpoint)
 
     def _finish_checkpoint(self, conn: sqlite3.Connection) -> None:
