@@ -195,20 +195,27 @@ async def depth_costs(base: Path) -> None:
         assert head.head_depth == depth, head
         ten = (await turns.list_turns(shallow.context_id, limit=64))[9]
 
-        async def timed(call: Callable[[], Awaitable[Any]], n: int = 300) -> float:
-            for _ in range(20):
-                await call()
-            start = time.perf_counter()
-            for _ in range(n):
-                await call()
-            return (time.perf_counter() - start) / n * 1e6
+        async def paired(*calls: Callable[[], Awaitable[Any]], n: int = 300) -> list[float]:
+            """Mean microseconds of each call, the calls taken in turn so that background work (a
+            WAL checkpoint, another tenant's disk) falls on all of them alike."""
+            spent = [0.0] * len(calls)
+            for round_ in range(20 + n):
+                for k, call in enumerate(calls):
+                    start = time.perf_counter()
+                    await call()
+                    if round_ >= 20:
+                        spent[k] += time.perf_counter() - start
+            return [total / n * 1e6 for total in spent]
 
-        list_shallow = await timed(lambda: turns.list_turns(shallow.context_id, limit=64))
-        list_deep = await timed(lambda: turns.list_turns(deep.context_id, limit=64))
         page = await turns.list_turns(deep.context_id, limit=64)
-        cursor_deep = await timed(lambda: turns.list_turns(deep.context_id, before_turn_id=page[0].turn_id, limit=64))
-        fork_shallow = await timed(lambda: turns.fork_context(ten.turn_id), 200)
-        fork_deep = await timed(lambda: turns.fork_context(head.head_turn_id), 200)
+        list_shallow, list_deep, cursor_deep = await paired(
+            lambda: turns.list_turns(shallow.context_id, limit=64),
+            lambda: turns.list_turns(deep.context_id, limit=64),
+            lambda: turns.list_turns(deep.context_id, before_turn_id=page[0].turn_id, limit=64),
+        )
+        fork_shallow, fork_deep = await paired(
+            lambda: turns.fork_context(ten.turn_id), lambda: turns.fork_context(head.head_turn_id), n=200
+        )
     print(
         f"list_turns(limit=64): depth 100 {list_shallow:.0f} us, depth {depth} {list_deep:.0f} us, "
         f"ratio {list_deep / list_shallow:.2f} (target <= 2); "

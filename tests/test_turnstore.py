@@ -190,6 +190,10 @@ class TestTurnStoreConformance:
             await store.append_turn(424242, "t", b"x")
         with pytest.raises(ContextNotFound):
             await store.get_head(424242)
+        for limit in (64, 0):
+            with pytest.raises(ContextNotFound, match="424242"):
+                await store.list_turns(424242, limit=limit)
+        assert await store.list_turns((await store.create_context()).context_id) == []
         with pytest.raises(TurnNotFound, match="777777"):
             await store.append_turn(ctx.context_id, "t", b"x", parent_turn_id=777777)
         with pytest.raises(TurnNotFound):

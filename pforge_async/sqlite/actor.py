@@ -393,8 +393,8 @@ class SqliteActor(Actor[C]):
         if reader is None:
             raise ActorClosed(f"database {self.path} is closed")
         try:
-            async with reader.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
+            # One trip to the reader's thread, not three (execute, fetch, close).
+            return list(await reader.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
             raise translate(self.path, exc) from exc
         except ValueError as exc:  # aiosqlite: the connection was closed meanwhile

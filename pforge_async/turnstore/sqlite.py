@@ -252,16 +252,24 @@ WITH RECURSIVE walk (turn_id, depth, parent, jump, jump_depth) AS (
 SELECT turn_id FROM walk WHERE depth = :depth
 """
 
-_CHAIN = f"""
+_CHAIN_FROM = """
 WITH RECURSIVE chain (turn_id, n) AS (
-    SELECT :start, 1
+    {seed}
     UNION ALL
     SELECT t.parent_turn_id, c.n + 1 FROM chain c JOIN turns t ON t.turn_id = c.turn_id
     WHERE c.n < :limit AND t.parent_turn_id != 0
 )
-SELECT {", ".join("t." + c.strip() for c in COLUMNS.split(","))}
+SELECT {columns}
 FROM chain c JOIN turns t ON t.turn_id = c.turn_id ORDER BY c.n DESC
 """
+_COLUMNS_OF_T = ", ".join("t." + c.strip() for c in COLUMNS.split(","))
+#: the ``limit`` turns that end at ``:start``
+_CHAIN = _CHAIN_FROM.format(seed="SELECT :start, 1", columns=_COLUMNS_OF_T)
+#: the same from a context's head, in one query (one trip to the reader) instead of two
+_CHAIN_FROM_HEAD = _CHAIN_FROM.format(
+    seed="SELECT head_turn_id, 1 FROM contexts WHERE context_id = :context AND head_turn_id != 0",
+    columns=_COLUMNS_OF_T,
+)
 
 
 class SqliteTurnStore(TurnStoreBase):
@@ -313,6 +321,11 @@ class SqliteTurnStore(TurnStoreBase):
         return problems
 
     async def _list_turns(self, context_id: int, before_turn_id: int | None, limit: int) -> list[TurnRecord]:
+        if before_turn_id is None and limit:
+            rows = await self._actor.fetchall(_CHAIN_FROM_HEAD, {"context": context_id, "limit": limit})
+            if not rows:
+                await self._get_head(context_id)  # an empty context, or ContextNotFound
+            return [_record(row) for row in rows]
         head = (await self.get_head(context_id)).head_turn_id
         start = head
         if before_turn_id is not None:
