@@ -217,6 +217,8 @@ class SqliteActor(Actor[C]):
                     while size < self.wal_reserve:
                         size += os.pwrite(fd, chunk[: self.wal_reserve - size], size)
                     os.fdatasync(fd)
+            except OSError:  # a full disk, say: commits still work, only slower
+                log.warning("could not reserve WAL space for %s", self.path, exc_info=True)
             finally:
                 os.close(fd)
                 conn.execute("COMMIT")
@@ -282,7 +284,6 @@ class SqliteActor(Actor[C]):
                 self.flush(conn)
                 conn.execute("COMMIT")
                 self._data_version = version  # our own commits leave it as it is
-                self._maybe_checkpoint(conn, len(commands))
             except Exception as exc:
                 # Nothing of the batch is kept; its callers learn why, later batches go on.
                 self._rollback(conn)
@@ -291,6 +292,10 @@ class SqliteActor(Actor[C]):
             except BaseException:
                 self._rollback(conn)
                 raise
+        try:
+            self._maybe_checkpoint(conn, len(commands))
+        except Exception:  # the batch is committed: nothing here may report it failed
+            log.warning("checkpoint of %s could not start; the next batch will retry", self.path, exc_info=True)
         return outcomes
 
     def _apply_one(self, conn: sqlite3.Connection, command: C) -> Any:
