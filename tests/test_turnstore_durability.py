@@ -352,3 +352,20 @@ async def test_the_wal_stays_short_under_sustained_writes(tmp_path: Path) -> Non
                 tg.start_soon(writer)
         assert wal.stat().st_size <= 8 << 20
         assert store.turns.path.stat().st_size >= 20 << 20
+
+
+async def test_a_checkpoint_that_cannot_start_fails_no_committed_append(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    async with open_store(tmp_path / ".pforge") as store:
+        actor = store.turns._actor
+        broken = ThreadPoolExecutor(max_workers=1)
+        broken.shutdown()  # submit() now raises RuntimeError
+        actor._checkpointer, working = broken, actor._checkpointer
+        actor.checkpoint_every_commits = 1  # type: ignore[misc]
+        try:
+            ctx = await store.turns.create_context()
+            turns = [await store.turns.append_turn(ctx.context_id, "t", b"%d" % i) for i in range(5)]
+            assert [t.turn_id for t in await store.turns.list_turns(ctx.context_id)] == [t.turn_id for t in turns]
+        finally:
+            actor._checkpointer = working
