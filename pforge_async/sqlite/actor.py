@@ -111,8 +111,7 @@ class SqliteActor(Actor[C]):
         self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pforge-{self.name}-ckpt")
         self._checkpointing: Future[None] | None = None
         self._checkpoint_conn: sqlite3.Connection | None = None
-        self._since_checkpoint = self._commits_since_checkpoint = 0
-        self._commits_during_checkpoint = self._checkpoint_rounds = 0
+        self._since_checkpoint = self._commits_since_checkpoint = self._checkpoint_rounds = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -207,20 +206,20 @@ class SqliteActor(Actor[C]):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 fd = os.open(wal, os.O_WRONLY)
+                try:
+                    size = os.fstat(fd).st_size
+                    if size < self.wal_reserve:
+                        chunk = bytes(1 << 20)
+                        while size < self.wal_reserve:
+                            size += os.pwrite(fd, chunk[: self.wal_reserve - size], size)
+                        os.fdatasync(fd)
+                finally:
+                    os.close(fd)
             except FileNotFoundError:
-                conn.execute("COMMIT")
-                return
-            try:
-                size = os.fstat(fd).st_size
-                if size < self.wal_reserve:
-                    chunk = bytes(1 << 20)
-                    while size < self.wal_reserve:
-                        size += os.pwrite(fd, chunk[: self.wal_reserve - size], size)
-                    os.fdatasync(fd)
+                pass  # no WAL file yet: nothing to give blocks to
             except OSError:  # a full disk, say: commits still work, only slower
                 log.warning("could not reserve WAL space for %s", self.path, exc_info=True)
             finally:
-                os.close(fd)
                 conn.execute("COMMIT")
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
@@ -328,27 +327,30 @@ class SqliteActor(Actor[C]):
         batch's pages and one sync. It does that after it has answered the batch, while the callers
         take in their replies.
         """
+        # Both counters restart whenever a checkpoint starts beside us: while one runs, they count
+        # the commits landing during it; after the writer's share, the commits of the next lap.
         self._since_checkpoint += commands
         self._commits_since_checkpoint += 1
         running = self._checkpointing
         if running is not None:
-            self._commits_during_checkpoint += 1
             if running.done():
-                self._checkpointing = None
                 self._checkpoint_rounds += 1
-                if self._commits_during_checkpoint > 1 and self._checkpoint_rounds < 8:
-                    self._commits_during_checkpoint = 0
-                    self._checkpointing = self._checkpointer.submit(self._checkpoint)
+                if self._commits_since_checkpoint > 1 and self._checkpoint_rounds < 8:
+                    self._start_checkpoint()
                 else:
+                    self._checkpointing = None
                     assert self._worker is not None
                     self._worker.post(self._finish_checkpoint, conn)
         elif (
             self._since_checkpoint >= self.checkpoint_every
             or self._commits_since_checkpoint >= self.checkpoint_every_commits
         ):
-            self._since_checkpoint = self._commits_since_checkpoint = 0
-            self._commits_during_checkpoint = self._checkpoint_rounds = 0
-            self._checkpointing = self._checkpointer.submit(self._checkpoint)
+            self._checkpoint_rounds = 0
+            self._start_checkpoint()
+
+    def _start_checkpoint(self) -> None:
+        self._since_checkpoint = self._commits_since_checkpoint = 0
+        self._checkpointing = self._checkpointer.submit(self._checkpoint)
 
     def _finish_checkpoint(self, conn: sqlite3.Connection) -> None:
         try:

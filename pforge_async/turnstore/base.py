@@ -119,6 +119,9 @@ class TurnStoreBase(ABC):
             data = bytes(data)
         if not isinstance(data, bytes):
             raise InvalidInput(f"put_blob takes bytes, got {type(data).__name__}")
+        return await self._put_blob(data)
+
+    async def _put_blob(self, data: bytes) -> str:
         oid = await self._write(PutBlob(data))
         assert isinstance(oid, str)
         return oid

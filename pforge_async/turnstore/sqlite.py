@@ -114,15 +114,17 @@ class TurnActor(SqliteActor[TurnCommand]):
                 "UPDATE contexts SET head_turn_id = ? WHERE context_id = ?",
                 [(head, context_id) for context_id, head in self._moved_heads.items()],
             )
-        self._new_contexts, self._new_turns = [], []
-        self._moved_heads, self._new_keys = {}, {}
+        self._forget_pending()
 
     def abort(self) -> None:
-        self._new_contexts, self._new_turns = [], []
-        self._moved_heads, self._new_keys = {}, {}
+        self._forget_pending()
         self._heads.clear()
         self._nodes.clear()
         self._next_turn = self._next_context = 0
+
+    def _forget_pending(self) -> None:
+        self._new_contexts, self._new_turns = [], []
+        self._moved_heads, self._new_keys = {}, {}
 
     # -- lookups through the cache -----------------------------------------------------------------
 
@@ -348,11 +350,7 @@ class SqliteTurnStore(TurnStoreBase):
         row = await self._actor.fetchone("SELECT bundle_json FROM registry_bundles WHERE bundle_id = ?", (bundle_id,))
         return None if row is None else bytes(row[0])
 
-    async def put_blob(self, data: bytes) -> str:
-        if isinstance(data, (bytearray, memoryview)):
-            data = bytes(data)
-        if not isinstance(data, bytes):
-            raise InvalidInput(f"put_blob takes bytes, got {type(data).__name__}")
+    async def _put_blob(self, data: bytes) -> str:
         return await self._cas.write_blob(data)
 
     async def _get_blob(self, oid: str) -> bytes:
