@@ -30,8 +30,10 @@ __all__ = [
     "encode_commit",
     "encode_tree",
     "hash_object",
+    "mode_problem",
     "object_header",
     "parse_mode",
+    "tree_name_problem",
     "validate_oid",
 ]
 
@@ -47,6 +49,11 @@ _OID_RE = re.compile(r"[0-9a-f]{64}")
 #: the modes git writes: regular file, executable, symlink, directory.
 MODES = (0o100644, 0o100755, 0o120000, 0o40000)
 DIR_MODE = 0o40000
+LINK_MODE = 0o120000
+#: a submodule commit; git accepts it, the CAS refuses it (it cannot hold the commit it names).
+GITLINK_MODE = 0o160000
+#: git (2.41+, ``fsck.largePathname``) refuses tree entry names longer than this many bytes.
+MAX_NAME_BYTES = 4096
 _MODE_TEXT = {mode: f"{mode:o}" for mode in MODES}
 _TEXT_MODE = {text: mode for mode, text in _MODE_TEXT.items()}
 
@@ -76,6 +83,188 @@ def parse_mode(mode: object) -> int:
     if isinstance(mode, int) and not isinstance(mode, bool) and mode in _MODE_TEXT:
         return mode
     raise InvalidInput(f"unknown tree entry mode {mode!r}: use 100644, 100755, 120000 or 40000")
+
+
+def mode_problem(mode: int) -> str | None:
+    """Why the CAS refuses a tree entry ``mode``, or None. git --strict accepts the four of
+    :data:`MODES` and gitlinks; the CAS refuses gitlinks too: it cannot hold the commit one names."""
+    if mode in _MODE_TEXT:
+        return None
+    if mode == GITLINK_MODE:
+        return "gitlink (submodule) entries are not stored: the CAS cannot hold the commit they name"
+    return f"mode {mode:o} is not one git accepts (100644, 100755, 120000, 40000)"
+
+
+# -- the names git refuses (git's fsck.c fsck_tree, path.c is_hfs_* / is_ntfs_*, utf8.c) -------------
+
+# Code points HFS+ ignores when it compares names, so ".g\u200cit" opens ".git" on a Mac.
+_HFS_IGNORED = frozenset(
+    {0x200C, 0x200D, 0x200E, 0x200F, 0x202A, 0x202B, 0x202C, 0x202D, 0x202E}
+    | {0x206A, 0x206B, 0x206C, 0x206D, 0x206E, 0x206F, 0xFEFF}
+)
+
+
+def _utf8_width(lead: int) -> int:
+    if lead < 0x80:
+        return 1
+    if lead & 0xE0 == 0xC0:
+        return 2
+    if lead & 0xF0 == 0xE0:
+        return 3
+    if lead & 0xF8 == 0xF0:
+        return 4
+    return 0
+
+
+def _hfs_chars(name: bytes) -> list[int]:
+    """The code points git's ``next_hfs_char`` yields, ignorable ones dropped. Ends with 0, which git
+    also returns at malformed UTF-8 (so ``.git<bad byte>`` counts as ``.git``, as in git)."""
+    out: list[int] = []
+    pos = 0
+    while pos < len(name):
+        width = _utf8_width(name[pos])
+        chunk = name[pos : pos + width]
+        try:
+            if not width or len(chunk) < width:
+                raise UnicodeDecodeError("utf-8", chunk, 0, 1, "truncated")
+            point = ord(chunk.decode("utf-8"))
+        except UnicodeDecodeError:
+            break
+        if point in (0xFFFE, 0xFFFF):  # git's decoder refuses these two
+            break
+        pos += width
+        if point not in _HFS_IGNORED:
+            out.append(point)
+    out.append(0)
+    return out
+
+
+def _is_hfs_dot(name: bytes, needle: bytes) -> bool:
+    """git's ``is_hfs_dot_generic``: ``name`` opens ``.<needle>`` on HFS+ (case and ignorables)."""
+    chars = _hfs_chars(name)
+    if len(chars) < len(needle) + 2 or chars[0] != ord("."):
+        return False
+    for got, want in zip(chars[1:], needle, strict=False):
+        if got > 127 or chr(got).lower() != chr(want):
+            return False
+    return chars[len(needle) + 1] in (0, ord("/"))
+
+
+def _at(name: bytes, i: int) -> int:
+    return name[i] if i < len(name) else 0
+
+
+def _is_ntfs_dotgit(name: bytes) -> bool:
+    """git's ``is_ntfs_dotgit``: ``.git`` or ``git~1``, then only spaces and dots up to the end, a
+    backslash, a slash or a colon (an NTFS stream name)."""
+    low = name.lower()
+    if low.startswith(b".git"):
+        i = 4
+    elif low.startswith(b"git~1"):
+        i = 5
+    else:
+        return False
+    while True:
+        c = _at(name, i)
+        if c in (0, ord("\\"), ord("/"), ord(":")):
+            return True
+        if c not in (ord("."), ord(" ")):
+            return False
+        i += 1
+
+
+def _is_ntfs_dot(name: bytes, needle: bytes, short_prefix: bytes) -> bool:
+    """git's ``is_ntfs_dot_generic``: ``.<needle>``, its 8.3 short names (``gitmod~1``) and its
+    fall-back short names (``gi7eba~9``), then only spaces and dots up to the end or a colon."""
+
+    def only_spaces_and_periods(i: int) -> bool:
+        while True:
+            c = _at(name, i)
+            if c in (0, ord(":")):
+                return True
+            if c not in (ord(" "), ord(".")):
+                return False
+            i += 1
+
+    if name[:1] == b"." and name[1 : 1 + len(needle)].lower() == needle:
+        return only_spaces_and_periods(1 + len(needle))
+    if name[:6].lower() == needle[:6] and _at(name, 6) == ord("~") and ord("1") <= _at(name, 7) <= ord("4"):
+        return only_spaces_and_periods(8)
+    i, saw_tilde = 0, False
+    while i < 8:
+        c = _at(name, i)
+        if c == 0:
+            return False
+        if saw_tilde:
+            if not ord("0") <= c <= ord("9"):
+                return False
+        elif c == ord("~"):
+            i += 1
+            if not ord("1") <= _at(name, i) <= ord("9"):
+                return False
+            saw_tilde = True
+        elif i >= 6 or c & 0x80 or chr(c).lower() != chr(short_prefix[i]):
+            return False
+        i += 1
+    return only_spaces_and_periods(8)
+
+
+_DOTFILES = {
+    b"gitmodules": b"gi7eba",
+    b"gitattributes": b"gi7d29",
+    b"gitignore": b"gi250a",
+    b"mailmap": b"maba30",
+}
+
+
+def _is_dotfile(name: bytes, needle: bytes) -> bool:
+    return _is_hfs_dot(name, needle) or _is_ntfs_dot(name, needle, _DOTFILES[needle])
+
+
+def _after_backslashes(name: bytes) -> list[bytes]:
+    """What follows each backslash: git checks each as a name, since NTFS reads ``\\`` as ``/``."""
+    return [name[i + 1 :] for i, c in enumerate(name) if c == ord("\\")]
+
+
+def dotfile_kind(name: bytes) -> bytes | None:
+    """``b"gitmodules"`` or ``b"gitattributes"`` if git reads the blob at ``name`` as that file (any
+    spelling, including after a backslash for ``.gitmodules``), else None: git checks their content."""
+    if _is_dotfile(name, b"gitmodules") or any(
+        _is_ntfs_dot(rest, b"gitmodules", _DOTFILES[b"gitmodules"]) for rest in _after_backslashes(name)
+    ):
+        return b"gitmodules"
+    if _is_dotfile(name, b"gitattributes"):
+        return b"gitattributes"
+    return None
+
+
+def tree_name_problem(name: bytes, mode: int) -> str | None:
+    """Why ``git fsck --strict`` (git 2.39) rejects a tree entry ``name`` with ``mode``, or None.
+
+    The CAS refuses more than git's errors in two places, both things git reports at a lower level:
+    a ``.gitignore`` or ``.mailmap`` that is a symlink, and a name over 4,096 bytes."""
+    if not name:
+        return "empty name"
+    if b"/" in name:
+        return "contains '/'"
+    if b"\0" in name:
+        return "contains NUL"
+    if name in (b".", b".."):
+        return f"is {name.decode()!r}"
+    if len(name) > MAX_NAME_BYTES:
+        return f"longer than {MAX_NAME_BYTES} bytes"
+    if _is_hfs_dot(name, b"git") or _is_ntfs_dotgit(name):
+        return "is a spelling of '.git' (case, trailing dots or spaces, NTFS short name or HFS+ ignorables)"
+    if any(_is_ntfs_dotgit(rest) for rest in _after_backslashes(name)):
+        return "holds '.git' after a backslash (a path on NTFS)"
+    kind = dotfile_kind(name)
+    if kind is not None and mode == LINK_MODE:
+        return f"a spelling of '.{kind.decode()}' that is a symlink"
+    if kind is not None and mode in (DIR_MODE, GITLINK_MODE):
+        return f"a spelling of '.{kind.decode()}' that is not a file"
+    if mode == LINK_MODE and (_is_dotfile(name, b"gitignore") or _is_dotfile(name, b"mailmap")):
+        return "a spelling of '.gitignore' or '.mailmap' that is a symlink"
+    return None
 
 
 class TreeEntry(msgspec.Struct, frozen=True):
