@@ -11,6 +11,7 @@ __all__ = [
     "BudgetExceeded",
     "Conflict",
     "ContextNotFound",
+    "HeadConflict",
     "IdempotencyConflict",
     "IntegrityError",
     "InvalidInput",
@@ -58,6 +59,19 @@ class Conflict(PforgeError):
 
 class IdempotencyConflict(Conflict):
     """An idempotency key was reused for a different write."""
+
+
+class HeadConflict(Conflict):
+    """A compare-and-set on a context's head (``expected_head``) found another head."""
+
+    def __init__(self, context_id: int, expected: int, actual: int) -> None:
+        super().__init__(f"context {context_id}: expected head {expected}, but the head is {actual}")
+        self.context_id = context_id
+        self.expected = expected
+        self.actual = actual
+
+    def __reduce__(self) -> tuple[type[HeadConflict], tuple[int, int, int]]:
+        return type(self), (self.context_id, self.expected, self.actual)
 
 
 class RefConflict(Conflict):

@@ -5,16 +5,21 @@ from __future__ import annotations
 from .fs import FsTurnStore
 from .keys import agent_key, attractor_key, idempotency_key
 from .memory import MemoryTurnStore
-from .protocol import ArtifactStore, TurnStore, TypedTurnStore
+from .protocol import ArtifactStore, SessionStore, TurnStore, TypedTurnStore
 from .sqlite import SqliteTurnStore
-from .types import ContextHead, Correlation, TurnEnvelope, TurnRecord
+from .types import ContextHead, ContextInfo, ContextOrder, ContextPage, Correlation, NewTurn, TurnEnvelope, TurnRecord
 
 __all__ = [
     "ArtifactStore",
     "ContextHead",
+    "ContextInfo",
+    "ContextOrder",
+    "ContextPage",
     "Correlation",
     "FsTurnStore",
     "MemoryTurnStore",
+    "NewTurn",
+    "SessionStore",
     "SqliteTurnStore",
     "TurnEnvelope",
     "TurnRecord",

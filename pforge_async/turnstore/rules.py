@@ -1,4 +1,9 @@
-"""What every backend checks and decides the same way: argument validation, idempotency, skip links.
+"""What every backend checks and decides the same way: argument validation, idempotency, skip links,
+context names, metadata, listing cursors and payload verification.
+
+Ids of contexts and turns are ints from 1 to 2**63-1 (SQLite's signed 64-bit INTEGER); 0 means none
+where a parameter allows it. Anything else is ``InvalidInput``. Text (type ids, keys, names, bundle
+ids, metadata strings) must be encodable as UTF-8: a lone surrogate is ``InvalidInput``.
 
 Skip links: each turn keeps one extra pointer, ``jump``, to an ancestor chosen as in Myers' skew-binary
 lists, so the ancestor at any depth is found in O(log depth) steps. That is what makes a paging
@@ -9,26 +14,73 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from typing import Any
 
-from ..errors import IdempotencyConflict, InvalidInput
-from .commands import AppendTurn
-from .types import TurnRecord
+import msgspec
+
+from ..cas.objects import validate_oid
+from ..errors import IdempotencyConflict, IntegrityError, InvalidInput
+from .commands import AppendTurn, CreateContext
+from .types import ContextInfo, ContextOrder, TurnRecord
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD",
+    "MAX_BATCH_TURNS",
+    "MAX_ID",
+    "MAX_LIST_LIMIT",
+    "MAX_METADATA",
+    "MAX_NAME",
+    "MAX_PAGE_SIZE",
+    "ORDERS",
+    "check_creation_retry",
     "check_idempotent",
+    "check_text",
+    "creation_fingerprint",
+    "decode_cursor",
+    "decode_metadata",
+    "encode_cursor",
+    "encode_metadata",
     "jump_for",
+    "next_updated",
+    "order_key",
     "payload_hash",
     "validate_append",
     "validate_bundle",
     "validate_id",
     "validate_limit",
+    "validate_name",
+    "validate_order",
+    "validate_prefix",
+    "verify_turn",
 ]
 
 DEFAULT_MAX_PAYLOAD = 16 << 20
-MAX_ID = (1 << 64) - 1
+#: SQLite's INTEGER is signed 64-bit: ids above this cannot be stored.
+MAX_ID = (1 << 63) - 1
 MAX_TYPE_ID = 256
 MAX_KEY = 1024
+#: a context name or prefix, in UTF-8 bytes
+MAX_NAME = 1024
+#: a context's metadata, as canonical JSON (``encode_metadata``), in bytes
+MAX_METADATA = 64 << 10
+_MAX_METADATA_DEPTH = 64
+#: turns in one ``append_turns`` batch
+MAX_BATCH_TURNS = 4096
+#: a batch's payloads together (or ``max_payload_bytes``, if that is more)
+MAX_BATCH_BYTES = 64 << 20
+MAX_LIST_LIMIT = 10_000
+MAX_PAGE_SIZE = 65_536
+ORDERS: tuple[ContextOrder, ...] = ("updated", "created", "name")
+
+
+def check_text(value: str, what: str) -> None:
+    """``InvalidInput`` for a str that UTF-8 cannot encode (a lone surrogate)."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInput(f"{what} {value!r} has a lone surrogate (not encodable as UTF-8)") from exc
 
 
 def validate_id(value: object, what: str, *, allow_zero: bool = False) -> int:
@@ -40,10 +92,12 @@ def validate_id(value: object, what: str, *, allow_zero: bool = False) -> int:
 
 
 def validate_append(command: AppendTurn, max_payload: int) -> None:
+    """Everything about one append that needs no stored state. (The base checks ``fs_root`` names a tree.)"""
     validate_id(command.context_id, "context_id")
     type_id = command.type_id
     if not isinstance(type_id, str) or not type_id or len(type_id) > MAX_TYPE_ID:
         raise InvalidInput(f"type_id must be a non-empty str of at most {MAX_TYPE_ID} chars, got {type_id!r}")
+    check_text(type_id, "type_id")
     version = command.type_version
     if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 1 << 32:
         raise InvalidInput(f"type_version must be an int from 0 to 2**32-1, got {version!r}")
@@ -54,20 +108,33 @@ def validate_append(command: AppendTurn, max_payload: int) -> None:
         raise InvalidInput(f"payload of {len(payload)} bytes is over the maximum of {max_payload}")
     if command.parent_turn_id is not None:
         validate_id(command.parent_turn_id, "parent_turn_id", allow_zero=True)
-    key = command.idempotency_key
-    if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_KEY):
-        raise InvalidInput(f"idempotency_key must be None or a non-empty str of at most {MAX_KEY} chars")
+    validate_key(command.idempotency_key)
+    if command.expected_head is not None:
+        validate_id(command.expected_head, "expected_head", allow_zero=True)
+    if command.fs_root is not None:
+        validate_oid(command.fs_root, "fs_root")
 
 
-def validate_limit(limit: object) -> int:
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-        raise InvalidInput(f"limit must be an int >= 0, got {limit!r}")
+def validate_key(key: object, what: str = "idempotency_key") -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY:
+        raise InvalidInput(f"{what} must be None or a non-empty str of at most {MAX_KEY} chars, got {key!r}")
+    check_text(key, what)
+    return key
+
+
+def validate_limit(limit: object, what: str = "limit", *, low: int = 0, high: int | None = None) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < low or (high is not None and limit > high):
+        bound = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise InvalidInput(f"{what} must be an int {bound}, got {limit!r}")
     return limit
 
 
 def validate_bundle(bundle_id: object, bundle_json: object) -> None:
     if not isinstance(bundle_id, str) or not bundle_id or len(bundle_id) > MAX_KEY:
         raise InvalidInput(f"bundle_id must be a non-empty str, got {bundle_id!r}")
+    check_text(bundle_id, "bundle_id")
     if not isinstance(bundle_json, bytes):
         raise InvalidInput(f"bundle_json must be bytes, got {type(bundle_json).__name__}")
     try:
@@ -78,6 +145,191 @@ def validate_bundle(bundle_id: object, bundle_json: object) -> None:
 
 def payload_hash(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
+
+
+def verify_turn(record: TurnRecord) -> TurnRecord:
+    """The record itself, or ``IntegrityError`` naming the turn if its payload does not match its hash.
+
+    Every read of a turn goes through this (in ``TurnStoreBase``), so a damaged payload is never
+    returned as good data, whichever backend held it."""
+    if hashlib.sha256(record.payload).hexdigest() != record.payload_hash:
+        raise IntegrityError(
+            f"turn {record.turn_id} (context {record.context_id}) is damaged: its payload does not match "
+            f"its payload_hash {record.payload_hash}"
+        )
+    return record
+
+
+# -- contexts: names, metadata, creation keys, versions -----------------------------------------------
+
+
+def validate_name(value: object, what: str = "name") -> str:
+    """A context name: a non-empty str of at most 1,024 UTF-8 bytes, no NUL, no lone surrogate.
+    ``/`` is the conventional separator of hierarchies (``app/user/session``); nothing enforces it."""
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"{what} must be a non-empty str, got {type(value).__name__} {value!r:.80}")
+    return _name_text(value, what)
+
+
+def validate_prefix(value: object) -> str:
+    """A ``list_contexts`` prefix: like a name, but may be empty (every named context)."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"prefix must be a str, got {type(value).__name__} {value!r:.80}")
+    return _name_text(value, "prefix")
+
+
+def _name_text(value: str, what: str) -> str:
+    if "\0" in value:
+        raise InvalidInput(f"{what} {value!r:.80} contains NUL")
+    check_text(value, what)
+    size = len(value) if value.isascii() else len(value.encode("utf-8"))
+    if size > MAX_NAME:
+        raise InvalidInput(f"{what} of {size} UTF-8 bytes is over the maximum of {MAX_NAME}: {value[:40]!r}...")
+    return value
+
+
+def encode_metadata(value: object) -> bytes:
+    """Context metadata as canonical JSON bytes (sorted keys, no spaces, UTF-8), or ``InvalidInput``.
+
+    Accepted: a dict with str keys whose values are None, bool, int, finite float, str, list or dict
+    (nested at most 64 deep), at most 64 KiB encoded. Not accepted: tuples, bytes, NaN, other types
+    (they would not come back as they went in)."""
+    if value is None:
+        return b"{}"
+    if type(value) is not dict:
+        raise InvalidInput(f"metadata must be a dict, got {type(value).__name__}")
+    if not value:
+        return b"{}"
+    _check_json(value, 0)
+    try:
+        data = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        encoded = data.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput("metadata has a str with a lone surrogate (not encodable as UTF-8)") from exc
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput(f"metadata is not JSON-compatible: {exc}") from exc
+    if len(encoded) > MAX_METADATA:
+        raise InvalidInput(f"metadata of {len(encoded)} bytes (JSON) is over the maximum of {MAX_METADATA}")
+    return encoded
+
+
+def _check_json(value: object, depth: int) -> None:
+    if depth > _MAX_METADATA_DEPTH:
+        raise InvalidInput(f"metadata is nested more than {_MAX_METADATA_DEPTH} deep")
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():  # type: ignore[attr-defined]
+            if type(key) is not str:
+                raise InvalidInput(f"metadata keys must be str, got {type(key).__name__} {key!r:.80}")
+            _check_json(item, depth + 1)
+    elif kind is list:
+        for item in value:  # type: ignore[attr-defined]
+            _check_json(item, depth + 1)
+    elif kind is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise InvalidInput(f"metadata holds {value!r}, which JSON cannot carry")
+    elif kind not in (str, int, bool) and value is not None:
+        raise InvalidInput(f"metadata values must be JSON types, got {kind.__name__} {value!r:.80}")
+
+
+def decode_metadata(data: bytes | str) -> dict[str, Any]:
+    """A fresh dict from stored canonical JSON (every read gets its own copy)."""
+    if data == b"{}" or data == "{}":
+        return {}
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise IntegrityError(f"stored context metadata is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise IntegrityError("stored context metadata is not a JSON object")
+    return value
+
+
+_fingerprint_encoder = msgspec.msgpack.Encoder()
+
+
+def creation_fingerprint(command: CreateContext) -> str:
+    """What an idempotent context creation compares on a retry: the request as the caller made it
+    (base turn, name, metadata, parent as asked, and whether it was a get-or-create), as SHA-256 hex.
+    Backends store it beside the key."""
+    request = (
+        command.base_turn_id,
+        command.name,
+        command.metadata,
+        command.parent_context_id,
+        command.open_existing,
+    )
+    return hashlib.sha256(_fingerprint_encoder.encode(request)).hexdigest()
+
+
+def check_creation_retry(key: str, context_id: int, stored: str, command: CreateContext) -> None:
+    """``IdempotencyConflict`` unless ``command`` is the same request the key first created
+    ``context_id`` with."""
+    if creation_fingerprint(command) != stored:
+        raise IdempotencyConflict(
+            f"idempotency key {key!r} created context {context_id} with a different request "
+            "(base turn, name, metadata or parent)"
+        )
+
+
+def next_updated(previous: int, now: int) -> int:
+    """A context's ``updated_at_ms`` after a change: strictly increasing, so it is a version too."""
+    return now if now > previous else previous + 1
+
+
+# -- list_contexts: orders and cursors -----------------------------------------------------------------
+
+
+def validate_order(order: object) -> ContextOrder:
+    if order not in ORDERS or not isinstance(order, str):
+        raise InvalidInput(f"order must be one of {', '.join(map(repr, ORDERS))}, got {order!r:.80}")
+    return order  # type: ignore[return-value]
+
+
+def order_key(order: ContextOrder, info: ContextInfo) -> tuple[int, int] | tuple[int] | tuple[str]:
+    """Where ``info`` stands in ``order``. Listing goes from the greatest key down for "updated"
+    (``(updated_at_ms, context_id)``) and "created" (``(context_id,)``: ids are allocated increasing),
+    and from the least up for "name" (``(name,)``; unnamed contexts are not listed by name)."""
+    if order == "updated":
+        return (info.updated_at_ms, info.context_id)
+    if order == "created":
+        return (info.context_id,)
+    assert info.name is not None
+    return (info.name,)
+
+
+def encode_cursor(order: ContextOrder, info: ContextInfo) -> str:
+    """The cursor after ``info``: opaque to callers, the same in every backend. The next page holds
+    the contexts strictly after this key in the order, as they stand when it is read: each context
+    appears at most once in one pass; one changed during the pass may move ahead of the cursor and
+    then is not seen again in that pass ("updated" order)."""
+    if order == "updated":
+        return f"u.{info.updated_at_ms}.{info.context_id}"
+    if order == "created":
+        return f"c.{info.context_id}"
+    assert info.name is not None
+    return "n." + info.name
+
+
+def decode_cursor(order: ContextOrder, cursor: object) -> tuple[int, int] | tuple[int] | tuple[str]:
+    """The key a cursor stands for, or ``InvalidInput`` (not a cursor, or one of another order)."""
+    if not isinstance(cursor, str):
+        raise InvalidInput(f"after must be a cursor str from list_contexts, got {type(cursor).__name__}")
+    bad = InvalidInput(f"after {cursor!r:.80} is not a cursor of order {order!r}")
+    tag, _, rest = cursor.partition(".")
+    if tag != order[0]:
+        raise bad
+    if order == "name":
+        if not rest:
+            raise bad
+        return (validate_prefix(rest),)
+    parts = rest.split(".")
+    if len(parts) != (2 if order == "updated" else 1) or not all(p.isdigit() and p.isascii() for p in parts):
+        raise bad
+    numbers = [int(p) for p in parts]
+    if any(n > MAX_ID for n in numbers):
+        raise bad
+    return (numbers[0], numbers[1]) if order == "updated" else (numbers[0],)
 
 
 def check_idempotent(existing: TurnRecord, command: AppendTurn, digest: str) -> TurnRecord:
@@ -93,6 +345,8 @@ def check_idempotent(existing: TurnRecord, command: AppendTurn, digest: str) -> 
         differs.append("type")
     if command.parent_turn_id is not None and command.parent_turn_id != existing.parent_turn_id:
         differs.append("parent")
+    if command.fs_root is not None and command.fs_root != existing.fs_root:
+        differs.append("fs_root")
     if differs:
         raise IdempotencyConflict(
             f"idempotency key {command.idempotency_key!r} in context {command.context_id} was used for "

@@ -279,7 +279,7 @@ class SqliteTurnStore(TurnStoreBase):
     blobs in the CAS."""
 
     def __init__(self, actor: TurnActor, cas: Cas, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD) -> None:
-        super().__init__(max_payload_bytes=max_payload_bytes)
+        super().__init__(max_payload_bytes=max_payload_bytes, trees=cas)
         self._actor = actor
         self._cas = cas
 

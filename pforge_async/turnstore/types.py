@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import msgspec
 
-__all__ = ["ContextHead", "Correlation", "TurnEnvelope", "TurnRecord"]
+__all__ = [
+    "ContextHead",
+    "ContextInfo",
+    "ContextOrder",
+    "ContextPage",
+    "Correlation",
+    "NewTurn",
+    "TurnEnvelope",
+    "TurnRecord",
+]
+
+#: How ``list_contexts`` orders: ``"updated"`` (most recently changed first), ``"created"`` (newest
+#: first) or ``"name"`` (ascending by code point, which is also UTF-8 byte order; named contexts only).
+ContextOrder = Literal["updated", "created", "name"]
 
 
 class ContextHead(msgspec.Struct, frozen=True):
@@ -13,6 +28,53 @@ class ContextHead(msgspec.Struct, frozen=True):
     context_id: int
     head_turn_id: int
     head_depth: int
+
+
+class ContextInfo(ContextHead, frozen=True):
+    """Everything a context holds besides its turns. A ``ContextHead`` too (it extends it), so code
+    written for ``create_context() -> ContextHead`` keeps working.
+
+    - ``name``: unique among the store's contexts, or None.
+    - ``base_turn_id``: the turn it started from (0: it started empty). Its head may move anywhere later.
+    - ``parent_context_id``: the context it was forked from (0: none). Lineage only: a parent's later
+      changes do not touch the child.
+    - ``metadata``: a JSON-compatible dict (at most 64 KiB encoded); a copy, changing it changes nothing.
+    - ``updated_at_ms``: when the context last changed: a turn appended in it, a ``set_head``, a
+      ``set_context_metadata``. Every such write sets it to ``max(now, updated_at_ms + 1)``, so it
+      strictly increases with every change and serves as the context's version for
+      ``set_context_metadata(..., expected_updated_at_ms=)``. A new context has
+      ``updated_at_ms == created_at_ms``.
+    """
+
+    name: str | None
+    base_turn_id: int
+    parent_context_id: int
+    metadata: dict[str, Any]
+    created_at_ms: int
+    updated_at_ms: int
+
+
+class ContextPage(msgspec.Struct, frozen=True):
+    """One page of ``list_contexts``: pass ``cursor`` as ``after`` for the next; None at the end."""
+
+    contexts: list[ContextInfo]
+    cursor: str | None
+
+
+class NewTurn(msgspec.Struct, frozen=True):
+    """One turn of an ``append_turns`` batch: what ``append_turn`` takes, with its context.
+
+    ``parent_turn_id`` None means the context's head *as the batch has moved it so far*: the turns of
+    one context chain in the order given.
+    """
+
+    context_id: int
+    type_id: str
+    payload: bytes
+    type_version: int = 1
+    parent_turn_id: int | None = None
+    idempotency_key: str | None = None
+    fs_root: str | None = None
 
 
 class TurnRecord(msgspec.Struct, frozen=True):
