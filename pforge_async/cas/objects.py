@@ -15,10 +15,12 @@ from typing import Literal
 import msgspec
 
 from ..errors import IntegrityError, InvalidInput
+from .gitrules import DIR_MODE, MAX_TIMESTAMP, MODES, mode_problem, parse_tree, tree_name_problem
 
 __all__ = [
     "BLOB",
     "COMMIT",
+    "DIR_MODE",
     "EMPTY_TREE",
     "MODES",
     "NULL_OID",
@@ -31,9 +33,11 @@ __all__ = [
     "encode_tree",
     "hash_object",
     "mode_problem",
+    "shown_name",
     "object_header",
     "parse_mode",
     "tree_name_problem",
+    "utf8",
     "validate_oid",
 ]
 
@@ -46,14 +50,6 @@ TYPE_NUMBERS: dict[bytes, int] = {name.encode(): num for num, name in TYPE_NAMES
 NULL_OID = "0" * 64
 _OID_RE = re.compile(r"[0-9a-f]{64}")
 
-#: the modes git writes: regular file, executable, symlink, directory.
-MODES = (0o100644, 0o100755, 0o120000, 0o40000)
-DIR_MODE = 0o40000
-LINK_MODE = 0o120000
-#: a submodule commit; git accepts it, the CAS refuses it (it cannot hold the commit it names).
-GITLINK_MODE = 0o160000
-#: git (2.41+, ``fsck.largePathname``) refuses tree entry names longer than this many bytes.
-MAX_NAME_BYTES = 4096
 _MODE_TEXT = {mode: f"{mode:o}" for mode in MODES}
 _TEXT_MODE = {text: mode for mode, text in _MODE_TEXT.items()}
 
@@ -85,188 +81,6 @@ def parse_mode(mode: object) -> int:
     raise InvalidInput(f"unknown tree entry mode {mode!r}: use 100644, 100755, 120000 or 40000")
 
 
-def mode_problem(mode: int) -> str | None:
-    """Why the CAS refuses a tree entry ``mode``, or None. git --strict accepts the four of
-    :data:`MODES` and gitlinks; the CAS refuses gitlinks too: it cannot hold the commit one names."""
-    if mode in _MODE_TEXT:
-        return None
-    if mode == GITLINK_MODE:
-        return "gitlink (submodule) entries are not stored: the CAS cannot hold the commit they name"
-    return f"mode {mode:o} is not one git accepts (100644, 100755, 120000, 40000)"
-
-
-# -- the names git refuses (git's fsck.c fsck_tree, path.c is_hfs_* / is_ntfs_*, utf8.c) -------------
-
-# Code points HFS+ ignores when it compares names, so ".g\u200cit" opens ".git" on a Mac.
-_HFS_IGNORED = frozenset(
-    {0x200C, 0x200D, 0x200E, 0x200F, 0x202A, 0x202B, 0x202C, 0x202D, 0x202E}
-    | {0x206A, 0x206B, 0x206C, 0x206D, 0x206E, 0x206F, 0xFEFF}
-)
-
-
-def _utf8_width(lead: int) -> int:
-    if lead < 0x80:
-        return 1
-    if lead & 0xE0 == 0xC0:
-        return 2
-    if lead & 0xF0 == 0xE0:
-        return 3
-    if lead & 0xF8 == 0xF0:
-        return 4
-    return 0
-
-
-def _hfs_chars(name: bytes) -> list[int]:
-    """The code points git's ``next_hfs_char`` yields, ignorable ones dropped. Ends with 0, which git
-    also returns at malformed UTF-8 (so ``.git<bad byte>`` counts as ``.git``, as in git)."""
-    out: list[int] = []
-    pos = 0
-    while pos < len(name):
-        width = _utf8_width(name[pos])
-        chunk = name[pos : pos + width]
-        try:
-            if not width or len(chunk) < width:
-                raise UnicodeDecodeError("utf-8", chunk, 0, 1, "truncated")
-            point = ord(chunk.decode("utf-8"))
-        except UnicodeDecodeError:
-            break
-        if point in (0xFFFE, 0xFFFF):  # git's decoder refuses these two
-            break
-        pos += width
-        if point not in _HFS_IGNORED:
-            out.append(point)
-    out.append(0)
-    return out
-
-
-def _is_hfs_dot(name: bytes, needle: bytes) -> bool:
-    """git's ``is_hfs_dot_generic``: ``name`` opens ``.<needle>`` on HFS+ (case and ignorables)."""
-    chars = _hfs_chars(name)
-    if len(chars) < len(needle) + 2 or chars[0] != ord("."):
-        return False
-    for got, want in zip(chars[1:], needle, strict=False):
-        if got > 127 or chr(got).lower() != chr(want):
-            return False
-    return chars[len(needle) + 1] in (0, ord("/"))
-
-
-def _at(name: bytes, i: int) -> int:
-    return name[i] if i < len(name) else 0
-
-
-def _is_ntfs_dotgit(name: bytes) -> bool:
-    """git's ``is_ntfs_dotgit``: ``.git`` or ``git~1``, then only spaces and dots up to the end, a
-    backslash, a slash or a colon (an NTFS stream name)."""
-    low = name.lower()
-    if low.startswith(b".git"):
-        i = 4
-    elif low.startswith(b"git~1"):
-        i = 5
-    else:
-        return False
-    while True:
-        c = _at(name, i)
-        if c in (0, ord("\\"), ord("/"), ord(":")):
-            return True
-        if c not in (ord("."), ord(" ")):
-            return False
-        i += 1
-
-
-def _is_ntfs_dot(name: bytes, needle: bytes, short_prefix: bytes) -> bool:
-    """git's ``is_ntfs_dot_generic``: ``.<needle>``, its 8.3 short names (``gitmod~1``) and its
-    fall-back short names (``gi7eba~9``), then only spaces and dots up to the end or a colon."""
-
-    def only_spaces_and_periods(i: int) -> bool:
-        while True:
-            c = _at(name, i)
-            if c in (0, ord(":")):
-                return True
-            if c not in (ord(" "), ord(".")):
-                return False
-            i += 1
-
-    if name[:1] == b"." and name[1 : 1 + len(needle)].lower() == needle:
-        return only_spaces_and_periods(1 + len(needle))
-    if name[:6].lower() == needle[:6] and _at(name, 6) == ord("~") and ord("1") <= _at(name, 7) <= ord("4"):
-        return only_spaces_and_periods(8)
-    i, saw_tilde = 0, False
-    while i < 8:
-        c = _at(name, i)
-        if c == 0:
-            return False
-        if saw_tilde:
-            if not ord("0") <= c <= ord("9"):
-                return False
-        elif c == ord("~"):
-            i += 1
-            if not ord("1") <= _at(name, i) <= ord("9"):
-                return False
-            saw_tilde = True
-        elif i >= 6 or c & 0x80 or chr(c).lower() != chr(short_prefix[i]):
-            return False
-        i += 1
-    return only_spaces_and_periods(8)
-
-
-_DOTFILES = {
-    b"gitmodules": b"gi7eba",
-    b"gitattributes": b"gi7d29",
-    b"gitignore": b"gi250a",
-    b"mailmap": b"maba30",
-}
-
-
-def _is_dotfile(name: bytes, needle: bytes) -> bool:
-    return _is_hfs_dot(name, needle) or _is_ntfs_dot(name, needle, _DOTFILES[needle])
-
-
-def _after_backslashes(name: bytes) -> list[bytes]:
-    """What follows each backslash: git checks each as a name, since NTFS reads ``\\`` as ``/``."""
-    return [name[i + 1 :] for i, c in enumerate(name) if c == ord("\\")]
-
-
-def dotfile_kind(name: bytes) -> bytes | None:
-    """``b"gitmodules"`` or ``b"gitattributes"`` if git reads the blob at ``name`` as that file (any
-    spelling, including after a backslash for ``.gitmodules``), else None: git checks their content."""
-    if _is_dotfile(name, b"gitmodules") or any(
-        _is_ntfs_dot(rest, b"gitmodules", _DOTFILES[b"gitmodules"]) for rest in _after_backslashes(name)
-    ):
-        return b"gitmodules"
-    if _is_dotfile(name, b"gitattributes"):
-        return b"gitattributes"
-    return None
-
-
-def tree_name_problem(name: bytes, mode: int) -> str | None:
-    """Why ``git fsck --strict`` (git 2.39) rejects a tree entry ``name`` with ``mode``, or None.
-
-    The CAS refuses more than git's errors in two places, both things git reports at a lower level:
-    a ``.gitignore`` or ``.mailmap`` that is a symlink, and a name over 4,096 bytes."""
-    if not name:
-        return "empty name"
-    if b"/" in name:
-        return "contains '/'"
-    if b"\0" in name:
-        return "contains NUL"
-    if name in (b".", b".."):
-        return f"is {name.decode()!r}"
-    if len(name) > MAX_NAME_BYTES:
-        return f"longer than {MAX_NAME_BYTES} bytes"
-    if _is_hfs_dot(name, b"git") or _is_ntfs_dotgit(name):
-        return "is a spelling of '.git' (case, trailing dots or spaces, NTFS short name or HFS+ ignorables)"
-    if any(_is_ntfs_dotgit(rest) for rest in _after_backslashes(name)):
-        return "holds '.git' after a backslash (a path on NTFS)"
-    kind = dotfile_kind(name)
-    if kind is not None and mode == LINK_MODE:
-        return f"a spelling of '.{kind.decode()}' that is a symlink"
-    if kind is not None and mode in (DIR_MODE, GITLINK_MODE):
-        return f"a spelling of '.{kind.decode()}' that is not a file"
-    if mode == LINK_MODE and (_is_dotfile(name, b"gitignore") or _is_dotfile(name, b"mailmap")):
-        return "a spelling of '.gitignore' or '.mailmap' that is a symlink"
-    return None
-
-
 class TreeEntry(msgspec.Struct, frozen=True):
     """One entry of a tree: ``name`` is a single path component (or, from ``read_tree(recursive=True)``,
     a path relative to the tree); ``mode`` is an int such as ``0o100644``."""
@@ -280,17 +94,9 @@ class TreeEntry(msgspec.Struct, frozen=True):
         return self.mode == DIR_MODE
 
 
-def _validate_name(name: bytes) -> None:
-    why = ""
-    if not name or name in (b".", b".."):
-        why = "empty, '.' or '..'"
-    elif b"/" in name or b"\0" in name:
-        why = "contains '/' or NUL"
-    elif name.lower() == b".git":
-        why = "git refuses '.git' in trees"
-    if why:
-        shown = name.decode("utf-8", "surrogateescape")
-        raise InvalidInput(f"invalid tree entry name {shown!r}: {why}")
+def shown_name(name: bytes) -> str:
+    """A tree entry name for a message: the str API's spelling of it (``os.fsdecode``)."""
+    return name.decode("utf-8", "surrogateescape")
 
 
 def _sort_key(item: tuple[bytes, int, bytes]) -> bytes:
@@ -299,38 +105,52 @@ def _sort_key(item: tuple[bytes, int, bytes]) -> bytes:
 
 
 def encode_tree(entries: Iterable[tuple[bytes, int, bytes]]) -> bytes:
-    """Encode one level of a tree from ``(name bytes, mode, raw oid)``; validates and sorts as git."""
+    """Encode one level of a tree from ``(name bytes, mode, raw oid)``, sorted as git sorts. Refuses
+    with ``InvalidInput`` whatever ``git fsck --strict`` would reject (see :mod:`.gitrules`)."""
     items = sorted(entries, key=_sort_key)
     out = bytearray()
-    previous: bytes | None = None
+    seen: set[bytes] = set()
     for name, mode, raw in items:
-        _validate_name(name)
-        if name == previous:
-            raise InvalidInput(f"duplicate tree entry {name.decode('utf-8', 'surrogateescape')!r}")
-        previous = name
+        why = mode_problem(mode) or tree_name_problem(name, mode)
+        if why:
+            raise InvalidInput(f"invalid tree entry {shown_name(name)!r}: {why}")
+        if name in seen:
+            raise InvalidInput(f"duplicate tree entry {shown_name(name)!r}")
+        seen.add(name)
         out += b"%s %s\0" % (_MODE_TEXT[mode].encode(), name)
         out += raw
     return bytes(out)
 
 
 def decode_tree(body: bytes, oid: str = "") -> list[tuple[bytes, int, bytes]]:
-    """Decode a tree body into ``(name bytes, mode, raw oid)`` in stored order."""
-    entries = []
-    pos, end = 0, len(body)
-    try:
-        while pos < end:
-            space = body.index(b" ", pos)
-            nul = body.index(b"\0", space)
-            mode = int(body[pos:space], 8)
-            name = body[space + 1 : nul]
-            raw = body[nul + 1 : nul + 33]
-            if len(raw) != 32:
-                raise ValueError("truncated entry")
-            entries.append((name, mode, raw))
-            pos = nul + 33
-    except ValueError as exc:
-        raise IntegrityError(f"tree {oid} is malformed: {exc}") from exc
-    return entries
+    """Decode a tree body into ``(name bytes, mode, raw oid)`` in stored order. A tree the CAS would
+    not have written (malformed, unsorted, a name or mode git or the CAS refuses: ``..``, ``a/b``,
+    ``.git``, a gitlink) raises ``IntegrityError`` naming the tree and the entry: no reader ever sees
+    such a name."""
+    entries, error = parse_tree(body)
+    if error:
+        raise IntegrityError(f"tree {oid} is malformed: {error}")
+    out: list[tuple[bytes, int, bytes]] = []
+    seen: set[bytes] = set()
+    previous = b""
+    for name, mode_text, raw in entries:
+        mode = _TEXT_MODE.get(mode_text.decode())
+        why: str | None
+        if mode is None:
+            why = mode_problem(int(mode_text, 8)) or f"mode {mode_text.decode()} is zero-padded"
+        else:
+            key = _sort_key((name, mode, raw))
+            why = tree_name_problem(name, mode)
+            if not why and name in seen:
+                why = "duplicate entry"
+            elif not why and key <= previous:
+                why = "entries out of git's order"
+            seen.add(name)
+            previous = key
+        if why or mode is None:
+            raise IntegrityError(f"tree {oid} holds an entry git or the CAS refuses, {shown_name(name)!r}: {why}")
+        out.append((name, mode, raw))
+    return out
 
 
 EMPTY_TREE = hash_object(TREE, b"").hex()
@@ -348,10 +168,22 @@ class Commit(msgspec.Struct, frozen=True):
     committer: str = ""
 
 
-_IDENT_RE = re.compile(r"[^<>\n]+ <[^<>\n]*>")
+# git's fsck_ident: no '<', '>' or newline in the name or the email, a space before '<'; a NUL
+# anywhere in a commit header is an error too.
+_IDENT_RE = re.compile(r"[^<>\n\0]+ <[^<>\n\0]*>")
 _TRAILER_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _TRAILER_LINE_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*): (.*)")
 DEFAULT_AUTHOR = "pforge <pforge@localhost>"
+
+
+def utf8(text: object, what: str) -> bytes:
+    """``text`` as UTF-8, or ``InvalidInput`` naming ``what`` (not a str, or a lone surrogate)."""
+    if not isinstance(text, str):
+        raise InvalidInput(f"{what} must be a str, not {type(text).__name__}")
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{what} {text!r} is not valid Unicode text: {exc.reason} at {exc.start}") from exc
 
 
 def encode_commit(
@@ -363,26 +195,36 @@ def encode_commit(
     timestamp: int | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> bytes:
+    """A commit body ``git fsck --strict`` accepts; anything it would reject is ``InvalidInput``
+    naming the field: author ``Name <email>`` without ``<``, ``>``, newline or NUL inside; timestamp
+    0 to 2**63 - 1 (git's ``date_overflows``); message, metadata keys and values UTF-8 without NUL."""
     validate_oid(tree, "tree id")
+    if isinstance(parents, (str, bytes)) or not isinstance(parents, Iterable):
+        raise InvalidInput(f"parents must be an iterable of commit ids, not {type(parents).__name__}")
     parents = tuple(parents)
     for parent in parents:
         validate_oid(parent, "parent commit id")
     ident = DEFAULT_AUTHOR if author is None else author
-    if not isinstance(ident, str) or not _IDENT_RE.fullmatch(ident):
-        raise InvalidInput(f"invalid author {author!r}: want 'Name <email>'")
+    utf8(ident, "author")
+    if not _IDENT_RE.fullmatch(ident):
+        raise InvalidInput(f"invalid author {author!r}: want 'Name <email>' without '<', '>', newline or NUL inside")
     when = int(time.time()) if timestamp is None else timestamp
-    if not isinstance(when, int) or isinstance(when, bool) or when < 0:
-        raise InvalidInput(f"invalid timestamp {timestamp!r}: want seconds since the epoch, >= 0")
-    if not isinstance(message, str) or "\0" in message:
-        raise InvalidInput("commit message must be a str without NUL characters")
+    if not isinstance(when, int) or isinstance(when, bool) or not 0 <= when <= MAX_TIMESTAMP:
+        raise InvalidInput(f"invalid timestamp {timestamp!r}: want whole seconds since the epoch, 0 to 2**63 - 1")
+    utf8(message, "commit message")
+    if "\0" in message:
+        raise InvalidInput("commit message must not contain NUL characters")
     text = message.rstrip("\n")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise InvalidInput(f"metadata must be a mapping of str to str, not {type(metadata).__name__}")
     if metadata:
         lines = []
         for key, value in metadata.items():
-            if not isinstance(key, str) or not _TRAILER_KEY_RE.fullmatch(key):
-                raise InvalidInput(f"invalid metadata key {key!r}: letters, digits and '-' only")
-            if not isinstance(value, str) or "\n" in value or "\0" in value:
-                raise InvalidInput(f"invalid metadata value for {key!r}: one line of text")
+            if not isinstance(key, str) or not _TRAILER_KEY_RE.fullmatch(key) or not key.isascii():
+                raise InvalidInput(f"invalid metadata key {key!r}: ASCII letters, digits and '-' only")
+            utf8(value, f"metadata value for {key!r}")
+            if "\n" in value or "\0" in value:
+                raise InvalidInput(f"invalid metadata value for {key!r}: one line of text without NUL")
             lines.append(f"{key}: {value}")
         text = (text + "\n\n" if text else "") + "\n".join(lines)
     head = [f"tree {tree}"]
