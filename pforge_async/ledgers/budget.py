@@ -12,19 +12,35 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import sqlite3
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from ..clock import now_ms
 from ..errors import BudgetExceeded, Conflict, InvalidInput, NotFound
 from ..sqlite.actor import SqliteActor, replay
-from ._checks import optional_text, seconds, text, whole
+from ._checks import (
+    MAX_INT,
+    MAX_TEXT,
+    Millis,
+    Text,
+    Whole,
+    bound_values,
+    instant_ms,
+    optional_text,
+    seconds,
+    show,
+    text,
+    whole,
+)
 
 __all__ = ["BudgetActor", "BudgetLedger", "Reservation", "Totals", "Usage"]
 
 DAY_MS = 86_400_000
 Window = Literal["total", "day"]
+_RESERVATION_PATTERN = r"\A[0-9a-f]{32}\Z"
+ReservationId = Annotated[str, msgspec.Meta(pattern=_RESERVATION_PATTERN)]
+Model = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -64,39 +80,39 @@ class Totals(msgspec.Struct, frozen=True):
 
 
 class SetBudget(msgspec.Struct, frozen=True, tag="set_budget"):
-    vendor: str
-    window: str
-    tokens: int | None
-    cost: int | None
+    vendor: Text
+    window: Window
+    tokens: Whole | None
+    cost: Whole | None
 
 
 class Reserve(msgspec.Struct, frozen=True, tag="reserve"):
-    reservation_id: str
-    vendor: str
-    model: str
-    tokens: int
-    cost: int
-    ttl_ms: int
+    reservation_id: ReservationId
+    vendor: Text
+    model: Model
+    tokens: Whole
+    cost: Whole
+    ttl_ms: Millis
 
 
 class CommitSpend(msgspec.Struct, frozen=True, tag="commit"):
-    reservation_id: str
-    input_tokens: int
-    output_tokens: int
-    cost: int
+    reservation_id: ReservationId
+    input_tokens: Whole
+    output_tokens: Whole
+    cost: Whole
 
 
 class Release(msgspec.Struct, frozen=True, tag="release"):
-    reservation_id: str
+    reservation_id: ReservationId
 
 
 class RecordSpend(msgspec.Struct, frozen=True, tag="record_spend"):
-    vendor: str
-    model: str
-    input_tokens: int
-    output_tokens: int
-    cost: int
-    idempotency_key: str | None = None
+    vendor: Text
+    model: Text
+    input_tokens: Whole
+    output_tokens: Whole
+    cost: Whole
+    idempotency_key: Text | None = None
 
 
 BudgetCommand = SetBudget | Reserve | CommitSpend | Release | RecordSpend
@@ -123,6 +139,10 @@ class BudgetActor(SqliteActor[BudgetCommand]):
     )
 
     def apply(self, conn: sqlite3.Connection, command: BudgetCommand) -> object:
+        with bound_values(self.name, command):
+            return self._apply(conn, command)
+
+    def _apply(self, conn: sqlite3.Connection, command: BudgetCommand) -> object:
         now = now_ms()
         match command:
             case SetBudget(vendor=vendor, window=window, tokens=tokens, cost=cost):
@@ -135,6 +155,7 @@ class BudgetActor(SqliteActor[BudgetCommand]):
                 return None
             case Reserve():
                 self._check(conn, command.vendor, command.tokens, command.cost, now)
+                self._room(conn, command.vendor, command.tokens, command.cost, now)
                 conn.execute(
                     "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?, 'held')",
                     (
@@ -178,7 +199,9 @@ class BudgetActor(SqliteActor[BudgetCommand]):
                 )
                 if first is not None:
                     return first
-                self._check(conn, command.vendor, command.input_tokens + command.output_tokens, command.cost, now)
+                tokens = command.input_tokens + command.output_tokens
+                self._check(conn, command.vendor, tokens, command.cost, now)
+                self._room(conn, command.vendor, tokens, command.cost, now)
                 return self._insert_spend(
                     conn,
                     command.vendor,
@@ -224,6 +247,25 @@ class BudgetActor(SqliteActor[BudgetCommand]):
                         f"{vendor} {window} {what} budget: limit {limit}, spent {spent}, reserved {held}, "
                         f"asked {asked} (over by {spent + held + asked - limit})"
                     )
+
+    def _room(self, conn: sqlite3.Connection, vendor: str, tokens: int, cost: int, now: int) -> None:
+        """Keep what ``vendor`` has spent plus what it holds within SQLite's 64-bit integers, so every
+        sum the ledger takes (totals, budget checks, its own check) stays exact. Whatever no budget
+        limits, a commit only moves what was held to what was spent, and an expiry or release only
+        lowers what is held; so checking here, at every reserve and record_spend, is enough."""
+        spent = conn.execute("SELECT tokens, cost FROM spend_totals WHERE vendor = ?", (vendor,)).fetchone()
+        held = conn.execute(
+            "SELECT COALESCE(SUM(tokens), 0), COALESCE(SUM(cost), 0) FROM reservations "
+            "WHERE vendor = ? AND state = 'held' AND expires_at_ms > ?",
+            (vendor, now),
+        ).fetchone()
+        spent_tokens, spent_cost = spent if spent is not None else (0, 0)
+        for what, total, asked in (("tokens", spent_tokens + held[0], tokens), ("cost", spent_cost + held[1], cost)):
+            if total + asked > MAX_INT:
+                raise InvalidInput(
+                    f"{vendor}: {asked} more {what} would take what is spent and reserved ({total}) past "
+                    f"2**63-1, the most the ledger counts"
+                )
 
     def _commit(self, conn: sqlite3.Connection, command: CommitSpend, now: int) -> int:
         reservation_id = command.reservation_id
@@ -294,8 +336,8 @@ class BudgetActor(SqliteActor[BudgetCommand]):
 def _reservation_id(reservation: Reservation | str) -> str:
     rid = reservation.reservation_id if isinstance(reservation, Reservation) else reservation
     if not isinstance(rid, str) or len(rid) != 32 or not all(c in "0123456789abcdef" for c in rid):
-        raise InvalidInput(f"malformed reservation {reservation!r}")
-    return rid
+        raise InvalidInput(f"malformed reservation {show(reservation)}")
+    return str.__str__(rid)
 
 
 class BudgetLedger:
@@ -309,11 +351,11 @@ class BudgetLedger:
     ) -> None:
         """Limit ``vendor`` to ``tokens`` and/or ``cost`` (micro-units) over ``window``: ``"total"``
         (all time) or ``"day"`` (a rolling 24 hours). None leaves that dimension unlimited."""
-        if window not in ("total", "day"):
-            raise InvalidInput(f"window must be 'total' or 'day', got {window!r}")
+        if not isinstance(window, str) or window not in ("total", "day"):
+            raise InvalidInput(f"window must be 'total' or 'day', got {show(window)}")
         command = SetBudget(
             text(vendor, "vendor"),
-            window,
+            "total" if window == "total" else "day",
             None if tokens is None else whole(tokens, "tokens"),
             None if cost is None else whole(cost, "cost"),
         )
@@ -323,11 +365,12 @@ class BudgetLedger:
         self, vendor: str, *, tokens: int = 0, cost: int = 0, model: str = "", ttl_s: float = 300
     ) -> Reservation:
         """Hold ``tokens`` and ``cost`` against every budget of ``vendor``, or raise
-        ``BudgetExceeded`` (naming the limit, what is spent, what is reserved and what was asked)."""
+        ``BudgetExceeded`` (naming the limit, what is spent, what is reserved and what was asked).
+        ``ttl_s`` is at most 10**15 seconds."""
         command = Reserve(
             secrets.token_hex(16),
             text(vendor, "vendor"),
-            model if model == "" else text(model, "model"),
+            "" if isinstance(model, str) and model == "" else text(model, "model"),
             whole(tokens, "tokens"),
             whole(cost, "cost"),
             seconds(ttl_s, "ttl_s"),
@@ -340,7 +383,7 @@ class BudgetLedger:
         """Record what a reserved call used (at most what was reserved); returns the spend row id.
         Committing again with the same usage returns the same row."""
         if not isinstance(actual, Usage):
-            raise InvalidInput(f"actual must be a Usage, got {type(actual).__name__}")
+            raise InvalidInput(f"actual must be a Usage, got {type(actual).__name__} {show(actual)}")
         command = CommitSpend(
             _reservation_id(reservation),
             whole(actual.input_tokens, "input_tokens"),
@@ -378,14 +421,7 @@ class BudgetLedger:
         """Committed spend of ``vendor`` (from ``since``: a datetime or epoch seconds), and what is
         reserved and still held."""
         vendor = text(vendor, "vendor")
-        if since is None:
-            since_ms = -1
-        elif isinstance(since, dt.datetime):
-            since_ms = int(since.timestamp() * 1000)
-        elif isinstance(since, (int, float)) and not isinstance(since, bool):
-            since_ms = int(since * 1000)
-        else:
-            raise InvalidInput(f"since must be a datetime or epoch seconds, got {since!r}")
+        since_ms = -1 if since is None else instant_ms(since, "since")
         spent = await self._actor.fetchone(
             "SELECT COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost), 0) "
             "FROM spend WHERE vendor = ? AND recorded_at_ms >= ?",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -21,19 +22,19 @@ import msgspec
 from ..clock import now_ms
 from ..errors import InvalidInput
 from ..sqlite.actor import SqliteActor, replay
-from ._checks import optional_text, text
+from ._checks import MAX_REWARD, Reward, Text, bound_values, number, optional_text, text
 
 __all__ = ["ActionStats", "ConstellationActor", "ConstellationMemory", "RecordTransition"]
 
 
 class RecordTransition(msgspec.Struct, frozen=True, tag="record_transition"):
-    state: str
-    action: str
-    next_state: str
-    reward: float
+    state: Text
+    action: Text
+    next_state: Text
+    reward: Reward
     success: bool
-    context: str | None = None
-    idempotency_key: str | None = None
+    context: Text | None = None
+    idempotency_key: Text | None = None
 
 
 class ActionStats(msgspec.Struct, frozen=True):
@@ -85,6 +86,10 @@ class ConstellationActor(SqliteActor[RecordTransition]):
     )
 
     def apply(self, conn: sqlite3.Connection, command: RecordTransition) -> int:
+        with bound_values(self.name, command):
+            return self._record(conn, command)
+
+    def _record(self, conn: sqlite3.Connection, command: RecordTransition) -> int:
         key = command.idempotency_key
         first = replay(
             conn,
@@ -140,23 +145,24 @@ class ConstellationMemory:
         idempotency_key: str | None = None,
     ) -> int:
         """Record ``state --action--> next_state`` and update the action's statistics in the same
-        transaction. Returns the transition id (the first one's, for a repeated idempotency key)."""
-        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
-            raise InvalidInput(f"reward must be a finite number, got {reward!r}")
+        transaction. Returns the transition id (the first one's, for a repeated idempotency key).
+        ``reward`` is a finite number of magnitude at most 1e100; a ``context`` mapping is stored as
+        JSON (at most 1024 chars, like every string)."""
+        reward = number(reward, "reward", low=-MAX_REWARD, high=MAX_REWARD)
         if not isinstance(success, bool):
             raise InvalidInput(f"success must be a bool, got {type(success).__name__}")
         if isinstance(context, Mapping):
             try:
-                context = json.dumps(context, sort_keys=True, separators=(",", ":"))
-            except (TypeError, ValueError) as exc:
-                raise InvalidInput(f"context is not JSON-serialisable: {exc}") from exc
+                context = json.dumps(context, sort_keys=True, separators=(",", ":"), allow_nan=False)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise InvalidInput(f"context is not JSON-serialisable: {exc}") from None
         command = RecordTransition(
             text(state, "state"),
             text(action, "action"),
             text(next_state, "next_state"),
-            float(reward),
+            reward,
             success,
-            None if context is None else text(context, "context"),
+            optional_text(context, "context"),
             optional_text(idempotency_key, "idempotency_key"),
         )
         return int(await self._actor.call(command))
@@ -177,17 +183,22 @@ class ConstellationMemory:
         *,
         exploration: float = math.sqrt(2),
     ) -> str | None:
-        """The action to take next in ``state`` by UCB1 (see the module); None if there is none."""
-        if isinstance(exploration, bool) or not isinstance(exploration, (int, float)) or exploration < 0:
-            raise InvalidInput(f"exploration must be a number >= 0, got {exploration!r}")
-        known = {s.action: s for s in await self.stats(state)}
-        if candidates is None:
-            options: Sequence[str] = sorted(known)
-        else:
-            if isinstance(candidates, str):
+        """The action to take next in ``state`` by UCB1 (see the module); None if there is none.
+        ``exploration`` is a finite number >= 0."""
+        exploration = number(exploration, "exploration", low=0, high=sys.float_info.max)
+        state = text(state, "state")
+        options: Sequence[str] | None = None
+        if candidates is not None:
+            if isinstance(candidates, (str, bytes, bytearray)):
                 raise InvalidInput("candidates must be a collection of action names, not one str")
-            options = [text(c, "candidate action") for c in candidates]
-        return choose_ucb1(options, known, exploration)
+            try:
+                names = iter(candidates)
+            except TypeError:
+                what = type(candidates).__name__
+                raise InvalidInput(f"candidates must be a collection of action names, got {what}") from None
+            options = [text(c, "candidate action") for c in names]
+        known = {s.action: s for s in await self.stats(state)}
+        return choose_ucb1(sorted(known) if options is None else options, known, exploration)
 
 
 def choose_ucb1(options: Sequence[str], known: Mapping[str, ActionStats], exploration: float) -> str | None:

@@ -5,29 +5,32 @@ from __future__ import annotations
 import re
 import secrets
 import sqlite3
+from typing import Annotated
 
 import msgspec
 
 from ..clock import now_ms
 from ..errors import InvalidInput, NonceExpired, NonceReplayed, NonceUnknown
 from ..sqlite.actor import SqliteActor
-from ._checks import seconds, text
+from ._checks import Millis, Text, bound_values, seconds, text
 
 __all__ = ["NonceActor", "NonceLedger"]
 
 #: 32 random bytes, URL-safe base64 without padding.
-_NONCE_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+_NONCE_PATTERN = r"\A[A-Za-z0-9_-]{43}\Z"
+_NONCE_RE = re.compile(_NONCE_PATTERN)
+Nonce = Annotated[str, msgspec.Meta(pattern=_NONCE_PATTERN)]
 
 
 class IssueNonce(msgspec.Struct, frozen=True, tag="issue"):
-    nonce: str
-    subject: str
-    ttl_ms: int
+    nonce: Nonce
+    subject: Text
+    ttl_ms: Millis
 
 
 class ConsumeNonce(msgspec.Struct, frozen=True, tag="consume"):
-    nonce: str
-    subject: str
+    nonce: Nonce
+    subject: Text
 
 
 class PurgeExpired(msgspec.Struct, frozen=True, tag="purge"):
@@ -50,6 +53,10 @@ class NonceActor(SqliteActor[NonceCommand]):
     )
 
     def apply(self, conn: sqlite3.Connection, command: NonceCommand) -> object:
+        with bound_values(self.name, command):
+            return self._apply(conn, command)
+
+    def _apply(self, conn: sqlite3.Connection, command: NonceCommand) -> object:
         now = now_ms()
         match command:
             case IssueNonce(nonce=nonce, subject=subject, ttl_ms=ttl_ms):
@@ -95,9 +102,9 @@ class NonceLedger:
     async def consume(self, nonce: str, subject: str) -> None:
         """Honour ``nonce`` for ``subject``, once: exactly one consumer ever succeeds. Raises
         ``NonceReplayed``, ``NonceExpired``, ``NonceUnknown``, or ``InvalidInput`` for another subject."""
-        if not isinstance(nonce, str) or not _NONCE_RE.fullmatch(nonce):
+        if not isinstance(nonce, str) or not _NONCE_RE.match(nonce):
             raise InvalidInput("malformed nonce: want the 43-character string that issue() returned")
-        await self._actor.call(ConsumeNonce(nonce, text(subject, "subject")))
+        await self._actor.call(ConsumeNonce(str.__str__(nonce), text(subject, "subject")))
 
     async def purge_expired(self) -> int:
         """Delete expired nonces (consumed or not); returns how many. A purged nonce is unknown
