@@ -170,28 +170,41 @@ class TestFsLog:
             assert turn.parent_turn_id == ids[-1]
 
     async def test_a_damaged_length_is_not_taken_for_a_torn_tail(self, tmp_path: Path) -> None:
-        await self._write(tmp_path, 5)
+        ids = await self._write(tmp_path, 5)
         log = tmp_path / "turns.log"
         data = bytearray(log.read_bytes())
         first_frame = len(MAGIC)
-        data[first_frame + 2] ^= 0x40  # the first record now claims to run past the end of the file
+        data[first_frame + 2] ^= 0x40  # the first record (the context) now claims to run past the end
         log.write_bytes(bytes(data))
-        with pytest.raises(IntegrityError, match="frame header"):
-            async with FsTurnStore(tmp_path):
-                pass
-        assert log.read_bytes() == bytes(data)
+        async with FsTurnStore(tmp_path) as turns:
+            # Damage stays local: the context's own record is lost, its turns (sound) still read.
+            assert any(f"byte {first_frame}" in p and "frame header" in p for p in await turns.check())
+            with pytest.raises(IntegrityError, match="context 1"):
+                await turns.get_head(1)
+            assert [(await turns.get_turn(t)).payload for t in ids] == [b"rec %d" % i for i in range(5)]
+            ctx = await turns.create_context()
+            new = await turns.append_turn(ctx.context_id, "t", b"new")
+            assert ctx.context_id > 1 and new.turn_id > ids[-1]  # no id the lost record may have held
+        assert log.read_bytes()[: len(data)] == bytes(data)  # not truncated, not rewritten
 
     async def test_a_corrupt_record_before_the_end_is_an_integrity_error(self, tmp_path: Path) -> None:
-        await self._write(tmp_path, 5)
+        ids = await self._write(tmp_path, 5)
         log = tmp_path / "turns.log"
         data = bytearray(log.read_bytes())
         at = data.index(b"rec 2")
         data[at] ^= 0xFF
         log.write_bytes(bytes(data))
-        with pytest.raises(IntegrityError, match=r"turns\.log"):
-            async with FsTurnStore(tmp_path):
-                pass
-        assert log.read_bytes() == bytes(data)  # refused, not "repaired" by dropping records
+        async with FsTurnStore(tmp_path) as turns:
+            with pytest.raises(IntegrityError, match=rf"turn {ids[2]} .*turns\.log"):
+                await turns.get_turn(ids[2])
+            with pytest.raises(IntegrityError, match=str(ids[2])):
+                await turns.list_turns(1)  # the chain runs through the damaged turn
+            # Everything else still serves: the turns before and after it, read one by one or paged.
+            assert [t.turn_id for t in await turns.list_turns(1, limit=2)] == ids[3:]
+            for i in (0, 1, 3, 4):
+                assert (await turns.get_turn(ids[i])).payload == b"rec %d" % i
+            assert any(f"byte {len(MAGIC)}" not in p and "checksum" in p for p in await turns.check())
+        assert log.read_bytes() == bytes(data)  # reported, not "repaired" by dropping records
 
     async def test_one_process_at_a_time(self, tmp_path: Path) -> None:
         async with FsTurnStore(tmp_path):

@@ -263,6 +263,8 @@ class TurnStoreBase(ABC):
             await self._check_tree(fs_root)
         record = await self._write(command)
         assert isinstance(record, TurnRecord)
+        if record.payload != payload:
+            verify_turn(record)  # a retry answered from storage: never hand back damaged bytes
         return record
 
     async def append_turns(
@@ -321,6 +323,9 @@ class TurnStoreBase(ABC):
             await self._check_tree(oid)
         records = await self._write(AppendTurns(commands, heads))
         assert isinstance(records, list)
+        for record, command in zip(records, commands, strict=True):
+            if record.payload != command.payload:
+                verify_turn(record)
         return records
 
     # -- turns: reads --------------------------------------------------------------------------------

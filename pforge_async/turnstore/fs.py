@@ -1,11 +1,20 @@
 """``FsTurnStore``: the turn store as one append-only log file, for local parity and offline inspection.
 
 The file starts with a magic line; then each record is a frame ``<u32 length><u32 crc32 of the
-record><u32 crc32 of those 8 bytes><msgpack record>``. Appends never rewrite earlier bytes. At open
-the log is replayed into memory: a frame cut short at the very end (a torn write, or the zeros a
-crash can leave past it) is truncated away; a bad frame anywhere before the end is corruption and
-raises ``IntegrityError`` rather than lose what follows it. The header has a checksum of its own, so
-a damaged length is never mistaken for a torn tail.
+record><u32 crc32 of those 8 bytes><msgpack record>``. Appends never rewrite earlier bytes. One write
+command is one record, so one frame: an ``append_turns`` batch or a fork with its key is on disk whole
+or not at all. At open the log is replayed into memory:
+
+- A frame cut short at the very end (a torn write, or the zeros a crash can leave past it), or a last
+  frame whose checksum fails, is truncated away: its write was never acknowledged as durable.
+- Damage anywhere before the end stays local. A frame whose header is sound but whose record fails its
+  checksum is decoded if it can be, and only the ids it names are kept, marked damaged: reads of those
+  turns and contexts raise ``IntegrityError`` naming the turn log offset, and nothing built on them is
+  served as good data. Bytes that cannot be read at all (a damaged header) are skipped up to the next
+  sound frame; new ids then skip past anything they might have held. ``check()`` lists every damaged
+  frame and id. The log is not rewritten: the damage is reported again at every open until the log is
+  repaired by hand or its store rebuilt.
+- The header has a checksum of its own, so a damaged length is never mistaken for a torn tail.
 
 Writes go through an actor, so concurrent appends are group-committed: one write and one fsync per
 batch. One process at a time may open a directory (a file lock says so).
@@ -30,11 +39,11 @@ from ..cas.pack import fsync_dir
 from ..clock import now_ms
 from ..errors import ActorClosed, IntegrityError, InvalidInput, LockTimeout, PforgeError, StorageError
 from ..fslock import FsLock
-from .base import TurnStoreBase
+from .base import TreeSource
 from .commands import TurnCommand
-from .core import Record, TurnCore
-from .rules import DEFAULT_MAX_PAYLOAD
-from .types import ContextHead, TurnRecord
+from .core import BatchRec, Record, TurnCore, TurnRec
+from .incore import InCoreStore
+from .rules import DEFAULT_MAX_PAYLOAD, MAX_ID
 
 __all__ = ["FsTurnStore", "replay"]
 
@@ -66,27 +75,67 @@ def replay(path: Path, core: TurnCore) -> int:
         if pos + _FRAME.size > end:
             break  # torn header
         size, crc, header_crc = _FRAME.unpack_from(data, pos)
+        where = f"turn log {path} at byte {pos}"
         if zlib.crc32(data[pos : pos + 8]) != header_crc:
             if not data[pos:].strip(b"\0"):
                 break  # zeros past the last write: a torn tail
-            raise IntegrityError(f"turn log {path} is corrupt at byte {pos}: bad frame header")
+            resume = _next_frame(data, pos + 1)
+            log.error("%s: damaged frame header; %d bytes skipped", where, resume - pos)
+            core.lost(where + " (damaged frame header)", resume - pos)
+            pos = resume
+            continue
         body_end = pos + _FRAME.size + size
         if body_end > end:
             break  # torn body
         body = data[pos + _FRAME.size : body_end]
-        if zlib.crc32(body) != crc:
-            if body_end == end:
-                break  # the last frame, half on disk when the writer died
-            raise IntegrityError(f"turn log {path} is corrupt at byte {pos}: checksum mismatch")
+        sound = zlib.crc32(body) == crc
+        if not sound and body_end == end:
+            break  # the last frame, half on disk when the writer died
         try:
             record = _decoder.decode(body)
-        except msgspec.DecodeError as exc:
-            raise IntegrityError(f"turn log {path} has an undecodable record at byte {pos}") from exc
-        core.load(record)
+        except msgspec.DecodeError:
+            log.error("%s: undecodable record of %d bytes", where, size)
+            core.lost(where + (" (undecodable record)" if sound else " (checksum mismatch, undecodable)"), size)
+            pos = body_end
+            continue
+        if sound:
+            core.load(record)
+        elif _ids_in_range(record):
+            log.error("%s: record fails its checksum; the ids it names are marked damaged", where)
+            core.problems.append(f"{where}: the record fails its checksum (what it names is marked damaged)")
+            core.load_damaged(record, where)
+        else:
+            core.lost(where + " (checksum mismatch, ids out of range)", size)
         pos = body_end
     if pos < end:
         _truncate(path, pos, end - pos)
     return pos
+
+
+def _next_frame(data: bytes, start: int) -> int:
+    """The offset of the next sound frame (header and record checksums both right), or the end."""
+    end = len(data)
+    for pos in range(start, end - _FRAME.size + 1):
+        size, crc, header_crc = _FRAME.unpack_from(data, pos)
+        body_end = pos + _FRAME.size + size
+        if (
+            zlib.crc32(data[pos : pos + 8]) == header_crc
+            and body_end <= end
+            and zlib.crc32(data[pos + _FRAME.size : body_end]) == crc
+        ):
+            return pos
+    return end
+
+
+def _ids_in_range(record: Record) -> bool:
+    """Whether the turn ids a damaged record names could be real (else it holds nothing to keep)."""
+    if isinstance(record, TurnRec):
+        records = [record.record]
+    elif isinstance(record, BatchRec):
+        records = record.records
+    else:
+        return True
+    return all(0 < r.turn_id <= MAX_ID and 0 < r.context_id <= MAX_ID for r in records)
 
 
 def _truncate(path: Path, size: int, dropped: int) -> None:
@@ -120,19 +169,19 @@ class _LogActor(Actor[TurnCommand]):
     async def handle_batch(self, commands: Sequence[TurnCommand]) -> list[Any]:
         outcomes: list[Any] = []
         frames: list[bytes] = []
+        core = self.core
         for command in commands:
             try:
-                result, record = self.core.decide(command)
+                result, record = core.decide(command)
+                if record is not None:
+                    # Loaded before it is on disk, so later commands of this batch see it; nobody is
+                    # answered before the write below, and a failed write kills the actor (the log on
+                    # disk stays the truth, replayed at the next open).
+                    core.load(record)
+                    frames.append(frame(record))
+                outcomes.append(core.finish(result))
             except PforgeError as exc:
                 outcomes.append(Failed(exc))
-                continue
-            if record is not None:
-                # Loaded before it is on disk, so later commands of this batch see it; nobody is
-                # answered before the write below, and a failed write kills the actor (the log on
-                # disk stays the truth, replayed at the next open).
-                self.core.load(record)
-                frames.append(frame(record))
-            outcomes.append(result)
         if frames:
             await anyio.to_thread.run_sync(self._write, b"".join(frames), limiter=self._limiter)
         return outcomes
@@ -148,8 +197,9 @@ class _LogActor(Actor[TurnCommand]):
             raise StorageError(f"cannot append to the turn log: {exc.strerror}") from exc
 
 
-class FsTurnStore(TurnStoreBase):
-    """``async with FsTurnStore(directory) as store:`` — the log is ``directory/turns.log``."""
+class FsTurnStore(InCoreStore):
+    """``async with FsTurnStore(directory) as store:`` — the log is ``directory/turns.log``.
+    ``trees`` (e.g. ``store.cas``) is where ``fs_root`` oids are checked to be trees."""
 
     def __init__(
         self,
@@ -158,8 +208,9 @@ class FsTurnStore(TurnStoreBase):
         durability: str = "full",
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
         clock: Callable[[], int] = now_ms,
+        trees: TreeSource | None = None,
     ) -> None:
-        super().__init__(max_payload_bytes=max_payload_bytes)
+        super().__init__(max_payload_bytes=max_payload_bytes, trees=trees)
         if durability not in ("full", "normal"):
             raise InvalidInput(f"durability must be 'full' or 'normal', got {durability!r}")
         self.directory = Path(directory)
@@ -227,17 +278,5 @@ class FsTurnStore(TurnStoreBase):
     async def _write(self, command: TurnCommand) -> object:
         return await self._actor_or_fail().call(command)
 
-    async def _get_head(self, context_id: int) -> ContextHead:
-        return self._readable().get_head(context_id)
-
-    async def _get_turn(self, turn_id: int) -> TurnRecord:
-        return self._readable().get_turn(turn_id)
-
-    async def _list_turns(self, context_id: int, before_turn_id: int | None, limit: int) -> list[TurnRecord]:
-        return self._readable().list_turns(context_id, before_turn_id, limit)
-
-    async def _get_registry_bundle(self, bundle_id: str) -> bytes | None:
-        return self._readable().bundles.get(bundle_id)
-
-    async def _get_blob(self, oid: str) -> bytes:
-        return self._readable().get_blob(oid)
+    def _core_for_read(self) -> TurnCore:
+        return self._readable()
