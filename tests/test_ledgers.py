@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import datetime as dt
+import enum
 import json
 import math
 import random
@@ -26,7 +28,11 @@ from pforge_async import (
     StorageError,
     open_store,
 )
+from pforge_async.actor import Failed
 from pforge_async.ledgers import Usage
+from pforge_async.ledgers.budget import SetBudget
+from pforge_async.ledgers.constellation import RecordTransition
+from pforge_async.ledgers.nonces import IssueNonce
 
 from ._procs import run_all, spawn
 
@@ -407,3 +413,149 @@ async def test_sigkill_loses_no_acknowledged_spend_or_consumption(tmp_path: Path
         assert before.cost >= sum(i for i, _, _ in acked)
         report = await store.check()
         assert report.ok, report.problems
+
+
+# -- hostile arguments ------------------------------------------------------------------------------
+
+
+async def test_ledger_arguments_out_of_range_are_invalid_input(tmp_path: Path) -> None:
+    """What once raised OverflowError, ValueError, TypeError, UnicodeEncodeError or a misleading
+    ActorClosed is InvalidInput, and nothing of it is stored."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        memory, nonces, budget = store.memory, store.nonces, store.budget
+        await budget.set_budget("v")
+        held = await budget.reserve("v", tokens=1)
+        out_of_range = [
+            lambda: memory.record_transition("s", "a", "t", 1e200, True),
+            lambda: memory.record_transition("s", "a", "t", -1e101, True),
+            lambda: memory.record_transition("s", "a", "t", 10**400, True),
+            lambda: memory.record_transition("s", "a", "t", math.inf, True),
+            lambda: memory.record_transition("s", "a", "t", 0.5, True, context={"r": math.nan}),
+            lambda: memory.best_action("s", exploration=math.nan),
+            lambda: memory.best_action("s", exploration=math.inf),
+            lambda: memory.best_action("s", exploration=10**400),
+            lambda: memory.best_action("s", 5),  # type: ignore[arg-type]
+            lambda: nonces.issue("subj", 1e16),
+            lambda: nonces.issue("subj", 2**63),
+            lambda: nonces.issue("subj", math.nan),
+            lambda: budget.set_budget("v", tokens=2**63),
+            lambda: budget.set_budget("v", cost=2**64),
+            lambda: budget.reserve("v", cost=2**63),
+            lambda: budget.reserve("v", ttl_s=1e16),
+            lambda: budget.reserve("v", ttl_s=math.inf),
+            lambda: budget.record_spend("v", "m", input_tokens=2**63, output_tokens=0, cost=0),
+            lambda: budget.commit(held, Usage(0, 0, 2**63)),
+            lambda: budget.totals("v", since=1e300),
+            lambda: budget.totals("v", since=-1e300),
+            lambda: budget.totals("v", since=2**63),
+            lambda: budget.totals("v", since=math.nan),
+            lambda: budget.totals("v", since=math.inf),
+            lambda: budget.totals("v", since=dt.datetime.min),
+        ]
+        lone = "ok\ud800"  # a lone surrogate: not Unicode text, cannot be stored as UTF-8
+        surrogates = [
+            lambda: memory.record_transition(lone, "a", "t", 0.5, True),
+            lambda: memory.record_transition("s", lone, "t", 0.5, True),
+            lambda: memory.record_transition("s", "a", lone, 0.5, True),
+            lambda: memory.record_transition("s", "a", "t", 0.5, True, context=lone),
+            lambda: memory.record_transition("s", "a", "t", 0.5, True, idempotency_key=lone),
+            lambda: memory.stats(lone),  # was ActorClosed: the reader failed to bind it
+            lambda: memory.best_action(lone),
+            lambda: memory.best_action("s", ["a", lone]),
+            lambda: nonces.issue(lone, 60),
+            lambda: nonces.consume("A" * 43, lone),
+            lambda: budget.set_budget(lone),
+            lambda: budget.reserve(lone),
+            lambda: budget.reserve("v", model=lone),
+            lambda: budget.record_spend(lone, "m", input_tokens=1, output_tokens=1, cost=1),
+            lambda: budget.record_spend("v", lone, input_tokens=1, output_tokens=1, cost=1),
+            lambda: budget.record_spend("v", "m", input_tokens=1, output_tokens=1, cost=1, idempotency_key=lone),
+            lambda: budget.totals(lone),
+        ]
+        for call in out_of_range + surrogates:
+            with pytest.raises(InvalidInput):
+                await call()
+        assert await memory.stats("s") == []
+        assert (await budget.totals("v")).cost == 0
+        await memory.record_transition("s", "a", "t", -1e100, True)  # the bounds themselves are accepted
+        await budget.reserve("v", ttl_s=1e15)
+        assert (await budget.totals("v", since=dt.datetime.max.replace(tzinfo=dt.timezone.utc))).cost == 0
+        report = await store.check()
+        assert report.ok, report.problems
+
+
+async def test_spent_and_held_never_pass_64_bits(tmp_path: Path) -> None:
+    """With no limit set, the ledger's own sums still fit SQLite's integers: once what a vendor has
+    spent plus what it holds would pass 2**63-1, a reserve or record_spend is refused."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        budget = store.budget
+        await budget.set_budget("v")
+        await budget.record_spend("v", "m", input_tokens=2**62, output_tokens=0, cost=2**62)
+        held = await budget.reserve("v", tokens=2**62 - 1)  # spent + held = 2**63 - 1: the most
+        with pytest.raises(InvalidInput, match=r"2\*\*63-1"):
+            await budget.reserve("v", tokens=1)
+        with pytest.raises(InvalidInput, match="cost"):
+            await budget.record_spend("v", "m", input_tokens=0, output_tokens=0, cost=2**62)
+        await budget.commit(held, Usage(2**62 - 2, 1, 0))
+        totals = await budget.totals("v")
+        assert (totals.tokens, totals.cost, totals.reserved_tokens) == (2**63 - 1, 2**62, 0)
+        report = await store.check()
+        assert report.ok, report.problems
+
+
+async def test_a_command_past_the_facade_fails_only_its_caller(tmp_path: Path) -> None:
+    """The mailbox is a wire protocol: commands that skip the facade's checks are refused by the
+    decoder, and one that reaches ``apply`` anyway fails only itself; the ledger keeps serving."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        memory_actor = store.memory._actor
+        budget_actor = store.budget._actor
+        with pytest.raises(InvalidInput):
+            await memory_actor.call(RecordTransition("s", "a", "t", 1e200, True))
+        with pytest.raises(InvalidInput):
+            await memory_actor.call(RecordTransition("", "a", "t", 0.5, True))
+        with pytest.raises(InvalidInput):
+            await budget_actor.call(SetBudget("v", "total", 2**63, None))
+        with pytest.raises(InvalidInput):
+            await store.nonces._actor.call(IssueNonce("short", "s", 1000))
+        with pytest.raises(InvalidInput):
+            await budget_actor.call_raw(b"\xc1 not msgpack")
+        # Straight into the batch handler, past the decoder: the bad command fails alone, and the
+        # good one beside it in the same transaction is committed.
+        outcomes = await budget_actor.handle_batch(
+            [SetBudget("v", "total", 2**64 + 5, None), SetBudget("w", "total", 5, None)]
+        )
+        assert isinstance(outcomes[0], Failed) and isinstance(outcomes[0].error, InvalidInput)
+        assert outcomes[1] is None
+        await store.budget.reserve("w", tokens=5)
+        with pytest.raises(BudgetExceeded):
+            await store.budget.reserve("w", tokens=1)
+        await store.memory.record_transition("s", "a", "t", 0.5, True)
+        assert [s.count for s in await store.memory.stats("s")] == [1]
+        assert not budget_actor.closed and not memory_actor.closed
+        report = await store.check()
+        assert report.ok, report.problems
+
+
+class Vendor(str, enum.Enum):
+    ACME = "acme"
+
+
+class Tokens(enum.IntEnum):
+    FEW = 3
+
+
+async def test_ledger_strings_take_nul_and_enum_members(tmp_path: Path) -> None:
+    """NUL is a character like any other in the ledgers' strings; a str or int enum member is taken
+    as its value (msgspec and SQLite take only plain str and int)."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        await store.memory.record_transition("s\x00x", "a\x00", "t", 0.5, True)
+        assert [s.action for s in await store.memory.stats("s\x00x")] == ["a\x00"]
+        assert await store.memory.stats("s") == []
+        await store.budget.set_budget(Vendor.ACME, tokens=Tokens.FEW)
+        await store.budget.record_spend("acme", "m", input_tokens=Tokens.FEW, output_tokens=0, cost=0)
+        with pytest.raises(BudgetExceeded):
+            await store.budget.reserve(Vendor.ACME, tokens=1)
+        nonce = await store.nonces.issue("sub\x00ject", 60)
+        with pytest.raises(InvalidInput, match="another subject"):
+            await store.nonces.consume(nonce, "sub")
+        await store.nonces.consume(nonce, "sub\x00ject")
