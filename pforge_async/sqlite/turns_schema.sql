@@ -1,11 +1,34 @@
--- Turn store (turns.db). Version 1.
--- A turn is immutable once written (fs_root is set at most once). Contexts only move their head.
+-- Turn store (turns.db). Version 2 (sessions); turns_v2.sql upgrades a version 1 file to this.
+-- A turn is immutable once written (fs_root is set at most once). A context's name, base, parent and
+-- creation time never change; its head, metadata and updated_at_ms do. Columns a migration added
+-- come after the version 1 columns, so a migrated file and a fresh one have the same table.
 
 CREATE TABLE contexts (
-    context_id    INTEGER PRIMARY KEY,
-    head_turn_id  INTEGER NOT NULL DEFAULT 0,   -- 0: empty
-    created_at_ms INTEGER NOT NULL
+    context_id        INTEGER PRIMARY KEY,
+    head_turn_id      INTEGER NOT NULL DEFAULT 0,   -- 0: empty
+    created_at_ms     INTEGER NOT NULL,
+    name              TEXT,                         -- unique among contexts (contexts_name)
+    base_turn_id      INTEGER NOT NULL DEFAULT 0,   -- the turn it started from; 0: none
+    parent_context_id INTEGER NOT NULL DEFAULT 0,   -- lineage: the context forked from; 0: none
+    metadata          BLOB    NOT NULL DEFAULT X'7B7D',  -- canonical JSON ('{}')
+    updated_at_ms     INTEGER NOT NULL DEFAULT 0    -- strictly increases with every change
 );
+
+-- Get-or-create by name: SQLite's own backstop behind the lock every writer takes per batch.
+-- Also the "name" order of list_contexts, and its prefix ranges.
+CREATE UNIQUE INDEX contexts_name ON contexts (name) WHERE name IS NOT NULL;
+-- The "updated" order; the rowid (context_id) completes each key, so ties order by id.
+CREATE INDEX contexts_updated ON contexts (updated_at_ms);
+-- list_contexts(parent_context_id=...): the children of one context, by id.
+CREATE INDEX contexts_parent ON contexts (parent_context_id) WHERE parent_context_id != 0;
+
+-- Idempotency keys of context creation (create_context, fork_context): one space per store.
+-- fingerprint: rules.creation_fingerprint of the request that first used the key.
+CREATE TABLE context_keys (
+    idempotency_key TEXT PRIMARY KEY,
+    context_id      INTEGER NOT NULL REFERENCES contexts (context_id),
+    fingerprint     TEXT    NOT NULL
+) WITHOUT ROWID;
 
 CREATE TABLE turns (
     turn_id         INTEGER PRIMARY KEY,

@@ -1,22 +1,48 @@
-"""The SQLite turn store that ``open_store`` exposes as ``store.turns`` (``turns.db``)."""
+"""The SQLite turn store that ``open_store`` exposes as ``store.turns`` (``turns.db``).
+
+Schema version 2 (``turns_schema.sql``) adds sessions: context names (a partial unique index), lineage,
+metadata, ``updated_at_ms`` and creation keys. ``turns_v2.sql`` upgrades a version 1 file at open, in
+one transaction under the writers' lock.
+"""
 
 from __future__ import annotations
 
 import sqlite3
+import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from ..cas.objects import validate_oid
 from ..cas.store import Cas
 from ..clock import now_ms
-from ..errors import Conflict, ContextNotFound, InvalidInput, ObjectNotFound, TurnNotFound
+from ..errors import Conflict, ContextNotFound, HeadConflict, InvalidInput, TurnNotFound
 from ..sqlite.actor import SqliteActor
-from .base import TurnStoreBase
-from .commands import AppendTurn, AttachFs, CreateContext, PublishBundle, PutBlob, TurnCommand
-from .rules import DEFAULT_MAX_PAYLOAD, check_idempotent, jump_for, payload_hash
-from .types import ContextHead, TurnRecord
+from .base import ContextKey, TurnStoreBase
+from .commands import (
+    AppendTurn,
+    AppendTurns,
+    AttachFs,
+    CreateContext,
+    PublishBundle,
+    PutBlob,
+    SetContextMetadata,
+    SetHead,
+    TurnCommand,
+)
+from .rules import (
+    DEFAULT_MAX_PAYLOAD,
+    check_creation_retry,
+    check_idempotent,
+    creation_fingerprint,
+    decode_metadata,
+    jump_for,
+    next_updated,
+    payload_hash,
+    verify_turn,
+)
+from .types import ContextHead, ContextInfo, ContextOrder, TurnRecord
 
-__all__ = ["SqliteTurnStore", "TurnActor"]
+__all__ = ["SqliteTurnStore", "TurnActor", "name_successor"]
 
 COLUMNS = (
     "turn_id, context_id, parent_turn_id, depth, type_id, type_version, payload, payload_hash, "
@@ -28,20 +54,32 @@ def _record(row: Any) -> TurnRecord:
     return TurnRecord(*row)
 
 
+#: turn id -> (depth, skip link, skip link's depth, context it was appended in)
+Node = tuple[int, int, int, int]
+#: a context created in the running batch: (name, base turn, parent context, metadata, created_at_ms)
+NewContext = tuple[str | None, int, int, bytes, int]
+
+
 class TurnActor(SqliteActor[TurnCommand]):
     """The one writer of ``turns.db``.
 
-    An append checks everything it needs first (context, idempotency key, parent) and writes
-    nothing itself: its rows wait in memory until :meth:`flush` inserts the whole batch with two
-    ``executemany`` calls. So no command can fail half-written, and savepoints are not needed.
-    Heads and recent turns are cached between batches; a commit by another process (seen in
-    ``PRAGMA data_version``) drops the cache.
+    Every command checks everything it needs first and writes nothing itself: what it decided waits
+    in memory until :meth:`flush` writes the whole batch with a few ``executemany`` calls (new
+    contexts, creation keys, turns, moved heads, metadata). So no command can fail half-written, and
+    savepoints are not needed; an ``append_turns`` decides its whole batch before it changes any of
+    this state, so one bad turn leaves nothing of it, and its neighbours in the group commit are
+    untouched. Each context's head and ``updated_at_ms`` and each turn's place in the DAG are cached
+    between batches; a commit by another process (seen in ``PRAGMA data_version``) drops the cache.
+    Names and creation keys are never cached: each is looked up inside the batch's transaction, under
+    the lock every writer of ``turns.db`` holds around its batch, so a get-or-create by name sees
+    every other process's creations (the unique index on names is the backstop).
     """
 
     command_type = TurnCommand
     name = "turns"
     schema_file = "turns_schema.sql"
-    schema_version = 1
+    schema_version = 2
+    migrations: ClassVar[dict[int, str]] = {2: "turns_v2.sql"}
     savepoints = False
     _CACHE_LIMIT = 100_000
     invariants = (
@@ -71,82 +109,161 @@ class TurnActor(SqliteActor[TurnCommand]):
             "SELECT t.turn_id FROM turns t LEFT JOIN contexts c ON c.context_id = t.context_id "
             "WHERE c.context_id IS NULL",
         ),
+        (
+            "contexts whose base turn is missing",
+            "SELECT c.context_id FROM contexts c LEFT JOIN turns t ON t.turn_id = c.base_turn_id "
+            "WHERE c.base_turn_id != 0 AND t.turn_id IS NULL",
+        ),
+        (
+            "contexts whose parent context is missing",
+            "SELECT c.context_id FROM contexts c LEFT JOIN contexts p ON p.context_id = c.parent_context_id "
+            "WHERE c.parent_context_id != 0 AND p.context_id IS NULL",
+        ),
+        (
+            "contexts changed before they were created",
+            "SELECT context_id FROM contexts WHERE updated_at_ms < created_at_ms",
+        ),
+        (
+            "contexts whose name is empty or not text",
+            "SELECT context_id FROM contexts WHERE name IS NOT NULL AND (typeof(name) != 'text' OR name = '')",
+        ),
+        (
+            "contexts whose metadata is not a JSON object",
+            "SELECT context_id FROM contexts WHERE NOT json_valid(CAST(metadata AS TEXT)) "
+            "OR json_type(CAST(metadata AS TEXT)) != 'object'",
+        ),
+        (
+            "context creation keys of contexts that do not exist",
+            "SELECT k.idempotency_key FROM context_keys k LEFT JOIN contexts c ON c.context_id = k.context_id "
+            "WHERE c.context_id IS NULL",
+        ),
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._heads: dict[int, int] = {}
-        #: turn id -> (depth, skip link, skip link's depth)
-        self._nodes: dict[int, tuple[int, int, int]] = {}
+        #: context id -> (head, updated_at_ms), as the batch so far left them
+        self._state: dict[int, tuple[int, int]] = {}
+        self._nodes: dict[int, Node] = {}
         self._next_turn = 0
         self._next_context = 0
-        self._new_contexts: list[tuple[int, int, int]] = []
+        # What the running batch decided, written by flush.
+        self._new_contexts: dict[int, NewContext] = {}
+        self._new_names: dict[str, int] = {}
+        self._new_context_keys: dict[str, tuple[int, str]] = {}
         self._new_turns: list[tuple[Any, ...]] = []
-        self._moved_heads: dict[int, int] = {}
         self._new_keys: dict[tuple[int, str], TurnRecord] = {}
+        self._moved: set[int] = set()
+        self._new_metadata: dict[int, bytes] = {}
 
     # -- the batch's life --------------------------------------------------------------------------
 
     def begin(self, conn: sqlite3.Connection, changed_elsewhere: bool) -> None:
         if changed_elsewhere or not self._next_turn or len(self._nodes) > self._CACHE_LIMIT:
-            self._heads.clear()
+            self._state.clear()
             self._nodes.clear()
             self._next_turn = conn.execute("SELECT COALESCE(MAX(turn_id), 0) + 1 FROM turns").fetchone()[0]
             self._next_context = conn.execute("SELECT COALESCE(MAX(context_id), 0) + 1 FROM contexts").fetchone()[0]
-        elif len(self._heads) > self._CACHE_LIMIT:
-            self._heads.clear()
+        elif len(self._state) > self._CACHE_LIMIT:
+            self._state.clear()
 
     def flush(self, conn: sqlite3.Connection) -> None:
-        if self._new_contexts:
+        new = self._new_contexts
+        if new:
+            rows = []
+            for context_id, (name, base, parent, metadata, created) in new.items():
+                head, updated = self._state[context_id]
+                metadata = self._new_metadata.pop(context_id, metadata)
+                rows.append((context_id, head, created, name, base, parent, metadata, updated))
             conn.executemany(
-                "INSERT INTO contexts (context_id, head_turn_id, created_at_ms) VALUES (?, ?, ?)",
-                self._new_contexts,
+                "INSERT INTO contexts (context_id, head_turn_id, created_at_ms, name, base_turn_id, "
+                "parent_context_id, metadata, updated_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        if self._new_context_keys:
+            conn.executemany(
+                "INSERT INTO context_keys (idempotency_key, context_id, fingerprint) VALUES (?, ?, ?)",
+                [(key, context_id, digest) for key, (context_id, digest) in self._new_context_keys.items()],
             )
         if self._new_turns:
             conn.executemany(
                 "INSERT INTO turns (turn_id, context_id, parent_turn_id, depth, jump_turn_id, jump_depth, "
-                "type_id, type_version, payload, payload_hash, idempotency_key, created_at_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "type_id, type_version, payload, payload_hash, idempotency_key, created_at_ms, fs_root) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 self._new_turns,
             )
-        if self._moved_heads:
+        if self._moved:
+            state = self._state
             conn.executemany(
-                "UPDATE contexts SET head_turn_id = ? WHERE context_id = ?",
-                [(head, context_id) for context_id, head in self._moved_heads.items()],
+                "UPDATE contexts SET head_turn_id = ?, updated_at_ms = ? WHERE context_id = ?",
+                [(*state[context_id], context_id) for context_id in self._moved if context_id not in new],
+            )
+        if self._new_metadata:
+            conn.executemany(
+                "UPDATE contexts SET metadata = ? WHERE context_id = ?",
+                [(metadata, context_id) for context_id, metadata in self._new_metadata.items()],
             )
         self._forget_pending()
 
     def abort(self) -> None:
         self._forget_pending()
-        self._heads.clear()
+        self._state.clear()
         self._nodes.clear()
         self._next_turn = self._next_context = 0
 
     def _forget_pending(self) -> None:
-        self._new_contexts, self._new_turns = [], []
-        self._moved_heads, self._new_keys = {}, {}
+        self._new_contexts, self._new_names, self._new_context_keys = {}, {}, {}
+        self._new_turns, self._new_keys = [], {}
+        self._moved, self._new_metadata = set(), {}
 
     # -- lookups through the cache -----------------------------------------------------------------
 
-    def _head(self, conn: sqlite3.Connection, context_id: int) -> int:
-        head = self._heads.get(context_id)
-        if head is None:
-            row = conn.execute("SELECT head_turn_id FROM contexts WHERE context_id = ?", (context_id,)).fetchone()
+    def _context(self, conn: sqlite3.Connection, context_id: int, what: str = "") -> tuple[int, int]:
+        """(head, updated_at_ms) of a context, or ``ContextNotFound``."""
+        state = self._state.get(context_id)
+        if state is None:
+            row = conn.execute(
+                "SELECT head_turn_id, updated_at_ms FROM contexts WHERE context_id = ?", (context_id,)
+            ).fetchone()
             if row is None:
-                raise ContextNotFound(f"no context {context_id}")
-            head = self._heads[context_id] = row[0]
-        return head
+                raise ContextNotFound(f"no context {context_id}{what}")
+            state = self._state[context_id] = (row[0], row[1])
+        return state
 
-    def _node(self, conn: sqlite3.Connection, turn_id: int, what: str = "") -> tuple[int, int, int]:
+    def _node(self, conn: sqlite3.Connection, turn_id: int, what: str = "") -> Node:
         node = self._nodes.get(turn_id)
         if node is None:
             row = conn.execute(
-                "SELECT depth, jump_turn_id, jump_depth FROM turns WHERE turn_id = ?", (turn_id,)
+                "SELECT depth, jump_turn_id, jump_depth, context_id FROM turns WHERE turn_id = ?", (turn_id,)
             ).fetchone()
             if row is None:
                 raise TurnNotFound(f"no turn {turn_id}{what}")
-            node = self._nodes[turn_id] = (row[0], row[1], row[2])
+            node = self._nodes[turn_id] = (row[0], row[1], row[2], row[3])
         return node
+
+    def _stored_key(self, conn: sqlite3.Connection, context_id: int, key: str) -> TurnRecord | None:
+        first = self._new_keys.get((context_id, key))
+        if first is None:
+            row = conn.execute(
+                f"SELECT {COLUMNS} FROM turns WHERE context_id = ? AND idempotency_key = ?", (context_id, key)
+            ).fetchone()
+            first = None if row is None else _record(row)
+        return first
+
+    def _info(self, conn: sqlite3.Connection, context_id: int) -> ContextInfo:
+        """A context as the batch so far left it."""
+        head, updated = self._context(conn, context_id)
+        new = self._new_contexts.get(context_id)
+        if new is None:
+            row = conn.execute(
+                "SELECT name, base_turn_id, parent_context_id, metadata, created_at_ms FROM contexts "
+                "WHERE context_id = ?",
+                (context_id,),
+            ).fetchone()
+            new = (row[0], row[1], row[2], row[3], row[4])
+        name, base, parent, metadata, created = new
+        metadata = self._new_metadata.get(context_id, metadata)
+        depth = self._node(conn, head)[0] if head else 0
+        return ContextInfo(context_id, head, depth, name, base, parent, decode_metadata(metadata), created, updated)
 
     # -- commands ----------------------------------------------------------------------------------
 
@@ -154,13 +271,27 @@ class TurnActor(SqliteActor[TurnCommand]):
         match command:
             case AppendTurn():
                 return self._append(conn, command)
-            case CreateContext(base_turn_id=base):
-                depth = self._node(conn, base)[0] if base else 0
-                context_id = self._next_context
-                self._next_context += 1
-                self._new_contexts.append((context_id, base, now_ms()))
-                self._heads[context_id] = base
-                return ContextHead(context_id, base, depth)
+            case AppendTurns():
+                return self._append_batch(conn, command)
+            case CreateContext():
+                return self._create(conn, command)
+            case SetHead(context_id=context_id, turn_id=turn_id, expected_head=expected):
+                head, updated = self._context(conn, context_id)
+                if expected is not None and head != expected:
+                    raise HeadConflict(context_id, expected, head)
+                if turn_id:
+                    self._node(conn, turn_id)
+                self._state[context_id] = (turn_id, next_updated(updated, now_ms()))
+                self._moved.add(context_id)
+                return self._info(conn, context_id)
+            case SetContextMetadata(context_id=context_id, metadata=metadata, expected_updated_at_ms=expected):
+                head, updated = self._context(conn, context_id)
+                if expected is not None and updated != expected:
+                    raise Conflict(f"context {context_id} changed since updated_at_ms {expected}: it is now {updated}")
+                self._state[context_id] = (head, next_updated(updated, now_ms()))
+                self._moved.add(context_id)
+                self._new_metadata[context_id] = metadata
+                return self._info(conn, context_id)
             case PublishBundle(bundle_id=bundle_id, bundle_json=data):
                 row = conn.execute(
                     "SELECT bundle_json FROM registry_bundles WHERE bundle_id = ?", (bundle_id,)
@@ -183,30 +314,78 @@ class TurnActor(SqliteActor[TurnCommand]):
                 raise InvalidInput("blobs of the SQLite turn store live in the CAS")
         raise InvalidInput(f"unknown turn store command {command!r}")
 
-    def _append(self, conn: sqlite3.Connection, command: AppendTurn) -> TurnRecord:
-        context_id = command.context_id
-        head = self._head(conn, context_id)
-        digest = payload_hash(command.payload)
+    def _create(self, conn: sqlite3.Connection, command: CreateContext) -> ContextInfo:
         key = command.idempotency_key
         if key is not None:
-            first = self._new_keys.get((context_id, key))
-            if first is None:
+            known = self._new_context_keys.get(key)
+            if known is None:
                 row = conn.execute(
-                    f"SELECT {COLUMNS} FROM turns WHERE context_id = ? AND idempotency_key = ?",
-                    (context_id, key),
+                    "SELECT context_id, fingerprint FROM context_keys WHERE idempotency_key = ?", (key,)
                 ).fetchone()
-                first = None if row is None else _record(row)
-            if first is not None:
-                return check_idempotent(first, command, digest)
+                known = None if row is None else (row[0], row[1])
+            if known is not None:
+                check_creation_retry(key, known[0], known[1], command)
+                return self._info(conn, known[0])
+        name = command.name
+        if name is not None:
+            holder = self._new_names.get(name)
+            if holder is None:
+                row = conn.execute("SELECT context_id FROM contexts WHERE name = ?", (name,)).fetchone()
+                holder = None if row is None else row[0]
+            if holder is not None:
+                if command.open_existing:
+                    return self._info(conn, holder)
+                raise Conflict(f"context name {name!r} is taken (context {holder})")
+        base = command.base_turn_id
+        parent = command.parent_context_id
+        depth = 0
+        if base:
+            depth, _, _, base_context = self._node(conn, base)
+            if parent is None:
+                parent = base_context
+        if parent:
+            self._context(conn, parent, " (parent_context_id)")
+        parent = parent or 0
+        now = now_ms()
+        context_id = self._next_context
+        self._next_context += 1
+        self._new_contexts[context_id] = (name, base, parent, command.metadata, now)
+        self._state[context_id] = (base, now)
+        if name is not None:
+            self._new_names[name] = context_id
+        if key is not None:
+            self._new_context_keys[key] = (context_id, creation_fingerprint(command))
+        return ContextInfo(context_id, base, depth, name, base, parent, decode_metadata(command.metadata), now, now)
+
+    def _new_turn(
+        self,
+        conn: sqlite3.Connection,
+        command: AppendTurn,
+        turn_id: int,
+        head: int,
+        digest: str,
+        now: int,
+        pending: dict[int, Node] | None,
+    ) -> tuple[TurnRecord, tuple[Any, ...], Node]:
+        """The record of a new turn, its row and its node; ``pending``: nodes decided but not yet
+        cached (an ``append_turns`` in progress)."""
+        context_id = command.context_id
         parent = head if command.parent_turn_id is None else command.parent_turn_id
         jump, jump_depth, depth = 0, 0, 1
         if parent:
-            parent_depth, parent_jump, parent_jump_depth = self._node(conn, parent, " to append to")
-            grand_jump, grand_jump_depth = self._node(conn, parent_jump)[1:] if parent_jump else (0, 0)
+            parent_node = pending.get(parent) if pending else None
+            if parent_node is None:
+                parent_node = self._node(conn, parent, " to append to")
+            parent_depth, parent_jump, parent_jump_depth, _ = parent_node
+            grand_jump, grand_jump_depth = 0, 0
+            if parent_jump:
+                grand = pending.get(parent_jump) if pending else None
+                if grand is None:
+                    grand = self._node(conn, parent_jump)
+                grand_jump, grand_jump_depth = grand[1], grand[2]
             jump, jump_depth = jump_for(parent, parent_depth, parent_jump_depth, grand_jump, grand_jump_depth)
             depth = parent_depth + 1
-        turn_id = self._next_turn
-        self._next_turn += 1
+        key = command.idempotency_key
         record = TurnRecord(
             turn_id,
             context_id,
@@ -217,29 +396,96 @@ class TurnActor(SqliteActor[TurnCommand]):
             command.payload,
             digest,
             key,
-            now_ms(),
+            now,
+            command.fs_root,
         )
-        self._new_turns.append(
-            (
-                turn_id,
-                context_id,
-                parent,
-                depth,
-                jump,
-                jump_depth,
-                record.type_id,
-                record.type_version,
-                record.payload,
-                digest,
-                key,
-                record.created_at_ms,
-            )
+        row = (
+            turn_id,
+            context_id,
+            parent,
+            depth,
+            jump,
+            jump_depth,
+            command.type_id,
+            command.type_version,
+            command.payload,
+            digest,
+            key,
+            now,
+            command.fs_root,
         )
-        self._nodes[turn_id] = (depth, jump, jump_depth)
-        self._heads[context_id] = self._moved_heads[context_id] = turn_id
+        return record, row, (depth, jump, jump_depth, context_id)
+
+    def _append(self, conn: sqlite3.Connection, command: AppendTurn) -> TurnRecord:
+        context_id = command.context_id
+        head, updated = self._context(conn, context_id)
+        digest = payload_hash(command.payload)
+        key = command.idempotency_key
+        if key is not None:
+            first = self._stored_key(conn, context_id, key)
+            if first is not None:
+                return check_idempotent(first, command, digest)
+        expected = command.expected_head
+        if expected is not None and expected != head:
+            raise HeadConflict(context_id, expected, head)
+        now = now_ms()
+        turn_id = self._next_turn
+        record, row, node = self._new_turn(conn, command, turn_id, head, digest, now, None)
+        self._next_turn = turn_id + 1
+        self._new_turns.append(row)
+        self._nodes[turn_id] = node
+        self._state[context_id] = (turn_id, now if now > updated else updated + 1)
+        self._moved.add(context_id)
         if key is not None:
             self._new_keys[(context_id, key)] = record
         return record
+
+    def _append_batch(self, conn: sqlite3.Connection, command: AppendTurns) -> list[TurnRecord]:
+        """Decide every turn against the state the batch's earlier turns leave, check the expected
+        heads, and only then change the actor's state: a failure anywhere leaves it as it was."""
+        now = now_ms()
+        heads: dict[int, int] = {}
+        written: set[int] = set()
+        nodes: dict[int, Node] = {}
+        keys: dict[tuple[int, str], TurnRecord] = {}
+        rows: list[tuple[Any, ...]] = []
+        replies: list[TurnRecord] = []
+        turn_id = self._next_turn
+        for turn in command.turns:
+            context_id = turn.context_id
+            head = self._context(conn, context_id)[0]
+            digest = payload_hash(turn.payload)
+            key = turn.idempotency_key
+            if key is not None:
+                first = keys.get((context_id, key)) or self._stored_key(conn, context_id, key)
+                if first is not None:
+                    heads.setdefault(context_id, head)
+                    replies.append(check_idempotent(first, turn, digest))
+                    continue
+            record, row, node = self._new_turn(conn, turn, turn_id, heads.get(context_id, head), digest, now, nodes)
+            nodes[turn_id] = node
+            turn_id += 1
+            heads[context_id] = record.turn_id
+            written.add(context_id)
+            rows.append(row)
+            replies.append(record)
+            if key is not None:
+                keys[(context_id, key)] = record
+        for context_id, expected in command.expected_heads.items():
+            if context_id in heads and context_id not in written:
+                continue  # every turn it has in the batch is a retry that landed
+            actual = self._context(conn, context_id)[0]
+            if actual != expected:
+                raise HeadConflict(context_id, expected, actual)
+        self._next_turn = turn_id
+        self._nodes.update(nodes)
+        self._new_turns.extend(rows)
+        self._new_keys.update(keys)
+        for context_id in written:
+            updated = self._state[context_id][1]
+            self._state[context_id] = (heads[context_id], next_updated(updated, now))
+            self._moved.add(context_id)
+        return replies
 
 
 _ANCESTOR_AT = """
@@ -272,6 +518,57 @@ _CHAIN_FROM_HEAD = _CHAIN_FROM.format(
     seed="SELECT head_turn_id, 1 FROM contexts WHERE context_id = :context AND head_turn_id != 0",
     columns=_COLUMNS_OF_T,
 )
+#: an ``iter_turns`` page, oldest first: the ``:limit`` turns that end at the ancestor of ``:start``
+#: at ``:depth``, found over the skip links (O(log depth) steps), in one trip to the reader
+_CHAIN_AT_DEPTH = f"""
+WITH RECURSIVE walk (turn_id, depth, parent, jump, jump_depth) AS (
+    SELECT turn_id, depth, parent_turn_id, jump_turn_id, jump_depth FROM turns WHERE turn_id = :start
+    UNION ALL
+    SELECT t.turn_id, t.depth, t.parent_turn_id, t.jump_turn_id, t.jump_depth
+    FROM walk w JOIN turns t
+      ON t.turn_id = (CASE WHEN w.jump_depth >= :depth THEN w.jump ELSE w.parent END)
+    WHERE w.depth > :depth
+),
+chain (turn_id, n) AS (
+    SELECT turn_id, 1 FROM walk WHERE depth = :depth
+    UNION ALL
+    SELECT t.parent_turn_id, c.n + 1 FROM chain c JOIN turns t ON t.turn_id = c.turn_id
+    WHERE c.n < :limit AND t.parent_turn_id != 0
+)
+SELECT {_COLUMNS_OF_T}
+FROM chain c JOIN turns t ON t.turn_id = c.turn_id ORDER BY c.n DESC
+"""
+
+#: a context's row as ContextInfo takes it: the head's depth joined in
+_INFO = (
+    "SELECT c.context_id, c.head_turn_id, COALESCE(t.depth, 0), c.name, c.base_turn_id, c.parent_context_id, "
+    "c.metadata, c.created_at_ms, c.updated_at_ms FROM contexts c {hint}"
+    "LEFT JOIN turns t ON t.turn_id = c.head_turn_id"
+)
+_INFO_SELECT = _INFO.format(hint="")
+_ORDER_BY: dict[str, str] = {
+    "updated": "c.updated_at_ms DESC, c.context_id DESC",
+    "created": "c.context_id DESC",
+    "name": "c.name",
+}
+
+
+def _info_of(row: Any) -> ContextInfo:
+    return ContextInfo(row[0], row[1], row[2], row[3], row[4], row[5], decode_metadata(row[6]), row[7], row[8])
+
+
+def name_successor(prefix: str) -> str | None:
+    """The least str greater than every str that starts with ``prefix`` (a valid, non-empty name
+    prefix), or None when there is none (``prefix`` is all U+10FFFF). SQLite compares TEXT as UTF-8
+    bytes, which is code point order, as Python compares str: so ``prefix <= name < successor`` is
+    "name starts with prefix", and a range scan of the name index."""
+    stem = prefix.rstrip(chr(sys.maxunicode))
+    if not stem:
+        return None
+    last = ord(stem[-1]) + 1
+    if last == 0xD800:  # no str holds a surrogate (names are checked for lone ones)
+        last = 0xE000
+    return stem[:-1] + chr(last)
 
 
 class SqliteTurnStore(TurnStoreBase):
@@ -290,6 +587,77 @@ class SqliteTurnStore(TurnStoreBase):
     async def _write(self, command: TurnCommand) -> object:
         return await self._actor.call(command)
 
+    async def _create(self, command: CreateContext) -> ContextInfo:
+        # A name, once taken, stays with its context (contexts are never removed), so an
+        # open_context that finds its name on the reader is answered there, without a trip
+        # through the writer's lock and transaction: as cheap as get_context.
+        if command.open_existing and command.name is not None:
+            found = await self._find_context(command.name)
+            if found is not None:
+                return found
+        return await super()._create(command)
+
+    # -- contexts ----------------------------------------------------------------------------------
+
+    async def _get_context(self, context_id: int) -> ContextInfo:
+        row = await self._actor.fetchone(_INFO_SELECT + " WHERE c.context_id = ?", (context_id,))
+        if row is None:
+            raise ContextNotFound(f"no context {context_id}")
+        return _info_of(row)
+
+    async def _find_context(self, name: str) -> ContextInfo | None:
+        row = await self._actor.fetchone(_INFO_SELECT + " WHERE c.name = ?", (name,))
+        return None if row is None else _info_of(row)
+
+    async def _list_contexts(
+        self,
+        prefix: str | None,
+        parent_context_id: int | None,
+        order: ContextOrder,
+        after: ContextKey | None,
+        limit: int,
+    ) -> list[ContextInfo]:
+        """One query down one index: the order's own (updated: ``contexts_updated``, created: the
+        primary key, name: ``contexts_name``), so a page costs O(limit + log n); with a filter that
+        is not the order's own, down the filter's index (``contexts_parent``, or the name range of
+        ``prefix``) and sorted, so it costs what passes the filter."""
+        where: list[str] = []
+        params: dict[str, Any] = {"want": limit + 1}
+        hint = ""
+        if parent_context_id is not None:
+            where.append("c.parent_context_id = :parent AND c.parent_context_id != 0")
+            params["parent"] = parent_context_id
+            hint = "INDEXED BY contexts_parent "
+        if prefix is not None or order == "name":
+            if prefix:
+                where.append("c.name >= :low")
+                params["low"] = prefix
+                high = name_successor(prefix)
+                if high is not None:
+                    where.append("c.name < :high")
+                    params["high"] = high
+            else:
+                where.append("c.name IS NOT NULL")
+            if not hint:
+                hint = "INDEXED BY contexts_name "
+        if after is not None:
+            if order == "updated":
+                where.append("c.updated_at_ms <= :at AND (c.updated_at_ms < :at OR c.context_id < :id)")
+                params["at"], params["id"] = after[0], after[1]  # type: ignore[misc]
+            elif order == "created":
+                where.append("c.context_id < :id")
+                params["id"] = after[0]
+            else:
+                where.append("c.name > :name")
+                params["name"] = after[0]
+        sql = _INFO.format(hint=hint)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY {_ORDER_BY[order]} LIMIT :want"
+        return [_info_of(row) for row in await self._actor.fetchall(sql, params)]
+
+    # -- turns -------------------------------------------------------------------------------------
+
     async def _get_head(self, context_id: int) -> ContextHead:
         row = await self._actor.fetchone(
             "SELECT c.head_turn_id, COALESCE(t.depth, 0) FROM contexts c "
@@ -306,9 +674,47 @@ class SqliteTurnStore(TurnStoreBase):
             raise TurnNotFound(f"no turn {turn_id}")
         return _record(row)
 
+    async def _get_turn_by_key(self, context_id: int, key: str) -> TurnRecord | None:
+        row = await self._actor.fetchone(
+            f"SELECT c.context_id, {_COLUMNS_OF_T} FROM contexts c LEFT JOIN turns t "
+            "ON t.context_id = c.context_id AND t.idempotency_key = :key WHERE c.context_id = :context",
+            {"context": context_id, "key": key},
+        )
+        if row is None:
+            raise ContextNotFound(f"no context {context_id}")
+        return None if row[1] is None else _record(row[1:])
+
+    async def _chain(self, top_turn_id: int, limit: int) -> list[TurnRecord]:
+        rows = await self._actor.fetchall(_CHAIN, {"start": top_turn_id, "limit": limit})
+        return [_record(row) for row in rows]
+
+    async def _ancestor_at(self, turn_id: int, depth: int) -> int:
+        row = await self._actor.fetchone(_ANCESTOR_AT, {"start": turn_id, "depth": depth})
+        if row is None:
+            raise TurnNotFound(f"no turn {turn_id} (or no ancestor of it at depth {depth})")
+        return int(row[0])
+
+    async def _iter_turns(self, context_id: int, newest_first: bool, page_size: int) -> AsyncIterator[TurnRecord]:
+        if newest_first:
+            async for record in super()._iter_turns(context_id, newest_first, page_size):
+                yield record
+            return
+        # Oldest first: each page is one query that walks the skip links from the head to the
+        # page's last turn and reads the page up from there.
+        head = await self._get_head(context_id)
+        start = 1
+        while start <= head.head_depth:
+            end = min(start + page_size - 1, head.head_depth)
+            rows = await self._actor.fetchall(
+                _CHAIN_AT_DEPTH, {"start": head.head_turn_id, "depth": end, "limit": end - start + 1}
+            )
+            for row in rows:
+                yield verify_turn(_record(row))
+            start = end + 1
+
     async def check(self) -> list[str]:
-        """What is wrong in ``turns.db``: SQLite's integrity check, the DAG's invariants, and every
-        payload re-hashed."""
+        """What is wrong in ``turns.db``: SQLite's integrity check, the DAG's and the contexts'
+        invariants, and every payload re-hashed."""
         problems = await self._actor.check()
         after = 0
         while rows := await self._actor.fetchall(
@@ -355,9 +761,3 @@ class SqliteTurnStore(TurnStoreBase):
 
     async def _get_blob(self, oid: str) -> bytes:
         return await self._cas.read_blob(oid)
-
-    async def attach_fs(self, turn_id: int, fs_root: str) -> None:
-        validate_oid(fs_root, "fs_root")
-        if not await self._cas.has(fs_root):
-            raise ObjectNotFound(f"fs_root {fs_root} is not in the CAS")
-        await super().attach_fs(turn_id, fs_root)
