@@ -78,7 +78,12 @@ def parse_mode(mode: object) -> int:
         return _TEXT_MODE[mode]
     if isinstance(mode, int) and not isinstance(mode, bool) and mode in _MODE_TEXT:
         return mode
-    raise InvalidInput(f"unknown tree entry mode {mode!r}: use 100644, 100755, 120000 or 40000")
+    why = None
+    if isinstance(mode, str) and re.fullmatch(r"[0-7]{1,12}", mode):
+        why = mode_problem(int(mode, 8))
+    elif isinstance(mode, int) and not isinstance(mode, bool):
+        why = mode_problem(mode)
+    raise InvalidInput(f"unknown tree entry mode {mode!r}: {why or 'use 100644, 100755, 120000 or 40000'}")
 
 
 class TreeEntry(msgspec.Struct, frozen=True):

@@ -14,15 +14,30 @@ from .pack import fsync_dir
 __all__ = ["RefStore", "validate_ref_name"]
 
 _BAD_REF_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+#: a ref is a file under the CAS: each component a file name (NAME_MAX), the whole well under PATH_MAX.
+MAX_REF_COMPONENT_BYTES = 255
+MAX_REF_BYTES = 1024
 
 
 def validate_ref_name(name: object) -> str:
-    """``HEAD`` or ``refs/...`` following ``git check-ref-format``; checked before any path is built."""
+    """``HEAD`` or ``refs/...`` following ``git check-ref-format`` (no control characters, space,
+    ``~^:?*[\\``, ``..``, ``@{``, empty components, components starting with ``.`` or ending with
+    ``.lock``, no trailing ``.``), valid UTF-8 text, each component at most 255 bytes and the whole at
+    most 1,024. Checked before any path is built from it: anything else is ``InvalidInput``."""
     if not isinstance(name, str):
         raise InvalidInput(f"invalid ref name {name!r}: want a str")
     if name == "HEAD":
         return name
-    parts = name.split("/")
+    shown = name if len(name) <= 200 else f"{name[:200]}... ({len(name)} characters)"
+    try:
+        encoded = name.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"invalid ref name {shown!r}: not valid Unicode text ({exc.reason})") from exc
+    if len(encoded) > MAX_REF_BYTES:
+        raise InvalidInput(f"invalid ref name {shown!r}: longer than {MAX_REF_BYTES} bytes")
+    parts = encoded.split(b"/")
+    if any(len(p) > MAX_REF_COMPONENT_BYTES for p in parts):
+        raise InvalidInput(f"invalid ref name {shown!r}: a component longer than {MAX_REF_COMPONENT_BYTES} bytes")
     ok = (
         name.startswith("refs/")
         and len(parts) >= 3
@@ -30,10 +45,10 @@ def validate_ref_name(name: object) -> str:
         and ".." not in name
         and "@{" not in name
         and not name.endswith((".", ".lock"))
-        and all(p and not p.startswith(".") and not p.endswith(".lock") for p in parts)
+        and all(p and not p.startswith(b".") and not p.endswith(b".lock") for p in parts)
     )
     if not ok:
-        raise InvalidInput(f"invalid ref name {name!r}: want 'HEAD' or 'refs/<kind>/<name>' as git allows")
+        raise InvalidInput(f"invalid ref name {shown!r}: want 'HEAD' or 'refs/<kind>/<name>' as git allows")
     return name
 
 
@@ -61,7 +76,7 @@ class RefStore:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return self._packed(target)
         except OSError as exc:
-            raise StorageError(f"cannot read ref {target}: {exc.strerror}") from exc
+            raise StorageError(f"cannot read ref {target}: {exc.strerror or exc!r}") from exc
         return validate_oid(text, f"value of ref {target}")
 
     def _packed(self, name: str) -> str | None:
