@@ -1,7 +1,14 @@
-"""The CAS actor: the one writer of the object store. A batch of commands becomes one pack and one fsync."""
+"""The CAS actor: the one writer of the object store. A batch of commands becomes one pack and one fsync.
+
+No input and no I/O error kills it: each command's failure (a ``PforgeError``, or an ``OSError`` or a
+bad-name ``ValueError`` translated into one) goes to that command's caller only, and the actor keeps
+serving. It dies only of a bug, and then every caller gets ``ActorClosed`` naming the cause.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +17,7 @@ import anyio
 import msgspec
 
 from ..actor import Actor, Failed
-from ..errors import InvalidInput, ObjectNotFound, PforgeError
+from ..errors import InvalidInput, ObjectNotFound, PforgeError, StorageError
 from ..fslock import FsLock
 from ..owner import OwnerThread
 from .objects import BLOB, COMMIT, TREE, decode_tree, hash_object, validate_oid
@@ -33,10 +40,11 @@ class PutObjects(msgspec.Struct, frozen=True, tag="put_objects"):
 
 class Snapshot(msgspec.Struct, frozen=True, tag="snapshot"):
     """Store the directory ``root`` as a tree; replies with the tree's hex id. ``cache_file`` is its
-    stat cache; directories whose ``(st_dev, st_ino)`` is in ``exclude`` are left out."""
+    stat cache; directories whose ``(st_dev, st_ino)`` is in ``exclude`` are left out. Paths are bytes
+    (``os.fsencode``): a path need not be UTF-8."""
 
-    root: str
-    cache_file: str
+    root: bytes
+    cache_file: bytes
     exclude: list[tuple[int, int]]
 
 
@@ -72,9 +80,8 @@ class _Batch:
                 self.flush()
         return raw
 
-    def add_large_file(self, path: str) -> bytes | None:
-        streamed = self.odb.write_file_blob(path)
-        return None if streamed is None else streamed[0]
+    def add_large_file(self, fd: int, shown: str) -> bytes:
+        return self.odb.write_fd_blob(fd, shown)[0]
 
     def flush(self) -> None:
         objects = [(raw, type_num, body) for raw, (type_num, body) in self.staged.items()]
@@ -95,9 +102,12 @@ class CasActor(Actor[CasCommand]):
         fsync: bool,
         compression: int = 0,
         watcher: Watcher | None = None,
+        readonly: bool = False,
     ) -> None:
         super().__init__(mailbox_size=64, max_batch=64)
         self.watcher = watcher
+        #: open an existing repository without creating or changing anything; every write command fails.
+        self.readonly = readonly
         self.odb = ObjectDB(gitdir, fsync=fsync, compression=compression)
         self.refs = RefStore(gitdir, fsync=fsync)
         self.lock_path = lock_path
@@ -106,11 +116,22 @@ class CasActor(Actor[CasCommand]):
     async def setup(self) -> None:
         self._owner = OwnerThread("pforge-cas")
         try:
-            await self._owner.run(self.odb.init)
+            await self._owner.run(self._open_readonly if self.readonly else self.odb.init)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.teardown()
             raise
+
+    def _open_readonly(self) -> None:
+        """Open what exists, create nothing: no repository, or not a SHA-256 one, is a ``StorageError``."""
+        config = self.odb.gitdir / "config"
+        try:
+            text = config.read_text(errors="replace")
+        except OSError as exc:
+            raise StorageError(f"cannot open the CAS at {self.odb.gitdir} read-only: {exc.strerror or exc!r}") from exc
+        if not re.search(r"objectformat\s*=\s*sha256", text):
+            raise StorageError(f"{self.odb.gitdir} is not a SHA-256 git repository")
+        self.odb.refresh()
 
     async def teardown(self) -> None:
         if self._owner is not None:
@@ -124,6 +145,8 @@ class CasActor(Actor[CasCommand]):
         return outcomes
 
     def _apply(self, commands: Sequence[CasCommand]) -> list[Any]:
+        if self.readonly:
+            return [Failed(InvalidInput("the store is open read-only")) for _ in commands]
         batch = _Batch(self.odb)
         outcomes: list[Any] = [None] * len(commands)
         refs: list[int] = []
@@ -134,20 +157,23 @@ class CasActor(Actor[CasCommand]):
                     case PutObjects(objects=objects):
                         outcomes[i] = self._put_objects(batch, objects)
                     case Snapshot(root=root, cache_file=cache, exclude=exclude):
-                        plan = SnapshotPlan(root, Path(cache), {(dev, ino) for dev, ino in exclude})
+                        plan = SnapshotPlan(
+                            os.fsdecode(root), Path(os.fsdecode(cache)), {(dev, ino) for dev, ino in exclude}
+                        )
                         outcomes[i] = plan.run(batch, self.odb, self.watcher).hex()
                         snapshots.append(plan)
                     case UpdateRef():
                         refs.append(i)
-            except PforgeError as exc:
-                outcomes[i] = Failed(exc)
+            except Exception as exc:
+                outcomes[i] = Failed(_contained(exc, _what(command)))
         try:
             batch.flush()
-        except PforgeError as exc:
+        except Exception as exc:
             # Nothing of this batch is stored: fail its writers, keep serving.
-            return [Failed(exc) for _ in commands]
+            error = _contained(exc, "writing a pack")
+            return [Failed(error) for _ in commands]
         for plan in snapshots:
-            plan.save_cache()  # only now: what it records is durable
+            plan.save_cache()  # only now: what it records is durable (and a failure to is only logged)
         if refs:
             self._update_refs(commands, refs, outcomes)
         return outcomes
@@ -178,9 +204,10 @@ class CasActor(Actor[CasCommand]):
         try:
             lock = FsLock(self.lock_path)
             lock.acquire()
-        except PforgeError as exc:
+        except Exception as exc:
+            error = _contained(exc, f"locking {self.lock_path}")
             for i in refs:
-                outcomes[i] = Failed(exc)
+                outcomes[i] = Failed(error)
             return
         try:
             for i in refs:
@@ -194,10 +221,45 @@ class CasActor(Actor[CasCommand]):
                     if not self.odb.has(bytes.fromhex(new)):
                         raise ObjectNotFound(f"cannot point ref {name} at missing object {new}")
                     self.refs.update(name, new, command.expected)
-                except PforgeError as exc:
-                    outcomes[i] = Failed(exc)
+                except Exception as exc:
+                    outcomes[i] = Failed(_contained(exc, _what(command)))
         finally:
             lock.release()
+
+
+def _what(command: CasCommand) -> str:
+    match command:
+        case Snapshot(root=root):
+            return f"snapshot of {_shown(os.fsdecode(root))}"
+        case UpdateRef(name=name):
+            return f"update of ref {_shown(name)}"
+        case _:
+            return "storing objects"
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    """A name for a message: printable whatever it holds, and not 5,000 characters long."""
+    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return repr(shown if len(shown) <= limit else shown[:limit] + "...")
+
+
+def _contained(exc: Exception, what: str) -> Exception:
+    """The error one command's caller gets. What is not a bug becomes a ``PforgeError``: an
+    ``OSError`` a ``StorageError``, a bad name (``UnicodeError``, ``ValueError`` such as an embedded
+    NUL) ``InvalidInput``, each chained to its cause. Anything else is a bug and is re-raised, which
+    kills the actor (every caller then gets ``ActorClosed`` naming it)."""
+    if isinstance(exc, PforgeError):
+        return exc
+    if isinstance(exc, OSError):
+        name = exc.filename
+        where = f" ({_shown(os.fsdecode(name) if isinstance(name, bytes) else str(name))})" if name is not None else ""
+        error: Exception = StorageError(f"{what} failed{where}: {exc.strerror or exc!r}")
+    elif isinstance(exc, ValueError):  # UnicodeError is one
+        error = InvalidInput(f"{what} failed: {exc}")
+    else:
+        raise exc
+    error.__cause__ = exc
+    return error
 
 
 def _commit_links(body: bytes) -> list[bytes]:

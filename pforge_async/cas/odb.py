@@ -321,17 +321,21 @@ class ObjectDB:
         if fd is None:
             return None
         try:
-            for _attempt in range(3):
-                before = os.fstat(fd)
-                if not stat.S_ISREG(before.st_mode):
-                    raise InvalidInput(f"{path} is not a regular file")
-                result = self._stream_loose(fd, before.st_size, path)
-                after = os.fstat(fd)
-                if result is not None and after.st_mtime_ns == before.st_mtime_ns:
-                    return result, after
-            raise StorageError(f"{path} kept changing while it was read")
+            return self.write_fd_blob(fd, path)
         finally:
             os.close(fd)
+
+    def write_fd_blob(self, fd: int, path: str) -> tuple[bytes, os.stat_result]:
+        """Stream the regular file open on ``fd`` (``path`` names it in errors) into a loose blob."""
+        for _attempt in range(3):
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                raise InvalidInput(f"{path} is not a regular file")
+            result = self._stream_loose(fd, before.st_size, path)
+            after = os.fstat(fd)
+            if result is not None and after.st_mtime_ns == before.st_mtime_ns:
+                return result, after
+        raise StorageError(f"{path} kept changing while it was read")
 
     def _stream_loose(self, fd: int, size: int, path: str) -> bytes | None:
         header = object_header(BLOB, size)

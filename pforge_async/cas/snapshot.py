@@ -1,16 +1,27 @@
-"""Directory <-> tree: the scan and stat cache behind ``snapshot``, and ``restore``.
+"""Directory -> tree: the scan and stat cache behind ``snapshot``.
 
 The stat cache works as git's index does: a file whose ``(mode, size, mtime, ctime, inode)`` match
 what was recorded when it was last stored is not read again. Entries modified within
 ``RACY_NS`` of a snapshot's start are "racily clean" (a later write could keep the same timestamp
 tick) and are never cached, so a change is never missed.
+
+The workspace is untrusted: tools may swap, rename and delete its entries while the scan runs. The
+scan opens the root once (a symlink *at* the root, which the caller named, is followed) and from
+there opens, lists, stats and reads everything relative to directory descriptors it opened itself
+(:mod:`.dirfd`): a directory swapped for a symlink is never followed, a file swapped for a FIFO is
+never waited on. An entry that changed type between the listing and the open is left out, as one
+deleted meanwhile is (it changed during the scan; the change watch has seen it, so the next snapshot
+scans again). A file replaced by another regular file is read as what was opened.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import logging
 import os
+import secrets
 import stat
 import time
 from pathlib import Path
@@ -18,30 +29,33 @@ from typing import Protocol
 
 import msgspec
 
-from ..errors import IntegrityError, InvalidInput, StorageError
-from .objects import BLOB, DIR_MODE, TREE, decode_tree, encode_tree, hash_object
-from .odb import ObjectDB, open_for_reading
+from ..errors import InvalidInput, StorageError
+from .dirfd import ROOT_FLAGS, open_dir_at, open_file_at, shown_path
+from .objects import BLOB, DIR_MODE, TREE, encode_tree, hash_object, tree_name_problem
+from .odb import ObjectDB
+from .pack import write_all
+from .restore import restore_tree
 from .watch import Watcher
 
 __all__ = ["LARGE_FILE", "SnapshotPlan", "Sink", "cache_file", "restore_tree"]
 
+log = logging.getLogger(__name__)
+
 RACY_NS = 50_000_000
 #: files at least this large stream into loose objects instead of being read whole into a pack.
 LARGE_FILE = 1 << 20
+_LINK_MODE = 0o120000
 
+# Keyed by the path relative to the root as bytes: names are bytes on Linux, and not all are UTF-8.
 _CacheEntry = tuple[int, int, int, int, int, str]  # mode, size, mtime_ns, ctime_ns, ino, oid
-_cache_decoder = msgspec.msgpack.Decoder(dict[str, _CacheEntry])
+_cache_decoder = msgspec.msgpack.Decoder(dict[bytes, _CacheEntry])
 _cache_encoder = msgspec.msgpack.Encoder()
 
 
 def _git_mode(st_mode: int) -> int:
     if stat.S_ISLNK(st_mode):
-        return 0o120000
+        return _LINK_MODE
     return 0o100755 if st_mode & stat.S_IXUSR else 0o100644
-
-
-def _excluded(name: str) -> bool:
-    return name.lower() == ".git"
 
 
 class Sink(Protocol):
@@ -49,15 +63,28 @@ class Sink(Protocol):
 
     def add(self, type_num: int, body: bytes, raw: bytes | None = None) -> bytes: ...
 
-    def add_large_file(self, path: str) -> bytes | None: ...
+    def add_large_file(self, fd: int, shown: str) -> bytes: ...
+
+
+class _Dir:
+    """A directory being scanned: its descriptor, and the subdirectories it listed still to scan."""
+
+    __slots__ = ("fd", "index", "rel", "subdirs")
+
+    def __init__(self, fd: int, index: int, rel: bytes) -> None:
+        self.fd = fd
+        self.index = index
+        self.rel = rel
+        self.subdirs: list[bytes] = []
 
 
 class SnapshotPlan:
     """One snapshot, in one pass over the directory, run by the CAS actor (its single writer).
 
-    Each directory is watched (if a watcher is given) before it is listed, listed and stat'ed
-    relative to its descriptor, and every file the stat cache cannot answer is read and staged at
-    once, while the directory is open. Trees are built bottom-up at the end.
+    Depth first, holding one descriptor per level: each directory is opened relative to its parent's
+    descriptor, watched (if a watcher is given) before it is listed, listed and stat'ed relative to
+    its descriptor, and every file the stat cache cannot answer is read and staged at once. Trees are
+    built bottom-up at the end.
     """
 
     def __init__(self, root: str, cache_path: Path, exclude: set[tuple[int, int]]) -> None:
@@ -67,7 +94,7 @@ class SnapshotPlan:
         self.dirs: list[tuple[int, bytes]] = []  # (parent index, name); index 0 is the root
         #: per directory: (name, mode, raw oid) entries found so far
         self.levels: list[list[tuple[bytes, int, bytes]]] = []
-        self.seen: dict[str, _CacheEntry] = {}  # what the next stat cache will hold
+        self.seen: dict[bytes, _CacheEntry] = {}  # what the next stat cache will hold
         self.start_ns = 0
 
     def run(self, sink: Sink, odb: ObjectDB, watcher: Watcher | None) -> bytes:
@@ -76,111 +103,155 @@ class SnapshotPlan:
         cache = self._load_cache()
         if watcher is not None:
             watcher.begin(self.root)
-        self.dirs.append((-1, b""))
-        self.levels.append([])
-        stack = [(0, self.root, "")]
-        while stack:
-            index, path, rel = stack.pop()
-            # Watched before listed: a change after this point is an event, never a miss.
-            wd = watcher.watch_dir(self.root, path) if watcher is not None else -1
+        open_dirs: list[_Dir] = []
+        try:
             try:
-                # Listed, stat'ed and opened relative to the directory's descriptor (getdents,
-                # fstatat, openat): no path walk from / for every file.
-                dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue  # removed while we scanned
+                root_fd = os.open(self.root, ROOT_FLAGS)
             except OSError as exc:
-                raise StorageError(f"cannot list {path}: {exc.strerror}") from exc
-            try:
-                self._scan_dir(dir_fd, index, path, rel, wd, cache, sink, odb, watcher, stack)
-            finally:
-                os.close(dir_fd)
+                raise StorageError(f"cannot open {shown_path(self.root, b'')}: {exc.strerror or exc!r}") from exc
+            self.dirs.append((-1, b""))
+            self.levels.append([])
+            open_dirs.append(_Dir(root_fd, 0, b""))
+            self._scan_dir(open_dirs[-1], cache, sink, odb, watcher)
+            while open_dirs:
+                top = open_dirs[-1]
+                if not top.subdirs:
+                    open_dirs.pop()
+                    os.close(top.fd)
+                    continue
+                name = top.subdirs.pop()
+                rel = top.rel + b"/" + name if top.rel else name
+                try:
+                    opened = open_dir_at(top.fd, name)
+                except OSError as exc:
+                    raise StorageError(f"cannot open {shown_path(self.root, rel)}: {exc.strerror or exc!r}") from exc
+                if opened is None:
+                    continue  # removed, or no longer a directory: it changed during the scan
+                fd, st = opened
+                if (st.st_dev, st.st_ino) in self.exclude:
+                    os.close(fd)
+                    continue
+                self.dirs.append((top.index, name))
+                self.levels.append([])
+                open_dirs.append(_Dir(fd, len(self.dirs) - 1, rel))
+                self._scan_dir(open_dirs[-1], cache, sink, odb, watcher)
+        finally:
+            for left in open_dirs:
+                os.close(left.fd)
         return self._build_trees(sink)
 
     def _scan_dir(
         self,
-        dir_fd: int,
-        index: int,
-        path: str,
-        rel: str,
-        wd: int,
-        cache: dict[str, _CacheEntry],
+        here: _Dir,
+        cache: dict[bytes, _CacheEntry],
         sink: Sink,
         odb: ObjectDB,
         watcher: Watcher | None,
-        stack: list[tuple[int, str, str]],
     ) -> None:
+        # Watched before listed: a change after this point is an event, never a miss.
+        wd = watcher.watch_dir(self.root, here.fd) if watcher is not None else -1
+        dir_fd = here.fd
         try:
-            entries = list(os.scandir(dir_fd))
+            with os.scandir(dir_fd) as listing:
+                entries = list(listing)
         except OSError as exc:
-            raise StorageError(f"cannot list {path}: {exc.strerror}") from exc
-        level = self.levels[index]
+            raise StorageError(f"cannot list {shown_path(self.root, here.rel)}: {exc.strerror or exc!r}") from exc
+        level = self.levels[here.index]
+        prefix = here.rel + b"/" if here.rel else b""
         for entry in entries:
-            name = entry.name
-            if _excluded(name):
+            name_text = entry.name
+            name = os.fsencode(name_text)
+            if name_text.lower() == ".git":
+                # The workspace's own repository is not part of its snapshot.
                 if watcher is not None:
                     watcher.ignore(wd, name)
                 continue
+            rel = prefix + name
             try:
-                st = entry.stat(follow_symlinks=False)
+                st = entry.stat(follow_symlinks=False)  # fstatat relative to dir_fd, no follow
             except FileNotFoundError:
                 continue  # removed while we scanned
+            except OSError as exc:
+                # e.g. a directory we may list but not search (mode 0o444)
+                raise StorageError(f"cannot stat {shown_path(self.root, rel)}: {exc.strerror or exc!r}") from exc
             mode = st.st_mode
-            child_rel = f"{rel}/{name}" if rel else name
             if stat.S_ISDIR(mode):
                 if (st.st_dev, st.st_ino) in self.exclude:
                     if watcher is not None:
                         watcher.ignore(wd, name)
                     continue
-                self.dirs.append((index, os.fsencode(name)))
-                self.levels.append([])
-                stack.append((len(self.dirs) - 1, f"{path}/{name}", child_rel))
+                self._check_name(name, DIR_MODE, rel)
+                here.subdirs.append(name)
                 continue
             if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
                 continue  # sockets, fifos and devices have no git representation: skipped, as git does
-            # The stat recorded is the scan's: had the file changed since, its next stat differs from
-            # it and the cache misses.
+            self._check_name(name, _git_mode(mode), rel)
             key = (mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-            hit = cache.get(child_rel)
+            hit = cache.get(rel)
             if hit is not None and hit[:5] == key and odb.has(raw := bytes.fromhex(hit[5])):
-                oid = raw
-            else:
-                found = self._store(sink, dir_fd, name, f"{path}/{name}", mode, st.st_size)
-                if found is None:
-                    continue  # vanished before it could be read: left out of the tree
-                oid = found
-            level.append((os.fsencode(name), _git_mode(mode), oid))
-            self.seen[child_rel] = (*key, oid.hex())
-
-    def _store(self, sink: Sink, dir_fd: int, name: str, path: str, mode: int, size: int) -> bytes | None:
-        try:
+                level.append((name, _git_mode(mode), raw))
+                self.seen[rel] = hit
+                continue
             if stat.S_ISLNK(mode):
-                return sink.add(BLOB, os.fsencode(os.readlink(name, dir_fd=dir_fd)))
-            if size >= LARGE_FILE:
-                return sink.add_large_file(path)
-            fd = open_for_reading(name, dir_fd=dir_fd, shown=path)
-            if fd is None:
-                return None
-            try:
-                data = _read_all(fd, size)
-            finally:
-                os.close(fd)
-        except FileNotFoundError:
-            return None
-        except IsADirectoryError as exc:
-            raise InvalidInput(f"{path} is not a regular file") from exc
-        except OSError as exc:
-            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
-        return sink.add(BLOB, data)
+                oid = self._store_link(sink, dir_fd, name, rel)
+            else:
+                found = self._store_file(sink, dir_fd, name, rel)
+                # The stat recorded is that of what was read, in case it was replaced meanwhile.
+                oid, key = found if found is not None else (None, key)
+                mode = key[0]
+            if oid is None:
+                continue  # vanished, or changed type, before it could be read: left out of the tree
+            level.append((name, _git_mode(mode), oid))
+            self.seen[rel] = (*key, oid.hex())
 
-    def _load_cache(self) -> dict[str, _CacheEntry]:
+    def _check_name(self, name: bytes, mode: int, rel: bytes) -> None:
+        problem = tree_name_problem(name, mode)
+        if problem is not None:
+            raise InvalidInput(f"cannot snapshot {shown_path(self.root, rel)}: git refuses this name ({problem})")
+
+    def _store_link(self, sink: Sink, dir_fd: int, name: bytes, rel: bytes) -> bytes | None:
+        try:
+            target = os.readlink(name, dir_fd=dir_fd)  # readlinkat: reads the link, never follows it
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # no longer a symlink
+                return None
+            raise StorageError(f"cannot read {shown_path(self.root, rel)}: {exc.strerror or exc!r}") from exc
+        return sink.add(BLOB, target)
+
+    def _store_file(
+        self, sink: Sink, dir_fd: int, name: bytes, rel: bytes
+    ) -> tuple[bytes, tuple[int, int, int, int, int]] | None:
+        try:
+            opened = open_file_at(dir_fd, name)
+        except OSError as exc:
+            raise StorageError(f"cannot read {shown_path(self.root, rel)}: {exc.strerror or exc!r}") from exc
+        if opened is None:
+            return None
+        fd, st = opened
+        try:
+            key = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            if st.st_size >= LARGE_FILE:
+                return sink.add_large_file(fd, shown_path(self.root, rel)), key
+            try:
+                data = _read_all(fd, st.st_size)
+            except OSError as exc:
+                raise StorageError(f"cannot read {shown_path(self.root, rel)}: {exc.strerror or exc!r}") from exc
+        finally:
+            os.close(fd)
+        return sink.add(BLOB, data), key
+
+    def _load_cache(self) -> dict[bytes, _CacheEntry]:
         try:
             data = self.cache_path.read_bytes()
             return _cache_decoder.decode(data)
-        except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+        except (FileNotFoundError, NotADirectoryError, msgspec.DecodeError, msgspec.ValidationError):
             return {}
         except OSError as exc:
-            raise StorageError(f"cannot read the snapshot cache {self.cache_path}: {exc}") from exc
+            # Only a cache: a snapshot without it reads every file, and is still right.
+            log.warning("cannot read the snapshot cache %s: %s", self.cache_path, exc)
+            return {}
 
     def _build_trees(self, sink: Sink) -> bytes:
         root_raw = b""
@@ -199,18 +270,29 @@ class SnapshotPlan:
         return root_raw
 
     def save_cache(self) -> None:
-        """Record what this snapshot saw; call once its objects are durable."""
+        """Record what this snapshot saw; call once its objects are durable.
+
+        Failing to write it (a full disk) fails nothing: the snapshot is stored, and the previous
+        cache, if any, stays valid (an entry is used only while the file's stat still matches it).
+        """
         horizon = self.start_ns - RACY_NS
         cache = {rel: entry for rel, entry in self.seen.items() if entry[2] < horizon and entry[3] < horizon}
-        temp = self.cache_path.with_name(f"{self.cache_path.name}.{os.getpid()}.tmp")
+        temp = self.cache_path.with_name(f"{self.cache_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        created = False
         try:
             self.cache_path.parent.mkdir(mode=0o700, exist_ok=True)
-            temp.write_bytes(_cache_encoder.encode(cache))
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            created = True
+            try:
+                write_all(fd, _cache_encoder.encode(cache))
+            finally:
+                os.close(fd)
             os.replace(temp, self.cache_path)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise StorageError(f"cannot write the snapshot cache {self.cache_path}: {exc}") from exc
+            if created:
+                with contextlib.suppress(OSError):
+                    temp.unlink()
+            log.warning("cannot write the snapshot cache %s: %s", self.cache_path, exc)
 
 
 def _read_all(fd: int, size: int) -> bytes:
@@ -226,44 +308,3 @@ def _read_all(fd: int, size: int) -> bytes:
 
 def cache_file(cache_dir: Path, directory: str) -> Path:
     return cache_dir / f"snapshot-{hashlib.sha256(os.fsencode(directory)).hexdigest()[:32]}"
-
-
-def restore_tree(odb: ObjectDB, tree: str, directory: str) -> None:
-    """Write the tree into ``directory``, which must be missing or empty."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        if os.listdir(directory):
-            raise InvalidInput(f"restore target {directory} is not empty")
-    except OSError as exc:
-        raise StorageError(f"cannot prepare {directory}: {exc.strerror}") from exc
-    type_num, body = odb.read(tree)
-    if type_num != TREE:
-        raise InvalidInput(f"{tree} is not a tree")
-    stack = [(tree, body, directory)]
-    while stack:
-        oid, body, path = stack.pop()
-        for name, mode, raw in decode_tree(body, oid):
-            if not name or name in (b".", b"..") or b"/" in name or name.lower() == b".git":
-                raise IntegrityError(f"tree {oid} has an unsafe entry name {name!r}")
-            target = os.path.join(path, os.fsdecode(name))
-            child = raw.hex()
-            try:
-                if mode == DIR_MODE:
-                    child_type, child_body = odb.read(child)
-                    if child_type != TREE:
-                        raise IntegrityError(f"tree {oid} says {child} is a tree, it is not")
-                    os.mkdir(target, 0o755)
-                    stack.append((child, child_body, target))
-                elif mode == 0o120000:
-                    os.symlink(os.fsdecode(odb.read_blob(child)), target)
-                elif mode in (0o100644, 0o100755):
-                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                    try:
-                        odb.copy_blob(child, fd)
-                        os.fchmod(fd, 0o755 if mode == 0o100755 else 0o644)
-                    finally:
-                        os.close(fd)
-                else:
-                    raise IntegrityError(f"tree {oid} has entry {name!r} of unsupported mode {mode:o}")
-            except OSError as exc:
-                raise StorageError(f"cannot restore {target}: {exc.strerror}") from exc

@@ -26,6 +26,8 @@ __all__ = ["Watcher", "open_watcher"]
 
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
+# No IN_DONT_FOLLOW: a directory is watched through /proc/self/fd/<its descriptor>, a link the
+# kernel resolves to exactly the directory the scan opened, never to whatever its path names now.
 _MASK = (
     0x2  # IN_MODIFY
     | 0x4  # IN_ATTRIB
@@ -37,7 +39,6 @@ _MASK = (
     | 0x400  # IN_DELETE_SELF
     | 0x800  # IN_MOVE_SELF
     | 0x01000000  # IN_ONLYDIR
-    | 0x02000000  # IN_DONT_FOLLOW
     | 0x04000000  # IN_EXCL_UNLINK
 )
 _IN_Q_OVERFLOW = 0x4000
@@ -63,10 +64,14 @@ class Watcher:
         self._roots: dict[str, _Root] = {}
         self._wd_roots: dict[int, set[str]] = {}
         self._ignored: set[tuple[int, bytes]] = set()
+        #: once set, the descriptor is closed and its number may belong to another file: never used.
+        self._closed = False
 
     def unchanged_tree(self, root: str) -> str | None:
         """The last tree of ``root`` if nothing under it changed since that snapshot's scan began."""
         with self._lock:
+            if self._closed:
+                return None
             self._drain()
             state = self._roots.get(root)
             if state is None or state.dirty or not state.watched:
@@ -76,31 +81,37 @@ class Watcher:
     def begin(self, root: str) -> None:
         """A full scan of ``root`` starts: forget what it was, watch what the scan lists."""
         with self._lock:
+            if self._closed:
+                return
             self._drain()
             state = self._roots.setdefault(root, _Root())
             state.dirty = False
             state.watched = True
             state.tree = None
 
-    def watch_dir(self, root: str, path: str) -> int:
-        """Watch a directory before it is listed; returns its watch descriptor, or -1."""
-        wd = int(self._add_watch(self._fd, os.fsencode(path), _MASK))
+    def watch_dir(self, root: str, dir_fd: int) -> int:
+        """Watch the directory open on ``dir_fd`` before it is listed; returns its watch descriptor, or -1."""
         with self._lock:
+            if self._closed:
+                return -1
+            wd = int(self._add_watch(self._fd, f"/proc/self/fd/{dir_fd}".encode(), _MASK))
             if wd < 0:
                 self._roots[root].watched = False  # e.g. the user's inotify watch limit
                 return -1
             self._wd_roots.setdefault(wd, set()).add(root)
         return wd
 
-    def ignore(self, wd: int, name: str) -> None:
+    def ignore(self, wd: int, name: bytes) -> None:
         """Events about ``name`` in the directory ``wd`` concern no snapshot (the store, ``.git``)."""
         if wd >= 0:
             with self._lock:
-                self._ignored.add((wd, os.fsencode(name)))
+                self._ignored.add((wd, name))
 
     def finish(self, root: str, tree: str) -> None:
         with self._lock:
-            self._roots[root].tree = tree
+            state = self._roots.get(root)
+            if state is not None and not self._closed:
+                state.tree = tree
 
     def _drain(self) -> None:
         while True:
@@ -120,9 +131,18 @@ class Watcher:
                     for root in self._wd_roots.get(wd, ()):
                         self._roots[root].dirty = True
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
-        with self._lock, contextlib.suppress(OSError):
-            os.close(self._fd)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._roots.clear()
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
 
 
 def open_watcher() -> Watcher | None:
