@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import cast
@@ -10,13 +11,25 @@ from typing import cast
 import anyio
 import msgspec
 
-from ..errors import ActorClosed, IntegrityError, InvalidInput, NotFound, PforgeError
+from ..errors import ActorClosed, IntegrityError, InvalidInput, NotFound, ObjectNotFound, PforgeError
 from .actor import CasActor, PutObjects, Snapshot, UpdateRef
+from .gitrules import (
+    GITLINK_MODE,
+    LINK_MODE,
+    commit_problems,
+    dotfile_blob_problem,
+    dotfile_kind,
+    parse_tree,
+    tree_name_problem,
+    tree_problems,
+)
 from .objects import (
     BLOB,
     COMMIT,
     DIR_MODE,
     TREE,
+    TYPE_NAMES,
+    TYPE_NUMBERS,
     Commit,
     TreeEntry,
     decode_commit,
@@ -25,6 +38,7 @@ from .objects import (
     encode_tree,
     hash_object,
     parse_mode,
+    shown_name,
     validate_oid,
 )
 from .odb import ObjectDB
@@ -35,15 +49,20 @@ __all__ = ["Cas", "FsckReport"]
 
 
 class FsckReport(msgspec.Struct, frozen=True):
-    """What :meth:`Cas.fsck` found: ``missing`` ids are referenced by a tree or commit but absent."""
+    """What :meth:`Cas.fsck` found: ``corrupt`` objects do not match their ids (or cannot be read);
+    ``missing`` ids are referenced by a tree or commit but absent; ``invalid`` lists, as ``"<id>:
+    <why>"``, well-hashed objects ``git fsck --strict`` would reject (a tree entry ``..``, ``a/b`` or
+    ``.git``, a gitlink, a directory entry pointing at a blob, a commit date git cannot hold, a bad
+    ``.gitmodules``), typically written into the repository by another tool."""
 
     checked: int
     corrupt: list[str]
     missing: list[str]
+    invalid: list[str] = msgspec.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.corrupt and not self.missing
+        return not self.corrupt and not self.missing and not self.invalid
 
 
 class Cas:
@@ -87,11 +106,38 @@ class Cas:
     # -- trees -------------------------------------------------------------------------------------
 
     async def write_tree(self, entries: Iterable[tuple[str, str | int, str]]) -> str:
-        """Write ``(path, mode, oid)`` entries; ``a/b/c`` paths build the subtrees. Returns the root id."""
-        objects, root = _build_trees(entries)
+        """Write ``(path, mode, oid)`` entries; ``a/b/c`` paths build the subtrees. Returns the root id.
+
+        Paths are str, turned into the tree's bytes with ``os.fsencode`` (so a file name that is not
+        UTF-8, read with ``os.fsdecode``, round-trips byte-exact). Whatever ``git fsck --strict`` would
+        reject is refused with ``InvalidInput`` naming the entry, before anything is stored: a name git
+        refuses (``..``, ``.git`` in any spelling, see :func:`.gitrules.tree_name_problem`), a gitlink,
+        an entry whose mode says tree and whose object is a blob or the reverse, a ``.gitmodules`` or
+        ``.gitattributes`` blob git would reject."""
+        objects, root, leaves = _build_trees(entries)
+        odb = self._odb_open()
+        await anyio.to_thread.run_sync(self._check_leaves, odb, leaves)
         if objects:
             await self._actor.call(PutObjects(objects))
         return root
+
+    def _check_leaves(self, odb: ObjectDB, leaves: list[_Leaf]) -> None:
+        """The checks that need the objects a tree points at: their types, and dotfile contents."""
+        types: dict[str, int] = {}
+        for path, name, mode, oid in leaves:
+            if oid not in types:
+                types[oid] = _object_type(odb, oid, f"tree entry {path!r}")
+            want = TREE if mode == DIR_MODE else BLOB
+            if types[oid] != want:
+                raise InvalidInput(
+                    f"tree entry {path!r} has mode {mode:o}, a {TYPE_NAMES[want]}, "
+                    f"but {oid} is a {TYPE_NAMES[types[oid]]}"
+                )
+            kind = dotfile_kind(name)
+            if kind is not None and want == BLOB:
+                why = dotfile_blob_problem(kind, odb.read_blob(oid))
+                if why:
+                    raise InvalidInput(f"tree entry {path!r}: git fsck rejects this content: {why}")
 
     async def read_tree(self, oid: str, recursive: bool = False) -> list[TreeEntry]:
         """One level of a tree, or with ``recursive`` every non-tree entry below it by path."""
@@ -129,7 +175,16 @@ class Cas:
         timestamp: int | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> str:
+        """A commit of ``tree``; anything ``git fsck --strict`` would reject is ``InvalidInput`` naming the
+        field (see :func:`.objects.encode_commit`), and so is a ``tree`` that is not a tree or a parent
+        that is not a commit."""
+        if isinstance(parents, (str, bytes)) or not isinstance(parents, Iterable):
+            raise InvalidInput(f"parents must be an iterable of commit ids, not {type(parents).__name__}")
+        parents = tuple(parents)
         body = encode_commit(tree, parents, message=message, author=author, timestamp=timestamp, metadata=metadata)
+        odb = self._odb_open()
+        links = [(tree, TREE, "tree")] + [(parent, COMMIT, "parent") for parent in parents]
+        await anyio.to_thread.run_sync(_check_links, odb, links)
         (oid,) = await self._actor.call(PutObjects([(COMMIT, body)]))
         return str(oid)
 
@@ -160,7 +215,7 @@ class Cas:
 
     async def snapshot(self, directory: str | os.PathLike[str]) -> str:
         """Store a directory tree and return its tree id (the same content always gives the same id)."""
-        root = os.path.abspath(os.fspath(directory))
+        root = _local_path(directory, "snapshot directory")
         if not os.path.isdir(root):
             raise InvalidInput(f"cannot snapshot {root}: not a directory")
         # One snapshot of a root at a time: the watch state must follow the order of the scans.
@@ -187,7 +242,8 @@ class Cas:
     async def restore(self, tree: str, directory: str | os.PathLike[str]) -> None:
         """Recreate a snapshot in ``directory``, which must be missing or empty."""
         validate_oid(tree)
-        await anyio.to_thread.run_sync(restore_tree, self._odb_open(), tree, os.path.abspath(directory))
+        target = _local_path(directory, "restore directory")
+        await anyio.to_thread.run_sync(restore_tree, self._odb_open(), tree, target)
 
     # -- verification ------------------------------------------------------------------------------
 
@@ -198,57 +254,159 @@ class Cas:
 
     def _fsck(self) -> FsckReport:
         corrupt: list[str] = []
-        linked: set[str] = set()
-        present: set[str] = set()
+        invalid: list[str] = []
+        types: dict[str, int] = {}
+        # target id -> (referring id, the type the reference says, what refers)
+        links: dict[str, list[tuple[str, int, str]]] = {}
+        dotfiles: dict[str, list[tuple[str, str]]] = {}  # blob id -> (tree id, kind)
         for oid in self._odb.iter_oids():
-            present.add(oid)
             try:
                 type_num, body = self._odb.verify(oid)
             except (IntegrityError, NotFound):
                 corrupt.append(oid)
                 continue
+            types[oid] = type_num
+            if body is None:
+                continue
+            if type_num == TREE:
+                invalid += [f"{oid}: tree {problem}" for problem in tree_problems(body)]
+                _tree_links(oid, body, links, dotfiles)
+            elif type_num == COMMIT:
+                problems = commit_problems(body)
+                invalid += [f"{oid}: commit {problem}" for problem in problems]
+                if not problems:
+                    _commit_links(oid, body, links)
+        for target, refs in links.items():
+            actual = types.get(target)
+            for referrer, want, what in refs:
+                if actual is not None and actual != want:
+                    invalid.append(f"{referrer}: {what} says {TYPE_NAMES[want]} but {target} is a {TYPE_NAMES[actual]}")
+        for target, kinds in dotfiles.items():
+            actual = types.get(target)
+            if actual is not None and actual != BLOB:
+                # git blames the object itself ("non-blob found at .gitmodules"), so name it too.
+                for referrer, kind in sorted(set(kinds)):
+                    invalid.append(f"{target}: a {TYPE_NAMES[actual]} found at .{kind} in tree {referrer}")
+                continue
+            if actual is None:
+                continue  # missing or corrupt: reported as such
             try:
-                if body is None:
-                    continue
-                if type_num == TREE:
-                    linked.update(raw.hex() for _, _, raw in decode_tree(body, oid))
-                elif type_num == COMMIT:
-                    commit = decode_commit(body, oid)
-                    linked.add(commit.tree)
-                    linked.update(commit.parents)
+                data = self._odb.read_blob(target)
             except PforgeError:
-                corrupt.append(oid)
-        missing = sorted(linked - present)
-        return FsckReport(checked=len(present), corrupt=sorted(corrupt), missing=missing)
+                continue
+            for referrer, kind in sorted(set(kinds)):
+                why = dotfile_blob_problem(kind, data)
+                if why:
+                    invalid.append(f"{target}: blob read as .{kind} by tree {referrer}: {why}")
+        missing = sorted(set(links) - types.keys() - set(corrupt))
+        return FsckReport(checked=len(types) + len(corrupt), corrupt=sorted(corrupt), missing=missing, invalid=invalid)
 
 
-def _build_trees(entries: Iterable[tuple[str, str | int, str]]) -> tuple[list[tuple[int, bytes]], str]:
-    """Nested paths to tree objects, children before parents. Validates everything first."""
+_Leaf = tuple[str, bytes, int, str]
+
+
+def _tree_links(
+    oid: str, body: bytes, links: dict[str, list[tuple[str, int, str]]], dotfiles: dict[str, list[tuple[str, str]]]
+) -> None:
+    entries, _ = parse_tree(body)
+    for name, mode_text, raw in entries:
+        mode = int(mode_text, 8)
+        if mode == GITLINK_MODE:
+            continue  # names a commit of another repository (reported as a problem of the tree itself)
+        target = raw.hex()
+        want = TREE if mode == DIR_MODE else BLOB
+        links.setdefault(target, []).append((oid, want, f"tree entry {shown_name(name)!r}"))
+        kind = dotfile_kind(name)
+        if kind is not None and mode != LINK_MODE:
+            dotfiles.setdefault(target, []).append((oid, kind))
+
+
+def _commit_links(oid: str, body: bytes, links: dict[str, list[tuple[str, int, str]]]) -> None:
+    header = body.split(b"\n\n", 1)[0]
+    for line in header.split(b"\n"):
+        key, _, value = line.partition(b" ")
+        if key == b"tree":
+            links.setdefault(value.decode(), []).append((oid, TREE, "commit's tree"))
+        elif key == b"parent":
+            links.setdefault(value.decode(), []).append((oid, COMMIT, "commit's parent"))
+
+
+def _object_type(odb: ObjectDB, oid: str, what: str) -> int:
+    """The type of a stored object; a loose one's from its header alone (a large blob is not read)."""
+    try:
+        with open(odb.loose_path(oid), "rb") as f:
+            head = zlib.decompressobj().decompress(f.read(256), 64)
+        kind = head.split(b" ", 1)[0]
+        if kind in TYPE_NUMBERS and b"\0" in head:
+            return TYPE_NUMBERS[kind]
+    except (OSError, zlib.error):
+        pass  # not loose, or unreadable: read it the ordinary way, which names the problem
+    try:
+        return odb.read(oid)[0]
+    except ObjectNotFound as exc:
+        raise ObjectNotFound(f"{what} points at missing object {oid}") from exc
+
+
+def _check_links(odb: ObjectDB, links: list[tuple[str, int, str]]) -> None:
+    for oid, want, what in links:
+        actual = _object_type(odb, oid, f"the commit's {what}")
+        if actual != want:
+            raise InvalidInput(f"the commit's {what} {oid} is a {TYPE_NAMES[actual]}, not a {TYPE_NAMES[want]}")
+
+
+def _local_path(value: object, what: str) -> str:
+    """An absolute local path from a str, bytes or path-like; anything else, a NUL, or a str the file
+    system encoding cannot hold (a lone surrogate) is ``InvalidInput``."""
+    if not isinstance(value, (str, bytes, os.PathLike)):
+        raise InvalidInput(f"{what} must be a path, not {type(value).__name__}")
+    try:
+        text = os.fsdecode(os.fspath(value))
+        encoded = os.fsencode(text)
+    except (TypeError, UnicodeError) as exc:
+        raise InvalidInput(f"{what} {value!r} cannot be a file name: {exc}") from exc
+    if b"\0" in encoded:
+        raise InvalidInput(f"{what} {value!r} holds a NUL character")
+    return os.path.abspath(text)
+
+
+def _build_trees(entries: Iterable[tuple[str, str | int, str]]) -> tuple[list[tuple[int, bytes]], str, list[_Leaf]]:
+    """Nested paths to tree objects, children before parents, and the leaves as ``(path, name, mode,
+    oid)``. Validates every path, name and mode first."""
+    if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Iterable):
+        raise InvalidInput(f"write_tree takes an iterable of (path, mode, oid), not {type(entries).__name__}")
     root: dict[bytes, object] = {}
+    leaves: list[_Leaf] = []
     for item in entries:
-        try:
-            path, mode_in, oid = item
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"tree entry {item!r} is not (path, mode, oid)") from exc
+        if not isinstance(item, (tuple, list)) or len(item) != 3:
+            raise InvalidInput(f"tree entry {item!r} is not (path, mode, oid)")
+        path, mode_in, oid = item
         if not isinstance(path, str):
             raise InvalidInput(f"tree entry path {path!r} is not a str")
-        mode = parse_mode(mode_in)
+        try:
+            mode = parse_mode(mode_in)
+        except InvalidInput as exc:
+            raise InvalidInput(f"tree entry {path!r}: {exc}") from exc
         validate_oid(oid, f"object id of {path!r}")
-        parts = path.split("/")
-        for part in parts:
-            if part in ("", ".", "..") or "\0" in part or part.lower() == ".git":
-                raise InvalidInput(f"invalid tree entry path {path!r}: bad component {part!r}")
+        try:
+            encoded = os.fsencode(path)
+        except UnicodeEncodeError as exc:
+            raise InvalidInput(f"tree entry path {path!r} is not a file name: {exc.reason}") from exc
+        parts = encoded.split(b"/")
+        for i, part in enumerate(parts):
+            why = tree_name_problem(part, mode if i == len(parts) - 1 else DIR_MODE)
+            if why:
+                raise InvalidInput(f"invalid tree entry path {path!r}: bad component {shown_name(part)!r}: {why}")
         level = root
         for part in parts[:-1]:
-            key = os.fsencode(part)
-            child = level.setdefault(key, {})
+            child = level.setdefault(part, {})
             if not isinstance(child, dict):
                 raise InvalidInput(f"tree entry path {path!r} goes through a file")
             level = child
-        leaf = os.fsencode(parts[-1])
+        leaf = parts[-1]
         if leaf in level:
             raise InvalidInput(f"duplicate tree entry {path!r}")
         level[leaf] = (mode, bytes.fromhex(oid))
+        leaves.append((path, leaf, mode, oid))
 
     objects: list[tuple[int, bytes]] = []
 
@@ -268,4 +426,4 @@ def _build_trees(entries: Iterable[tuple[str, str | int, str]]) -> tuple[list[tu
         root_raw = emit(root)
     except RecursionError as exc:
         raise InvalidInput("tree paths are nested too deeply") from exc
-    return objects, root_raw.hex()
+    return objects, root_raw.hex(), leaves
