@@ -473,14 +473,18 @@ class Harness:
     def _with(self, params: list[inspect.Parameter], target: inspect.Parameter, value: Any) -> Call:
         args: list[Any] = []
         kwargs: dict[str, Any] = {}
+        positional = True  # once one is left out, the rest go by keyword
         for p in params:
             if p is target:
                 given = value
             elif p.default is p.empty:
                 given = self.plausible.get(p.name, [None])[0]
+            elif p.kind is p.POSITIONAL_ONLY:  # cannot be left out if a later one is given
+                given = p.default
             else:
+                positional = False
                 continue
-            if p.kind is p.KEYWORD_ONLY or kwargs:
+            if p.kind is p.KEYWORD_ONLY or not positional:
                 kwargs[p.name] = given
             else:
                 args.append(given)
@@ -532,7 +536,8 @@ class Harness:
                 extra = st.dictionaries(st.text(min_size=1, max_size=5), strategy, max_size=2)
                 kwargs |= data.draw(extra, label=f"**{p.name}")
                 continue
-            if p.default is not p.empty and i != target and not data.draw(st.booleans(), label=f"give {p.name}"):
+            optional = p.default is not p.empty and p.kind is not p.POSITIONAL_ONLY
+            if optional and i != target and not data.draw(st.booleans(), label=f"give {p.name}"):
                 positional = False
                 continue
             value = data.draw(strategy, label=p.name)
@@ -544,6 +549,7 @@ class Harness:
                 kwargs[p.name] = value
             else:
                 args.append(value)
+        signature.bind(*args, **kwargs)  # raises only for a bug of this test, never for the store's
         return args, kwargs
 
 
