@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from ..cas.objects import validate_oid
 from ..errors import InvalidInput, ObjectNotFound
@@ -156,9 +156,8 @@ class TurnStoreBase(ABC):
 
     async def _create(self, command: CreateContext) -> ContextInfo:
         info = await self._write(command)
-        # A backend answers with a ContextInfo (a ContextHead with the rest).
-        assert isinstance(info, ContextHead)
-        return cast(ContextInfo, info)
+        assert isinstance(info, ContextInfo)
+        return info
 
     async def get_context(self, context_id: int) -> ContextInfo:
         """Everything about a context but its turns; ``ContextNotFound`` if there is none."""
@@ -404,16 +403,14 @@ class TurnStoreBase(ABC):
     @abstractmethod
     async def _list_turns(self, context_id: int, before_turn_id: int | None, limit: int) -> list[TurnRecord]: ...
 
-    # The hooks below are abstract in spirit: every backend overrides them. They are not marked
-    # @abstractmethod only so that a backend can be migrated to them one at a time.
-
+    @abstractmethod
     async def _get_context(self, context_id: int) -> ContextInfo:
         """``ContextNotFound`` if there is none."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement get_context")
 
-    async def _find_context(self, name: str) -> ContextInfo | None:
-        raise NotImplementedError(f"{type(self).__name__} does not implement find_context")
+    @abstractmethod
+    async def _find_context(self, name: str) -> ContextInfo | None: ...
 
+    @abstractmethod
     async def _list_contexts(
         self,
         prefix: str | None,
@@ -425,25 +422,24 @@ class TurnStoreBase(ABC):
         """Up to ``limit + 1`` contexts in ``order`` (see ``rules.order_key``: descending keys for
         "updated" and "created", ascending names for "name"), strictly after ``after``, filtered by
         ``prefix`` (name starts with it) and ``parent_context_id``. The base makes the page and cursor."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement list_contexts")
 
+    @abstractmethod
     async def _get_turn_by_key(self, context_id: int, key: str) -> TurnRecord | None:
         """``ContextNotFound`` if the context does not exist."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement get_turn_by_key")
 
+    @abstractmethod
     async def _chain(self, top_turn_id: int, limit: int) -> list[TurnRecord]:
         """Oldest to newest, the ``limit`` turns that end at ``top_turn_id`` (included; it exists)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement iter_turns")
 
+    @abstractmethod
     async def _ancestor_at(self, turn_id: int, depth: int) -> int:
         """The ancestor of ``turn_id`` (itself included) at ``depth`` (1 <= depth <= its depth), in
         O(log depth) over the skip links."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement iter_turns")
 
+    @abstractmethod
     async def check(self) -> list[str]:
         """What is wrong in the stored data (damaged payloads and records, broken invariants), one
         line per problem naming the thing at fault; [] when sound."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement check")
 
     async def _check_tree(self, oid: str) -> None:
         """``ObjectNotFound`` / ``InvalidInput`` unless ``oid`` (already a valid oid) names a tree."""
