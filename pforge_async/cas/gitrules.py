@@ -11,6 +11,7 @@ import re
 
 __all__ = [
     "DIR_MODE",
+    "DOTFILE_MAX_BYTES",
     "GITLINK_MODE",
     "LINK_MODE",
     "MAX_NAME_BYTES",
@@ -36,8 +37,10 @@ GITLINK_MODE = 0o160000
 MAX_NAME_BYTES = 4096
 #: git's ``date_overflows``: a commit date must fit a signed 64-bit ``time_t``.
 MAX_TIMESTAMP = 2**63 - 1
-#: git's ``ATTR_MAX_FILE_SIZE`` and ``ATTR_MAX_LINE_LENGTH`` for a ``.gitattributes`` blob.
-_ATTR_MAX_FILE_SIZE = 100 * 1024 * 1024
+#: git's ``ATTR_MAX_FILE_SIZE``: the largest ``.gitattributes`` it parses; the CAS holds ``.gitmodules``
+#: to the same bound, so a workspace's dotfiles are checked in memory of a known size.
+DOTFILE_MAX_BYTES = 100 * 1024 * 1024
+#: git's ``ATTR_MAX_LINE_LENGTH``: a ``.gitattributes`` line must be shorter.
 _ATTR_MAX_LINE_LENGTH = 2048
 
 
@@ -207,8 +210,9 @@ def dotfile_kind(name: bytes) -> str | None:
 def tree_name_problem(name: bytes, mode: int) -> str | None:
     """Why ``git fsck --strict`` (git 2.39) rejects a tree entry ``name`` with ``mode``, or None.
 
-    The CAS refuses a little more than git's errors, things git reports at a lower level or only in
-    later versions: a ``.gitignore`` or ``.mailmap`` that is a symlink, a name over 4,096 bytes."""
+    The CAS refuses a little more than git's errors, things git only warns about or refuses only in
+    later versions: a ``.gitignore``, ``.mailmap`` or ``.gitattributes`` that is a symlink, a name over
+    4,096 bytes."""
     if not name:
         return "empty name"
     if b"/" in name:
@@ -391,9 +395,10 @@ def commit_problems(body: bytes) -> list[str]:
 def dotfile_blob_problem(kind: str, data: bytes) -> str | None:
     """Why git fsck rejects ``data`` as the content of a ``.gitmodules`` or ``.gitattributes`` blob
     (``kind`` from :func:`dotfile_kind`), or None."""
+    if len(data) > DOTFILE_MAX_BYTES:
+        # git: over 100 MiB for .gitattributes; over core.bigFileThreshold (512 MiB) for .gitmodules.
+        return f".{kind} is larger than the CAS accepts ({DOTFILE_MAX_BYTES >> 20} MiB)"
     if kind == "gitattributes":
-        if len(data) > _ATTR_MAX_FILE_SIZE:
-            return ".gitattributes is larger than git parses (100 MiB)"
         for line in data.split(b"\0", 1)[0].split(b"\n"):
             if len(line) >= _ATTR_MAX_LINE_LENGTH:
                 return f".gitattributes has a line of {len(line)} bytes (git parses under 2048)"
@@ -417,7 +422,9 @@ def _iskeychar(c: int) -> bool:
 
 
 class _ConfigSource:
-    """git's config.c reader over a buffer: ``\\r\\n`` reads as ``\\n``, the end reads as ``\\n``."""
+    """git's config.c reader over a buffer: ``\\r\\n`` reads as ``\\n``, the end reads as ``\\n``. A UTF-8
+    byte order mark is skipped as git skips it in a config file (git's reader of a blob misses it, a
+    signed-char slip, and stops there: the CAS is the stricter)."""
 
     def __init__(self, data: bytes) -> None:
         self.data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data

@@ -31,6 +31,7 @@ import msgspec
 
 from ..errors import InvalidInput, StorageError
 from .dirfd import ROOT_FLAGS, open_dir_at, open_file_at, shown_path
+from .gitrules import DOTFILE_MAX_BYTES, dotfile_blob_problem, dotfile_kind
 from .objects import BLOB, DIR_MODE, TREE, encode_tree, hash_object, tree_name_problem
 from .odb import ObjectDB
 from .pack import write_all
@@ -230,16 +231,23 @@ class SnapshotPlan:
         if opened is None:
             return None
         fd, st = opened
+        # git checks the content of .gitmodules and .gitattributes (any spelling): so does the CAS.
+        kind = dotfile_kind(name)
         try:
             key = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-            if st.st_size >= LARGE_FILE:
+            if st.st_size >= LARGE_FILE and kind is None:
                 return sink.add_large_file(fd, shown_path(self.root, rel)), key
+            if kind is not None and st.st_size > DOTFILE_MAX_BYTES:
+                raise InvalidInput(f"cannot snapshot {shown_path(self.root, rel)}: larger than a .{kind} may be")
             try:
                 data = _read_all(fd, st.st_size)
             except OSError as exc:
                 raise StorageError(f"cannot read {shown_path(self.root, rel)}: {exc.strerror or exc!r}") from exc
         finally:
             os.close(fd)
+        problem = None if kind is None else dotfile_blob_problem(kind, data)
+        if problem is not None:
+            raise InvalidInput(f"cannot snapshot {shown_path(self.root, rel)}: git fsck would reject it ({problem})")
         return sink.add(BLOB, data), key
 
     def _load_cache(self) -> dict[bytes, _CacheEntry]:
