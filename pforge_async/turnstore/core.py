@@ -49,6 +49,7 @@ from .rules import (
     creation_fingerprint,
     decode_metadata,
     jump_for,
+    name_successor,
     next_updated,
     payload_hash,
 )
@@ -552,43 +553,75 @@ class TurnCore:
         after: tuple[Any, ...] | None,
         limit: int,
     ) -> list[ContextInfo]:
-        """Up to ``limit + 1`` contexts (see ``TurnStoreBase._list_contexts``)."""
+        """Up to ``limit + 1`` contexts (see ``TurnStoreBase._list_contexts``).
+
+        Without a filter, or with a prefix in name order, this walks the order's own index from the
+        cursor: O(log n + limit). With a filter in another order it walks the order's index too, but
+        only as far as the filter's own set is large (m contexts, counted in O(log n)); if that
+        finds no full page, it sorts the filter's set instead. So a page costs O(limit * n / m) when
+        the filtered contexts are spread through the order (a prefix that matches most contexts costs
+        about the limit), and never more than O(m log m)."""
         want = limit + 1
-        damaged = self.damaged_contexts
-        if parent_context_id is not None or (prefix is not None and order != "name"):
-            # Every context that passes the filter, then sorted: the filter's set, not the store.
-            if parent_context_id is not None:
-                ids: Iterable[int] = self._children.get(parent_context_id, ())
-            else:
-                ids = (self.names[name] for name in self._named(prefix or "", None))
-            keyed: list[tuple[tuple[Any, ...], int]] = []
-            for context_id in ids:
-                ctx = self.contexts[context_id]
-                if context_id in damaged:
-                    continue
-                if prefix is not None and (ctx.name is None or not ctx.name.startswith(prefix)):
-                    continue
-                if order == "name":
-                    if ctx.name is not None:
-                        keyed.append(((ctx.name,), context_id))
-                elif order == "created":
-                    keyed.append(((context_id,), context_id))
-                else:
-                    keyed.append(((ctx.updated, context_id), context_id))
-            descending = order != "name"
-            keyed.sort(reverse=descending)
-            if after is not None:
-                keyed = [k for k in keyed if (k[0] < after if descending else k[0] > after)]
-            return self._listable((context_id for _, context_id in keyed), want)
         if order == "name":
-            ids = (self.names[name] for name in self._named(prefix or "", None if after is None else after[0]))
+            ordered = (self.names[name] for name in self._named(prefix or "", None if after is None else after[0]))
+            if parent_context_id is None:
+                return self._listable(ordered, want)
         elif order == "created":
             created = self._created
             top = len(created) if after is None else bisect_left(created, after[0])
-            ids = (created[i] for i in range(top - 1, -1, -1))
+            ordered = (created[i] for i in range(top - 1, -1, -1))
         else:
-            ids = (context_id for _, context_id in self._updated.descending(None if after is None else after))
-        return self._listable(ids, want)
+            ordered = (context_id for _, context_id in self._updated.descending(None if after is None else after))
+        if parent_context_id is None and prefix is None:
+            return self._listable(ordered, want)
+        members: Iterable[int] = ()
+        if parent_context_id is not None:
+            children = self._children.get(parent_context_id, [])
+            members, size = children, len(children)
+        else:
+            size = self._count_named(prefix or "")
+
+        def passes(context_id: int) -> bool:
+            ctx = self.contexts[context_id]
+            if parent_context_id is not None and ctx.parent != parent_context_id:
+                return False
+            return prefix is None or (ctx.name is not None and ctx.name.startswith(prefix))
+
+        out: list[ContextInfo] = []
+        for scanned, context_id in enumerate(ordered):
+            if scanned >= size:
+                break  # sorting the filter's own set costs less from here on
+            if passes(context_id):
+                out += self._listable((context_id,))
+                if len(out) == want:
+                    return out
+        else:
+            return out
+        if parent_context_id is None:
+            members = (self.names[name] for name in self._named(prefix or "", None))
+        keyed: list[tuple[tuple[Any, ...], int]] = []
+        for context_id in members:
+            ctx = self.contexts[context_id]
+            if not passes(context_id):
+                continue
+            if order == "name":
+                if ctx.name is not None:
+                    keyed.append(((ctx.name,), context_id))
+            elif order == "created":
+                keyed.append(((context_id,), context_id))
+            else:
+                keyed.append(((ctx.updated, context_id), context_id))
+        descending = order != "name"
+        keyed.sort(reverse=descending)
+        if after is not None:
+            keyed = [k for k in keyed if (k[0] < after if descending else k[0] > after)]
+        return self._listable((context_id for _, context_id in keyed), want)
+
+    def _count_named(self, prefix: str) -> int:
+        """How many names start with ``prefix``: O(log n)."""
+        names = self._sorted_names
+        high = name_successor(prefix) if prefix else None
+        return (len(names) if high is None else bisect_left(names, high)) - bisect_left(names, prefix)
 
     def _listable(self, ids: Iterable[int], want: int | None = None) -> list[ContextInfo]:
         """The infos of ``ids`` in order, up to ``want``, leaving out damaged contexts (``check``

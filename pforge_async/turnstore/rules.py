@@ -42,6 +42,7 @@ __all__ = [
     "encode_cursor",
     "encode_metadata",
     "jump_for",
+    "name_successor",
     "next_updated",
     "order_key",
     "payload_hash",
@@ -186,6 +187,19 @@ def _name_text(value: str, what: str) -> str:
     if size > MAX_NAME:
         raise InvalidInput(f"{what} of {size} UTF-8 bytes is over the maximum of {MAX_NAME}: {value[:40]!r}...")
     return value
+
+
+def name_successor(prefix: str) -> str | None:
+    """The least str greater than every str that starts with ``prefix`` (non-empty, no lone
+    surrogate), or None if there is none (``prefix`` is all U+10FFFF). Code point order is UTF-8 byte
+    order, so ``prefix <= name < successor`` is "name starts with prefix" in every backend."""
+    stem = prefix.rstrip(chr(0x10FFFF))
+    if not stem:
+        return None
+    last = ord(stem[-1]) + 1
+    if last == 0xD800:  # names hold no surrogates
+        last = 0xE000
+    return stem[:-1] + chr(last)
 
 
 def encode_metadata(value: object) -> bytes:
