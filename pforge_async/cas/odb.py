@@ -2,29 +2,39 @@
 
 Only the CAS actor writes (from its worker thread); any thread may read. Small objects are written in
 packs, one per batch; large files stream into loose objects. Every read re-hashes what it returns.
+
+Damage stays local. A pack whose index is damaged (or missing) is re-indexed from the pack itself: its
+entries are walked and every object re-hashed, the pack's own checksum verified, and the damaged index
+set aside in ``quarantine/`` for :meth:`ObjectDB.damage_report` to name. A pack that is itself damaged
+serves every object that can still be walked and re-hashed; a read of one that cannot raises
+``IntegrityError``, as does a read of any object whose bytes are damaged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import secrets
+import shutil
 import stat
 import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import IntegrityError, InvalidInput, ObjectNotFound, StorageError
 from .objects import BLOB, TYPE_NAMES, TYPE_NUMBERS, object_header, validate_oid
-from .pack import PackIndex, PackReader, fsync_dir, write_all, write_pack, zlib_stream
+from .pack import PackEntry, PackIndex, PackReader, fsync_dir, write_all, write_idx, write_pack, zlib_stream
 
 __all__ = ["ObjectDB"]
+
+log = logging.getLogger(__name__)
 
 _CONFIG = """[core]
 \trepositoryformatversion = 1
@@ -40,6 +50,8 @@ _TEMP_RE = re.compile(r"tmp_(?:obj|pack)_(\d+)_[0-9a-f]+(?:\.pack|\.idx)?")
 _CHUNK = 1 << 20
 #: how long an orphaned pack (renamed, its .idx never was) may be a live writer's, not a crash's.
 _ORPHAN_AGE_S = 60.0
+#: how many REF_DELTA bases deep a read may go (git's own bound on a delta chain).
+_MAX_REF_DEPTH = 4095
 
 
 def _pid_alive(pid: int) -> bool:
@@ -57,21 +69,39 @@ def _pid_alive(pid: int) -> bool:
 class ObjectDB:
     """A git object store (loose objects and packs) at ``gitdir``."""
 
-    def __init__(self, gitdir: Path, *, fsync: bool, compression: int = 0) -> None:
+    def __init__(self, gitdir: Path, *, fsync: bool, compression: int = 0, readonly: bool = False) -> None:
         self.gitdir = gitdir
         self.objects = str(gitdir / "objects")
         self.pack_dir = str(gitdir / "objects" / "pack")
+        self.quarantine = str(gitdir / "quarantine")
         self.fsync = fsync
         self.compression = compression
-        self._refresh_lock = threading.Lock()
-        self._packs: dict[str, PackReader] = {}
+        #: read-only: nothing on disk is created, cleaned or repaired (a damaged index is rebuilt in
+        #: memory only).
+        self.readonly = readonly
+        # Re-entrant: re-indexing a damaged pack reads delta bases, and a read may refresh.
+        self._refresh_lock = threading.RLock()
+        self._packs: dict[str, PackReader | None] = {}
         self._where: dict[bytes, tuple[PackReader, int]] = {}
+        #: objects a damaged pack held that could not be recovered: raw id -> why.
+        self._lost: dict[bytes, str] = {}
+        #: packs found damaged and not repaired: idx name -> what is wrong.
+        self._damaged: dict[str, str] = {}
 
     # -- layout ----------------------------------------------------------------------------------
 
     def init(self) -> None:
         """Create the repository if missing, check it is SHA-256 if present, clean crash leftovers."""
         config = self.gitdir / "config"
+        if self.readonly:
+            try:
+                text = config.read_text()
+            except OSError as exc:
+                raise StorageError(f"cannot open the CAS at {self.gitdir}: {exc}") from exc
+            if not re.search(r"objectformat\s*=\s*sha256", text):
+                raise StorageError(f"{self.gitdir} is a git repository, but not in SHA-256 format")
+            self.refresh()
+            return
         try:
             if config.exists():
                 text = config.read_text()
@@ -104,12 +134,55 @@ class ObjectDB:
                         os.unlink(os.path.join(directory, name))
         now = time.time()
         for name in os.listdir(self.pack_dir):
-            if name.endswith(".pack"):
+            if name.startswith("pack-") and name.endswith(".pack"):
                 path = os.path.join(self.pack_dir, name)
                 if not os.path.exists(path[:-5] + ".idx"):
                     with contextlib.suppress(FileNotFoundError):
                         if now - os.stat(path).st_mtime > _ORPHAN_AGE_S:
-                            os.unlink(path)
+                            self._adopt_orphan(path)
+
+    def _adopt_orphan(self, path: str) -> None:
+        """A pack without its index: a writer died between the two renames, or the index was lost.
+        Either way its objects are whole and self-describing, so index it again; a pack that does not
+        walk to its end and its checksum is set aside in quarantine, never deleted."""
+        try:
+            reader = PackReader(path)
+        except IntegrityError:
+            self._set_aside(path)
+            return
+        try:
+            scan = reader.scan(self._resolver(0))
+        finally:
+            reader.close()
+        if scan.problems:
+            self._set_aside(path)
+        else:
+            self._write_index(path[:-5], scan.entries, reader.trailer)
+
+    def _set_aside(self, path: str) -> None:
+        try:
+            os.makedirs(self.quarantine, exist_ok=True)
+            os.rename(path, os.path.join(self.quarantine, os.path.basename(path)))
+        except OSError:
+            log.warning("could not set the damaged pack %s aside", path, exc_info=True)
+
+    def damage_report(self) -> list[str]:
+        """What is damaged in the object store beyond single objects (those :meth:`iter_oids` and a
+        re-hash find): packs that cannot be fully read, and damaged files set aside in quarantine."""
+        with self._refresh_lock:
+            problems = sorted(self._damaged.values())
+        try:
+            aside = sorted(os.listdir(self.quarantine))
+        except FileNotFoundError:
+            aside = []
+        except OSError as exc:
+            return [*problems, f"cannot list {self.quarantine}: {exc.strerror or exc!r}"]
+        problems += [
+            f"{os.path.join(self.quarantine, name)}: a damaged file set aside (see the CAS's quarantine/ in the "
+            "README); delete it once noted"
+            for name in aside
+        ]
+        return problems
 
     def _temp_name(self, kind: str) -> str:
         return f"tmp_{kind}_{os.getpid()}_{secrets.token_hex(8)}"
@@ -120,31 +193,94 @@ class ObjectDB:
             try:
                 names = os.listdir(self.pack_dir)
             except OSError as exc:
-                raise StorageError(f"cannot list {self.pack_dir}: {exc.strerror}") from exc
+                raise StorageError(f"cannot list {self.pack_dir}: {exc.strerror or exc!r}") from exc
             for name in sorted(names):
                 if not (name.startswith("pack-") and name.endswith(".idx")) or name in self._packs:
                     continue
-                base = os.path.join(self.pack_dir, name[:-4])
-                try:
-                    index = PackIndex(base + ".idx")
-                    reader = PackReader(base + ".pack")
-                except FileNotFoundError:
-                    continue  # removed by `git repack` meanwhile
-                except (OSError, ValueError) as exc:
-                    raise StorageError(f"cannot open pack {base}: {exc}") from exc
-                self._add_pack(name, reader, index.offsets.items())
+                self._load_pack(name)
+
+    def _load_pack(self, name: str) -> None:
+        """Load one pack and its index; a damaged one is recovered as far as it can be, never fatal."""
+        base = os.path.join(self.pack_dir, name[:-4])
+        reader: PackReader | None = None
+        try:
+            reader = PackReader(base + ".pack")
+            index = PackIndex(base + ".idx", reader)
+        except FileNotFoundError:
+            if reader is not None:
+                reader.close()
+            return  # removed by `git repack` meanwhile
+        except (OSError, ValueError, IntegrityError) as exc:
+            self._recover(name, base, reader, exc)
+            return
+        if reader.problems:
+            # The objects are found through the index and re-hashed on every read: serve them.
+            self._damaged[name] = "; ".join(reader.problems) + " (its objects are read through its index)"
+        self._add_pack(name, reader, index.offsets.items())
+
+    def _recover(self, name: str, base: str, reader: PackReader | None, error: Exception) -> None:
+        """Re-index a pack from its own data after its index (or the pack) failed to load."""
+        why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        entries: list[PackEntry] = []
+        problems = [f"{base}.pack: {why}"] if reader is None else []
+        self._packs[name] = reader  # known from now on, so a refresh during the scan skips it
+        if reader is not None:
+            scan = reader.scan(self._resolver(0))
+            entries, problems = scan.entries, scan.problems
+        listed = PackIndex.listed(base + ".idx")
+        found = {entry.raw for entry in entries}
+        if reader is not None:
+            self._add_pack(name, reader, [(entry.raw, entry.offset) for entry in entries])
+        if reader is not None and not problems:
+            # Only the index was damaged: the pack is whole and every object in it re-hashed.
+            log.warning("pack index %s.idx was damaged (%s); rebuilding it from its pack", base, why)
+            if self.readonly or not self._write_index(base, entries, reader.trailer):
+                self._damaged[name] = f"{base}.idx is damaged ({why}); its pack was re-indexed in memory only"
+            return
+        lost = [raw for raw in listed - found if raw not in self._where]
+        log.error("pack %s.pack is damaged: %s", base, "; ".join(problems))
+        for raw in lost:
+            self._lost[raw] = f"object {raw.hex()} was in the damaged pack {base}.pack and cannot be recovered"
+        self._damaged[name] = (
+            f"{'; '.join(problems)} ({len(entries)} objects recovered from it"
+            + (f", {len(lost)} that its index lists are lost)" if listed else ")")
+        )
+
+    def _write_index(self, base: str, entries: list[PackEntry], trailer: bytes) -> bool:
+        """Write ``base.idx`` anew (atomically), first setting a damaged one aside in quarantine."""
+        idx = base + ".idx"
+        temp = os.path.join(self.pack_dir, self._temp_name("pack") + ".idx")
+        try:
+            if os.path.exists(idx):
+                os.makedirs(self.quarantine, exist_ok=True)
+                shutil.copyfile(idx, os.path.join(self.quarantine, f"{os.path.basename(idx)}.{time.time_ns()}"))
+            write_idx(temp, entries, trailer, self.fsync)
+            os.chmod(temp, 0o444)
+            # Replaced, never removed first: a pack without an index could look like a crash's leftover.
+            os.replace(temp, idx)
+            if self.fsync:
+                fsync_dir(self.pack_dir)
+        except OSError:
+            log.warning("could not write the rebuilt index %s", idx, exc_info=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            return False
+        return True
 
     def _add_pack(self, name: str, reader: PackReader, offsets: Iterable[tuple[bytes, int]]) -> None:
         self._packs[name] = reader
         where = self._where
         for raw, offset in offsets:
             where.setdefault(raw, (reader, offset))
+            self._lost.pop(raw, None)
 
     def close(self) -> None:
         with self._refresh_lock:
             self._where.clear()
+            self._lost.clear()
             for reader in self._packs.values():
-                reader.close()
+                if reader is not None:
+                    reader.close()
             self._packs.clear()
 
     # -- lookups ---------------------------------------------------------------------------------
@@ -210,7 +346,7 @@ class ObjectDB:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise StorageError(f"cannot read object {oid}: {exc.strerror}") from exc
+            raise StorageError(f"cannot read object {oid}: {exc.strerror or exc!r}") from exc
         return self._stream(oid, f)
 
     def _stream(self, oid: str, f: BinaryIO) -> Iterator[int | bytes]:
@@ -240,7 +376,18 @@ class ObjectDB:
             if remaining != 0 or digest.hexdigest() != oid:
                 raise IntegrityError(f"object {oid} does not match its id: the stored bytes are corrupt")
 
-    def _read_raw(self, raw: bytes) -> tuple[int, bytes]:
+    def _resolver(self, depth: int) -> Callable[[bytes], tuple[int, bytes]]:
+        def resolve(raw: bytes) -> tuple[int, bytes]:
+            if depth >= _MAX_REF_DEPTH:
+                raise IntegrityError(f"delta base {raw.hex()} is more than {_MAX_REF_DEPTH} deltas deep")
+            type_num, body = self._read_raw(raw, depth + 1)
+            if hashlib.sha256(object_header(type_num, len(body)) + body).digest() != raw:
+                raise IntegrityError(f"delta base {raw.hex()} does not match its id")
+            return type_num, body
+
+        return resolve
+
+    def _read_raw(self, raw: bytes, depth: int = 0) -> tuple[int, bytes]:
         found = self._where.get(raw)
         if found is None:
             loose = self._read_loose(raw.hex())
@@ -249,12 +396,17 @@ class ObjectDB:
             self.refresh()
             found = self._where.get(raw)
             if found is None:
+                lost = self._lost.get(raw)
+                if lost is not None:
+                    raise IntegrityError(lost)
                 raise ObjectNotFound(f"no object {raw.hex()} in the CAS")
         reader, offset = found
         try:
-            return reader.read(offset, self._read_raw)
-        except (IntegrityError, IndexError, ValueError, struct.error) as exc:
-            raise IntegrityError(f"object {raw.hex()} is corrupt: {exc}") from exc
+            return reader.read(offset, self._resolver(depth))
+        except ObjectNotFound as exc:
+            raise IntegrityError(f"object {raw.hex()} in {reader.path} is a delta on a missing base: {exc}") from exc
+        except (IntegrityError, IndexError, ValueError, OverflowError, struct.error, zlib.error) as exc:
+            raise IntegrityError(f"object {raw.hex()} in {reader.path} is corrupt: {exc}") from exc
 
     def _read_loose(self, hex_oid: str) -> tuple[int, bytes] | None:
         try:
@@ -263,7 +415,7 @@ class ObjectDB:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise StorageError(f"cannot read object {hex_oid}: {exc.strerror}") from exc
+            raise StorageError(f"cannot read object {hex_oid}: {exc.strerror or exc!r}") from exc
         try:
             full = zlib.decompress(data)
             header, _, body = full.partition(b"\0")
@@ -278,7 +430,7 @@ class ObjectDB:
     def iter_oids(self) -> Iterator[str]:
         """Every object id present, loose and packed (each once)."""
         self.refresh()
-        seen: set[bytes] = set(self._where)
+        seen: set[bytes] = set(self._where) | set(self._lost)
         yield from (raw.hex() for raw in seen)
         for prefix in sorted(os.listdir(self.objects)):
             if len(prefix) != 2:
@@ -422,7 +574,7 @@ def open_for_reading(path: str, *, dir_fd: int | None = None, directory: bool = 
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StorageError(f"cannot read {shown or path}: {exc.strerror}") from exc
+        raise StorageError(f"cannot read {shown or path}: {exc.strerror or exc!r}") from exc
 
 
 def _inflated(f: BinaryIO) -> Iterator[bytes]:
