@@ -108,7 +108,7 @@ class CasActor(Actor[CasCommand]):
         self.watcher = watcher
         #: open an existing repository without creating or changing anything; every write command fails.
         self.readonly = readonly
-        self.odb = ObjectDB(gitdir, fsync=fsync, compression=compression)
+        self.odb = ObjectDB(gitdir, fsync=fsync, compression=compression, readonly=readonly)
         self.refs = RefStore(gitdir, fsync=fsync)
         self.lock_path = lock_path
         self._owner: OwnerThread | None = None
