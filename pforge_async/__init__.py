@@ -27,7 +27,7 @@ from .errors import (
 )
 from .fslock import FsLock
 from .ledgers import ActionStats, Reservation, Totals, Usage
-from .store import Durability, Store, StoreCheck, open_store
+from .store import Durability, Store, StoreCheck, connect, open_store
 from .turnstore import (
     ContextHead,
     ContextInfo,
@@ -90,5 +90,6 @@ __all__ = [
     "__version__",
     "agent_key",
     "attractor_key",
+    "connect",
     "open_store",
 ]

@@ -1,12 +1,22 @@
-"""``open_store``: the embedded store, its on-disk layout, and the task group its actors run in."""
+"""``connect`` and ``open_store``: the embedded store, its on-disk layout, and the task its actors run in.
+
+The store's actors run in a task group owned by a runner task of the store's own, spawned on the event
+loop when the store opens. Closing the store signals that task and waits for it, so any task may close
+a store another task opened (a test fixture's setup and teardown, a web framework's lifespan, a store
+created lazily on first use), and cancelling the task that opened it does not kill the actors under
+the callers using it.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Literal, get_args
 
 import anyio
@@ -16,18 +26,19 @@ from anyio.abc import TaskGroup
 from .actor import Actor
 from .cas.actor import CasActor
 from .cas.store import Cas, FsckReport
-from .cas.watch import open_watcher
-from .errors import InvalidInput, StorageError
+from .cas.watch import Watcher, open_watcher
+from .errors import ActorClosed, IntegrityError, InvalidInput, StorageError
 from .ledgers.budget import BudgetActor, BudgetLedger
 from .ledgers.constellation import ConstellationActor, ConstellationMemory
 from .ledgers.nonces import NonceActor, NonceLedger
+from .manifest import PARTS, RootKind, RootPlan, create_root, plan_root, quarantined, write_manifest
 from .turnstore.rules import DEFAULT_MAX_PAYLOAD
 from .turnstore.sqlite import SqliteTurnStore, TurnActor
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found]
 
-__all__ = ["Durability", "Store", "StoreCheck", "open_store"]
+__all__ = ["Durability", "Store", "StoreCheck", "connect", "open_store"]
 
 Durability = Literal["full", "normal"]
 DEFAULT_ROOT = ".pforge"
@@ -45,7 +56,11 @@ class StoreCheck(msgspec.Struct, frozen=True):
 
 
 class Store:
-    """What ``open_store`` yields. Its actors live exactly as long as the ``async with`` block."""
+    """What ``connect`` returns and ``open_store`` yields. Its actors run until :meth:`aclose`.
+
+    ``async with store:`` closes it at the end of the block. Every call after the store closed raises
+    ``ActorClosed``, reads included.
+    """
 
     cas: Cas
     turns: SqliteTurnStore
@@ -57,47 +72,190 @@ class Store:
         self,
         root: Path,
         durability: Durability,
-        task_group: TaskGroup,
+        plan: RootPlan,
         *,
         watch_workspaces: bool,
         max_payload_bytes: int,
+        readonly: bool,
     ) -> None:
         self.root = root
         self.durability: Durability = durability
-        self._task_group = task_group
+        #: opened for inspection: nothing on disk is created or changed; every write raises InvalidInput.
+        self.readonly = readonly
+        self._plan = plan
         self._actors: list[Actor[Any]] = []
-        self._watcher = open_watcher() if watch_workspaces else None
+        self._ledgers: tuple[Any, ...] = ()
+        self._watch_workspaces = watch_workspaces and not readonly
+        self._watcher: Watcher | None = None
         self._max_payload_bytes = max_payload_bytes
+        self._task_group: TaskGroup | None = None
+        self._cas_actor: CasActor | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._close_requested = anyio.Event()
+        self._close_error: BaseException | None = None
+        #: parts whose file is too damaged to open: file -> the IntegrityError that said so.
+        self._damaged: dict[str, IntegrityError] = {}
+
+    # -- opening -----------------------------------------------------------------------------------
+
+    async def _launch(self) -> None:
+        """Spawn the runner task and wait until every actor has started (or one failed to)."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        self._runner = loop.create_task(self._run(ready), name=f"pforge store {self.root}")
+        try:
+            await asyncio.shield(ready)
+        except BaseException:
+            # Startup failed (the runner has closed what it opened), or the opener was cancelled:
+            # either way nobody will hold this store, so it closes before the error goes on.
+            self._close_requested.set()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([self._runner])
+            self._close_error = None
+            raise
+
+    async def _run(self, ready: asyncio.Future[None]) -> None:
+        """The runner task: owns the task group the actors run in, from open to close."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                try:
+                    await self._start()
+                    if not ready.done():
+                        ready.set_result(None)
+                    await self._close_requested.wait()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._close()
+        except BaseException as exc:
+            error = _single(exc)
+            if not ready.done():
+                if isinstance(error, Exception):
+                    ready.set_exception(error)
+                else:
+                    ready.cancel()
+            elif isinstance(error, Exception):
+                self._close_error = error
+            if not isinstance(error, Exception):
+                raise  # cancelled (the event loop is shutting down): the task ends cancelled
+        finally:
+            self._task_group = None
 
     async def _start(self) -> None:
         fsync = self.durability == "full"
-        cas_actor = CasActor(self.root / "cas", self.locks_dir / "cas-refs.lock", fsync=fsync, watcher=self._watcher)
+        readonly = self.readonly
+        if self._watch_workspaces:
+            self._watcher = open_watcher()
+        cas_actor = CasActor(
+            self.root / "cas", self._lock("cas-refs"), fsync=fsync, watcher=self._watcher, readonly=readonly
+        )
         await self.start_actor(cas_actor)
+        self._cas_actor = cas_actor
         self.cas = Cas(cas_actor, self.root / "cache", self.root)
-        turns = TurnActor(self._db("turns"), self._lock("turns"), durability=self.durability)
-        await self.start_actor(turns)
-        self.turns = SqliteTurnStore(turns, self.cas, max_payload_bytes=self._max_payload_bytes)
-        memory = ConstellationActor(self._db("memory"), self._lock("memory"), durability=self.durability)
-        nonces = NonceActor(self._db("nonces"), self._lock("nonces"), durability=self.durability)
-        budget = BudgetActor(self._db("budget"), self._lock("budget"), durability=self.durability)
-        self._ledgers = (memory, nonces, budget)
-        for actor in self._ledgers:
+        sqlite: dict[str, Any] = {"durability": self.durability}
+        if readonly:
+            sqlite["readonly"] = True
+        turns = TurnActor(self._db("turns"), self._lock("turns"), **sqlite)
+        if await self._start_part("turns.db", turns):
+            self.turns = SqliteTurnStore(turns, self.cas, max_payload_bytes=self._max_payload_bytes)
+        else:
+            self.turns = _damaged_part(self, "turns.db")
+        memory = ConstellationActor(self._db("memory"), self._lock("memory"), **sqlite)
+        nonces = NonceActor(self._db("nonces"), self._lock("nonces"), **sqlite)
+        budget = BudgetActor(self._db("budget"), self._lock("budget"), **sqlite)
+        started = [await self._start_part(ledger.path.name, ledger) for ledger in (memory, nonces, budget)]
+        self._ledgers = tuple(ledger for ledger, ok in zip((memory, nonces, budget), started, strict=True) if ok)
+        self.memory = ConstellationMemory(memory) if memory in self._ledgers else _damaged_part(self, "memory.db")
+        self.nonces = NonceLedger(nonces) if nonces in self._ledgers else _damaged_part(self, "nonces.db")
+        self.budget = BudgetLedger(budget) if budget in self._ledgers else _damaged_part(self, "budget.db")
+        if not readonly and self._plan.needs_manifest:
+            # Every part exists now: record them, so none of them can later vanish unnoticed.
+            plan = self._plan
+            await anyio.to_thread.run_sync(
+                lambda: write_manifest(self.root, list(PARTS), fsync=fsync, damaged=plan.damaged_manifest is not None)
+            )
+
+    async def _start_part(self, file: str, actor: Actor[Any]) -> bool:
+        """Start one database's actor. A database too damaged to open stays closed and stands in
+        for itself (see :class:`_DamagedPart`): the rest of the store serves beside it."""
+        try:
             await self.start_actor(actor)
-        self.memory = ConstellationMemory(memory)
-        self.nonces = NonceLedger(nonces)
-        self.budget = BudgetLedger(budget)
+        except IntegrityError as exc:
+            self._damaged[file] = exc
+            return False
+        return True
+
+    async def start_actor(self, actor: Actor[Any]) -> None:
+        """Run ``actor`` in the store's task group; it is drained and closed when the store closes."""
+        if self._task_group is None or self._close_requested.is_set():
+            raise ActorClosed(f"store {self.root} is closed")
+        await self._task_group.start(actor.run)
+        self._actors.append(actor)
+
+    # -- closing -----------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether the store has closed (its actors are stopped)."""
+        return self._runner is None or self._runner.done()
+
+    async def aclose(self) -> None:
+        """Close the store: every call queued before this runs, then the actors stop. Any task may call
+        it, any number of times; a caller cancelled meanwhile stops waiting, the close goes on."""
+        self._close_requested.set()
+        runner = self._runner
+        if runner is None:
+            return
+        await asyncio.shield(runner)
+        error, self._close_error = self._close_error, None
+        if error is not None:
+            raise error
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.aclose()
+
+    async def _close(self) -> None:
+        # Newest first: later actors may call into earlier ones while draining.
+        for actor in reversed(self._actors):
+            await actor.aclose()
+        if self._watcher is not None:
+            self._watcher.close()
+
+    # -- verification ------------------------------------------------------------------------------
 
     async def check(self) -> StoreCheck:
-        """The store's own integrity check: every CAS object re-hashed and its links followed,
-        SQLite's integrity check of every database, every turn payload re-hashed, and the invariants
-        the ledgers keep (action_stats = aggregate of transitions, spend totals = sum of spend, ...)."""
+        """The store's own integrity check: every CAS object re-hashed and its links followed, damaged
+        packs and files set aside, SQLite's integrity check of every database, every turn payload
+        re-hashed, and the invariants the ledgers keep (action_stats = aggregate of transitions, spend
+        totals = sum of spend, ...)."""
         cas = await self.cas.fsck()
         problems = [f"cas: object {oid} is corrupt" for oid in cas.corrupt]
         problems += [f"cas: object {oid} is referenced but missing" for oid in cas.missing]
-        problems += await self.turns.check()
-        for actor in self._ledgers:
-            problems += await actor.check()
+        problems += [f"cas: object {invalid} (git fsck --strict rejects it)" for invalid in cas.invalid]
+        assert self._cas_actor is not None
+        problems += [f"cas: {problem}" for problem in await anyio.to_thread.run_sync(self._cas_actor.odb.damage_report)]
+        problems += await anyio.to_thread.run_sync(quarantined, self.root)
+        if self._plan.damaged_manifest is not None:
+            problems.append(self._plan.damaged_manifest + (" (read-only: not rewritten)" if self.readonly else ""))
+        problems += [f"{file}: cannot be opened, every call to it fails: {exc}" for file, exc in self._damaged.items()]
+        parts: list[tuple[str, Callable[[], Awaitable[list[str]]]]] = []
+        if "turns.db" not in self._damaged:
+            parts.append(("turns.db", self.turns.check))
+        parts += [(actor.path.name, actor.check) for actor in self._ledgers]
+        for file, part_check in parts:
+            try:
+                problems += await part_check()
+            except IntegrityError as exc:  # damage the check itself runs into is a finding too
+                problems.append(f"{file}: {exc}")
         return StoreCheck(problems, cas)
+
+    # -- layout ------------------------------------------------------------------------------------
 
     def _db(self, name: str) -> Path:
         return self.root / f"{name}.db"
@@ -109,27 +267,196 @@ class Store:
     def locks_dir(self) -> Path:
         return self.root / "locks"
 
-    async def start_actor(self, actor: Actor[Any]) -> None:
-        """Run ``actor`` in the store's task group; it is drained and closed when the store closes."""
-        await self._task_group.start(actor.run)
-        self._actors.append(actor)
 
-    async def _close(self) -> None:
-        # Newest first: later actors may call into earlier ones while draining.
-        for actor in reversed(self._actors):
-            await actor.aclose()
-        if self._watcher is not None:
-            self._watcher.close()
+class _DamagedPart:
+    """Stands in for a part of the store whose database is too damaged to open: every method call
+    raises the ``IntegrityError`` that said so (awaited or iterated), or ``ActorClosed`` once the store
+    has closed, as the part itself would."""
+
+    def __init__(self, store: Store, file: str) -> None:
+        self._store = store
+        self._file = file
+
+    def __getattr__(self, name: str) -> Callable[..., _Failing]:
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def call(*args: Any, **kwargs: Any) -> _Failing:
+            return _Failing(self._error)
+
+        return call
+
+    def _error(self) -> Exception:
+        if self._store.closed:
+            return ActorClosed(f"{self._file} is closed")
+        cause = self._store._damaged[self._file]
+        error = IntegrityError(str(cause))
+        error.__cause__ = cause
+        return error
 
 
-def _make_root(root: Path) -> None:
+class _Failing:
+    """The outcome of a call to a damaged part: raises whether awaited or iterated."""
+
+    def __init__(self, error: Callable[[], Exception]) -> None:
+        self._error = error
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        raise self._error()
+        yield  # a generator, so awaiting it raises inside the awaiting task
+
+    def __aiter__(self) -> _Failing:
+        return self
+
+    async def __anext__(self) -> Any:
+        raise self._error()
+
+
+def _damaged_part(store: Store, file: str) -> Any:
+    return _DamagedPart(store, file)
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one error a task group wrapped, as itself; a group of several stays a group."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _root_path(root: object) -> Path:
+    if not isinstance(root, (str, os.PathLike)):
+        raise InvalidInput(f"store root must be a path, not {type(root).__name__}")
     try:
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        text = os.fspath(root)
+    except TypeError as exc:
+        raise InvalidInput(f"store root must be a path: {exc}") from exc
+    if isinstance(text, bytes):
+        raise InvalidInput(f"store root must be a str path, not bytes ({text!r})")
+    if text == "":
+        raise InvalidInput("store root is the empty string: name a directory (the default is .pforge)")
+    if "\0" in text:
+        raise InvalidInput(f"store root {text!r} contains a NUL character")
+    try:
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"store root {text!r} cannot be encoded as a file name") from exc
+    return Path(text).absolute()
+
+
+def _prepare(root: Path, *, create: bool, readonly: bool) -> RootPlan:
+    """Decide how to open ``root`` (refusing what must not be opened, creating nothing then), and for a
+    writable open make what the store needs before its actors start."""
+    plan = plan_root(root, create=create, readonly=readonly)
+    if readonly:
+        return plan
+    if plan.kind in (RootKind.ABSENT, RootKind.EMPTY):
+        create_root(root)
+    try:
         (root / "locks").mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
-        raise StorageError(f"cannot create store root {root}: {exc.strerror}") from exc
-    if not root.is_dir():
-        raise InvalidInput(f"store root {root} is not a directory")
+        raise StorageError(f"cannot create {root / 'locks'}: {exc.strerror}") from exc
+    _clean_manifest_temps(root)
+    return plan
+
+
+def _clean_manifest_temps(root: Path) -> None:
+    """Temp files of a manifest write that a crash interrupted (a live writer's is seconds old)."""
+    now = time.time()
+    for name in os.listdir(root):
+        if name.startswith(".pforge.json.tmp"):
+            path = root / name
+            try:
+                if now - path.stat().st_mtime > 60:
+                    path.unlink()
+            except OSError:
+                pass
+
+
+async def _connect(
+    root: object,
+    *,
+    durability: object,
+    watch_workspaces: bool,
+    max_payload_bytes: int,
+    create: bool,
+    readonly: bool,
+) -> Store:
+    if durability not in get_args(Durability):
+        raise InvalidInput(f"durability must be 'full' or 'normal', got {durability!r}")
+    for name, flag in (("create", create), ("readonly", readonly), ("watch_workspaces", watch_workspaces)):
+        if not isinstance(flag, bool):
+            raise InvalidInput(f"{name} must be True or False, got {flag!r}")
+    path = _root_path(root)
+    plan = await anyio.to_thread.run_sync(lambda: _prepare(path, create=create, readonly=readonly))
+    store = Store(
+        path,
+        durability,  # type: ignore[arg-type]
+        plan,
+        watch_workspaces=watch_workspaces,
+        max_payload_bytes=max_payload_bytes,
+        readonly=readonly,
+    )
+    await store._launch()
+    return store
+
+
+class _Connecting:
+    """What :func:`connect` returns: ``await`` it for the store, or use it as ``async with``."""
+
+    def __init__(self, root: object, options: dict[str, Any]) -> None:
+        self._root = root
+        self._options = options
+        self._store: Store | None = None
+
+    def __await__(self) -> Generator[Any, None, Store]:
+        return _connect(self._root, **self._options).__await__()
+
+    async def __aenter__(self) -> Store:
+        self._store = await _connect(self._root, **self._options)
+        return self._store
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            with anyio.CancelScope(shield=True):
+                await store.aclose()
+
+
+def connect(
+    root: str | os.PathLike[str] = DEFAULT_ROOT,
+    *,
+    durability: Durability = "full",
+    watch_workspaces: bool = True,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
+    create: bool = True,
+    readonly: bool = False,
+) -> _Connecting:
+    """Open the store at ``root``: ``store = await connect(root)`` ... ``await store.aclose()``, or
+    ``async with connect(root) as store:``. The store may be closed from any task of the event loop.
+
+    ``create=False`` raises ``NotFound`` when there is no store at ``root``. ``readonly=True`` opens an
+    existing store for inspection: nothing is created or changed (it works for a user who cannot
+    write the root) and every write raises ``InvalidInput``. A root that is a file, a non-empty
+    directory that is not a store, and ``""`` are refused with ``InvalidInput``; a store whose
+    manifest records a database that is now missing or empty is refused with ``IntegrityError``.
+    Nothing is created by a refused open.
+
+    ``durability="full"`` makes an acknowledged write survive power loss (fsync per batch);
+    ``"normal"`` makes it survive a killed process. A new root is created owner-only (0700).
+    ``watch_workspaces`` lets a repeated ``cas.snapshot`` of an unchanged directory answer from
+    inotify events instead of a stat walk (see :mod:`pforge_async.cas.watch` for its limits).
+    ``max_payload_bytes`` bounds one turn's payload.
+    """
+    options = {
+        "durability": durability,
+        "watch_workspaces": watch_workspaces,
+        "max_payload_bytes": max_payload_bytes,
+        "create": create,
+        "readonly": readonly,
+    }
+    return _Connecting(root, options)
 
 
 @asynccontextmanager
@@ -139,41 +466,21 @@ async def open_store(
     durability: Durability = "full",
     watch_workspaces: bool = True,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
+    create: bool = True,
+    readonly: bool = False,
 ) -> AsyncIterator[Store]:
-    """Open (creating if needed) the store at ``root`` and run its actors until the block exits.
-
-    ``durability="full"`` makes an acknowledged write survive power loss (fsync per batch);
-    ``"normal"`` makes it survive a killed process. The root is created owner-only (0700).
-    ``watch_workspaces`` lets a repeated ``cas.snapshot`` of an unchanged directory answer from
-    inotify events instead of a stat walk (see :mod:`pforge_async.cas.watch` for its limits).
-    ``max_payload_bytes`` bounds one turn's payload.
-    """
-    if durability not in get_args(Durability):
-        raise InvalidInput(f"durability must be 'full' or 'normal', got {durability!r}")
-    path = Path(root).absolute()
-    await anyio.to_thread.run_sync(_make_root, path)
+    """The structured form of :func:`connect`: the store is open exactly for the ``async with`` block.
+    An error raised in the block comes out as itself."""
+    store = await connect(
+        root,
+        durability=durability,
+        watch_workspaces=watch_workspaces,
+        max_payload_bytes=max_payload_bytes,
+        create=create,
+        readonly=readonly,
+    )
     try:
-        async with anyio.create_task_group() as tg:
-            store = Store(
-                path,
-                durability,
-                tg,
-                watch_workspaces=watch_workspaces,
-                max_payload_bytes=max_payload_bytes,
-            )
-            try:
-                await store._start()
-                yield store
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await store._close()
-    except BaseExceptionGroup as group:
-        # The task group wraps whatever the block (or an actor's startup) raised: hand the one
-        # error back as itself, as a caller of open_store expects (raised outside this handler, so
-        # its own cause and context stay as they were).
-        if len(group.exceptions) != 1:
-            raise
-        error = group.exceptions[0]
-    else:
-        return
-    raise error
+        yield store
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.aclose()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pforge_async import ActorClosed, InvalidInput, StorageError, Store, Usage, open_store
+from pforge_async import ActorClosed, InvalidInput, Store, Usage, open_store
 
 pytestmark = pytest.mark.anyio
 
@@ -30,7 +30,7 @@ async def test_open_store_rejects_an_unknown_durability(tmp_path: Path) -> None:
 async def test_open_store_rejects_a_root_that_is_a_file(tmp_path: Path) -> None:
     root = tmp_path / "file"
     root.write_text("not a store")
-    with pytest.raises(StorageError) as info:
+    with pytest.raises(InvalidInput) as info:
         async with open_store(root):
             pass
     assert "file" in str(info.value)
