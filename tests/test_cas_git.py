@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pforge_async import IntegrityError, InvalidInput, ObjectNotFound, open_store
+from pforge_async import IntegrityError, InvalidInput, ObjectNotFound, StorageError, open_store
 from pforge_async.cas.gitrules import dotfile_blob_problem, tree_name_problem
 from pforge_async.store import Store
 
@@ -731,3 +731,22 @@ def test_dotfile_verdicts_are_gits(tmp_path: Path) -> None:
     # (and stops parsing there); the CAS reads past it, as git does for a config file on disk.
     assert dotfile_blob_problem("gitmodules", b'\xef\xbb\xbf[submodule "../bom"]\n\tpath = x\n')
     assert sum(1 for _, why in verdicts.values() if why) > 20
+
+
+async def test_a_storage_error_always_carries_its_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError without an errno (strerror None) used to come out as 'cannot read .../big: None'."""
+    import pforge_async.cas.snapshot as snapshot_module
+
+    def failing_read(fd: int, size: int) -> bytes:
+        raise OSError("the device went away")
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "big").write_bytes(b"x" * 100)
+    async with open_store(tmp_path / ".pforge") as store:
+        monkeypatch.setattr(snapshot_module, "_read_all", failing_read)
+        with pytest.raises(StorageError, match=r"big: .*the device went away") as info:
+            await store.cas.snapshot(work)
+        assert "None" not in str(info.value)
+        monkeypatch.undo()
+        assert await store.cas.snapshot(work)  # and the store still serves
