@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .budget import BudgetLedger, Reservation, Totals, Usage
+from .budget import BudgetLedger, Reservation, Spent, Totals, Usage
 from .constellation import ActionStats, ConstellationMemory
 from .nonces import NonceLedger
 
@@ -12,6 +12,7 @@ __all__ = [
     "ConstellationMemory",
     "NonceLedger",
     "Reservation",
+    "Spent",
     "Totals",
     "Usage",
 ]

@@ -5,6 +5,12 @@ reserves what it may spend (``reserve``), then commits what it did spend (``comm
 it reserved) or gives the reservation back (``release``). A reservation never committed stops
 counting when it expires. Every check runs inside the ledger actor's transaction, under the
 database's file lock, so concurrent reservations from many processes never overdraw a budget.
+
+Built for loops that crash and resume: a reserve with an ``idempotency_key`` made again (by a
+restarted loop, or by several processes at once) returns the one reservation the key made; ``tags``
+(session, agent, ...) stay on a reservation and its spend, and ``totals`` and ``list_reservations``
+filter by them; and a spend that happened is never refused: ``commit`` after the reservation expired
+records it, and says (in its result and in ``totals``) by how much it took the budget past its limit.
 """
 
 from __future__ import annotations
@@ -12,12 +18,12 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import sqlite3
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
 from ..clock import now_ms
-from ..errors import BudgetExceeded, Conflict, InvalidInput, NotFound
+from ..errors import BudgetExceeded, Conflict, IdempotencyConflict, InvalidInput, NotFound
 from ..sqlite.actor import SqliteActor, replay
 from ._checks import (
     MAX_INT,
@@ -34,13 +40,18 @@ from ._checks import (
     whole,
 )
 
-__all__ = ["BudgetActor", "BudgetLedger", "Reservation", "Totals", "Usage"]
+__all__ = ["BudgetActor", "BudgetLedger", "Reservation", "Spent", "Totals", "Usage"]
 
 DAY_MS = 86_400_000
 Window = Literal["total", "day"]
 _RESERVATION_PATTERN = r"\A[0-9a-f]{32}\Z"
 ReservationId = Annotated[str, msgspec.Meta(pattern=_RESERVATION_PATTERN)]
 Model = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+#: tags on one reservation or spend, at most
+MAX_TAGS = 16
+Tags = Annotated[dict[Text, Text], msgspec.Meta(max_length=MAX_TAGS)]
+#: reservations one ``list_reservations`` call returns, at most
+MAX_LIST = 10_000
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -56,16 +67,48 @@ class Usage(msgspec.Struct, frozen=True):
 
 
 class Reservation(msgspec.Struct, frozen=True):
+    """Tokens and cost held against a vendor's budgets until ``expires_at_ms``.
+
+    ``state`` as of when it was read: ``"held"`` (counting), ``"expired"`` (neither committed nor
+    released, but no longer counting; it may still be committed or extended), ``"committed"`` or
+    ``"released"``."""
+
     reservation_id: str
     vendor: str
     model: str
     tokens: int
     cost: int
     expires_at_ms: int
+    state: str = "held"
+    idempotency_key: str | None = None
+    tags: dict[str, str] = {}
+    created_at_ms: int = 0
+
+
+class Spent(msgspec.Struct, frozen=True):
+    """What ``commit`` recorded. ``late``: committed after the reservation expired. ``over_tokens``
+    and ``over_cost``: how far this spend took the vendor's budget past its limit (the most over any
+    of its windows), 0 when it stayed within; only a late commit can be over."""
+
+    spend_id: int
+    reservation_id: str
+    vendor: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cost: int
+    late: bool = False
+    over_tokens: int = 0
+    over_cost: int = 0
+
+    @property
+    def overdrawn(self) -> bool:
+        return self.over_tokens > 0 or self.over_cost > 0
 
 
 class Totals(msgspec.Struct, frozen=True):
-    """Committed spend of a vendor (since a time, if asked), and what is reserved and still held."""
+    """Committed spend of a vendor (since a time, with tags, if asked), and what is reserved and still
+    held. ``over_tokens`` and ``over_cost``: of that spend, how much went past a limit (late commits)."""
 
     vendor: str
     input_tokens: int
@@ -73,10 +116,16 @@ class Totals(msgspec.Struct, frozen=True):
     cost: int
     reserved_tokens: int
     reserved_cost: int
+    over_tokens: int = 0
+    over_cost: int = 0
 
     @property
     def tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+    @property
+    def overdrawn(self) -> bool:
+        return self.over_tokens > 0 or self.over_cost > 0
 
 
 class SetBudget(msgspec.Struct, frozen=True, tag="set_budget"):
@@ -92,6 +141,13 @@ class Reserve(msgspec.Struct, frozen=True, tag="reserve"):
     model: Model
     tokens: Whole
     cost: Whole
+    ttl_ms: Millis
+    idempotency_key: Text | None = None
+    tags: Tags = {}
+
+
+class Extend(msgspec.Struct, frozen=True, tag="extend"):
+    reservation_id: ReservationId
     ttl_ms: Millis
 
 
@@ -113,16 +169,19 @@ class RecordSpend(msgspec.Struct, frozen=True, tag="record_spend"):
     output_tokens: Whole
     cost: Whole
     idempotency_key: Text | None = None
+    tags: Tags = {}
+    allow_overdraw: bool = False
 
 
-BudgetCommand = SetBudget | Reserve | CommitSpend | Release | RecordSpend
+BudgetCommand = SetBudget | Reserve | Extend | CommitSpend | Release | RecordSpend
 
 
 class BudgetActor(SqliteActor[BudgetCommand]):
     command_type = BudgetCommand
     name = "budget"
     schema_file = "budget_ledger_schema.sql"
-    schema_version = 1
+    schema_version = 2
+    migrations: ClassVar[dict[int, str]] = {2: "budget_ledger_v2.sql"}
     invariants = (
         (
             "spend_totals that differ from the sum of spend",
@@ -135,6 +194,21 @@ class BudgetActor(SqliteActor[BudgetCommand]):
             "committed reservations without exactly one spend row",
             "SELECT r.reservation_id FROM reservations r LEFT JOIN spend s ON s.reservation_id = r.reservation_id "
             "WHERE r.state = 'committed' GROUP BY r.reservation_id HAVING COUNT(s.spend_id) != 1",
+        ),
+        (
+            "spend rows of reservations that are not committed",
+            "SELECT s.spend_id FROM spend s JOIN reservations r ON r.reservation_id = s.reservation_id "
+            "WHERE r.state != 'committed'",
+        ),
+        (
+            "tags of reservations or spend that do not exist",
+            "SELECT reservation_id FROM reservation_tags WHERE reservation_id NOT IN "
+            "(SELECT reservation_id FROM reservations) UNION ALL SELECT spend_id FROM spend_tags "
+            "WHERE spend_id NOT IN (SELECT spend_id FROM spend)",
+        ),
+        (
+            "spend over a limit by more than it spent",
+            "SELECT spend_id FROM spend WHERE over_tokens > input_tokens + output_tokens OR over_cost > cost",
         ),
     )
 
@@ -154,28 +228,9 @@ class BudgetActor(SqliteActor[BudgetCommand]):
                 )
                 return None
             case Reserve():
-                self._check(conn, command.vendor, command.tokens, command.cost, now)
-                self._room(conn, command.vendor, command.tokens, command.cost, now)
-                conn.execute(
-                    "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?, 'held')",
-                    (
-                        command.reservation_id,
-                        command.vendor,
-                        command.model,
-                        command.tokens,
-                        command.cost,
-                        now,
-                        now + command.ttl_ms,
-                    ),
-                )
-                return Reservation(
-                    command.reservation_id,
-                    command.vendor,
-                    command.model,
-                    command.tokens,
-                    command.cost,
-                    now + command.ttl_ms,
-                )
+                return self._reserve(conn, command, now)
+            case Extend(reservation_id=reservation_id, ttl_ms=ttl_ms):
+                return self._extend(conn, reservation_id, ttl_ms, now)
             case CommitSpend():
                 return self._commit(conn, command, now)
             case Release(reservation_id=reservation_id):
@@ -200,9 +255,13 @@ class BudgetActor(SqliteActor[BudgetCommand]):
                 if first is not None:
                     return first
                 tokens = command.input_tokens + command.output_tokens
-                self._check(conn, command.vendor, tokens, command.cost, now)
+                over = (0, 0)
+                if command.allow_overdraw:
+                    over = self._overdraft(conn, command.vendor, tokens, command.cost, now)
+                else:
+                    self._check(conn, command.vendor, tokens, command.cost, now)
                 self._room(conn, command.vendor, tokens, command.cost, now)
-                return self._insert_spend(
+                spend_id = self._insert_spend(
                     conn,
                     command.vendor,
                     command.model,
@@ -212,15 +271,82 @@ class BudgetActor(SqliteActor[BudgetCommand]):
                     command.idempotency_key,
                     None,
                     now,
+                    *over,
                 )
+                _insert_tags(conn, "spend_tags", spend_id, command.tags)
+                return spend_id
         raise InvalidInput(f"unknown budget command {command!r}")
 
-    def _check(self, conn: sqlite3.Connection, vendor: str, tokens: int, cost: int, now: int) -> None:
+    def _reserve(self, conn: sqlite3.Connection, command: Reserve, now: int) -> Reservation:
+        key = command.idempotency_key
+        if key is not None:
+            row = conn.execute(f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE idempotency_key = ?", (key,))
+            found = row.fetchone()
+            if found is not None:
+                first = _reservation(found, _tags_of(conn, "reservation_tags", found[0]), now)
+                asked = (command.vendor, command.model, command.tokens, command.cost, command.tags)
+                if (first.vendor, first.model, first.tokens, first.cost, first.tags) != asked:
+                    what = f"{first.vendor}, {first.model!r}, {first.tokens} tokens, cost {first.cost}"
+                    what += f", tags {first.tags}"
+                    raise IdempotencyConflict(
+                        f"idempotency key {key!r} reserved {first.reservation_id} for other values ({what})"
+                    )
+                return first
+        self._check(conn, command.vendor, command.tokens, command.cost, now)
+        self._room(conn, command.vendor, command.tokens, command.cost, now)
+        conn.execute(
+            "INSERT INTO reservations (reservation_id, vendor, model, tokens, cost, created_at_ms, expires_at_ms, "
+            "state, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, 'held', ?)",
+            (
+                command.reservation_id,
+                command.vendor,
+                command.model,
+                command.tokens,
+                command.cost,
+                now,
+                now + command.ttl_ms,
+                key,
+            ),
+        )
+        _insert_tags(conn, "reservation_tags", command.reservation_id, command.tags)
+        return Reservation(
+            command.reservation_id,
+            command.vendor,
+            command.model,
+            command.tokens,
+            command.cost,
+            now + command.ttl_ms,
+            "held",
+            key,
+            dict(sorted(command.tags.items())),
+            now,
+        )
+
+    def _extend(self, conn: sqlite3.Connection, reservation_id: str, ttl_ms: int, now: int) -> Reservation:
+        row = conn.execute(
+            f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE reservation_id = ?", (reservation_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no reservation {reservation_id}")
+        current = _reservation(row, _tags_of(conn, "reservation_tags", reservation_id), now)
+        if current.state in ("committed", "released"):
+            raise Conflict(f"reservation {reservation_id} is {current.state}: it cannot be extended")
+        if current.state == "expired":
+            # It stopped counting when it expired: holding it again needs the room a new one would.
+            self._check(conn, current.vendor, current.tokens, current.cost, now)
+            self._room(conn, current.vendor, current.tokens, current.cost, now)
+        expires = max(now + ttl_ms, current.expires_at_ms)
+        conn.execute("UPDATE reservations SET expires_at_ms = ? WHERE reservation_id = ?", (expires, reservation_id))
+        return msgspec.structs.replace(current, expires_at_ms=expires, state="held")
+
+    def _standing(
+        self, conn: sqlite3.Connection, vendor: str, now: int
+    ) -> list[tuple[str, int, int, int, int, int | None, int | None]]:
+        """For each budget of ``vendor``: its window, what is spent and held in it, and its limits."""
+        standing = []
         budgets = conn.execute(
             "SELECT window, token_limit, cost_limit FROM budgets WHERE vendor = ?", (vendor,)
         ).fetchall()
-        if not budgets:
-            raise NotFound(f"no budget is set for vendor {vendor!r}: call set_budget first")
         for window, token_limit, cost_limit in budgets:
             if window == "total":
                 row = conn.execute("SELECT tokens, cost FROM spend_totals WHERE vendor = ?", (vendor,)).fetchone()
@@ -238,6 +364,14 @@ class BudgetActor(SqliteActor[BudgetCommand]):
                 "WHERE vendor = ? AND state = 'held' AND expires_at_ms > ? AND created_at_ms > ?",
                 (vendor, now, since),
             ).fetchone()
+            standing.append((window, spent_tokens, spent_cost, held_tokens, held_cost, token_limit, cost_limit))
+        return standing
+
+    def _check(self, conn: sqlite3.Connection, vendor: str, tokens: int, cost: int, now: int) -> None:
+        standing = self._standing(conn, vendor, now)
+        if not standing:
+            raise NotFound(f"no budget is set for vendor {vendor!r}: call set_budget first")
+        for window, spent_tokens, spent_cost, held_tokens, held_cost, token_limit, cost_limit in standing:
             for what, limit, spent, held, asked in (
                 ("token", token_limit, spent_tokens, held_tokens, tokens),
                 ("cost", cost_limit, spent_cost, held_cost, cost),
@@ -267,7 +401,7 @@ class BudgetActor(SqliteActor[BudgetCommand]):
                     f"2**63-1, the most the ledger counts"
                 )
 
-    def _commit(self, conn: sqlite3.Connection, command: CommitSpend, now: int) -> int:
+    def _commit(self, conn: sqlite3.Connection, command: CommitSpend, now: int) -> Spent:
         reservation_id = command.reservation_id
         row = conn.execute(
             "SELECT vendor, model, tokens, cost, expires_at_ms, state FROM reservations WHERE reservation_id = ?",
@@ -276,26 +410,34 @@ class BudgetActor(SqliteActor[BudgetCommand]):
         if row is None:
             raise NotFound(f"no reservation {reservation_id}")
         vendor, model, tokens, cost, expires_at, state = row
+        used = (command.input_tokens, command.output_tokens, command.cost)
         if state == "committed":
             spent = conn.execute(
-                "SELECT spend_id, input_tokens, output_tokens, cost FROM spend WHERE reservation_id = ?",
+                "SELECT spend_id, input_tokens, output_tokens, cost, recorded_at_ms, over_tokens, over_cost "
+                "FROM spend WHERE reservation_id = ?",
                 (reservation_id,),
             ).fetchone()
-            if tuple(spent[1:]) != (command.input_tokens, command.output_tokens, command.cost):
+            if tuple(spent[1:4]) != used:
                 raise Conflict(f"reservation {reservation_id} was committed with other usage")
-            return int(spent[0])
+            late = spent[4] >= expires_at
+            return Spent(int(spent[0]), reservation_id, vendor, model, *used, late, spent[5], spent[6])
         if state == "released":
             raise Conflict(f"reservation {reservation_id} was released")
-        if expires_at <= now:
-            raise Conflict(f"reservation {reservation_id} expired {now - expires_at} ms ago")
-        used = command.input_tokens + command.output_tokens
-        if used > tokens or command.cost > cost:
+        used_tokens = command.input_tokens + command.output_tokens
+        if used_tokens > tokens or command.cost > cost:
             raise InvalidInput(
-                f"usage of {used} tokens and cost {command.cost} is over reservation {reservation_id} "
+                f"usage of {used_tokens} tokens and cost {command.cost} is over reservation {reservation_id} "
                 f"({tokens} tokens, cost {cost})"
             )
+        late = expires_at <= now
+        over_tokens = over_cost = 0
+        if late:
+            # It stopped counting when it expired, and others may have reserved the room since: the
+            # spend is recorded all the same (it happened), with how far it goes past a limit.
+            self._room(conn, vendor, used_tokens, command.cost, now)
+            over_tokens, over_cost = self._overdraft(conn, vendor, used_tokens, command.cost, now)
         conn.execute("UPDATE reservations SET state = 'committed' WHERE reservation_id = ?", (reservation_id,))
-        return self._insert_spend(
+        spend_id = self._insert_spend(
             conn,
             vendor,
             model,
@@ -305,7 +447,30 @@ class BudgetActor(SqliteActor[BudgetCommand]):
             None,
             reservation_id,
             now,
+            over_tokens,
+            over_cost,
         )
+        conn.execute(
+            "INSERT INTO spend_tags (spend_id, tag, value) SELECT ?, tag, value FROM reservation_tags "
+            "WHERE reservation_id = ?",
+            (spend_id, reservation_id),
+        )
+        return Spent(spend_id, reservation_id, vendor, model, *used, late, over_tokens, over_cost)
+
+    def _overdraft(self, conn: sqlite3.Connection, vendor: str, tokens: int, cost: int, now: int) -> tuple[int, int]:
+        """How far spending ``tokens`` and ``cost`` now takes ``vendor`` past its limits (what is spent
+        and what others hold counted first), the most over any window; each at most what is spent."""
+        over = [0, 0]
+        for window, spent_tokens, spent_cost, held_tokens, held_cost, token_limit, cost_limit in self._standing(
+            conn, vendor, now
+        ):
+            del window
+            for i, (limit, spent, held, asked) in enumerate(
+                ((token_limit, spent_tokens, held_tokens, tokens), (cost_limit, spent_cost, held_cost, cost))
+            ):
+                if limit is not None:
+                    over[i] = max(over[i], min(asked, spent + held + asked - limit))
+        return over[0], over[1]
 
     def _insert_spend(
         self,
@@ -318,11 +483,13 @@ class BudgetActor(SqliteActor[BudgetCommand]):
         key: str | None,
         reservation_id: str | None,
         now: int,
+        over_tokens: int = 0,
+        over_cost: int = 0,
     ) -> int:
         cursor = conn.execute(
             "INSERT INTO spend (vendor, model, input_tokens, output_tokens, cost, idempotency_key, reservation_id, "
-            "recorded_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (vendor, model, input_tokens, output_tokens, cost, key, reservation_id, now),
+            "recorded_at_ms, over_tokens, over_cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (vendor, model, input_tokens, output_tokens, cost, key, reservation_id, now, over_tokens, over_cost),
         )
         conn.execute(
             "INSERT INTO spend_totals VALUES (?, ?, ?) ON CONFLICT (vendor) DO UPDATE SET "
@@ -331,6 +498,54 @@ class BudgetActor(SqliteActor[BudgetCommand]):
         )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
+
+
+_RESERVATION_COLUMNS = (
+    "reservation_id, vendor, model, tokens, cost, expires_at_ms, state, idempotency_key, created_at_ms"
+)
+
+
+def _reservation(row: Any, tags: dict[str, str], now: int) -> Reservation:
+    """A ``Reservation`` from a row of ``_RESERVATION_COLUMNS``, its state as of ``now``."""
+    rid, vendor, model, tokens, cost, expires, state, key, created = row
+    if state == "held" and expires <= now:
+        state = "expired"
+    return Reservation(rid, vendor, model, tokens, cost, expires, state, key, tags, created)
+
+
+def _tags_of(conn: sqlite3.Connection, table: str, owner: object) -> dict[str, str]:
+    column = "reservation_id" if table == "reservation_tags" else "spend_id"
+    rows = conn.execute(f"SELECT tag, value FROM {table} WHERE {column} = ? ORDER BY tag", (owner,))
+    return dict(rows.fetchall())
+
+
+def _insert_tags(conn: sqlite3.Connection, table: str, owner: object, tags: dict[str, str]) -> None:
+    if tags:
+        column = "reservation_id" if table == "reservation_tags" else "spend_id"
+        conn.executemany(
+            f"INSERT INTO {table} ({column}, tag, value) VALUES (?, ?, ?)",
+            [(owner, tag, value) for tag, value in sorted(tags.items())],
+        )
+
+
+def _tags(value: object) -> dict[str, str]:
+    """``tags``: None or a dict of at most ``MAX_TAGS`` str -> str (each 1 to 1024 chars), sorted."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"tags must be a dict of str to str, got {type(value).__name__} {show(value)}")
+    if len(value) > MAX_TAGS:
+        raise InvalidInput(f"at most {MAX_TAGS} tags, got {len(value)}")
+    checked = {text(tag, "tag name"): text(tagged, f"tag {tag!r}") for tag, tagged in value.items()}
+    return dict(sorted(checked.items()))
+
+
+def _tag_filter(table: str, column: str, tags: dict[str, str]) -> tuple[str, list[str]]:
+    """A SQL condition (and its parameters) true for the rows of ``column`` that carry every tag."""
+    if not tags:
+        return "", []
+    wanted = " INTERSECT ".join([f"SELECT {column} FROM {table} WHERE tag = ? AND value = ?"] * len(tags))
+    return f" AND {column} IN ({wanted})", [part for item in tags.items() for part in item]
 
 
 def _reservation_id(reservation: Reservation | str) -> str:
@@ -362,11 +577,25 @@ class BudgetLedger:
         await self._actor.call(command)
 
     async def reserve(
-        self, vendor: str, *, tokens: int = 0, cost: int = 0, model: str = "", ttl_s: float = 300
+        self,
+        vendor: str,
+        *,
+        tokens: int = 0,
+        cost: int = 0,
+        model: str = "",
+        ttl_s: float = 300,
+        idempotency_key: str | None = None,
+        tags: dict[str, str] | None = None,
     ) -> Reservation:
         """Hold ``tokens`` and ``cost`` against every budget of ``vendor``, or raise
         ``BudgetExceeded`` (naming the limit, what is spent, what is reserved and what was asked).
-        ``ttl_s`` is at most 10**15 seconds."""
+        ``ttl_s`` is at most 10**15 seconds.
+
+        With ``idempotency_key``, the key's reservation if it made one already (in whatever state it
+        is now: a retry after a crash, or the same reserve from several processes, gives one
+        reservation), checking nothing against the budget again; the same key with another vendor,
+        model, amount or tags is ``IdempotencyConflict``. ``tags`` (at most 16, str to str, e.g.
+        ``{"session": ..., "agent": ...}``) stay on the reservation and on its spend."""
         command = Reserve(
             secrets.token_hex(16),
             text(vendor, "vendor"),
@@ -374,14 +603,29 @@ class BudgetLedger:
             whole(tokens, "tokens"),
             whole(cost, "cost"),
             seconds(ttl_s, "ttl_s"),
+            optional_text(idempotency_key, "idempotency_key"),
+            _tags(tags),
         )
         reservation = await self._actor.call(command)
         assert isinstance(reservation, Reservation)
         return reservation
 
-    async def commit(self, reservation: Reservation | str, actual: Usage) -> int:
-        """Record what a reserved call used (at most what was reserved); returns the spend row id.
-        Committing again with the same usage returns the same row."""
+    async def extend(self, reservation: Reservation | str, ttl_s: float) -> Reservation:
+        """Hold a reservation until ``ttl_s`` seconds from now, or longer if it already was (for a call
+        that runs long). One that expired counts again, so it needs the room a new reservation would
+        (``BudgetExceeded``); a committed or released one is ``Conflict``."""
+        command = Extend(_reservation_id(reservation), seconds(ttl_s, "ttl_s"))
+        extended = await self._actor.call(command)
+        assert isinstance(extended, Reservation)
+        return extended
+
+    async def commit(self, reservation: Reservation | str, actual: Usage) -> Spent:
+        """Record what a reserved call used (at most what was reserved). Committing again with the
+        same usage returns the same ``Spent``.
+
+        A spend that happened is never refused: after the reservation expired (and others may have
+        taken the room it held) the commit is recorded all the same, as ``late``, and ``over_tokens``
+        / ``over_cost`` say how far it took the budget past its limit (``totals`` sums them)."""
         if not isinstance(actual, Usage):
             raise InvalidInput(f"actual must be a Usage, got {type(actual).__name__} {show(actual)}")
         command = CommitSpend(
@@ -390,7 +634,9 @@ class BudgetLedger:
             whole(actual.output_tokens, "output_tokens"),
             whole(actual.cost, "cost"),
         )
-        return int(await self._actor.call(command))
+        spent = await self._actor.call(command)
+        assert isinstance(spent, Spent)
+        return spent
 
     async def release(self, reservation: Reservation | str) -> None:
         """Give a reservation back unused."""
@@ -405,8 +651,14 @@ class BudgetLedger:
         output_tokens: int,
         cost: int,
         idempotency_key: str | None = None,
+        tags: dict[str, str] | None = None,
+        allow_overdraw: bool = False,
     ) -> int:
-        """Reserve and commit in one step (for spend known only afterwards); idempotent by key."""
+        """Reserve and commit in one step (for spend known only afterwards); idempotent by key.
+        Returns the spend row id. Over a budget it raises ``BudgetExceeded``, unless
+        ``allow_overdraw``: then the spend (which happened) is recorded with how far it went over."""
+        if not isinstance(allow_overdraw, bool):
+            raise InvalidInput(f"allow_overdraw must be True or False, got {show(allow_overdraw)}")
         command = RecordSpend(
             text(vendor, "vendor"),
             text(model, "model"),
@@ -414,22 +666,73 @@ class BudgetLedger:
             whole(output_tokens, "output_tokens"),
             whole(cost, "cost"),
             optional_text(idempotency_key, "idempotency_key"),
+            _tags(tags),
+            allow_overdraw,
         )
         return int(await self._actor.call(command))
 
-    async def totals(self, vendor: str, since: dt.datetime | float | None = None) -> Totals:
-        """Committed spend of ``vendor`` (from ``since``: a datetime or epoch seconds), and what is
-        reserved and still held."""
+    async def find_reservation(self, idempotency_key: str) -> Reservation | None:
+        """The reservation ``idempotency_key`` made, in its state now; None if it made none. (What a
+        resumed loop asks to learn whether a step's spend was reserved, committed or neither.)"""
+        key = text(idempotency_key, "idempotency_key")
+        row = await self._actor.fetchone(
+            f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE idempotency_key = ?", (key,)
+        )
+        if row is None:
+            return None
+        tags = await self._actor.fetchall(
+            "SELECT tag, value FROM reservation_tags WHERE reservation_id = ? ORDER BY tag", (row[0],)
+        )
+        return _reservation(row, {tag: value for tag, value in tags}, now_ms())
+
+    async def list_reservations(
+        self, vendor: str | None = None, *, tags: dict[str, str] | None = None, limit: int = 1000
+    ) -> list[Reservation]:
+        """The reservations neither committed nor released (of ``vendor``, with every one of
+        ``tags``), oldest first, at most ``limit`` (1 to 10,000): ``"held"`` ones and ``"expired"``
+        ones (which no longer count, but may still be committed or extended)."""
+        where, params = _tag_filter("reservation_tags", "reservation_id", _tags(tags))
+        if vendor is not None:
+            where += " AND vendor = ?"
+            params.append(text(vendor, "vendor"))
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
+            raise InvalidInput(f"limit must be an int from 1 to {MAX_LIST}, got {show(limit)}")
+        rows = await self._actor.fetchall(
+            f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE state = 'held'{where} "
+            "ORDER BY created_at_ms, reservation_id LIMIT ?",
+            [*params, limit],
+        )
+        tags_of: dict[str, dict[str, str]] = {}
+        if rows:
+            ids = [row[0] for row in rows]
+            for rid, tag, value in await self._actor.fetchall(
+                "SELECT reservation_id, tag, value FROM reservation_tags WHERE reservation_id IN "
+                f"({', '.join('?' * len(ids))}) ORDER BY reservation_id, tag",
+                ids,
+            ):
+                tags_of.setdefault(rid, {})[tag] = value
+        now = now_ms()
+        return [_reservation(row, tags_of.get(row[0], {}), now) for row in rows]
+
+    async def totals(
+        self, vendor: str, since: dt.datetime | float | None = None, *, tags: dict[str, str] | None = None
+    ) -> Totals:
+        """Committed spend of ``vendor`` (from ``since``: a datetime or epoch seconds; with every one
+        of ``tags``), what of it went past a limit, and what is reserved and still held."""
         vendor = text(vendor, "vendor")
         since_ms = -1 if since is None else instant_ms(since, "since")
+        wanted = _tags(tags)
+        spend_where, spend_params = _tag_filter("spend_tags", "spend_id", wanted)
+        held_where, held_params = _tag_filter("reservation_tags", "reservation_id", wanted)
         spent = await self._actor.fetchone(
-            "SELECT COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost), 0) "
-            "FROM spend WHERE vendor = ? AND recorded_at_ms >= ?",
-            (vendor, since_ms),
+            "SELECT COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost), 0), "
+            "COALESCE(SUM(over_tokens), 0), COALESCE(SUM(over_cost), 0) "
+            f"FROM spend WHERE vendor = ? AND recorded_at_ms >= ?{spend_where}",
+            [vendor, since_ms, *spend_params],
         )
         held = await self._actor.fetchone(
             "SELECT COALESCE(SUM(tokens), 0), COALESCE(SUM(cost), 0) FROM reservations "
-            "WHERE vendor = ? AND state = 'held' AND expires_at_ms > ?",
-            (vendor, now_ms()),
+            f"WHERE vendor = ? AND state = 'held' AND expires_at_ms > ?{held_where}",
+            [vendor, now_ms(), *held_params],
         )
-        return Totals(vendor, spent[0], spent[1], spent[2], held[0], held[1])
+        return Totals(vendor, spent[0], spent[1], spent[2], held[0], held[1], spent[3], spent[4])
