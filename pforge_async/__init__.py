@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .actor import Actor, Failed
+from .agent import PersistenceFailure, Recorded, SessionRecorder, SessionTree, ToolCall, load_session_tree
 from .cas import EMPTY_TREE, Commit, FsckReport, TreeEntry
 from .errors import (
     ActorClosed,
@@ -26,7 +27,7 @@ from .errors import (
     TurnNotFound,
 )
 from .fslock import FsLock
-from .ledgers import ActionStats, Reservation, Totals, Usage
+from .ledgers import ActionStats, Reservation, Spent, Totals, Usage
 from .store import Durability, Store, StoreCheck, connect, open_store
 from .turnstore import (
     ContextHead,
@@ -75,12 +76,18 @@ __all__ = [
     "NotFound",
     "ObjectNotFound",
     "PersistenceError",
+    "PersistenceFailure",
     "PforgeError",
+    "Recorded",
     "RefConflict",
     "Reservation",
+    "SessionRecorder",
+    "SessionTree",
+    "Spent",
     "StorageError",
     "Store",
     "StoreCheck",
+    "ToolCall",
     "Totals",
     "TreeEntry",
     "TurnEnvelope",
@@ -91,5 +98,6 @@ __all__ = [
     "agent_key",
     "attractor_key",
     "connect",
+    "load_session_tree",
     "open_store",
 ]

@@ -1,0 +1,728 @@
+"""``SessionRecorder``: the hooks an agent loop awaits at each step, writing its session to a store.
+
+A session is a named context of the turn store. Each hook call takes the next position (``seq``) of
+its session and writes one record there under a deterministic key (session name, position, kind).
+A recorder started on a session that already has records knows them: a hook call at a recorded
+position is compared with the record and writes nothing (a conflict if it differs), so a restarted
+loop can re-issue its calls, or read ``records`` and ``seek`` past them.
+
+Subagents: ``spawn_subagent`` forks the child's context from the parent's head (once: a re-run finds
+it by name) and writes a link record in the parent; ``close`` writes the close record in the child
+and the parent in one atomic write. Both link records are keyed by the subagent id.
+
+One loop drives one recorder: its positional hooks are meant to be awaited in the loop's own order.
+Hooks of different recorders (an orchestrator and its subagents) may run concurrently.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
+
+import msgspec
+
+from ..errors import BudgetExceeded, Conflict, IdempotencyConflict, IntegrityError, InvalidInput, PersistenceError
+from ..ledgers.budget import BudgetLedger, Reservation, Usage
+from ..store import Store
+from ..turnstore.protocol import ArtifactStore, SessionStore, TypedTurnStore
+from ..turnstore.rules import validate_limit, validate_name
+from ..turnstore.types import ContextInfo, NewTurn
+from .keys import budget_key, child_context_key, close_key, record_key, spawn_key, subagent_session_name
+from .modes import Mode, PersistenceFailure, logger, validate_mode
+from .output import DEFAULT_MAX_OUTPUT, tool_output
+from .records import (
+    BUNDLE_ID,
+    TYPE_VERSION,
+    AgentRecord,
+    AssistantTurn,
+    Event,
+    PositionalRecord,
+    Recorded,
+    SessionEnd,
+    SessionStart,
+    SteeringTurn,
+    SubagentClose,
+    SubagentSpawn,
+    SystemTurn,
+    ToolCall,
+    ToolCallEnd,
+    ToolCallStart,
+    ToolResult,
+    ToolResultsTurn,
+    UserTurn,
+    decode_record,
+    encode_record,
+    registry_bundle,
+)
+from .tree import load_own_turns
+
+__all__ = ["SessionRecorder", "Target", "ToolResultInput"]
+
+#: what a recorder writes to: a ``Store`` (turns, CAS snapshots and blobs, budget), any turn store
+#: (turns only), or None with ``mode="off"``
+Target = Store | SessionStore | None
+#: one tool result handed to ``tool_results``: (call id, output) or (call id, output, is_error)
+ToolResultInput = tuple[str, str | bytes] | tuple[str, str | bytes, bool]
+
+# Turn stores that hold the registry bundle already (checked or published by some recorder).
+_bundled: weakref.WeakSet[object] = weakref.WeakSet()
+
+
+class SessionRecorder:
+    """The persistence hooks of one agent session. Create it with :meth:`start`."""
+
+    def __init__(
+        self,
+        name: str,
+        mode: Mode,
+        *,
+        turns: SessionStore | None,
+        store: Store | None,
+        max_output_bytes: int,
+        metadata: dict[str, Any] | None,
+        failures: list[PersistenceFailure],
+        parent: SessionRecorder | None = None,
+        subagent_id: str | None = None,
+        thread_key: str | None = None,
+    ) -> None:
+        self.name = name
+        self.mode: Mode = mode
+        self._off = mode == "off"
+        self._required = mode == "required"
+        self._turns = turns
+        self._store = store
+        self._blobs = isinstance(turns, ArtifactStore)
+        self.max_output_bytes = max_output_bytes
+        self._metadata = metadata
+        #: every failure of this session and of its subagents (shared along the tree)
+        self.failures = failures
+        self.parent = parent
+        self.subagent_id = subagent_id
+        self.thread_key = thread_key
+        self._context: ContextInfo | None = None
+        self._records: list[Recorded] = []
+        self._by_seq: dict[int, Recorded] = {}
+        self._spawns: dict[str, Recorded] = {}
+        self._child_closes: dict[str, Recorded] = {}
+        self._closed: Recorded | None = None
+        self._cursor = 0
+        self._position = 0
+        self._budget: BudgetLedger | None = None if store is None else store.budget
+        #: the session whose name tags this one's budget reservations and spend (the root's)
+        self.root_name: str = name if parent is None else parent.root_name
+        # Assistant turns called so far: a budget reservation is keyed by the turn it is for.
+        self._assistant_calls = 0
+        self._pending: tuple[int, Reservation] | None = None
+
+    # -- creation ----------------------------------------------------------------------------------
+
+    @classmethod
+    async def start(
+        cls,
+        target: Target,
+        session_name: str,
+        *,
+        mode: Mode = "best_effort",
+        metadata: dict[str, Any] | None = None,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT,
+    ) -> SessionRecorder:
+        """The recorder of session ``session_name``: opened (created with ``metadata`` if new) and,
+        if it has records already, loaded, so ``position`` and ``records`` say what is recorded.
+
+        ``target``: a ``Store``, any turn store, or None (only with ``mode="off"``). ``mode``:
+        ``"off"``, ``"best_effort"`` or ``"required"`` (see :mod:`pforge_async.agent.modes`); a store
+        that cannot open the session is a failure of that mode (in ``best_effort`` the recorder tries
+        again at its next write). ``max_output_bytes``: how much of a tool's output a record holds.
+        """
+        checked = validate_mode(mode)
+        validate_name(session_name)
+        validate_limit(max_output_bytes, "max_output_bytes")
+        if checked == "off":
+            return cls(
+                session_name,
+                checked,
+                turns=None,
+                store=None,
+                max_output_bytes=max_output_bytes,
+                metadata=None,
+                failures=[],
+            )
+        store = target if isinstance(target, Store) else None
+        turns = target.turns if isinstance(target, Store) else target
+        if turns is None:
+            raise InvalidInput(f"session {session_name!r}: mode {checked!r} needs a Store or a turn store, got None")
+        if not isinstance(turns, SessionStore):
+            raise InvalidInput(
+                f"session {session_name!r}: target must be a Store or a turn store, got {type(target).__name__}"
+            )
+        recorder = cls(
+            session_name,
+            checked,
+            turns=turns,
+            store=store,
+            max_output_bytes=max_output_bytes,
+            metadata=metadata,
+            failures=[],
+        )
+        try:
+            await recorder._open()
+        except Exception as exc:
+            recorder._fail("start", None, exc)
+        return recorder
+
+    # -- what is recorded --------------------------------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        """How far the session is recorded: one past the highest recorded position (0: nothing yet).
+        A restarted loop skips the steps below it."""
+        return self._position
+
+    @property
+    def cursor(self) -> int:
+        """The position the next hook call takes. It starts at 0, also on a recorded session, so a
+        re-run loop's calls meet their records; :meth:`seek` moves it."""
+        return self._cursor
+
+    @property
+    def replaying(self) -> bool:
+        """True while the next hook call meets a recorded position: its work was done before."""
+        return self._cursor in self._by_seq
+
+    @property
+    def records(self) -> Sequence[Recorded]:
+        """This session's records (not its subagents'), in the order they are in the store, then as
+        written. Read-only."""
+        return self._records
+
+    @property
+    def context_id(self) -> int | None:
+        """The session's context in the turn store (None while it could not be opened, or ``off``)."""
+        return None if self._context is None else self._context.context_id
+
+    @property
+    def closed(self) -> Recorded | None:
+        """A subagent's close record, once written."""
+        return self._closed
+
+    def peek(self) -> PositionalRecord | None:
+        """The record at the cursor, if that position is recorded: what the next hook call will meet."""
+        found = self._by_seq.get(self._cursor)
+        return None if found is None else found.record  # type: ignore[return-value]
+
+    def seek(self, position: int) -> None:
+        """Move the cursor: ``seek(recorder.position)`` continues after everything recorded (for a loop
+        that rebuilt its state from ``records`` instead of re-issuing its calls)."""
+        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+            raise InvalidInput(f"position must be an int >= 0, got {position!r}")
+        self._cursor = position
+        self._assistant_calls = sum(
+            1 for seq, found in self._by_seq.items() if seq < position and isinstance(found.record, AssistantTurn)
+        )
+
+    def subagent_recorded(self, subagent_id: str) -> Recorded | None:
+        """The spawn link record of ``subagent_id`` in this session, if it is recorded."""
+        return self._spawns.get(subagent_id)
+
+    # -- hooks -------------------------------------------------------------------------------------
+
+    async def session_start(
+        self, *, model: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> Recorded | None:
+        if self._off:
+            return None
+        return await self._positional("session_start", lambda seq: SessionStart(seq, self.name, model, metadata or {}))
+
+    async def session_end(
+        self, outcome: str = "completed", *, metadata: dict[str, Any] | None = None
+    ) -> Recorded | None:
+        if self._off:
+            return None
+        return await self._positional(
+            "session_end", lambda seq: SessionEnd(seq, outcome, metadata or {}), after=self._settle_budget
+        )
+
+    async def user_turn(self, text: str, *, metadata: dict[str, Any] | None = None) -> Recorded | None:
+        if self._off:
+            return None
+        return await self._positional("user_turn", lambda seq: UserTurn(seq, text, metadata or {}))
+
+    async def assistant_turn(
+        self,
+        text: str = "",
+        *,
+        tool_calls: Sequence[ToolCall] = (),
+        usage: Usage | None = None,
+        model: str | None = None,
+        vendor: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Recorded | None:
+        """What the model answered. ``usage`` (``cost`` in micro-units) and ``vendor`` are kept on the
+        record. With a ``Store`` target and ``usage``, the spend is charged to its budget ledger, once:
+        by committing the reservation :meth:`reserve_budget` made for this turn (also one an earlier,
+        interrupted run made), or, with none, by recording the spend under ``vendor`` (never refused:
+        a spend over the limit is recorded as overdrawn). Tagged ``session`` (the root session) and
+        ``agent`` (this session)."""
+        if self._off:
+            return None
+        index = self._assistant_calls
+        self._assistant_calls = index + 1
+
+        async def charge(recorded: Recorded, replayed: bool) -> None:
+            if usage is not None and self._budget is not None:
+                await self._charge(self._budget, index, usage, vendor, model, replayed)
+
+        try:
+            return await self._positional(
+                "assistant_turn",
+                lambda seq: AssistantTurn(seq, text, list(tool_calls), usage, model, vendor, metadata or {}),
+                after=charge,
+            )
+        except PersistenceError:
+            if self._assistant_calls == index + 1:  # a retry is for the same turn: the same reservation
+                self._assistant_calls = index
+            raise
+
+    async def reserve_budget(
+        self, vendor: str, *, tokens: int = 0, cost: int = 0, model: str = "", ttl_s: float = 300
+    ) -> Reservation | None:
+        """Reserve budget for the next assistant turn (call it before the model call): a ``Store``
+        target's ``budget.reserve``, keyed by the session and the turn it is for (a restarted loop
+        gets the same reservation back) and tagged ``session`` and ``agent``. The turn's
+        ``assistant_turn(usage=...)`` commits it; one never committed is released when the session
+        ends (``session_end``, or ``close`` for a subagent).
+
+        ``BudgetExceeded`` is raised in every mode: the loop must not make the call. Other failures
+        follow the mode (None in ``best_effort``). None, too, in ``off`` mode or without a ``Store``."""
+        if self._off or self._budget is None:
+            return None
+        index = self._assistant_calls
+        try:
+            reservation = await self._budget.reserve(
+                vendor,
+                tokens=tokens,
+                cost=cost,
+                model=model,
+                ttl_s=ttl_s,
+                idempotency_key=budget_key(self.name, index),
+                tags=self._tags(),
+            )
+        except BudgetExceeded:
+            raise
+        except Exception as exc:
+            self._fail("reserve_budget", None, exc)
+            return None
+        self._pending = (index, reservation)
+        return reservation
+
+    async def tool_results(
+        self, results: Sequence[ToolResultInput], *, metadata: dict[str, Any] | None = None
+    ) -> Recorded | None:
+        """The turn that hands tool results back to the model: ``(call_id, output)`` or
+        ``(call_id, output, is_error)`` each; outputs are truncated as in :meth:`tool_call_end`."""
+        if self._off:
+            return None
+        blobs: list[bytes] = []
+
+        def build(seq: int) -> ToolResultsTurn:
+            made = []
+            for result in results:
+                if not isinstance(result, tuple) or len(result) not in (2, 3):
+                    raise InvalidInput(f"a tool result must be (call_id, output[, is_error]), got {result!r:.80}")
+                output, blob = tool_output(result[1], self.max_output_bytes, keeps_blobs=self._blobs)
+                if blob is not None:
+                    blobs.append(blob)
+                made.append(ToolResult(result[0], output, bool(result[2]) if len(result) == 3 else False))
+            return ToolResultsTurn(seq, made, metadata or {})
+
+        return await self._positional("tool_results", build, blobs=blobs)
+
+    async def system_turn(self, text: str, *, metadata: dict[str, Any] | None = None) -> Recorded | None:
+        if self._off:
+            return None
+        return await self._positional("system_turn", lambda seq: SystemTurn(seq, text, metadata or {}))
+
+    async def steering_turn(self, text: str, *, metadata: dict[str, Any] | None = None) -> Recorded | None:
+        if self._off:
+            return None
+        return await self._positional("steering_turn", lambda seq: SteeringTurn(seq, text, metadata or {}))
+
+    async def tool_call_start(
+        self, call_id: str, name: str, arguments: Any = None, *, metadata: dict[str, Any] | None = None
+    ) -> Recorded | None:
+        if self._off:
+            return None
+        return await self._positional(
+            "tool_call_start", lambda seq: ToolCallStart(seq, call_id, name, arguments, metadata or {})
+        )
+
+    async def tool_call_end(
+        self,
+        call_id: str,
+        output: str | bytes = "",
+        *,
+        error: str | None = None,
+        workspace: str | os.PathLike[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Recorded | None:
+        """A tool call finished with ``output`` (or failed: ``error``). At most ``max_output_bytes`` of
+        the output are in the record, with the size and SHA-256 of all of it; the whole is stored as a
+        blob when it was cut and the target keeps blobs. ``workspace``: a directory to snapshot into
+        the CAS (a ``Store`` target only) and attach to this turn in the same write. A call at a
+        recorded position takes no snapshot."""
+        if self._off:
+            return None
+        blobs: list[bytes] = []
+
+        def build(seq: int) -> ToolCallEnd:
+            recorded, blob = tool_output(output, self.max_output_bytes, keeps_blobs=self._blobs)
+            if blob is not None:
+                blobs.append(blob)
+            return ToolCallEnd(seq, call_id, recorded, error, metadata or {})
+
+        return await self._positional("tool_call_end", build, blobs=blobs, workspace=workspace)
+
+    async def event(self, name: str, data: Any = None) -> Recorded | None:
+        """A free-form event: ``data`` is any JSON-compatible value."""
+        if self._off:
+            return None
+        return await self._positional("event", lambda seq: Event(seq, name, data))
+
+    # -- subagents ---------------------------------------------------------------------------------
+
+    async def spawn_subagent(
+        self, subagent_id: str, *, thread_key: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> SessionRecorder:
+        """The recorder of a new subagent session, named ``<this session>/<subagent_id>``: its context
+        is forked from this session's head (or found, if a run before made it) and the link record
+        is written here. In ``best_effort`` a failed spawn is retried at the child's first write.
+        ``subagent_id``: unique within this session, without ``/``."""
+        if not isinstance(subagent_id, str) or not subagent_id or "/" in subagent_id:
+            raise InvalidInput(f"subagent_id must be a non-empty str without '/', got {subagent_id!r:.80}")
+        child = SessionRecorder(
+            subagent_session_name(self.name, subagent_id),
+            self.mode,
+            turns=self._turns,
+            store=self._store,
+            max_output_bytes=self.max_output_bytes,
+            metadata=metadata,
+            failures=self.failures,
+            parent=self,
+            subagent_id=subagent_id,
+            thread_key=thread_key,
+        )
+        if self._off:
+            return child
+        try:
+            await child._open()
+        except Exception as exc:
+            child._fail("spawn_subagent", None, exc)
+        return child
+
+    async def close(self, outcome: str = "completed", *, metadata: dict[str, Any] | None = None) -> Recorded | None:
+        """End a subagent: the close record is written in its session and its parent's, in one write."""
+        if self.parent is None:
+            raise InvalidInput(f"session {self.name!r} is not a subagent: end it with session_end()")
+        if self._off:
+            return None
+        try:
+            return await self._close(outcome, metadata or {})
+        except Exception as exc:
+            self._fail("close", None, exc)
+            return None
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    async def _positional(
+        self,
+        hook: str,
+        build: Callable[[int], PositionalRecord],
+        *,
+        blobs: list[bytes] | None = None,
+        workspace: str | os.PathLike[str] | None = None,
+        after: Callable[[Recorded, bool], Awaitable[None]] | None = None,
+    ) -> Recorded | None:
+        seq = self._cursor
+        self._cursor = seq + 1
+        try:
+            record = build(seq)  # fills ``blobs`` with the outputs to store whole
+            recorded, replayed = await self._put(seq, record, [] if blobs is None else blobs, workspace)
+            if after is not None:
+                await after(recorded, replayed)
+            return recorded
+        except Exception as exc:
+            # In required mode the loop sees the error and may retry the call: at the same position.
+            if self._required and self._cursor == seq + 1:
+                self._cursor = seq
+            self._fail(hook, seq, exc)
+            return None
+
+    async def _put(
+        self, seq: int, record: PositionalRecord, blobs: list[bytes], workspace: str | os.PathLike[str] | None
+    ) -> tuple[Recorded, bool]:
+        """The record written at ``seq``, and whether it was there already (a replayed call)."""
+        type_id, payload, record = _checked(record)
+        turns = await self._open()
+        context_id = self._context_id()
+        found = self._by_seq.get(seq)
+        if found is not None:
+            if found.record != record:
+                raise IdempotencyConflict(
+                    f"session {self.name!r} position {seq}: this {_kind(type_id)} call differs from the "
+                    f"{_kind(found.type_id)} recorded there (turn {found.turn.turn_id})"
+                )
+            return found, True
+        if blobs:
+            for blob, oid in zip(blobs, _blob_oids(record), strict=True):
+                stored = await cast(ArtifactStore, turns).put_blob(blob)
+                if stored != oid:
+                    raise IntegrityError(f"session {self.name!r}: the blob store named tool output {oid} {stored}")
+        fs_root = None
+        if workspace is not None:
+            if self._store is None:
+                raise InvalidInput(f"session {self.name!r}: a workspace snapshot needs a Store target (with a CAS)")
+            fs_root = await self._store.cas.snapshot(workspace)
+        await self._publish_bundle(turns)
+        turn = await turns.append_turn(
+            context_id,
+            type_id,
+            payload,
+            type_version=TYPE_VERSION,
+            idempotency_key=record_key(self.name, seq, type_id),
+            fs_root=fs_root,
+        )
+        recorded = Recorded(record, turn)
+        self._remember(recorded)
+        return recorded, False
+
+    async def _close(self, outcome: str, metadata: dict[str, Any]) -> Recorded:
+        parent, subagent_id = self.parent, self.subagent_id
+        assert parent is not None and subagent_id is not None
+        turns = await self._open()
+        record = SubagentClose(parent.name, subagent_id, self.name, outcome, metadata)
+        type_id, payload, record = _checked(record)
+        if self._closed is not None:
+            if self._closed.record != record:
+                turn_id = self._closed.turn.turn_id
+                raise IdempotencyConflict(
+                    f"session {self.name!r} was closed with another outcome or metadata (turn {turn_id})"
+                )
+            await self._settle_budget(self._closed, True)
+            return self._closed
+        await self._publish_bundle(turns)
+        mine, theirs = await turns.append_turns(
+            [
+                NewTurn(self._context_id(), type_id, payload, TYPE_VERSION, idempotency_key=close_key(self.name)),
+                NewTurn(
+                    parent._context_id(),
+                    type_id,
+                    payload,
+                    TYPE_VERSION,
+                    idempotency_key=close_key(parent.name, subagent_id),
+                ),
+            ]
+        )
+        self._remember(Recorded(record, mine))
+        parent._remember(Recorded(record, theirs))
+        assert self._closed is not None
+        await self._settle_budget(self._closed, False)
+        return self._closed
+
+    # -- budget ------------------------------------------------------------------------------------
+
+    def _tags(self) -> dict[str, str]:
+        return {"session": self.root_name, "agent": self.name}
+
+    async def _charge(
+        self, budget: BudgetLedger, index: int, usage: Usage, vendor: str | None, model: str | None, replayed: bool
+    ) -> None:
+        """Charge assistant turn ``index``'s usage once, whichever run gets here, and however often."""
+        key = budget_key(self.name, index)
+        reservation = None
+        if self._pending is not None and self._pending[0] == index:
+            reservation = self._pending[1]
+            self._pending = None
+        elif replayed:
+            # An earlier run reserved (and maybe committed) for this turn, or charged it unreserved.
+            reservation = await budget.find_reservation(key)
+        if reservation is not None:
+            if reservation.state in ("held", "expired"):
+                await budget.commit(reservation, usage)
+            return  # committed: charged already; released: given back on purpose
+        if vendor is not None:
+            await budget.record_spend(
+                vendor,
+                model or vendor,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cost=usage.cost,
+                idempotency_key=key,
+                tags=self._tags(),
+                allow_overdraw=True,
+            )
+
+    async def _settle_budget(self, recorded: Recorded, replayed: bool) -> None:
+        """Release what this session still holds: reservations its ending turns made no use of."""
+        if self._budget is None:
+            return
+        for reservation in await self._budget.list_reservations(tags=self._tags()):
+            await self._budget.release(reservation)
+        self._pending = None
+
+    async def _publish_bundle(self, turns: SessionStore) -> None:
+        """Publish the records' registry bundle, once per turn store, at its first write."""
+        if turns in _bundled or not isinstance(turns, TypedTurnStore):
+            return
+        bundle = registry_bundle()
+        if await turns.get_registry_bundle(BUNDLE_ID) != bundle:
+            await turns.publish_registry_bundle(BUNDLE_ID, bundle)
+        _bundled.add(turns)
+
+    def _fail(self, hook: str, seq: int | None, exc: Exception) -> None:
+        failure = PersistenceFailure(self.name, hook, seq, exc)
+        self.failures.append(failure)
+        if self._required:
+            raise PersistenceError(str(failure)) from exc
+        logger.warning("%s", failure)
+
+    # -- opening and loading -----------------------------------------------------------------------
+
+    def _context_id(self) -> int:
+        assert self._context is not None
+        return self._context.context_id
+
+    async def _open(self) -> SessionStore:
+        """The turn store, once this session's context is open and its records loaded."""
+        turns = self._turns
+        assert turns is not None
+        if self._context is None:
+            if self.parent is None:
+                info = await turns.find_context(self.name)
+                if info is None:
+                    info = await turns.open_context(self.name, metadata=self._metadata)
+            else:
+                info = await self.parent._open_child(self)
+            await self._load(turns, info)
+            self._context = info
+        return turns
+
+    async def _open_child(self, child: SessionRecorder) -> ContextInfo:
+        """Find or make ``child``'s context, and write (or find) its link record here."""
+        turns = await self._open()
+        subagent_id = child.subagent_id
+        assert subagent_id is not None
+        spawned = self._spawns.get(subagent_id)
+        if spawned is not None:
+            link = spawned.record
+            assert isinstance(link, SubagentSpawn)
+            wanted = (child.name, child.thread_key, child._metadata or {})
+            if (link.child_session_name, link.thread_key, link.metadata) != wanted:
+                raise IdempotencyConflict(
+                    f"session {self.name!r}: subagent {subagent_id!r} was spawned with another thread key or "
+                    f"metadata (turn {spawned.turn.turn_id})"
+                )
+            info = await turns.get_context(link.child_context_id)
+            if info.name != child.name:
+                raise IntegrityError(
+                    f"session {self.name!r}: the link of subagent {subagent_id!r} names context "
+                    f"{link.child_context_id}, which is {info.name!r}, not {child.name!r}"
+                )
+            return info
+        parent_id = self._context_id()
+        # A fork that landed before a crash is found by its name; the key guards a concurrent retry.
+        existing = await turns.find_context(child.name)
+        if existing is None:
+            head = (await turns.get_head(parent_id)).head_turn_id
+            lineage = {
+                "pforge.agent": {
+                    "parent_session": self.name,
+                    "subagent_id": subagent_id,
+                    "thread_key": child.thread_key,
+                }
+            }
+            metadata = {**(child._metadata or {}), **lineage}
+            key = child_context_key(self.name, subagent_id)
+            if head:
+                info = await turns.fork_context(
+                    head, parent_context_id=parent_id, name=child.name, metadata=metadata, idempotency_key=key
+                )
+            else:
+                info = await turns.create_context(
+                    name=child.name, metadata=metadata, parent_context_id=parent_id, idempotency_key=key
+                )
+        elif existing.parent_context_id != parent_id:
+            raise Conflict(
+                f"session {child.name!r} exists (context {existing.context_id}) but is not a subagent of "
+                f"session {self.name!r} (context {parent_id})"
+            )
+        else:
+            info = existing
+        link = SubagentSpawn(
+            self.name,
+            subagent_id,
+            child.name,
+            info.context_id,
+            info.base_turn_id,
+            child.thread_key,
+            child._metadata or {},
+        )
+        type_id, payload, link = _checked(link)
+        await self._publish_bundle(turns)
+        turn = await turns.append_turn(
+            parent_id, type_id, payload, type_version=TYPE_VERSION, idempotency_key=spawn_key(self.name, subagent_id)
+        )
+        self._remember(Recorded(link, turn))
+        return info
+
+    async def _load(self, turns: SessionStore, info: ContextInfo) -> None:
+        records, _ = await load_own_turns(turns, info, self.name)
+        for recorded in records:
+            self._remember(recorded)
+
+    def _remember(self, recorded: Recorded) -> None:
+        record = recorded.record
+        if isinstance(record, SubagentSpawn):
+            if record.session_name == self.name:
+                self._spawns.setdefault(record.subagent_id, recorded)
+        elif isinstance(record, SubagentClose):
+            if record.child_session_name == self.name:
+                self._closed = self._closed or recorded
+            elif record.session_name == self.name:
+                self._child_closes.setdefault(record.subagent_id, recorded)
+        else:
+            seq = record.seq
+            if seq in self._by_seq:
+                return
+            self._by_seq[seq] = recorded
+            self._position = max(self._position, seq + 1)
+        self._records.append(recorded)
+
+    def __repr__(self) -> str:
+        return f"<SessionRecorder {self.name!r} mode={self.mode} cursor={self._cursor} position={self._position}>"
+
+
+def _checked(record: AgentRecord) -> tuple[str, bytes, Any]:
+    """Encode ``record`` and decode it back: every field checked against the Struct's types (so nothing
+    is stored that a reader cannot decode) and normalized (a tuple becomes a list) for comparison."""
+    try:
+        type_id, payload = encode_record(record)
+        return type_id, payload, decode_record(type_id, payload)
+    except (msgspec.EncodeError, msgspec.ValidationError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"{_kind(type(record).__name__)} record: {exc}") from exc
+
+
+def _kind(type_id: str) -> str:
+    return type_id.rsplit(".", 1)[-1]
+
+
+def _blob_oids(record: PositionalRecord) -> list[str]:
+    """The blob ids a record names for outputs stored whole, in the order they were built."""
+    if isinstance(record, ToolCallEnd):
+        outputs = [record.output]
+    elif isinstance(record, ToolResultsTurn):
+        outputs = [result.output for result in record.results]
+    else:
+        outputs = []
+    return [output.oid for output in outputs if output.oid is not None]

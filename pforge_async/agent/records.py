@@ -1,0 +1,316 @@
+"""The records an agent session writes: one frozen msgspec Struct per turn type, encoded to msgpack.
+
+A record holds only what its hook was given (and what follows from it, such as a tool output's size
+and hash), never a clock reading: the same hook call always encodes to the same bytes, which is what
+lets a resumed loop re-issue a call and find it already recorded. When a turn was written is the
+turn's own ``created_at_ms``.
+
+Positional records carry ``seq``, their place in their session (0, 1, 2, ...). The two link records
+carry the subagent id instead: subagents are spawned and closed by concurrent tasks, in an order no
+re-run reproduces, so their place in the parent's chain is not part of their identity.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+
+from ..ledgers.budget import Usage
+from ..turnstore.types import TurnRecord
+
+__all__ = [
+    "ASSISTANT_TURN",
+    "BUNDLE_ID",
+    "EVENT",
+    "LINK_TYPES",
+    "POSITIONAL_TYPES",
+    "RECORD_TYPES",
+    "SESSION_END",
+    "SESSION_START",
+    "STEERING_TURN",
+    "SUBAGENT_CLOSE",
+    "SUBAGENT_SPAWN",
+    "SYSTEM_TURN",
+    "TOOL_CALL_END",
+    "TOOL_CALL_START",
+    "TOOL_RESULTS_TURN",
+    "TYPE_VERSION",
+    "USER_TURN",
+    "AgentRecord",
+    "AssistantTurn",
+    "Event",
+    "PositionalRecord",
+    "Recorded",
+    "SessionEnd",
+    "SessionStart",
+    "SteeringTurn",
+    "SubagentClose",
+    "SubagentSpawn",
+    "SystemTurn",
+    "ToolCall",
+    "ToolCallEnd",
+    "ToolCallStart",
+    "ToolOutput",
+    "ToolResult",
+    "ToolResultsTurn",
+    "UserTurn",
+    "decode_record",
+    "encode_record",
+    "registry_bundle",
+]
+
+USER_TURN: Final = "pforge.agent.user_turn"
+ASSISTANT_TURN: Final = "pforge.agent.assistant_turn"
+TOOL_RESULTS_TURN: Final = "pforge.agent.tool_results_turn"
+SYSTEM_TURN: Final = "pforge.agent.system_turn"
+STEERING_TURN: Final = "pforge.agent.steering_turn"
+TOOL_CALL_START: Final = "pforge.agent.tool_call_start"
+TOOL_CALL_END: Final = "pforge.agent.tool_call_end"
+EVENT: Final = "pforge.agent.event"
+SESSION_START: Final = "pforge.agent.session_start"
+SESSION_END: Final = "pforge.agent.session_end"
+SUBAGENT_SPAWN: Final = "pforge.link.subagent_spawn"
+SUBAGENT_CLOSE: Final = "pforge.link.subagent_close"
+
+#: every record type is at version 1; a later change of a Struct gets a new version and bundle
+TYPE_VERSION: Final = 1
+BUNDLE_ID: Final = "pforge.agent.v1"
+
+
+class _Record(msgspec.Struct, frozen=True, omit_defaults=True):
+    pass
+
+
+class SessionStart(_Record, frozen=True):
+    """The loop began (or a subagent's loop did)."""
+
+    seq: int
+    session_name: str
+    model: str | None = None
+    metadata: dict[str, Any] = {}
+
+
+class SessionEnd(_Record, frozen=True):
+    seq: int
+    outcome: str = "completed"
+    metadata: dict[str, Any] = {}
+
+
+class UserTurn(_Record, frozen=True):
+    seq: int
+    text: str
+    metadata: dict[str, Any] = {}
+
+
+class ToolCall(_Record, frozen=True):
+    """A tool call the model asked for. ``arguments``: any JSON-compatible value."""
+
+    call_id: str
+    name: str
+    arguments: Any = None
+
+
+class AssistantTurn(_Record, frozen=True):
+    """What the model answered: text, the tool calls it made, what it used (``usage.cost`` in
+    micro-units), the model and the budget vendor the usage was charged to."""
+
+    seq: int
+    text: str = ""
+    tool_calls: list[ToolCall] = []
+    usage: Usage | None = None
+    model: str | None = None
+    vendor: str | None = None
+    metadata: dict[str, Any] = {}
+
+
+class ToolOutput(_Record, frozen=True):
+    """A tool's output as recorded: at most the recorder's ``max_output_bytes`` of it, in ``text``
+    (whole UTF-8 characters) for a str output or in ``data`` for a bytes one, with the size (in bytes,
+    UTF-8 for text) and SHA-256 of all of it. ``oid``: the git blob id (SHA-256) of the full output in
+    the store's CAS or blob store, when it was truncated and the target has one."""
+
+    size: int
+    sha256: str
+    text: str = ""
+    data: bytes | None = None
+    truncated: bool = False
+    oid: str | None = None
+
+
+class ToolResult(_Record, frozen=True):
+    call_id: str
+    output: ToolOutput
+    is_error: bool = False
+
+
+class ToolResultsTurn(_Record, frozen=True):
+    """The turn that hands tool results back to the model."""
+
+    seq: int
+    results: list[ToolResult]
+    metadata: dict[str, Any] = {}
+
+
+class SystemTurn(_Record, frozen=True):
+    seq: int
+    text: str
+    metadata: dict[str, Any] = {}
+
+
+class SteeringTurn(_Record, frozen=True):
+    """Guidance injected into a running loop (by a user or an orchestrator)."""
+
+    seq: int
+    text: str
+    metadata: dict[str, Any] = {}
+
+
+class ToolCallStart(_Record, frozen=True):
+    seq: int
+    call_id: str
+    name: str
+    arguments: Any = None
+    metadata: dict[str, Any] = {}
+
+
+class ToolCallEnd(_Record, frozen=True):
+    """A tool call finished: its output, or ``error`` when it failed. A workspace snapshot taken at
+    the end is the turn's ``fs_root`` (attached in the same write)."""
+
+    seq: int
+    call_id: str
+    output: ToolOutput
+    error: str | None = None
+    metadata: dict[str, Any] = {}
+
+
+class Event(_Record, frozen=True):
+    """Anything else worth keeping: ``data`` is any JSON-compatible value."""
+
+    seq: int
+    name: str
+    data: Any = None
+
+
+class SubagentSpawn(_Record, frozen=True):
+    """Written in the parent when a subagent starts: the parent session, the turn the child's context
+    was forked from (0: the parent had no turn yet), the child's context and session name."""
+
+    session_name: str
+    subagent_id: str
+    child_session_name: str
+    child_context_id: int
+    parent_turn_id: int
+    thread_key: str | None = None
+    metadata: dict[str, Any] = {}
+
+
+class SubagentClose(_Record, frozen=True):
+    """Written in both the child and the parent, in one write, when a subagent is closed."""
+
+    session_name: str
+    subagent_id: str
+    child_session_name: str
+    outcome: str = "completed"
+    metadata: dict[str, Any] = {}
+
+
+PositionalRecord = (
+    SessionStart
+    | SessionEnd
+    | UserTurn
+    | AssistantTurn
+    | ToolResultsTurn
+    | SystemTurn
+    | SteeringTurn
+    | ToolCallStart
+    | ToolCallEnd
+    | Event
+)
+AgentRecord = PositionalRecord | SubagentSpawn | SubagentClose
+
+#: type id -> Struct, for every record the recorder writes
+RECORD_TYPES: Final[dict[str, type[AgentRecord]]] = {
+    SESSION_START: SessionStart,
+    SESSION_END: SessionEnd,
+    USER_TURN: UserTurn,
+    ASSISTANT_TURN: AssistantTurn,
+    TOOL_RESULTS_TURN: ToolResultsTurn,
+    SYSTEM_TURN: SystemTurn,
+    STEERING_TURN: SteeringTurn,
+    TOOL_CALL_START: ToolCallStart,
+    TOOL_CALL_END: ToolCallEnd,
+    EVENT: Event,
+    SUBAGENT_SPAWN: SubagentSpawn,
+    SUBAGENT_CLOSE: SubagentClose,
+}
+LINK_TYPES: Final = frozenset({SUBAGENT_SPAWN, SUBAGENT_CLOSE})
+POSITIONAL_TYPES: Final = frozenset(RECORD_TYPES) - LINK_TYPES
+TYPE_IDS: Final[dict[type[AgentRecord], str]] = {cls: type_id for type_id, cls in RECORD_TYPES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """A record as stored: the decoded record and the turn that holds it (its id, context, parent,
+    time, ``fs_root``)."""
+
+    record: AgentRecord
+    turn: TurnRecord
+
+    @property
+    def type_id(self) -> str:
+        return self.turn.type_id
+
+    @property
+    def seq(self) -> int | None:
+        """The record's position in its session; None for a link record."""
+        return getattr(self.record, "seq", None)
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders = {type_id: msgspec.msgpack.Decoder(cls) for type_id, cls in RECORD_TYPES.items()}
+
+
+def encode_record(record: AgentRecord) -> tuple[str, bytes]:
+    """The record's type id and its msgpack payload."""
+    return TYPE_IDS[type(record)], _encoder.encode(record)
+
+
+def decode_record(type_id: str, payload: bytes) -> AgentRecord:
+    """The record a turn of ``type_id`` holds (``msgspec.DecodeError`` if the bytes are not one)."""
+    return _decoders[type_id].decode(payload)
+
+
+def registry_bundle() -> bytes:
+    """The registry bundle published under ``BUNDLE_ID``: every type id with its version, encoding and
+    JSON Schema (generated by msgspec from the Structs), as canonical JSON (sorted keys, no spaces), so
+    the bytes are the same in every process and republishing is a no-op."""
+    ordered = sorted(RECORD_TYPES.items())
+    refs, components = msgspec.json.schema_components([cls for _, cls in ordered], ref_template="#/$defs/{name}")
+    bundle = {
+        "bundle_id": BUNDLE_ID,
+        "encoding": "msgpack",
+        "types": {
+            type_id: {"version": TYPE_VERSION, "schema": ref} for (type_id, _), ref in zip(ordered, refs, strict=True)
+        },
+        "$defs": _structure_only(components, names=True),
+    }
+    return json.dumps(bundle, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _structure_only(schema: Any, *, names: bool = False) -> Any:
+    """``schema`` without the titles and descriptions msgspec takes from class names and docstrings:
+    rewording a docstring must not change the published bytes (other bytes under the same bundle id
+    are refused by the store). ``names``: ``schema`` maps names (fields, definitions) to schemas."""
+    if isinstance(schema, dict):
+        return {
+            k: _structure_only(v, names=not names and k in ("properties", "$defs"))
+            for k, v in schema.items()
+            if names or k not in ("title", "description")
+        }
+    if isinstance(schema, list):
+        return [_structure_only(v) for v in schema]
+    return schema
