@@ -116,6 +116,42 @@ class BlobRec(msgspec.Struct, frozen=True, tag="blob"):
 Record = ContextRec | TurnRec | BatchRec | HeadRec | MetaRec | BundleRec | AttachRec | BlobRec
 
 
+class Index(msgspec.Struct, frozen=True, array_like=True):
+    """What a record changes, logged beside it under a checksum of its own, so a record damaged past
+    decoding still says which ids not to trust (see ``TurnCore.damage_index``)."""
+
+    #: (turn id, its context id, its idempotency key): the turn is written and its context's head
+    #: moves to it; context 0: the turn is changed in place (an fs_root attached)
+    turns: list[tuple[int, int, str | None]] = []
+    #: contexts created or changed (head moved, metadata replaced)
+    contexts: list[int] = []
+    #: names and creation keys a new context took
+    names: list[tuple[int, str]] = []
+    context_keys: list[tuple[int, str]] = []
+    bundles: list[str] = []
+
+
+def index_of(rec: Record) -> Index:
+    match rec:
+        case TurnRec(record=record):
+            return Index(turns=[(record.turn_id, record.context_id, record.idempotency_key)])
+        case BatchRec(records=records):
+            return Index(turns=[(r.turn_id, r.context_id, r.idempotency_key) for r in records])
+        case ContextRec(context_id=context_id, name=name, idempotency_key=key):
+            return Index(
+                contexts=[context_id],
+                names=[] if name is None else [(context_id, name)],
+                context_keys=[] if key is None else [(context_id, key)],
+            )
+        case HeadRec(context_id=context_id) | MetaRec(context_id=context_id):
+            return Index(contexts=[context_id])
+        case BundleRec(bundle_id=bundle_id):
+            return Index(bundles=[bundle_id])
+        case AttachRec(turn_id=turn_id):
+            return Index(turns=[(turn_id, 0, None)])
+    return Index()  # a blob: checked against its id on every read
+
+
 class _InfoOf(NamedTuple):
     """A reply to be read once its record is loaded: the context's info as the command left it."""
 
@@ -225,8 +261,8 @@ class TurnCore:
         if key is not None:
             known = self.context_keys.get(key)
             if known is not None:
+                self._ctx(known[0])  # IntegrityError if what the key made is damaged
                 check_creation_retry(key, known[0], known[1], command)
-                self._ctx(known[0])
                 return _InfoOf(known[0]), None
         name = command.name
         if name is not None:
@@ -459,6 +495,30 @@ class TurnCore:
             case BlobRec():
                 pass  # blobs are checked against their id on every read: a lost one is ObjectNotFound
 
+    def damage_index(self, index: Index, where: str) -> None:
+        """A record that could not be read, whose index could: mark what it changed damaged."""
+        why = f"it was logged in a damaged record ({where})"
+        for turn_id, context_id, key in index.turns:
+            self.last_turn = max(self.last_turn, turn_id)
+            self.damaged_turns[turn_id] = f"turn {turn_id} is damaged: {why}"
+            if key is not None and context_id:
+                self.keys[(context_id, key)] = turn_id  # a retry finds the damage, not a fresh append
+            ctx = self.contexts.get(context_id) if context_id else None
+            if ctx is not None:
+                ctx.head = turn_id  # reads of the context raise until its head moves on
+            elif context_id:
+                self._damage_context(context_id, "turns were logged for a context the log lost")
+        for context_id, name in index.names:
+            if name not in self.names:
+                self.names[name] = context_id  # taken still: no second context gets it
+                insort(self._sorted_names, name)
+        for context_id, key in index.context_keys:
+            self.context_keys[key] = (context_id, "")  # a retry finds the damaged context
+        for context_id in index.contexts:
+            self._damage_context(context_id, why)
+        for bundle_id in index.bundles:
+            self.damaged_bundles[bundle_id] = f"registry bundle {bundle_id!r} is damaged: {why}"
+
     def _damage_turns(self, records: Iterable[TurnRecord], why: str) -> None:
         for record in records:
             self.last_turn = max(self.last_turn, record.turn_id)
@@ -582,7 +642,9 @@ class TurnCore:
             size = self._count_named(prefix or "")
 
         def passes(context_id: int) -> bool:
-            ctx = self.contexts[context_id]
+            ctx = self.contexts.get(context_id)
+            if ctx is None:
+                return False  # a name a damaged record took
             if parent_context_id is not None and ctx.parent != parent_context_id:
                 return False
             return prefix is None or (ctx.name is not None and ctx.name.startswith(prefix))
@@ -601,9 +663,9 @@ class TurnCore:
             members = (self.names[name] for name in self._named(prefix or "", None))
         keyed: list[tuple[tuple[Any, ...], int]] = []
         for context_id in members:
-            ctx = self.contexts[context_id]
             if not passes(context_id):
                 continue
+            ctx = self.contexts[context_id]
             if order == "name":
                 if ctx.name is not None:
                     keyed.append(((ctx.name,), context_id))

@@ -41,16 +41,22 @@ from ..errors import ActorClosed, IntegrityError, InvalidInput, LockTimeout, Pfo
 from ..fslock import FsLock
 from .base import TreeSource
 from .commands import TurnCommand
-from .core import BatchRec, Record, TurnCore, TurnRec
+from .core import BatchRec, Index, Record, TurnCore, TurnRec, index_of
 from .incore import InCoreStore
 from .rules import DEFAULT_MAX_PAYLOAD, MAX_ID
 
 __all__ = ["FsTurnStore", "replay"]
 
 MAGIC = b"pforge-turns v1\n"
+#: a frame without an index (what logs held before sessions): size, record crc, crc of those 8 bytes
 _FRAME = struct.Struct("<III")
+#: an indexed frame: size | _INDEXED, record crc, index part size, crc of those 12 bytes
+_FRAME2 = struct.Struct("<IIII")
+_INDEXED = 1 << 31
+_U32 = struct.Struct("<I")
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Record)
+_index_decoder = msgspec.msgpack.Decoder(Index)
 log = logging.getLogger(__name__)
 
 
@@ -65,10 +71,15 @@ def replay(path: Path, core: TurnCore) -> int:
     if not data:
         return 0
     if not data.startswith(MAGIC):
-        if not MAGIC.startswith(data):
+        if MAGIC.startswith(data):
+            _truncate(path, 0, len(data))  # torn while the magic itself was written
+            return 0
+        differing = sum(a != b for a, b in zip(data[: len(MAGIC)], MAGIC, strict=False))
+        if len(data) < len(MAGIC) or differing > 2 or _next_frame(data, len(MAGIC)) != len(MAGIC):
             raise IntegrityError(f"{path} is not a pforge turn log")
-        _truncate(path, 0, len(data))  # torn while the magic itself was written
-        return 0
+        # A damaged magic line before a sound first frame: the log is ours, say so and read on.
+        log.error("turn log %s: the magic line is damaged", path)
+        core.problems.append(f"turn log {path}: the magic line at byte 0 is damaged")
     pos = len(MAGIC)
     end = len(data)
     while pos < end:
@@ -76,21 +87,52 @@ def replay(path: Path, core: TurnCore) -> int:
             break  # torn header
         size, crc, header_crc = _FRAME.unpack_from(data, pos)
         where = f"turn log {path} at byte {pos}"
-        if zlib.crc32(data[pos : pos + 8]) != header_crc:
+        indexed = False
+        if size & _INDEXED and pos + _FRAME2.size > end:
+            break  # torn header
+        if zlib.crc32(data[pos : pos + 8]) == header_crc:
+            start = pos + _FRAME.size  # a frame written before records carried their index
+        elif size & _INDEXED and pos + _FRAME2.size <= end and _header_sound(data, pos):
+            indexed = True
+            size, crc, index_size, _ = _FRAME2.unpack_from(data, pos)
+            size &= ~_INDEXED
+            start = pos + _FRAME2.size + index_size
+        else:
             if not data[pos:].strip(b"\0"):
                 break  # zeros past the last write: a torn tail
-            resume = _next_frame(data, pos + 1)
+            # The header is damaged, so the frame's length is unknown; an indexed frame still says
+            # what it changed, right after its header.
+            index = _read_index(data, pos + _FRAME2.size, end)
+            resume = _next_frame(data, index[1] if index else pos + 1)
             log.error("%s: damaged frame header; %d bytes skipped", where, resume - pos)
-            core.lost(where + " (damaged frame header)", resume - pos)
+            if index is not None:
+                core.problems.append(
+                    f"{where}: the frame header is damaged (what its record changed is marked damaged)"
+                )
+                core.damage_index(index[0], where)
+            else:
+                core.lost(where + " (damaged frame header)", resume - pos)
             pos = resume
             continue
-        body_end = pos + _FRAME.size + size
+        body_end = start + size
         if body_end > end:
             break  # torn body
-        body = data[pos + _FRAME.size : body_end]
+        body = data[start:body_end]
         sound = zlib.crc32(body) == crc
         if not sound and body_end == end:
             break  # the last frame, half on disk when the writer died
+        if indexed and sound and _read_index(data, pos + _FRAME2.size, start) is None:
+            core.problems.append(f"{where}: the record's index is damaged (the record itself is sound)")
+        if not sound and indexed:
+            index = _read_index(data, pos + _FRAME2.size, start)
+            log.error("%s: record fails its checksum; what its index names is marked damaged", where)
+            if index is not None:
+                core.problems.append(f"{where}: the record fails its checksum (what it changed is marked damaged)")
+                core.damage_index(index[0], where)
+            else:
+                core.lost(where + " (record and index damaged)", body_end - pos)
+            pos = body_end
+            continue
         try:
             record = _decoder.decode(body)
         except msgspec.DecodeError:
@@ -101,6 +143,7 @@ def replay(path: Path, core: TurnCore) -> int:
         if sound:
             core.load(record)
         elif _ids_in_range(record):
+            # A frame without an index: its record, decoded despite the damage, names what it changed.
             log.error("%s: record fails its checksum; the ids it names are marked damaged", where)
             core.problems.append(f"{where}: the record fails its checksum (what it names is marked damaged)")
             core.load_damaged(record, where)
@@ -112,17 +155,38 @@ def replay(path: Path, core: TurnCore) -> int:
     return pos
 
 
+def _header_sound(data: bytes, pos: int) -> bool:
+    return bool(zlib.crc32(data[pos : pos + 12]) == _FRAME2.unpack_from(data, pos)[3])
+
+
+def _read_index(data: bytes, start: int, limit: int) -> tuple[Index, int] | None:
+    """The index at ``start`` and where it ends, if it is whole before ``limit`` and sound."""
+    if start + 8 > limit:
+        return None
+    (size,) = _U32.unpack_from(data, start)
+    end = start + 4 + size + 4
+    if end > limit or zlib.crc32(data[start : start + 4 + size]) != _U32.unpack_from(data, end - 4)[0]:
+        return None
+    try:
+        return _index_decoder.decode(data[start + 4 : end - 4]), end
+    except msgspec.DecodeError:
+        return None
+
+
 def _next_frame(data: bytes, start: int) -> int:
     """The offset of the next sound frame (header and record checksums both right), or the end."""
     end = len(data)
     for pos in range(start, end - _FRAME.size + 1):
         size, crc, header_crc = _FRAME.unpack_from(data, pos)
-        body_end = pos + _FRAME.size + size
-        if (
-            zlib.crc32(data[pos : pos + 8]) == header_crc
-            and body_end <= end
-            and zlib.crc32(data[pos + _FRAME.size : body_end]) == crc
-        ):
+        if zlib.crc32(data[pos : pos + 8]) == header_crc:
+            body_start = pos + _FRAME.size
+        elif size & _INDEXED and pos + _FRAME2.size <= end and _header_sound(data, pos):
+            size, crc, index_size, _ = _FRAME2.unpack_from(data, pos)
+            size &= ~_INDEXED
+            body_start = pos + _FRAME2.size + index_size
+        else:
+            continue
+        if body_start + size <= end and zlib.crc32(data[body_start : body_start + size]) == crc:
             return pos
     return end
 
@@ -150,9 +214,13 @@ def _truncate(path: Path, size: int, dropped: int) -> None:
 
 
 def frame(record: Record) -> bytes:
+    """An indexed frame: header, the record's index (self-delimiting, with its own checksum), record."""
     body = _encoder.encode(record)
-    head = struct.pack("<II", len(body), zlib.crc32(body))
-    return head + struct.pack("<I", zlib.crc32(head)) + body
+    index = _encoder.encode(index_of(record))
+    index_part = _U32.pack(len(index)) + index
+    index_part += _U32.pack(zlib.crc32(index_part))
+    head = struct.pack("<III", len(body) | _INDEXED, zlib.crc32(body), len(index_part))
+    return head + _U32.pack(zlib.crc32(head)) + index_part + body
 
 
 class _LogActor(Actor[TurnCommand]):
