@@ -1,20 +1,34 @@
 """``FsTurnStore``: the turn store as one append-only log file, for local parity and offline inspection.
 
-The file starts with a magic line; then each record is a frame ``<u32 length><u32 crc32 of the
-record><u32 crc32 of those 8 bytes><msgpack record>``. Appends never rewrite earlier bytes. One write
-command is one record, so one frame: an ``append_turns`` batch or a fork with its key is on disk whole
-or not at all. At open the log is replayed into memory:
+The file starts with a magic line; then each record is a frame::
+
+    <u32 record length | 1<<31><u32 crc32 of the record><u32 index length><u32 crc32 of those 12 bytes>
+    <u32 n><index: n bytes of msgpack><u32 crc32 of those n + 4 bytes>
+    <msgpack record>
+
+The index says what the record changes (turn ids with their contexts and keys, contexts, names,
+creation keys, bundles), under a checksum of its own and self-delimiting, so a record that cannot be
+trusted still says which ids not to trust. Logs written before sessions hold frames without an index
+(``<u32 length><u32 crc32 of the record><u32 crc32 of those 8 bytes><record>``, the top bit of the
+length clear); they are read as they are and appended to with indexed frames. Appends never rewrite
+earlier bytes. One write command is one record, so one frame: an ``append_turns`` batch or a fork
+with its key is on disk whole or not at all. At open the log is replayed into memory:
 
 - A frame cut short at the very end (a torn write, or the zeros a crash can leave past it), or a last
-  frame whose checksum fails, is truncated away: its write was never acknowledged as durable.
-- Damage anywhere before the end stays local. A frame whose header is sound but whose record fails its
-  checksum is decoded if it can be, and only the ids it names are kept, marked damaged: reads of those
-  turns and contexts raise ``IntegrityError`` naming the turn log offset, and nothing built on them is
-  served as good data. Bytes that cannot be read at all (a damaged header) are skipped up to the next
-  sound frame; new ids then skip past anything they might have held. ``check()`` lists every damaged
-  frame and id. The log is not rewritten: the damage is reported again at every open until the log is
-  repaired by hand or its store rebuilt.
-- The header has a checksum of its own, so a damaged length is never mistaken for a torn tail.
+  frame whose record fails its checksum, is truncated away: its write was never acknowledged as
+  durable (with ``durability="full"`` an acknowledged write was fsynced whole; a flipped byte in the
+  very last frame is therefore taken for a torn write).
+- Damage anywhere before the end stays local. What a damaged record changed (read from its index, or
+  from the record itself in an unindexed frame) is marked damaged: reads of those turns and contexts,
+  retries of their keys, and writes that would build on them raise ``IntegrityError`` naming the turn
+  log offset; ``list_contexts`` leaves damaged contexts out. A sound turn whose parent is damaged
+  still reads by id, and a walk through the parent stops there with ``IntegrityError``. A context
+  whose head is a damaged turn reads again once ``set_head`` moves it. Bytes that cannot be read at
+  all are skipped up to the next sound frame, and new ids skip past anything they might have held.
+  A change lost this way may leave a context's ``updated_at_ms`` behind what it was. ``check()``
+  lists every damaged frame and id. The log is not rewritten: the damage is reported at every open.
+- Headers have checksums of their own, so a damaged length is never mistaken for a torn tail; a
+  damaged magic line before a sound first frame is reported, not fatal.
 
 Writes go through an actor, so concurrent appends are group-committed: one write and one fsync per
 batch. One process at a time may open a directory (a file lock says so).
