@@ -635,20 +635,26 @@ def test_refusals_are_gits(tmp_path: Path) -> None:
     assert sum(1 for _, _, why in verdicts.values() if why) > 50
 
 
+def make_dir_with_file(path: Path) -> None:
+    # Not empty: an empty directory has no place in a git tree, whatever its name.
+    path.mkdir()
+    (path / "f").write_text("x")
+
+
 async def test_snapshot_refuses_what_git_rejects_and_stores_the_rest(tmp_path: Path) -> None:
     """A workspace entry git would reject fails the snapshot with InvalidInput naming it (the workspace's
     own .git directory is left out, not refused); a workspace git accepts snapshots clean."""
     root = tmp_path / ".pforge"
     bad_entries: list[tuple[str, Callable[[Path], Any]]] = [
         (".git.", lambda p: (p / ".git.").write_text("x")),
-        ("GIT~1", lambda p: (p / "GIT~1").mkdir()),
+        ("GIT~1", lambda p: make_dir_with_file(p / "GIT~1")),
         (".g\u200cit", lambda p: (p / ".g\u200cit").write_text("x")),
         (".git\\hooks", lambda p: (p / ".git\\hooks").write_text("x")),
         (".gitmodules", lambda p: (p / ".gitmodules").symlink_to("elsewhere")),
         (".gitmodules", lambda p: (p / ".gitmodules").write_text('[submodule "../../x"]\n\tpath = x\n')),
         (".gitmodules", lambda p: (p / ".gitmodules").write_text('[submodule "x"]\n\turl = -evil\n')),
         (".gitattributes", lambda p: (p / ".gitattributes").write_text("a" * 4000 + " text\n")),
-        (".gitattributes", lambda p: (p / ".gitattributes").mkdir()),
+        (".gitattributes", lambda p: make_dir_with_file(p / ".gitattributes")),
         ("gitmod~1", lambda p: (p / "gitmod~1").write_text('[submodule "a/../.."]\n\tpath = x\n')),
     ]
     async with open_store(root) as store:
