@@ -8,7 +8,6 @@ serving. It dies only of a bug, and then every caller gets ``ActorClosed`` namin
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,22 +115,11 @@ class CasActor(Actor[CasCommand]):
     async def setup(self) -> None:
         self._owner = OwnerThread("pforge-cas")
         try:
-            await self._owner.run(self._open_readonly if self.readonly else self.odb.init)
+            await self._owner.run(self.odb.init)  # read-only: checks, creates nothing
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.teardown()
             raise
-
-    def _open_readonly(self) -> None:
-        """Open what exists, create nothing: no repository, or not a SHA-256 one, is a ``StorageError``."""
-        config = self.odb.gitdir / "config"
-        try:
-            text = config.read_text(errors="replace")
-        except OSError as exc:
-            raise StorageError(f"cannot open the CAS at {self.odb.gitdir} read-only: {exc.strerror or exc!r}") from exc
-        if not re.search(r"objectformat\s*=\s*sha256", text):
-            raise StorageError(f"{self.odb.gitdir} is not a SHA-256 git repository")
-        self.odb.refresh()
 
     async def teardown(self) -> None:
         if self._owner is not None:

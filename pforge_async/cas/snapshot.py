@@ -68,14 +68,15 @@ class Sink(Protocol):
 
 
 class _Dir:
-    """A directory being scanned: its descriptor, and the subdirectories it listed still to scan."""
+    """A directory being scanned: its descriptor, its watch, and the subdirectories it listed still to scan."""
 
-    __slots__ = ("fd", "index", "rel", "subdirs")
+    __slots__ = ("fd", "index", "rel", "subdirs", "wd")
 
     def __init__(self, fd: int, index: int, rel: bytes) -> None:
         self.fd = fd
         self.index = index
         self.rel = rel
+        self.wd = -1
         self.subdirs: list[bytes] = []
 
 
@@ -131,6 +132,8 @@ class SnapshotPlan:
                 fd, st = opened
                 if (st.st_dev, st.st_ino) in self.exclude:
                     os.close(fd)
+                    if watcher is not None:
+                        watcher.ignore(top.wd, name)
                     continue
                 self.dirs.append((top.index, name))
                 self.levels.append([])
@@ -150,7 +153,8 @@ class SnapshotPlan:
         watcher: Watcher | None,
     ) -> None:
         # Watched before listed: a change after this point is an event, never a miss.
-        wd = watcher.watch_dir(self.root, here.fd) if watcher is not None else -1
+        if watcher is not None:
+            here.wd = watcher.watch_dir(self.root, here.fd)
         dir_fd = here.fd
         try:
             with os.scandir(dir_fd) as listing:
@@ -165,50 +169,47 @@ class SnapshotPlan:
             if name_text.lower() == ".git":
                 # The workspace's own repository is not part of its snapshot.
                 if watcher is not None:
-                    watcher.ignore(wd, name)
+                    watcher.ignore(here.wd, name)
                 continue
             rel = prefix + name
+            hit = cache.get(rel)
             try:
-                st = entry.stat(follow_symlinks=False)  # fstatat relative to dir_fd, no follow
+                # The listing's d_type answers these without a syscall. A file no cache entry can
+                # answer is not stat'ed at all: it is opened, and its fstat is what counts.
+                if entry.is_dir(follow_symlinks=False):
+                    here.subdirs.append(name)
+                    continue
+                is_file = entry.is_file(follow_symlinks=False)
+                if hit is not None or not is_file:
+                    st = entry.stat(follow_symlinks=False)  # fstatat relative to dir_fd, no follow
+                    is_file = stat.S_ISREG(st.st_mode)
+                    if not (is_file or stat.S_ISLNK(st.st_mode)):
+                        continue  # sockets, FIFOs and devices have no git representation: skipped, as git does
             except FileNotFoundError:
                 continue  # removed while we scanned
             except OSError as exc:
                 # e.g. a directory we may list but not search (mode 0o444)
                 raise StorageError(f"cannot stat {shown_path(self.root, rel)}: {exc.strerror or exc!r}") from exc
-            mode = st.st_mode
-            if stat.S_ISDIR(mode):
-                if (st.st_dev, st.st_ino) in self.exclude:
-                    if watcher is not None:
-                        watcher.ignore(wd, name)
+            if hit is not None:
+                key = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                if hit[:5] == key and odb.has(raw := bytes.fromhex(hit[5])):
+                    level.append((name, _git_mode(st.st_mode), raw))
+                    self.seen[rel] = hit
                     continue
-                self._check_name(name, DIR_MODE, rel)
-                here.subdirs.append(name)
-                continue
-            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-                continue  # sockets, fifos and devices have no git representation: skipped, as git does
-            self._check_name(name, _git_mode(mode), rel)
-            key = (mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-            hit = cache.get(rel)
-            if hit is not None and hit[:5] == key and odb.has(raw := bytes.fromhex(hit[5])):
-                level.append((name, _git_mode(mode), raw))
-                self.seen[rel] = hit
-                continue
-            if stat.S_ISLNK(mode):
-                oid = self._store_link(sink, dir_fd, name, rel)
-            else:
-                found = self._store_file(sink, dir_fd, name, rel)
+            if is_file:
                 # The stat recorded is that of what was read, in case it was replaced meanwhile.
-                oid, key = found if found is not None else (None, key)
-                mode = key[0]
-            if oid is None:
-                continue  # vanished, or changed type, before it could be read: left out of the tree
-            level.append((name, _git_mode(mode), oid))
+                found = self._store_file(sink, dir_fd, name, rel)
+                if found is None:
+                    continue  # vanished, or no longer a regular file: it changed during the scan
+                oid, key = found
+            else:
+                link = self._store_link(sink, dir_fd, name, rel)
+                if link is None:
+                    continue  # vanished, or no longer a symlink
+                oid = link
+                key = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            level.append((name, _git_mode(key[0]), oid))
             self.seen[rel] = (*key, oid.hex())
-
-    def _check_name(self, name: bytes, mode: int, rel: bytes) -> None:
-        problem = tree_name_problem(name, mode)
-        if problem is not None:
-            raise InvalidInput(f"cannot snapshot {shown_path(self.root, rel)}: git refuses this name ({problem})")
 
     def _store_link(self, sink: Sink, dir_fd: int, name: bytes, rel: bytes) -> bytes | None:
         try:
@@ -268,7 +269,10 @@ class SnapshotPlan:
             entries = self.levels[index]
             if not entries and index:
                 continue  # git cannot represent an empty directory
-            body = encode_tree(entries)
+            try:
+                body = encode_tree(entries)  # refuses every name git refuses
+            except InvalidInput as exc:
+                raise self._refused(index, entries, exc) from exc
             raw = sink.add(TREE, body, hash_object(TREE, body))
             parent, name = self.dirs[index]
             if index:
@@ -276,6 +280,21 @@ class SnapshotPlan:
             else:
                 root_raw = raw
         return root_raw
+
+    def _refused(self, index: int, entries: list[tuple[bytes, int, bytes]], exc: InvalidInput) -> InvalidInput:
+        """The error for a directory whose tree git would refuse, naming the entry by its path."""
+        parts = []
+        at = index
+        while at > 0:
+            at, name = self.dirs[at]
+            parts.append(name)
+        rel = b"/".join(reversed(parts))
+        for name, mode, _raw in entries:
+            problem = tree_name_problem(name, mode)
+            if problem is not None:
+                path = shown_path(self.root, rel + b"/" + name if rel else name)
+                return InvalidInput(f"cannot snapshot {path}: git refuses this name ({problem})")
+        return InvalidInput(f"cannot snapshot {shown_path(self.root, rel)}: {exc}")
 
     def save_cache(self) -> None:
         """Record what this snapshot saw; call once its objects are durable.
