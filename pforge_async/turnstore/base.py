@@ -50,7 +50,7 @@ from .types import ContextHead, ContextInfo, ContextOrder, ContextPage, NewTurn,
 
 __all__ = ["ContextKey", "TreeSource", "TurnStoreBase"]
 
-#: a position in a ``list_contexts`` order (see ``rules.order_key``)
+#: a position in a ``list_contexts`` order (see ``rules.encode_cursor``)
 ContextKey = tuple[int, int] | tuple[int] | tuple[str]
 
 
@@ -419,7 +419,7 @@ class TurnStoreBase(ABC):
         after: ContextKey | None,
         limit: int,
     ) -> list[ContextInfo]:
-        """Up to ``limit + 1`` contexts in ``order`` (see ``rules.order_key``: descending keys for
+        """Up to ``limit + 1`` contexts in ``order`` (see ``rules.encode_cursor``: descending keys for
         "updated" and "created", ascending names for "name"), strictly after ``after``, filtered by
         ``prefix`` (name starts with it) and ``parent_context_id``. The base makes the page and cursor."""
 

@@ -44,7 +44,6 @@ __all__ = [
     "jump_for",
     "name_successor",
     "next_updated",
-    "order_key",
     "payload_hash",
     "validate_append",
     "validate_bundle",
@@ -300,23 +299,13 @@ def validate_order(order: object) -> ContextOrder:
     return order  # type: ignore[return-value]
 
 
-def order_key(order: ContextOrder, info: ContextInfo) -> tuple[int, int] | tuple[int] | tuple[str]:
-    """Where ``info`` stands in ``order``. Listing goes from the greatest key down for "updated"
-    (``(updated_at_ms, context_id)``) and "created" (``(context_id,)``: ids are allocated increasing),
-    and from the least up for "name" (``(name,)``; unnamed contexts are not listed by name)."""
-    if order == "updated":
-        return (info.updated_at_ms, info.context_id)
-    if order == "created":
-        return (info.context_id,)
-    assert info.name is not None
-    return (info.name,)
-
-
 def encode_cursor(order: ContextOrder, info: ContextInfo) -> str:
-    """The cursor after ``info``: opaque to callers, the same in every backend. The next page holds
-    the contexts strictly after this key in the order, as they stand when it is read: each context
-    appears at most once in one pass; one changed during the pass may move ahead of the cursor and
-    then is not seen again in that pass ("updated" order)."""
+    """The cursor after ``info``: opaque to callers, the same in every backend. It is ``info``'s key in
+    its order: ``(updated_at_ms, context_id)`` for "updated" and ``(context_id,)`` for "created", listed
+    from the greatest key down; ``(name,)`` for "name", listed up (unnamed contexts are not listed by
+    name). The next page holds the contexts strictly after this key in the order, as they stand when it
+    is read: each context appears at most once in one pass; one changed during the pass may move ahead
+    of the cursor and then is not seen again in that pass ("updated" order)."""
     if order == "updated":
         return f"u.{info.updated_at_ms}.{info.context_id}"
     if order == "created":
