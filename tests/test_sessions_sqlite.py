@@ -22,7 +22,15 @@ import anyio
 import msgspec
 import pytest
 
-from pforge_async import ContextNotFound, HeadConflict, NewTurn, StorageError, TurnRecord, open_store
+from pforge_async import (
+    ContextNotFound,
+    HeadConflict,
+    IntegrityError,
+    NewTurn,
+    StorageError,
+    TurnRecord,
+    open_store,
+)
 from pforge_async.sqlite import actor as sqlite_actor
 from pforge_async.turnstore.sqlite import SqliteTurnStore, name_successor
 
@@ -327,6 +335,21 @@ def test_name_successor_bounds_every_name_with_the_prefix() -> None:
         assert in_range == name.startswith(prefix), (prefix, name, high)
         # SQLite compares UTF-8 bytes: the same order.
         assert (name < prefix) == (name.encode() < prefix.encode())
+
+
+async def test_a_turn_missing_from_a_chain_is_an_integrity_error(tmp_path: Path) -> None:
+    root = tmp_path / ".pforge"
+    async with opened(root) as store:
+        ctx = await store.turns.open_context("c")
+        await store.turns.append_turns([NewTurn(ctx.context_id, "t", b"%d" % i) for i in range(600)])
+    with sqlite3.connect(root / "turns.db") as conn:
+        conn.execute("DELETE FROM turns WHERE turn_id = 300")
+    async with opened(root) as store:
+        for newest_first in (False, True):
+            with pytest.raises(IntegrityError, match="missing"):
+                async for _ in store.turns.iter_turns(ctx.context_id, newest_first=newest_first):
+                    pass
+        assert any("turns whose parent is missing: (301,)" in p for p in await store.turns.check())
 
 
 # -- one group commit, one failing batch -----------------------------------------------------------------

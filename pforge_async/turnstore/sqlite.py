@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from ..cas.store import Cas
 from ..clock import now_ms
-from ..errors import Conflict, ContextNotFound, HeadConflict, InvalidInput, TurnNotFound
+from ..errors import Conflict, ContextNotFound, HeadConflict, IntegrityError, InvalidInput, TurnNotFound
 from ..sqlite.actor import SqliteActor
 from .base import ContextKey, TurnStoreBase
 from .commands import (
@@ -686,6 +686,8 @@ class SqliteTurnStore(TurnStoreBase):
 
     async def _chain(self, top_turn_id: int, limit: int) -> list[TurnRecord]:
         rows = await self._actor.fetchall(_CHAIN, {"start": top_turn_id, "limit": limit})
+        if not rows:
+            raise IntegrityError(f"turn {top_turn_id} is missing from turns.db, though a chain leads to it")
         return [_record(row) for row in rows]
 
     async def _ancestor_at(self, turn_id: int, depth: int) -> int:
@@ -708,6 +710,11 @@ class SqliteTurnStore(TurnStoreBase):
             rows = await self._actor.fetchall(
                 _CHAIN_AT_DEPTH, {"start": head.head_turn_id, "depth": end, "limit": end - start + 1}
             )
+            if len(rows) != end - start + 1:
+                raise IntegrityError(
+                    f"context {context_id}: the chain from turn {head.head_turn_id} is broken between depths "
+                    f"{start} and {end} (a turn is missing from turns.db)"
+                )
             for row in rows:
                 yield verify_turn(_record(row))
             start = end + 1
