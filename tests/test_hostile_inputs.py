@@ -568,7 +568,12 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
 
 
 @pytest.mark.parametrize("dotted", METHODS)
-def test_hostile_arguments_raise_only_pforge_errors(tmp_path: Path, dotted: str) -> None:
+def test_hostile_arguments_raise_only_pforge_errors(
+    tmp_path: Path, dotted: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A relative path the strategies produce (a str enum member, say) lands in the sandbox, never
+    # in the checkout the tests run from.
+    monkeypatch.chdir(tmp_path)
     with harness(tmp_path) as h:
         part, name = dotted.split(".")
         signature = inspect.signature(getattr(h.store if part == "store" else getattr(h.store, part), name))
