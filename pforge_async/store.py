@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, get_args
@@ -245,9 +246,12 @@ class Store:
             problems.append(self._plan.damaged_manifest + (" (read-only: not rewritten)" if self.readonly else ""))
         problems += [f"{file}: cannot be opened, every call to it fails: {exc}" for file, exc in self._damaged.items()]
         parts: list[tuple[str, Callable[[], Awaitable[list[str]]]]] = []
+        databases = list(self._ledgers)
         if "turns.db" not in self._damaged:
             parts.append(("turns.db", self.turns.check))
+            databases.insert(0, self.turns._actor)
         parts += [(actor.path.name, actor.check) for actor in self._ledgers]
+        parts += [(actor.path.name, partial(_text_problems, actor)) for actor in databases]
         for file, part_check in parts:
             try:
                 problems += await part_check()
@@ -266,6 +270,51 @@ class Store:
     @property
     def locks_dir(self) -> Path:
         return self.root / "locks"
+
+
+_TEXT_PAGE = 1000
+
+
+async def _text_problems(actor: Any) -> list[str]:
+    """Text values that are not UTF-8 in any table of one database. Everything the store writes is
+    UTF-8 (arguments are checked), so such bytes were damaged on disk; SQLite's integrity check does
+    not look inside values, and a read of the row fails. Tables are walked in key order, a page at a
+    time (keyset paging: the cost of a page does not grow with the table)."""
+    file = actor.path.name
+    problems: list[str] = []
+    tables = await actor.fetchall(
+        "SELECT name, sql FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+    )
+    for table, schema in tables:
+        columns = await actor.fetchall(f'PRAGMA table_info("{table}")')
+        names = [row[1] for row in columns]
+        key = [row[1] for row in sorted(columns, key=lambda row: row[5]) if row[5]]
+        if "WITHOUT ROWID" not in str(schema).upper() or not key:
+            key = ["rowid"]
+        keys = ", ".join(f'"{k}"' if k != "rowid" else k for k in key)
+        values = ", ".join(f'CASE WHEN typeof("{n}") = \'text\' THEN CAST("{n}" AS BLOB) END' for n in names)
+        after: tuple[Any, ...] | None = None
+        while True:
+            where = "" if after is None else f"WHERE ({keys}) > ({', '.join('?' * len(key))})"
+            sql = f'SELECT {keys}, {values} FROM "{table}" {where} ORDER BY {keys} LIMIT {_TEXT_PAGE}'
+            try:
+                rows = await actor.fetchall(sql, after or ())
+            except IntegrityError as exc:
+                problems.append(f"{file}: table {table}: a key after {after} is damaged: {exc}")
+                break
+            for row in rows:
+                for name, value in zip(names, row[len(key) :], strict=True):
+                    if value is None:
+                        continue
+                    try:
+                        bytes(value).decode("utf-8")
+                    except UnicodeDecodeError:
+                        where_row = ", ".join(f"{k}={v!r}" for k, v in zip(key, row, strict=False))
+                        problems.append(f"{file}: table {table}, row {where_row}: {name} is not UTF-8 (damaged)")
+            if len(rows) < _TEXT_PAGE:
+                break
+            after = tuple(rows[-1][: len(key)])
+    return problems
 
 
 class _DamagedPart:
