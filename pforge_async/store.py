@@ -188,6 +188,8 @@ class Store:
 
     async def start_actor(self, actor: Actor[Any]) -> None:
         """Run ``actor`` in the store's task group; it is drained and closed when the store closes."""
+        if not isinstance(actor, Actor):
+            raise InvalidInput(f"start_actor takes an Actor, not {type(actor).__name__}")
         if self._task_group is None or self._close_requested.is_set():
             raise ActorClosed(f"store {self.root} is closed")
         await self._task_group.start(actor.run)
