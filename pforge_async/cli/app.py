@@ -1,0 +1,161 @@
+"""The command line: arguments, the store a command opens, exit statuses, and a quiet end when the
+reader of its output goes away.
+
+Exit statuses: 0 done; 1 the store is damaged, or ``check`` found a problem, or the storage failed;
+2 the command line is wrong: a bad or unknown argument (a context, turn, session, object id), no
+store at the root, a root that is a file; 130 interrupted. Every error is one line on stderr,
+``pforge: error: ...``, never a traceback, and a command that fails on its arguments has written
+nothing anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import anyio
+
+from ..errors import Conflict, InvalidInput, NotFound, PforgeError
+from ..store import DEFAULT_ROOT, Store, connect
+from .sqlread import SqlReader
+from .term import Output, safe
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found]
+
+__all__ = ["Cli", "Command", "UsageError", "main"]
+
+PROG = "pforge"
+
+
+class UsageError(InvalidInput):
+    """The command line itself is wrong (argparse's complaint, made one line)."""
+
+
+@dataclass
+class Cli:
+    """What every command gets: where the store is, and where to write."""
+
+    root: str
+    out: Output
+
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root).absolute()
+
+    @asynccontextmanager
+    async def store(self, *, write: bool = False, create: bool = False) -> AsyncIterator[Store]:
+        """The store at the root: read-only unless ``write``, and never created unless ``create``
+        (no store there: ``NotFound``, exit 2, nothing made)."""
+        try:
+            store = await connect(self.root, create=create, readonly=not write, watch_workspaces=False)
+        except NotFound as exc:
+            raise NotFound(f"{exc}; `{PROG} --root {self.root} init` creates one") from exc
+        try:
+            yield store
+        finally:
+            with anyio.CancelScope(shield=True):
+                await store.aclose()
+
+    @property
+    def sql(self) -> SqlReader:
+        return SqlReader(self.root_path)
+
+
+Command = Callable[[Cli, argparse.Namespace], Awaitable[int]]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import contexts, ledgers, maintenance, transfer, workspace
+
+    # --root and --json are accepted before the command and after it; the subcommands' copies
+    # default to SUPPRESS, so a value given before the command is not reset by them.
+    common = _Parser(add_help=False)
+    common.add_argument("--root", default=argparse.SUPPRESS, help=f"the store (default: ./{DEFAULT_ROOT})")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="output as JSON")
+    parser = _Parser(
+        prog=PROG,
+        description="Look into, verify, export and tidy a pforge_async store.",
+        epilog="Exit status: 0 done, 1 damage found or the store failed, 2 a bad argument or no store.",
+    )
+    parser.add_argument("--root", default=DEFAULT_ROOT, help=f"the store (default: ./{DEFAULT_ROOT})")
+    parser.add_argument("--json", action="store_true", default=False, help="output as JSON")
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (contexts, workspace, ledgers, maintenance, transfer):
+        module.register(commands, common)
+    return parser
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return f"{PROG} (pforge_async) {__version__}"
+
+
+def exit_status(error: PforgeError) -> int:
+    """2 for what the user asked (a bad, unknown or conflicting argument); 1 for the store's state."""
+    return 2 if isinstance(error, (InvalidInput, NotFound, Conflict)) else 1
+
+
+def one_line(text: str) -> str:
+    return safe(" ".join(text.split()))
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one error a task group wrapped, as itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout is gone: point it at /dev/null, so the interpreter's last flush of what
+    is still buffered goes nowhere instead of raising again (Python's documented recipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Command = args.func
+    cli = Cli(root=args.root, out=Output(json_mode=args.json))
+    return anyio.run(func, cli, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``pforge`` console script (and ``python -m pforge_async``); returns the exit status."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure: Any = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+    try:
+        try:
+            status = _run(argv)
+            sys.stdout.flush()
+            return status
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except PforgeError as exc:
+        sys.stderr.write(f"{PROG}: error: {one_line(str(exc))}\n")
+        return exit_status(exc)
