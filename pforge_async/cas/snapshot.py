@@ -25,7 +25,7 @@ import secrets
 import stat
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import msgspec
 
@@ -48,7 +48,8 @@ LARGE_FILE = 1 << 20
 _LINK_MODE = 0o120000
 
 # Keyed by the path relative to the root as bytes: names are bytes on Linux, and not all are UTF-8.
-_CacheEntry = tuple[int, int, int, int, int, str]  # mode, size, mtime_ns, ctime_ns, ino, oid
+# The oid's pattern makes a damaged cache file fail to decode (and be dropped), never fail a snapshot.
+_CacheEntry = tuple[int, int, int, int, int, Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]]
 _cache_decoder = msgspec.msgpack.Decoder(dict[bytes, _CacheEntry])
 _cache_encoder = msgspec.msgpack.Encoder()
 
