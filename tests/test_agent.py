@@ -25,6 +25,7 @@ from pforge_async import (
     MemoryTurnStore,
     PersistenceError,
     StorageError,
+    Usage,
     open_store,
 )
 from pforge_async.agent import (
@@ -477,3 +478,54 @@ async def test_a_missing_blob_store_oid_is_an_integrity_error() -> None:
     rec = await SessionRecorder.start(Lying(), "lie", max_output_bytes=1)
     assert await rec.tool_call_end("c", "too long") is None
     assert isinstance(rec.failures[0].error, IntegrityError)
+
+
+async def test_a_batch_writes_a_step_in_one_atomic_write(tmp_path: Path) -> None:
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        await store.budget.set_budget("v", tokens=10_000)
+        rec = await SessionRecorder.start(store, "b", mode="required")
+        await rec.user_turn("go")
+        await rec.reserve_budget("v", tokens=100)
+        async with rec.batch():
+            assert await rec.assistant_turn("call", usage=Usage(10, 5, 0), vendor="v") is None
+            assert await rec.tool_call_start("c", "grep") is None
+            assert await rec.tool_call_end("c", "found") is None
+            async with rec.batch():  # joins the outer batch
+                assert await rec.tool_results([("c", "found")]) is None
+            assert len(rec.records) == 1 and rec.position == 1 and rec.cursor == 5
+            assert len(await all_turns(store)) == 1  # nothing written yet
+        assert [r.seq for r in rec.records] == [0, 1, 2, 3, 4] and rec.position == 5
+        assert (await store.budget.totals("v")).tokens == 15 and await store.budget.list_reservations() == []
+        # A replayed batch writes nothing; an exception in the block writes what was recorded first.
+        again = await SessionRecorder.start(store, "b", mode="required")
+        await again.user_turn("go")
+        async with again.batch():
+            assert await again.assistant_turn("call", usage=Usage(10, 5, 0), vendor="v") is not None  # replayed
+        before = await all_turns(store)
+        again.seek(again.position)
+        with pytest.raises(KeyError):
+            async with again.batch():
+                await again.event("e", 1)
+                raise KeyError("the loop's own error")
+        assert len(await all_turns(store)) == len(before) + 1
+    # A batch that cannot be written stores none of its records: one failure, the positions kept.
+    full = FullDisk(room=3)
+    lenient = await SessionRecorder.start(full, "f")
+    await lenient.user_turn("x")
+    async with lenient.batch():
+        for i in range(5):
+            await lenient.event("e", i)
+    assert [(f.hook, f.seq) for f in lenient.failures] == [("batch", 1)]
+    assert [t.type_id for t in await all_turns(full)] == ["pforge.agent.user_turn"]
+    strict = await SessionRecorder.start(full, "f", mode="required")
+    strict.seek(1)
+    with pytest.raises(PersistenceError):
+        async with strict.batch():
+            await strict.event("e", 0)
+            await strict.event("e", 1)
+    assert strict.cursor == 1  # a retry of the step takes the same positions
+    full.room = 100
+    async with strict.batch():
+        await strict.event("e", 0)
+        await strict.event("e", 1)
+    assert [r.seq for r in strict.records] == [0, 1, 2]

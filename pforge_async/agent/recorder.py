@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
+import anyio
 import msgspec
 
 from ..errors import BudgetExceeded, Conflict, IdempotencyConflict, IntegrityError, InvalidInput, PersistenceError
@@ -65,6 +67,10 @@ __all__ = ["SessionRecorder", "Target", "ToolResultInput"]
 Target = Store | SessionStore | None
 #: one tool result handed to ``tool_results``: (call id, output) or (call id, output, is_error)
 ToolResultInput = tuple[str, str | bytes] | tuple[str, str | bytes, bool]
+#: what runs after a positional record is written (or found, when replayed: the flag)
+After = Callable[[Recorded, bool], Awaitable[None]]
+#: a record of a batch, waiting for the batch's write: its position, record, turn and ``After``
+Queued = tuple[int, PositionalRecord, NewTurn, After | None]
 
 # Turn stores that hold the registry bundle already (checked or published by some recorder).
 _bundled: weakref.WeakSet[object] = weakref.WeakSet()
@@ -115,6 +121,9 @@ class SessionRecorder:
         # Assistant turns called so far: a budget reservation is keyed by the turn it is for.
         self._assistant_calls = 0
         self._pending: tuple[int, Reservation] | None = None
+        self._batch: list[Queued] | None = None
+        self._published = False
+        self._opening: anyio.Lock | None = None
 
     # -- creation ----------------------------------------------------------------------------------
 
@@ -221,6 +230,32 @@ class SessionRecorder:
         self._assistant_calls = sum(
             1 for seq, found in self._by_seq.items() if seq < position and isinstance(found.record, AssistantTurn)
         )
+
+    @asynccontextmanager
+    async def batch(self) -> AsyncIterator[None]:
+        """Hooks called in the block write nothing until it ends; then everything they recorded is
+        written in one atomic write (every record or none): one step of a loop as one write. Inside,
+        a hook returns None (its record is in ``records`` after the block); a call at a recorded
+        position is still checked at once, and a workspace is snapshotted when its hook is called.
+        Subagent spawns and closes are not batched. A block left by an exception writes what it
+        recorded, then the exception goes on; a cancelled one writes nothing (those positions stay
+        empty and a re-run fills them). A failed write fails the whole batch, as its mode says."""
+        if self._off or self._batch is not None:  # nothing to write, or a batch within a batch
+            yield
+            return
+        pending: list[Queued] = []
+        self._batch = pending
+        try:
+            yield
+        except Exception:
+            self._batch = None
+            await self._flush(pending)
+            raise
+        except BaseException:
+            self._batch = None
+            raise
+        self._batch = None
+        await self._flush(pending)
 
     def subagent_recorded(self, subagent_id: str) -> Recorded | None:
         """The spawn link record of ``subagent_id`` in this session, if it is recorded."""
@@ -442,16 +477,13 @@ class SessionRecorder:
         *,
         blobs: list[bytes] | None = None,
         workspace: str | os.PathLike[str] | None = None,
-        after: Callable[[Recorded, bool], Awaitable[None]] | None = None,
+        after: After | None = None,
     ) -> Recorded | None:
         seq = self._cursor
         self._cursor = seq + 1
         try:
             record = build(seq)  # fills ``blobs`` with the outputs to store whole
-            recorded, replayed = await self._put(seq, record, [] if blobs is None else blobs, workspace)
-            if after is not None:
-                await after(recorded, replayed)
-            return recorded
+            return await self._put(seq, record, [] if blobs is None else blobs, workspace, after)
         except Exception as exc:
             # In required mode the loop sees the error and may retry the call: at the same position.
             if self._required and self._cursor == seq + 1:
@@ -460,12 +492,18 @@ class SessionRecorder:
             return None
 
     async def _put(
-        self, seq: int, record: PositionalRecord, blobs: list[bytes], workspace: str | os.PathLike[str] | None
-    ) -> tuple[Recorded, bool]:
-        """The record written at ``seq``, and whether it was there already (a replayed call)."""
+        self,
+        seq: int,
+        record: PositionalRecord,
+        blobs: list[bytes],
+        workspace: str | os.PathLike[str] | None,
+        after: After | None,
+    ) -> Recorded | None:
+        """Write the record at ``seq`` (or find it there already: a replayed call), then run ``after``
+        with it and whether it was replayed. Inside a batch, queue it (None)."""
         type_id, payload, record = _checked(record)
-        turns = await self._open()
-        context_id = self._context_id()
+        turns = self._turns if self._context is not None else await self._open()
+        assert turns is not None
         found = self._by_seq.get(seq)
         if found is not None:
             if found.record != record:
@@ -473,7 +511,9 @@ class SessionRecorder:
                     f"session {self.name!r} position {seq}: this {_kind(type_id)} call differs from the "
                     f"{_kind(found.type_id)} recorded there (turn {found.turn.turn_id})"
                 )
-            return found, True
+            if after is not None:
+                await after(found, True)
+            return found
         if blobs:
             for blob, oid in zip(blobs, _blob_oids(record), strict=True):
                 stored = await cast(ArtifactStore, turns).put_blob(blob)
@@ -484,18 +524,39 @@ class SessionRecorder:
             if self._store is None:
                 raise InvalidInput(f"session {self.name!r}: a workspace snapshot needs a Store target (with a CAS)")
             fs_root = await self._store.cas.snapshot(workspace)
+        key = record_key(self.name, seq, type_id)
+        new = NewTurn(self._context_id(), type_id, payload, TYPE_VERSION, idempotency_key=key, fs_root=fs_root)
+        if self._batch is not None:
+            self._batch.append((seq, record, new, after))
+            return None
         await self._publish_bundle(turns)
         turn = await turns.append_turn(
-            context_id,
-            type_id,
-            payload,
-            type_version=TYPE_VERSION,
-            idempotency_key=record_key(self.name, seq, type_id),
-            fs_root=fs_root,
+            new.context_id, type_id, payload, type_version=TYPE_VERSION, idempotency_key=key, fs_root=fs_root
         )
         recorded = Recorded(record, turn)
         self._remember(recorded)
-        return recorded, False
+        if after is not None:
+            await after(recorded, False)
+        return recorded
+
+    async def _flush(self, pending: list[Queued]) -> None:
+        """Write a batch's records in one atomic write, then run what follows each."""
+        if not pending:
+            return
+        first, last = pending[0][0], pending[-1][0]
+        try:
+            turns = await self._open()
+            await self._publish_bundle(turns)
+            written = await turns.append_turns([new for _, _, new, _ in pending])
+            for (_, record, _, after), turn in zip(pending, written, strict=True):
+                recorded = Recorded(record, turn)
+                self._remember(recorded)
+                if after is not None:
+                    await after(recorded, False)
+        except Exception as exc:
+            if self._required and self._cursor == last + 1:
+                self._cursor = first
+            self._fail("batch", first, exc)
 
     async def _close(self, outcome: str, metadata: dict[str, Any]) -> Recorded:
         parent, subagent_id = self.parent, self.subagent_id
@@ -573,12 +634,16 @@ class SessionRecorder:
 
     async def _publish_bundle(self, turns: SessionStore) -> None:
         """Publish the records' registry bundle, once per turn store, at its first write."""
+        if self._published:
+            return
         if turns in _bundled or not isinstance(turns, TypedTurnStore):
+            self._published = True
             return
         bundle = registry_bundle()
         if await turns.get_registry_bundle(BUNDLE_ID) != bundle:
             await turns.publish_registry_bundle(BUNDLE_ID, bundle)
         _bundled.add(turns)
+        self._published = True
 
     def _fail(self, hook: str, seq: int | None, exc: Exception) -> None:
         failure = PersistenceFailure(self.name, hook, seq, exc)
@@ -597,15 +662,20 @@ class SessionRecorder:
         """The turn store, once this session's context is open and its records loaded."""
         turns = self._turns
         assert turns is not None
-        if self._context is None:
-            if self.parent is None:
-                info = await turns.find_context(self.name)
-                if info is None:
-                    info = await turns.open_context(self.name, metadata=self._metadata)
-            else:
-                info = await self.parent._open_child(self)
-            await self._load(turns, info)
-            self._context = info
+        if self._context is not None:
+            return turns
+        if self._opening is None:
+            self._opening = anyio.Lock()
+        async with self._opening:  # two tasks writing before it is open load the records once
+            if self._context is None:
+                if self.parent is None:
+                    info = await turns.find_context(self.name)
+                    if info is None:
+                        info = await turns.open_context(self.name, metadata=self._metadata)
+                else:
+                    info = await self.parent._open_child(self)
+                await self._load(turns, info)
+                self._context = info
         return turns
 
     async def _open_child(self, child: SessionRecorder) -> ContextInfo:

@@ -1,0 +1,336 @@
+"""Agent loops persisting through ``SessionRecorder``: the demo's workload, and the same plain loop
+beside the OpenAI Agents SDK's ``SQLiteSession`` and LangGraph's ``AsyncSqliteSaver``, in one run.
+
+Run: ``python benchmarks/subagents.py`` (``make bench`` installs the peers). The fake model answers
+in 0 ms. Three parts:
+
+1. ``off`` mode: what one hook costs a loop that persists nothing (and an empty ``async def`` beside it).
+2. The demo's workload (``examples/demo.py`` without printing) at 1, 16 and 64 concurrent subagents x
+   20 steps, on a store with durability ``"full"``: each step reserves budget, records the model's
+   answer (committing the spend), consumes a capability nonce, writes a file, records the tool call
+   with a workspace snapshot, the tool results and a constellation transition. Steps/s, p99 of one
+   hook, and the share of a loop's time spent in hooks; then the same workload with the recorder off.
+3. The plain loop, beside the peers: per step, the model's answer, the tool call's start and end and
+   the tool results (4 records). Two ways, each side making the same number of durable writes: a
+   write per record (pforge: 4 awaited hooks; the OpenAI Agents SDK: 4 ``SQLiteSession.add_items``;
+   LangGraph: 4 ``AsyncSqliteSaver.aput`` of a checkpoint holding the record), and a write per step
+   (pforge: the 4 hooks in one ``recorder.batch()``; the peers: one ``add_items`` of the 4 items, one
+   ``aput`` of a checkpoint holding them: the step's messages, not the growing history). pforge
+   uses durability ``"full"``; the peers run with their own defaults. Throughput ratios at each C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "examples"))
+import demo  # noqa: E402
+from _bench import describe  # noqa: E402
+
+from pforge_async import Store, ToolCall, Usage, open_store  # noqa: E402
+from pforge_async.agent import SessionRecorder  # noqa: E402
+
+HOOKS = {
+    "session_start",
+    "session_end",
+    "user_turn",
+    "assistant_turn",
+    "tool_results",
+    "system_turn",
+    "steering_turn",
+    "tool_call_start",
+    "tool_call_end",
+    "event",
+    "spawn_subagent",
+    "close",
+    "reserve_budget",
+}
+
+
+class Timed:
+    """A recorder whose every hook call is timed into ``latencies``."""
+
+    def __init__(self, inner: SessionRecorder, latencies: list[float]) -> None:
+        self._inner = inner
+        self._latencies = latencies
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._inner, name)
+        if name not in HOOKS:
+            return value
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return await value(*args, **kwargs)
+            finally:
+                self._latencies.append(time.perf_counter() - start)
+
+        return timed
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
+
+
+# -- 1. off mode -----------------------------------------------------------------------------------
+
+
+async def off_mode(n: int) -> None:
+    print("\n## off mode: one hook, persisting nothing")
+    recorder = await SessionRecorder.start(None, "off", mode="off")
+
+    async def nothing(text: str) -> None:
+        return None
+
+    rows = []
+    for label, call in (
+        ("user_turn(text)", lambda: recorder.user_turn("hello")),
+        ("tool_call_end(id, output)", lambda: recorder.tool_call_end("c1", "output")),
+        ("empty async def, for scale", lambda: nothing("hello")),
+    ):
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(n):
+                await call()
+            best = min(best, (time.perf_counter() - start) / n)
+        rows.append((label, best))
+    for label, seconds in rows:
+        print(f"  {label:<30} {seconds * 1e9:8.0f} ns per call (best of 5 x {n}, lambda and loop included)")
+
+
+# -- 2. the demo's workload ------------------------------------------------------------------------
+
+
+async def demo_workload(base: Path, subagents: int, steps: int, mode: str, durability: str) -> dict[str, float]:
+    latencies: list[float] = []
+    loops: list[float] = []
+    workload = demo.Workload(subagents=subagents, steps=steps, helpers=(), think_s=0)
+    if mode == "off":
+        workload.wrap = lambda recorder: recorder
+    else:
+        workload.wrap = lambda recorder: cast(SessionRecorder, Timed(recorder, latencies))
+    work = Path(tempfile.mkdtemp(dir=base))
+    os.sync()
+    async with open_store(work / ".pforge", durability=durability) as store:  # type: ignore[arg-type]
+        await store.budget.set_budget(demo.VENDOR, tokens=10**12, cost=10**12)
+        original = demo.agent_loop
+
+        async def timed_loop(*args: Any) -> None:
+            start = time.perf_counter()
+            await original(*args)
+            loops.append(time.perf_counter() - start)
+
+        demo.agent_loop = timed_loop  # type: ignore[assignment]
+        try:
+            if mode == "off":
+                recorder = await SessionRecorder.start(None, "bench", mode="off")
+                start = time.perf_counter()
+                await off_orchestrate(store, recorder, workload)
+            else:
+                start = time.perf_counter()
+                await demo.orchestrate(store, "bench", workload)
+            elapsed = time.perf_counter() - start
+        finally:
+            demo.agent_loop = original  # type: ignore[assignment]
+        if mode != "off":
+            assert (await store.budget.list_reservations()) == []
+    done = subagents * steps
+    return {
+        "steps_s": done / elapsed,
+        "elapsed": elapsed,
+        "hooks": len(latencies),
+        "p50": pct(latencies, 0.5),
+        "p99": pct(latencies, 0.99),
+        # a subagent loop's own time spent awaiting hooks, over the loop's time
+        "share": sum(latencies) / sum(loops) if loops and latencies else 0.0,
+    }
+
+
+async def off_orchestrate(store: Store, orchestrator: SessionRecorder, workload: demo.Workload) -> None:
+    """``demo.orchestrate`` with an ``off`` recorder (it starts its own on the store otherwise)."""
+    async with anyio.create_task_group() as tg:
+        for n in range(workload.subagents):
+            tg.start_soon(demo.subagent, store, orchestrator, n, workload)
+
+
+# -- 3. the plain loop beside the peers ------------------------------------------------------------
+
+
+def step_items(agent: int, step: int) -> tuple[str, ToolCall, str, Usage]:
+    call = ToolCall(f"call-{agent}-{step}", "grep", {"pattern": "TODO", "step": step})
+    return f"agent {agent} step {step}: calling grep", call, f"{step} matches in src/", Usage(900, 120, 4000)
+
+
+async def drive(subagents: int, loop: Callable[[int], Awaitable[None]]) -> float:
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for agent in range(subagents):
+            tg.start_soon(loop, agent)
+    return time.perf_counter() - start
+
+
+async def plain_pforge(
+    work: Path, subagents: int, steps: int, latencies: list[float], *, batched: bool = False
+) -> float:
+    """Each subagent a forked session; its 4 hooks per step awaited one by one, or (``batched``)
+    written as one ``recorder.batch()``: one durable write per step, as the peers make."""
+    async with open_store(work / ".pforge", durability="full") as store:
+        orchestrator = await SessionRecorder.start(store, "plain")
+        await orchestrator.session_start()
+
+        async def loop(agent: int) -> None:
+            child = await orchestrator.spawn_subagent(f"a{agent}")
+            hooks = Timed(child, [] if batched else latencies)
+            for step in range(steps):
+                text, call, output, usage = step_items(agent, step)
+                start = time.perf_counter()
+                async with child.batch() if batched else nullcontext():
+                    await hooks.assistant_turn(text, tool_calls=[call], usage=usage)
+                    await hooks.tool_call_start(call.call_id, call.name, call.arguments)
+                    await hooks.tool_call_end(call.call_id, output)
+                    await hooks.tool_results([(call.call_id, output)])
+                if batched:
+                    latencies.append(time.perf_counter() - start)
+            await child.close()
+
+        elapsed = await drive(subagents, loop)
+        assert not orchestrator.failures
+        return elapsed
+
+
+def items_of(agent: int, step: int) -> list[Any]:
+    """The step's 4 records as the peers hold them."""
+    text, call, output, _ = step_items(agent, step)
+    return [
+        {"role": "assistant", "content": text},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": repr(call.arguments)},
+        {"type": "function_call_output", "call_id": call.call_id, "output": output},
+        {"role": "user", "content": f"tool results: {output}"},
+    ]
+
+
+async def plain_openai(
+    work: Path, subagents: int, steps: int, latencies: list[float], *, per_step: bool = False
+) -> float:
+    """One ``add_items`` per record (4 per step), or (``per_step``) one of the step's 4 items."""
+    from agents import SQLiteSession
+
+    sessions = [SQLiteSession(f"a{agent}", work / "agents.db") for agent in range(subagents)]
+
+    async def loop(agent: int) -> None:
+        for step in range(steps):
+            items = items_of(agent, step)
+            for group in [items] if per_step else [[item] for item in items]:
+                start = time.perf_counter()
+                await sessions[agent].add_items(group)
+                latencies.append(time.perf_counter() - start)
+
+    try:
+        return await drive(subagents, loop)
+    finally:
+        for session in sessions:
+            session.close()
+
+
+async def plain_langgraph(
+    work: Path, subagents: int, steps: int, latencies: list[float], *, per_step: bool = False
+) -> float:
+    """One ``aput`` of a checkpoint per record (4 per step), or (``per_step``) one holding the step's
+    4 records (the step's messages, not the growing history)."""
+    from langgraph.checkpoint.base import empty_checkpoint
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    async with AsyncSqliteSaver.from_conn_string(str(work / "langgraph.db")) as saver:
+        await saver.setup()
+
+        async def loop(agent: int) -> None:
+            config: Any = {"configurable": {"thread_id": f"a{agent}", "checkpoint_ns": ""}}
+            for step in range(steps):
+                items = items_of(agent, step)
+                for group in [items] if per_step else [[item] for item in items]:
+                    checkpoint = empty_checkpoint()
+                    checkpoint["id"] = str(uuid.uuid6()) if hasattr(uuid, "uuid6") else str(uuid.uuid4())
+                    checkpoint["channel_values"] = {"messages": group}
+                    start = time.perf_counter()
+                    config = await saver.aput(config, checkpoint, {"step": step}, {})
+                    latencies.append(time.perf_counter() - start)
+
+        return await drive(subagents, loop)
+
+
+Run = Callable[[Path, int, int, list[float]], Awaitable[float]]
+#: contenders that make a durable write per record, and those that make one per step
+PER_RECORD: dict[str, Run] = {
+    "pforge": plain_pforge,
+    "openai-agents": plain_openai,
+    "langgraph": plain_langgraph,
+}
+PER_STEP: dict[str, Run] = {
+    "pforge": lambda *args: plain_pforge(*args, batched=True),
+    "openai-agents": lambda *args: plain_openai(*args, per_step=True),
+    "langgraph": lambda *args: plain_langgraph(*args, per_step=True),
+}
+
+
+async def main(args: argparse.Namespace) -> None:
+    print(describe("openai-agents", "langgraph-checkpoint", "langgraph-checkpoint-sqlite"))
+    await off_mode(args.off_calls)
+    with tempfile.TemporaryDirectory(prefix="pforge-bench-", dir=args.dir) as tmp:
+        base = Path(tmp)
+        print(f"\n## the demo's workload: C subagents x {args.steps} steps, durability {args.durability!r}, model 0 ms")
+        print(f"{'C':>3} {'recorder':>9} {'steps/s':>8} {'hooks':>6} {'p50 ms':>7} {'p99 ms':>7} {'in hooks':>9}")
+        for subagents in args.subagents:
+            on = await demo_workload(base, subagents, args.steps, "best_effort", args.durability)
+            off = await demo_workload(base, subagents, args.steps, "off", args.durability)
+            for label, row in (("on", on), ("off", off)):
+                print(
+                    f"{subagents:>3} {label:>9} {row['steps_s']:>8.0f} {row['hooks']:>6.0f} {row['p50']:>7.2f} "
+                    f"{row['p99']:>7.2f} {row['share']:>8.0%}"
+                )
+            print(f"    C={subagents}: the recorder on takes {on['elapsed'] / off['elapsed']:.2f}x the loop's time off")
+
+        for label, contenders in (("a write per record (4 per step)", PER_RECORD), ("a write per step", PER_STEP)):
+            print(f"\n## the plain loop, {label}: C subagents x {args.steps} steps of 4 records")
+            print(f"{'C':>3} {'contender':>14} {'steps/s':>8} {'writes':>7} {'p50 ms':>7} {'p99 ms':>7}")
+            for subagents in args.subagents:
+                rates: dict[str, float] = {}
+                for name, run in contenders.items():
+                    work = Path(tempfile.mkdtemp(dir=base))
+                    os.sync()
+                    latencies: list[float] = []
+                    elapsed = await run(work, subagents, args.steps, latencies)
+                    rates[name] = subagents * args.steps / elapsed
+                    print(
+                        f"{subagents:>3} {name:>14} {rates[name]:>8.0f} {len(latencies):>7} "
+                        f"{pct(latencies, 0.5):>7.2f} {pct(latencies, 0.99):>7.2f}"
+                    )
+                print(
+                    f"    C={subagents}: pforge {rates['pforge'] / rates['openai-agents']:.1f}x openai-agents, "
+                    f"{rates['pforge'] / rates['langgraph']:.1f}x langgraph (steps/s)"
+                )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--subagents", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--off-calls", type=int, default=200_000)
+    parser.add_argument("--durability", choices=["full", "normal"], default="full", help="of the demo's workload")
+    parser.add_argument("--dir", default=None, help="where the stores go (default: the system temp dir)")
+    anyio.run(main, parser.parse_args())
