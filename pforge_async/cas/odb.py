@@ -95,18 +95,14 @@ class ObjectDB:
         config = self.gitdir / "config"
         if self.readonly:
             try:
-                text = config.read_text()
+                self._check_config(config.read_bytes())
             except OSError as exc:
                 raise StorageError(f"cannot open the CAS at {self.gitdir}: {exc}") from exc
-            if not re.search(r"objectformat\s*=\s*sha256", text):
-                raise StorageError(f"{self.gitdir} is a git repository, but not in SHA-256 format")
             self.refresh()
             return
         try:
             if config.exists():
-                text = config.read_text()
-                if not re.search(r"objectformat\s*=\s*sha256", text):
-                    raise StorageError(f"{self.gitdir} is a git repository, but not in SHA-256 format")
+                self._check_config(config.read_bytes())
             else:
                 for sub in ("objects/pack", "objects/info", "refs/heads", "refs/tags"):
                     (self.gitdir / sub).mkdir(parents=True, exist_ok=True)
@@ -121,6 +117,29 @@ class ObjectDB:
         except OSError as exc:
             raise StorageError(f"cannot open the CAS at {self.gitdir}: {exc}") from exc
         self.refresh()
+
+    def _check_config(self, data: bytes) -> None:
+        """Refuse a repository that is not SHA-256. A config one or two bytes off the one this module
+        writes is ours, damaged: it is set aside in quarantine and written anew (read-only: noted)."""
+        ours = _CONFIG.encode()
+        if data == ours:
+            return
+        if len(data) != len(ours) or sum(a != b for a, b in zip(data, ours, strict=True)) > 2:
+            if re.search(rb"objectformat\s*=\s*sha256", data):
+                return  # a config someone edited (git config ...): theirs to keep
+            raise StorageError(f"{self.gitdir} is a git repository, but not in SHA-256 format")
+        log.warning("%s/config is damaged; it is the config this store writes, one byte off", self.gitdir)
+        if self.readonly:
+            self._damaged["config"] = f"{self.gitdir}/config is damaged (read-only: not rewritten)"
+            return
+        config = self.gitdir / "config"
+        os.makedirs(self.quarantine, exist_ok=True)
+        shutil.copyfile(config, os.path.join(self.quarantine, f"config.{time.time_ns()}"))
+        tmp = self.gitdir / f"config.tmp{os.getpid()}"
+        tmp.write_text(_CONFIG)
+        os.replace(tmp, config)
+        if self.fsync:
+            fsync_dir(str(self.gitdir))
 
     def clean_temp(self) -> None:
         """Remove temp files whose writing process is gone; never another live writer's."""
