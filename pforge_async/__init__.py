@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .actor import Actor, Failed
 from .agent import PersistenceFailure, Recorded, SessionRecorder, SessionTree, ToolCall, load_session_tree
+from .attractor import AttractorWriter, CheckpointRecord, RunView, load_latest_checkpoint, load_run
 from .cas import EMPTY_TREE, Commit, FsckReport, TreeEntry
 from .errors import (
     ActorClosed,
@@ -50,7 +51,9 @@ __all__ = [
     "ActionStats",
     "Actor",
     "ActorClosed",
+    "AttractorWriter",
     "BudgetExceeded",
+    "CheckpointRecord",
     "Commit",
     "Conflict",
     "ContextHead",
@@ -81,6 +84,7 @@ __all__ = [
     "Recorded",
     "RefConflict",
     "Reservation",
+    "RunView",
     "SessionRecorder",
     "SessionTree",
     "Spent",
@@ -98,6 +102,8 @@ __all__ = [
     "agent_key",
     "attractor_key",
     "connect",
+    "load_latest_checkpoint",
+    "load_run",
     "load_session_tree",
     "open_store",
 ]
