@@ -181,12 +181,9 @@ async def run_pipeline(
         await writer.append_run_event(run_id, "run_started", data={"nodes": list(NODES)})
         step()
     else:
-        context, completed, retries, seq = (
-            latest.context,
-            latest.completed_nodes,
-            latest.node_retries,
-            latest.sequence_no,
-        )
+        # Where the run stood at its latest checkpoint: what a resume needs, state loaded back.
+        context, completed, retries = latest.context, latest.completed_nodes, latest.node_retries
+        seq = latest.sequence_no
         outcome.resumed_from, outcome.skipped = seq, list(completed)
         if latest.next_node is None and (await load_run(target, run_id)).event("run_finished") is not None:
             say(f"run {run_id!r} finished already: nothing to do")

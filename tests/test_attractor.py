@@ -461,7 +461,7 @@ async def test_an_unknown_run_is_a_clear_not_found(kind: str, tmp_path: Path) ->
         assert await load_latest_checkpoint(target, "known") is None
         with pytest.raises(NotFound, match=r"run 'known' has no checkpoint 4"):
             await load_checkpoint(target, "known", 4)
-        with pytest.raises(InvalidInput, match=r"no agent session 'ghost'"):
+        with pytest.raises(ContextNotFound, match=r"no agent session 'ghost'"):
             await writer.append_stage_to_agent_link("known", "a", 1, agent_session_name="ghost")
         view = await load_run(target, "known")
         assert view.records == [] and view.stages == [] and view.latest_checkpoint is None

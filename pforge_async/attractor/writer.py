@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
-from ..errors import Conflict, HeadConflict, IdempotencyConflict, IntegrityError, InvalidInput
+from ..errors import Conflict, ContextNotFound, HeadConflict, IdempotencyConflict, IntegrityError, InvalidInput
 from ..turnstore.protocol import SessionStore, TypedTurnStore
 from ..turnstore.rules import check_text, validate_id, validate_limit, validate_name
 from ..turnstore.types import ContextInfo, NewTurn
@@ -237,6 +237,7 @@ class AttractorWriter:
         """Record that agent session ``agent_session_name`` (a named context: a ``SessionRecorder``'s
         session) did attempt ``attempt`` of stage ``node_id``. ``agent_context_id`` is checked against
         the session's context if given; ``agent_head_turn_id`` defaults to its head now.
+        ``ContextNotFound`` if there is no such session.
 
         A link is identified by the run, stage attempt and session: linking them again returns the
         stored link (with the head it recorded then), even if the session has moved on since."""
@@ -269,7 +270,8 @@ class AttractorWriter:
             return AttractorRecorded(link, found)
         session = await self._turns.find_context(agent_session_name)
         if session is None:
-            raise InvalidInput(f"run {run_id!r}: stage {attempt_id}: there is no agent session {agent_session_name!r}")
+            where = f"run {run_id!r}: stage {attempt_id}"
+            raise ContextNotFound(f"{where}: there is no agent session {agent_session_name!r}")
         if agent_context_id is not None and agent_context_id != session.context_id:
             raise InvalidInput(
                 f"run {run_id!r}: stage {attempt_id}: session {agent_session_name!r} is context "
