@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 from typing import Any
 
 import msgspec
@@ -152,38 +153,42 @@ def turn_json(turn: TurnRecord, bundles: Bundles) -> dict[str, Any]:
     return out
 
 
+def _log_line(turn: TurnRecord, context_id: int, bundles: Bundles) -> str:
+    where = f" (context {turn.context_id})" if turn.context_id != context_id else ""
+    fs = f" [fs {turn.fs_root[:12]}]" if turn.fs_root else ""
+    text = summary(turn.type_id, turn.payload, bundles)
+    created = ms_text(turn.created_at_ms)
+    return safe(f"{turn.turn_id:>8} {turn.depth:>6}  {created}  {short_type(turn.type_id)}{where}{fs}: {text}")
+
+
 async def log(cli: Cli, args: argparse.Namespace) -> int:
+    out = cli.out
     async with cli.store() as store:
         info = await resolve.context(store, args.context)
         bundles = await resolve.bundles(store, cli.sql)
+        header = f"context {info.context_id}" + (f" {info.name!r}" if info.name is not None else "")
+        header += f": head {info.head_turn_id}, depth {info.head_depth}"
+        if args.all and not out.json:
+            # every turn, however many: written as they are read, a page at a time
+            out.line(safe(header + (", every turn" if info.head_depth else ", no turns")))
+            async for turn in store.turns.iter_turns(info.context_id):
+                out.line(_log_line(turn, info.context_id, bundles))
+            return 0
         if args.all:
             turns = [t async for t in store.turns.iter_turns(info.context_id)]
         else:
             before = None if args.before is None else resolve.parse_id(args.before, "turn id")
             turns = await store.turns.list_turns(info.context_id, before_turn_id=before, limit=args.limit)
     older = turns[0].depth - 1 if turns else 0
-    if cli.out.json:
-        cli.out.document(
-            {"context": context_json(info), "turns": [turn_json(t, bundles) for t in turns], "older": older}
-        )
+    if out.json:
+        out.document({"context": context_json(info), "turns": [turn_json(t, bundles) for t in turns], "older": older})
         return 0
-    name = f" {info.name!r}" if info.name is not None else ""
-    cli.out.line(
-        safe(f"context {info.context_id}{name}: head {info.head_turn_id}, depth {info.head_depth}")
-        + (f", {len(turns)} shown" if turns else ", no turns")
-    )
-    for t in turns:
-        where = f" (context {t.context_id})" if t.context_id != info.context_id else ""
-        fs = f" [fs {t.fs_root[:12]}]" if t.fs_root else ""
-        text = summary(t.type_id, t.payload, bundles)
-        cli.out.line(
-            safe(f"{t.turn_id:>8} {t.depth:>6}  {ms_text(t.created_at_ms)}  {short_type(t.type_id)}{where}{fs}: {text}")
-        )
+    out.line(safe(header + (f", {len(turns)} shown" if turns else ", no turns")))
+    for turn in turns:
+        out.line(_log_line(turn, info.context_id, bundles))
     if older:
-        ref = args.context if " " not in args.context else repr(args.context)
-        cli.out.line(
-            safe(f"... {older} older turn(s): pforge log {ref} --before {turns[0].turn_id}, or --limit N, or --all")
-        )
+        again = f"pforge log {shlex.quote(args.context)} --before {turns[0].turn_id}"
+        out.line(safe(f"... {older} older turn(s): {again}, or --limit N, or --all"))
     return 0
 
 
