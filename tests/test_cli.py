@@ -23,6 +23,7 @@ import msgspec
 import pytest
 
 from pforge_async import NewTurn, open_store
+from pforge_async.agent import UserTurn, load_session_tree
 from pforge_async.cas.pack import PackIndex
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +46,29 @@ class Filled:
     turns: dict[str, int]
     marker_blob: str
     marker_tree: str
+    demo: Demo
+
+
+@dataclass
+class Demo:
+    """What the demo left, read through the library: what the command's output must agree with."""
+
+    contexts: int
+    depth: int
+    sessions: int
+    records: int
+    tool_calls: int
+    subagents: int
+    own_records: int
+    task: str
+    states: list[str]
+    first_state_count: int
+    transitions: int
+    names: list[str]  # every session of the tree
+    first_subagent: str
+    helper: str  # a subagent's subagent
+    helper_parent: str
+    helper_calls: int
 
 
 def run(*args: str, root: Path | None = None, stdin: str | None = None, cwd: Path | None = None) -> Result:
@@ -99,6 +123,44 @@ def terminal_safe(data: bytes) -> None:
     assert not bad, bad[:5]
 
 
+async def _demo_truth(root: Path) -> Demo:
+    async with open_store(root, readonly=True, create=False) as store:
+        contexts = await store.turns.list_contexts(limit=1000)
+        tree = await load_session_tree(store, "demo")
+        sessions = [t for _, t in tree.walk()]
+        task = next(r.record.text for r in tree.records if isinstance(r.record, UserTurn))
+        states = sorted({state for (state,) in await _rows(root / "memory.db", "SELECT state FROM action_stats")})
+        first = sum(s.count for s in await store.memory.stats(states[0]))
+        (transitions,) = await _rows(root / "memory.db", "SELECT COUNT(*) FROM transitions")
+        parent, helper = next((p, b.session) for _, p in tree.walk() for b in p.subagents if p is not tree)
+        return Demo(
+            len(contexts.contexts),
+            tree.context.head_depth,
+            len(sessions),
+            sum(len(t.records) for t in sessions),
+            sum(len(t.tool_calls) for t in sessions),
+            len(tree.subagents),
+            len(tree.records),
+            task,
+            states,
+            first,
+            transitions[0],
+            sorted(t.name for t in sessions),
+            tree.subagents[0].session.name,
+            helper.name,
+            parent.name,
+            len(helper.tool_calls),
+        )
+
+
+async def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
 async def _add_contexts(root: Path) -> tuple[int, dict[str, int], str, str]:
     async with open_store(root, watch_workspaces=False) as store:
         marker_blob = await store.cas.write_blob(b"marker blob for the cli test\n")
@@ -141,8 +203,9 @@ def filled(tmp_path_factory: pytest.TempPathFactory) -> Filled:
         check=False,
     )
     assert demo.returncode == 0, demo.stderr
+    demo_truth = anyio.run(_demo_truth, root)
     extra_id, turns, blob, tree = anyio.run(_add_contexts, root)
-    return Filled(root, extra_id, turns, blob, tree)
+    return Filled(root, extra_id, turns, blob, tree, demo_truth)
 
 
 def listing(root: Path) -> dict[str, tuple[int, int]]:
@@ -163,33 +226,34 @@ def test_sessions_and_contexts(filled: Filled) -> None:
         filled.root,
         ("sessions",),
         ("sessions", "--json", "--all"),
-        ("sessions", "--prefix", "demo/agent0", "--limit", "3"),
-        ("--json", "sessions", "--prefix", "demo/agent0", "--limit", "3"),
+        ("sessions", "--prefix", "demo/", "--limit", "3"),
+        ("--json", "sessions", "--prefix", "demo/", "--limit", "3"),
         ("contexts", "--limit", "2"),
         ("contexts", "--json", "--all"),
     )
     lines = text.ok().out.splitlines()
     assert lines[0].split() == ["NAME", "ID", "HEAD", "DEPTH", "LAST", "ACTIVITY", "PARENT"]
-    helper = next(line for line in lines if line.startswith("demo/agent03/helper "))
-    assert helper.split()[-1] == "demo/agent03"
+    demo = filled.demo
+    helper = next(line for line in lines if line.startswith(f"{demo.helper} "))
+    assert helper.split()[-1] == demo.helper_parent
     assert next(line for line in lines if line.startswith("demo ")).split()[-1] == "-"
     doc = js.ok().json()
     assert isinstance(doc, dict) and doc["more"] is False
     names = [c["name"] for c in doc["contexts"]]
-    assert names == sorted(names) and "demo" in names and "cli/big" in names and len(names) == 21
+    assert names == sorted(names) and "demo" in names and "cli/big" in names and len(names) == filled.demo.contexts + 2
     by_name = {c["name"]: c for c in doc["contexts"]}
-    assert by_name["demo/agent03/helper"]["parent_context_id"] == by_name["demo/agent03"]["context_id"]
+    assert by_name[demo.helper]["parent_context_id"] == by_name[demo.helper_parent]["context_id"]
     assert by_name["cli/big"]["head_depth"] == BIG_TURNS
 
     shown = prefixed.ok().out.splitlines()
-    assert [line.split()[0] for line in shown[1:4]] == ["demo/agent00", "demo/agent01", "demo/agent02"]
+    assert [line.split()[0] for line in shown[1:4]] == [n for n in demo.names if n.startswith("demo/")][:3]
     assert shown[4] == "... more sessions: --limit N or --all"
     page = prefixed_js.ok().json()
     assert isinstance(page, dict) and page["more"] is True and len(page["contexts"]) == 3
 
     assert ctx.ok().out.splitlines()[-1] == "... more contexts: --limit N or --all"
     every = ctx_js.ok().json()
-    assert isinstance(every, dict) and len(every["contexts"]) == 21
+    assert isinstance(every, dict) and len(every["contexts"]) == filled.demo.contexts + 2
     ids = [c["context_id"] for c in every["contexts"]]
     assert ids == sorted(ids, reverse=True)  # newest first
 
@@ -201,27 +265,28 @@ def test_log(filled: Filled) -> None:
         ("log", "1", "--limit", "5"),
         ("log", "demo", "--limit", "3", "--before", "0"),  # replaced below with a real turn id
         ("log", "demo", "--all"),
-        ("log", "demo/agent00", "--json", "--limit", "4"),
+        ("log", filled.demo.first_subagent, "--json", "--limit", "4"),
         ("log", "cli/big"),
     )
     lines = by_name.ok().out.splitlines()
     assert lines[:-1] == by_id.ok().out.splitlines()[:-1]  # the last line names the context as typed
-    assert lines[0].startswith("context 1 'demo': head ") and lines[0].endswith(", depth 38, 5 shown")
+    depth = filled.demo.depth
+    assert lines[0].startswith("context 1 'demo': head ") and lines[0].endswith(f", depth {depth}, 5 shown")
     assert "session_end" in lines[5]
-    assert lines[-1].startswith("... 33 older turn(s): pforge log demo --before ")
+    assert lines[-1].startswith(f"... {depth - 5} older turn(s): pforge log demo --before ")
     first_shown = int(lines[1].split()[0])
     assert f"--before {first_shown}," in lines[-1]
     before.one_line_error()  # turn id 0 is no turn id
     again = run("log", "demo", "--limit", "3", "--before", str(first_shown), root=filled.root).ok().out.splitlines()
-    assert int(again[3].split()[0]) < first_shown and again[-1].startswith("... 30 older turn(s)")
+    assert int(again[3].split()[0]) < first_shown and again[-1].startswith(f"... {depth - 8} older turn(s)")
     all_lines = everything.ok().out.splitlines()
-    assert len(all_lines) == 1 + 38 and "older" not in all_lines[-1]
+    assert len(all_lines) == 1 + depth and "older" not in all_lines[-1]
     assert (
         "session_start" in all_lines[1]
-        and 'user_turn: {"text":"Fix the failing tests in every package."}' in all_lines[3]
+        and f"user_turn: {json.dumps({'text': filled.demo.task}, separators=(',', ':'))}" in all_lines[3]
     )
     doc = js.ok().json()
-    assert isinstance(doc, dict) and doc["context"]["name"] == "demo/agent00" and len(doc["turns"]) == 4
+    assert isinstance(doc, dict) and doc["context"]["name"] == filled.demo.first_subagent and len(doc["turns"]) == 4
     assert doc["older"] == doc["turns"][0]["depth"] - 1 == doc["context"]["head_depth"] - 4
     assert all(t["encoding"] == "msgpack" and isinstance(t["payload"], dict) for t in doc["turns"])
     big_lines = big.ok().out.splitlines()
@@ -233,10 +298,12 @@ def test_show_decodes_every_kind_of_payload(filled: Filled) -> None:
 
     async def a_tool_call_end() -> int:
         async with open_store(filled.root, readonly=True, create=False) as store:
-            async for turn in store.turns.iter_turns(2):
+            info = await store.turns.find_context(filled.demo.first_subagent)
+            assert info is not None
+            async for turn in store.turns.iter_turns(info.context_id):
                 if turn.type_id == "pforge.agent.tool_call_end":
                     return turn.turn_id
-        raise AssertionError("no tool_call_end in demo/agent00")
+        raise AssertionError("no tool_call_end in the first subagent")
 
     record_turn = anyio.run(a_tool_call_end)
     results = run_all(
@@ -256,7 +323,7 @@ def test_show_decodes_every_kind_of_payload(filled: Filled) -> None:
     assert isinstance(doc, dict)
     assert doc["payload"]["kind"] == "record" and doc["payload"]["schema"] == "ToolCallEnd"
     assert doc["payload"]["value"]["metadata"] == {}  # a default the record left out, from the schema
-    assert doc["turn"]["context_name"] == "demo/agent00" and doc["turn"]["payload_verified"] is True
+    assert doc["turn"]["context_name"] == filled.demo.first_subagent and doc["turn"]["payload_verified"] is True
 
     assert "-- text:" in text.out
     assert "hello \\x1b[31mred\\x1b[0m \\u202eevil\nsecond line" in text.out  # escaped, line kept
@@ -274,14 +341,16 @@ def test_tree(filled: Filled) -> None:
         filled.root, ("tree", "demo"), ("tree", "demo", "--json"), ("tree", "nobody"), ("tree", str(filled.extra_id))
     )
     lines = text.ok().out.splitlines()
-    assert lines[0].startswith("demo  (context 1, ended: completed, 38 records, 0 tool calls, 16 subagents")
-    assert any(line.startswith("    demo/agent03/helper  (context ") for line in lines)
+    demo = filled.demo
+    assert lines[0].startswith(f"demo  (context 1, ended: completed, {demo.own_records} records, 0 tool calls, ")
+    assert f", {demo.subagents} subagents, " in lines[0]
+    assert any(line.startswith(f"    {demo.helper}  (context ") for line in lines)
     assert any(line.startswith("    - call-0 grep: ok, output ") and "(truncated)" in line for line in lines)
-    assert lines[-1] == "19 sessions, 514 records, 100 tool calls"
+    assert lines[-1] == f"{demo.sessions} sessions, {demo.records} records, {demo.tool_calls} tool calls"
     doc = js.ok().json()
-    assert isinstance(doc, dict) and len(doc["subagents"]) == 16
-    helper = next(s for s in doc["subagents"] if s["name"] == "demo/agent03")["subagents"][0]
-    assert helper["name"] == "demo/agent03/helper" and len(helper["tool_calls"]) == 2
+    assert isinstance(doc, dict) and len(doc["subagents"]) == demo.subagents
+    helper = next(s for s in doc["subagents"] if s["name"] == demo.helper_parent)["subagents"][0]
+    assert helper["name"] == demo.helper and len(helper["tool_calls"]) == demo.helper_calls
     assert all(call["fs_root"] for call in helper["tool_calls"])
     assert "no session named 'nobody'" in missing.one_line_error()
     assert not_agent.ok().out.startswith("cli/extra  (context ")  # no agent records: an empty tree
@@ -368,8 +437,8 @@ def test_budget_and_memory(filled: Filled) -> None:
         ("budget", "demo-llm", "--tags"),
         ("budget", "nobody"),
         ("memory",),
-        ("memory", "step0"),
-        ("memory", "step0", "--json"),
+        ("memory", filled.demo.states[0]),
+        ("memory", filled.demo.states[0], "--json"),
         ("memory", "no-such-state"),
     )
 
@@ -392,14 +461,14 @@ def test_budget_and_memory(filled: Filled) -> None:
     rows = tags.ok().out.splitlines()
     header = rows.index(next(r for r in rows if r.startswith("TAG ")))
     agents = {r.split()[1]: r.split() for r in rows[header + 1 :] if r.startswith("agent ")}
-    assert len(agents) == 19 and "demo/agent03/helper" in agents
+    assert sorted(agents) == filled.demo.names
     assert sum(int(a[2].replace(",", "")) for a in agents.values()) == tokens
     assert "no budget, spend or reservation for vendor 'nobody'" in unknown.one_line_error()
 
-    assert [line.split()[0] for line in states.ok().out.splitlines()] == ["STATE", *[f"step{i}" for i in range(6)]]
+    assert [line.split()[0] for line in states.ok().out.splitlines()] == ["STATE", *filled.demo.states]
     assert state.ok().out.splitlines()[-1].startswith("best action (UCB1): ")
     sdoc = state_js.ok().json()
-    assert isinstance(sdoc, dict) and sum(a["count"] for a in sdoc["actions"]) == 18
+    assert isinstance(sdoc, dict) and sum(a["count"] for a in sdoc["actions"]) == filled.demo.first_state_count
     assert sdoc["best_action"] in {a["action"] for a in sdoc["actions"]}
     assert "no action recorded in state 'no-such-state'" in no_state.one_line_error()
 
@@ -413,7 +482,7 @@ def test_check_and_stats_on_a_sound_store(filled: Filled) -> None:
     )
     assert check.ok().out.startswith("ok: ") and check.stderr == ""
     doc = check_js.ok().json()
-    assert isinstance(doc, dict) and doc["ok"] is True and doc["problems"] == [] and doc["objects_checked"] > 300
+    assert isinstance(doc, dict) and doc["ok"] is True and doc["problems"] == [] and doc["objects_checked"] > 100
     with sqlite3.connect(f"file:{filled.root / 'turns.db'}?mode=ro", uri=True) as conn:
         turns = conn.execute("SELECT COUNT(*) FROM turns").fetchone()[0]
     conn.close()
@@ -428,7 +497,8 @@ def test_check_and_stats_on_a_sound_store(filled: Filled) -> None:
     assert f"{turns:,} turns" in table[3]
     sdoc = stats_js.ok().json()
     assert isinstance(sdoc, dict) and sdoc["parts"]["turns.db"]["turns"] == turns
-    assert sdoc["parts"]["memory.db"]["transitions"] == 100 and sdoc["parts"]["cas"]["objects"] > 300
+    assert sdoc["parts"]["memory.db"]["transitions"] == filled.demo.transitions
+    assert sdoc["parts"]["cas"]["objects"] > 100
 
 
 def _pack_holding(root: Path, oid: str) -> Path:
@@ -539,7 +609,7 @@ def _comparable(line: str) -> dict[str, object]:
 
 
 def test_export_then_import_round_trips(filled: Filled, tmp_path: Path) -> None:
-    for name in ("demo/agent03", "cli/extra"):
+    for name in (filled.demo.helper_parent, "cli/extra"):
         first = run("export", name, root=filled.root).ok()
         lines = first.out.splitlines()
         file = tmp_path / "export.jsonl"
