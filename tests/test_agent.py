@@ -7,8 +7,10 @@ import errno
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+import os
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -529,3 +531,40 @@ async def test_a_batch_writes_a_step_in_one_atomic_write(tmp_path: Path) -> None
         await strict.event("e", 0)
         await strict.event("e", 1)
     assert [r.seq for r in strict.records] == [0, 1, 2]
+
+
+@contextmanager
+def small_volume(path: Path, size: str = "1m") -> Iterator[bool]:
+    """A tmpfs of ``size`` at ``path`` if this process may mount one (True), else a plain directory."""
+    path.mkdir()
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+async def test_a_really_full_disk_under_a_file_store(tmp_path: Path) -> None:
+    """Where a 1 MiB tmpfs can be mounted, the file store fills it for real (else the fake above stands
+    in): best_effort finishes the loop with the failures kept; required stops at the first."""
+    with small_volume(tmp_path / "vol") as mounted:
+        async with FsTurnStore(tmp_path / "vol" / "turns.log") if mounted else nullcontext(FullDisk(40)) as target:
+            failures = []
+            for i in range(20):  # 20 sessions of the script: far more than 1 MiB of tool output
+                baseline, loop = Loop(), Loop()
+                await baseline.run(await SessionRecorder.start(None, f"d{i}", mode="off"))
+                rec = await SessionRecorder.start(target, f"d{i}")
+                await loop.run(rec)
+                assert sorted(loop.outputs) == sorted(baseline.outputs)  # the loop went on, unchanged
+                failures += rec.failures
+            assert any(isinstance(f.error, StorageError) for f in failures)
+            with pytest.raises(PersistenceError) as info:  # at start, or at the first write after
+                await Loop().run(await SessionRecorder.start(target, "strict", mode="required"))
+            assert isinstance(info.value.__cause__, StorageError)
