@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -500,6 +501,43 @@ class TestHostileContent:
             third = await store.cas.snapshot(work)
             assert {e.name for e in await store.cas.read_tree(third)} == {"a.txt", "b.txt", "c.txt"}
             assert await store.cas.read_blob(await store.cas.write_blob(b"y")) == b"y"
+
+    async def test_a_full_disk_under_the_stat_cache_fails_nothing(self, tmp_path: Path) -> None:
+        """The same on a real full file system: the store's cache directory on a full tmpfs."""
+        small = tmp_path / "small"
+        small.mkdir()
+        mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)]
+        if os.geteuid() != 0 or subprocess.run(mount, capture_output=True, check=False).returncode != 0:
+            pytest.skip("mounting a small tmpfs needs root (the monkeypatched ENOSPC test covers the rest)")
+        try:
+            work = tmp_path / "work"
+            work.mkdir()
+            (work / "a.txt").write_text("a\n")
+            root = tmp_path / ".pforge"
+            async with open_store(root):
+                pass
+            shutil.rmtree(root / "cache", ignore_errors=True)
+            (small / "cache").mkdir()
+            (root / "cache").symlink_to(small / "cache")
+            fd = os.open(small / "filler", os.O_WRONLY | os.O_CREAT)
+            try:
+                with pytest.raises(OSError) as full:
+                    while True:
+                        os.write(fd, b"\0" * 4096)
+                assert full.value.errno == errno.ENOSPC
+            finally:
+                os.close(fd)
+            async with open_store(root, watch_workspaces=False) as store:
+                tree = await store.cas.snapshot(work)
+                (work / "b.txt").write_text("b\n")
+                assert await store.cas.snapshot(work) != tree
+                assert await store.cas.read_blob(await store.cas.write_blob(b"x")) == b"x"
+                assert [p.name for p in (small / "cache").iterdir()] == []  # no temp file left
+                os.unlink(small / "filler")
+                await store.cas.snapshot(work)
+                assert [p.name for p in (small / "cache").iterdir() if p.name.startswith("snapshot-")]
+        finally:
+            subprocess.run(["umount", str(small)], capture_output=True, check=False)
 
     async def test_a_failing_command_fails_only_its_caller_in_a_batch(self, tmp_path: Path) -> None:
         work = tmp_path / "work"
