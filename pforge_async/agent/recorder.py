@@ -111,7 +111,6 @@ class SessionRecorder:
         self._records: list[Recorded] = []
         self._by_seq: dict[int, Recorded] = {}
         self._spawns: dict[str, Recorded] = {}
-        self._child_closes: dict[str, Recorded] = {}
         self._closed: Recorded | None = None
         self._cursor = 0
         self._position = 0
@@ -754,13 +753,14 @@ class SessionRecorder:
     def _remember(self, recorded: Recorded) -> None:
         record = recorded.record
         if isinstance(record, SubagentSpawn):
-            if record.session_name == self.name:
-                self._spawns.setdefault(record.subagent_id, recorded)
+            if record.subagent_id in self._spawns:
+                return
+            self._spawns[record.subagent_id] = recorded
         elif isinstance(record, SubagentClose):
-            if record.child_session_name == self.name:
-                self._closed = self._closed or recorded
-            elif record.session_name == self.name:
-                self._child_closes.setdefault(record.subagent_id, recorded)
+            if record.child_session_name == self.name:  # this session's own close (not a child's)
+                if self._closed is not None:
+                    return
+                self._closed = recorded
         else:
             seq = record.seq
             if seq in self._by_seq:
