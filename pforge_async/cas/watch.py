@@ -9,7 +9,10 @@ work, never changes a result.
 Limits (as for every inotify-based monitor): writes through a shared ``mmap``, writes to a file
 through a hard link that lives outside the watched tree, and changes made on another machine of a
 network file system raise no event. Open the store with ``watch_workspaces=False`` where that
-matters.
+matters. Each directory is watched through ``/proc/self/fd/<the scan's descriptor>`` (the directory the
+scan opened, never what its path names by then); without ``/proc`` nothing is watched and every
+snapshot scans. After :meth:`Watcher.close` nothing reads or watches through the descriptor again (its
+number may by then be another file's).
 """
 
 from __future__ import annotations
