@@ -3,22 +3,31 @@ SQLite persistence, and beside the bound (plain sqlite3 executemany in one trans
 
 Run: ``python benchmarks/turns.py`` (``make bench`` installs the peers). Each of C writers appends ~1 KiB
 turns and awaits each append, as an agent loop does. pforge uses durability ``"full"``; the peers
-run with their own defaults. Then: ``list_turns(limit=64)`` and ``fork_context`` at depth against a
-shallow context, and the peak memory of a process appending one million turns.
+run with their own defaults. With ``--baseline REV`` the same appends also run on the pforge_async of
+that git revision and on this tree, each in a child process of its own, in turn, so a regression shows
+as a ratio taken in one run. Then: ``list_turns(limit=64)`` and ``fork_context`` at depth against a
+shallow context; sessions (``open_context`` and ``get_context`` against ``get_head``, ``list_contexts``
+over 1,000 and 1,000,000 contexts, ``append_turn`` with ``expected_head`` against without at C=64,
+``iter_turns`` over 100,000 turns); and the peak memory of a process appending one million turns.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import random
 import sqlite3
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+import tracemalloc
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +140,61 @@ def run_bound(work: Path, writers: int, per_writer: int, data: list[bytes], per_
 
 CONTENDERS = {"pforge": run_pforge, "langgraph": run_langgraph, "openai-agents": run_openai_agents}
 
+#: ``run_pforge`` in a child process, on whichever pforge_async its PYTHONPATH holds.
+CHILD_APPENDS = """
+import json, sys, time, anyio
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import turns as bench
+import pforge_async
+work, writers, per_writer = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+cpu = []
+run_callers = bench.run_callers
+async def counted(*args):  # the CPU time of the appends alone (every thread of the process)
+    start = time.process_time()
+    elapsed = await run_callers(*args)
+    cpu.append(time.process_time() - start)
+    return elapsed
+bench.run_callers = counted
+elapsed, latencies = anyio.run(bench.run_pforge, work, writers, per_writer, bench.payloads(512))
+print(json.dumps({"elapsed": elapsed, "latencies": latencies, "cpu": cpu[0], "package": pforge_async.__file__}))
+"""
+
+
+def checkout(rev: str, into: Path) -> Path:
+    """The ``pforge_async`` package of git revision ``rev``, extracted under ``into``."""
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", "--format=tar", rev, "pforge_async"], capture_output=True, check=True
+    ).stdout
+    dest = into / f"pforge-{rev}"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def run_pforge_in_child(tree: Path, work: Path, writers: int, per_writer: int) -> tuple[float, list[float], float]:
+    """Seconds, latencies and CPU seconds of ``run_pforge`` on the package in ``tree``."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD_APPENDS,
+            str(Path(__file__).resolve().parent),
+            str(work),
+            str(writers),
+            str(per_writer),
+        ],
+        env=dict(os.environ, PYTHONPATH=str(tree)),
+        cwd=work,  # not the checkout: ``python -c`` looks in the working directory first
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result = json.loads(out)
+    assert Path(result["package"]).resolve().is_relative_to(tree.resolve()), result["package"]
+    return result["elapsed"], result["latencies"], result["cpu"]
+
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -172,6 +236,35 @@ async def throughput(args: argparse.Namespace, base: Path, data: list[bytes]) ->
             f"{rates['pforge'] / peer:.2f}x the faster peer, {rates['pforge'] / bound:.2f} of the bound "
             f"(plain sqlite3 in {writers}-row commits: {ceiling / bound:.2f}), p99 {p99['pforge']:.2f} ms"
         )
+        if args.baseline_tree is not None:
+            await against_baseline(args, base, writers, per_writer)
+
+
+async def against_baseline(args: argparse.Namespace, base: Path, writers: int, per_writer: int) -> None:
+    """This tree and the baseline revision, each in a child process, taken in turn ``--repeat`` times
+    (the best of each counts): a regression is their ratio, measured in one stretch of the run."""
+    trees = {"this tree": Path(__file__).resolve().parent.parent, args.baseline: args.baseline_tree}
+    best: dict[str, float] = {}
+    least_cpu: dict[str, float] = {}
+    for _ in range(args.repeat):
+        for label, tree in trees.items():
+            work = Path(tempfile.mkdtemp(dir=base))
+            os.sync()
+            elapsed, latencies, cpu = run_pforge_in_child(tree, work, writers, per_writer)
+            rate = len(latencies) / elapsed
+            best[label] = max(best.get(label, 0.0), rate)
+            per_append = cpu / len(latencies) * 1e6
+            least_cpu[label] = min(least_cpu.get(label, float("inf")), per_append)
+            print(
+                f"{writers:>3} {'pforge@' + label[:7]:>14} {len(latencies):>8} {rate:>10.0f} "
+                f"{pct(latencies, 0.5):>8.2f} {pct(latencies, 0.99):>8.2f}  CPU {per_append:.1f} us/append"
+            )
+    ratio = best["this tree"] / best[args.baseline]
+    cpu_ratio = least_cpu["this tree"] / least_cpu[args.baseline]
+    print(
+        f"    C={writers}: this tree / {args.baseline}: appends/s {ratio:.2f}, CPU per append {cpu_ratio:.2f} "
+        f"(best of {args.repeat} each)"
+    )
 
 
 async def depth_costs(base: Path) -> None:
@@ -227,6 +320,206 @@ async def depth_costs(base: Path) -> None:
     )
 
 
+# -- sessions -----------------------------------------------------------------------------------------
+
+
+async def paired(*calls: Callable[[], Awaitable[Any]], n: int = 300, warmup: int = 20) -> list[float]:
+    """Mean microseconds of each call, the calls taken in turn so that background work (a WAL
+    checkpoint, another tenant's disk) falls on all of them alike."""
+    spent = [0.0] * len(calls)
+    for round_ in range(warmup + n):
+        for k, call in enumerate(calls):
+            start = time.perf_counter()
+            await call()
+            if round_ >= warmup:
+                spent[k] += time.perf_counter() - start
+    return [total / n * 1e6 for total in spent]
+
+
+def session_name(i: int) -> str:
+    """100 sessions per user: ``app/u00003/s07``."""
+    return f"app/u{i // 100:05d}/s{i % 100:02d}"
+
+
+async def bulk_contexts(root: Path, count: int) -> None:
+    """A store of ``count`` named contexts, written straight into turns.db (the schema the store
+    made, one transaction): building a million through the API would take most of the run. Every
+    figure below is measured through the API."""
+    async with open_store(root, durability="normal", watch_workspaces=False):
+        pass
+    rng = random.Random(3)
+    start = 1_700_000_000_000
+    conn = sqlite3.connect(root / "turns.db", isolation_level=None)
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO contexts (context_id, head_turn_id, created_at_ms, name, base_turn_id, parent_context_id, "
+        "metadata, updated_at_ms) VALUES (?, 0, ?, ?, 0, 0, ?, ?)",
+        (
+            (i + 1, start + i, session_name(i), b'{"user":"u%05d"}' % (i // 100), start + i + rng.randrange(count))
+            for i in range(count)
+        ),
+    )
+    conn.execute("COMMIT")
+    conn.close()
+
+
+async def list_costs(base: Path, large: int) -> None:
+    small = 1000
+    for count in (small, large):
+        await bulk_contexts(base / f"contexts-{count}" / ".pforge", count)
+    async with (
+        open_store(base / f"contexts-{small}" / ".pforge", durability="normal", watch_workspaces=False) as a,
+        open_store(base / f"contexts-{large}" / ".pforge", durability="normal", watch_workspaces=False) as b,
+    ):
+        few, many = a.turns, b.turns
+
+        async def fifth_page(turns: Any, **kwargs: Any) -> Any:
+            return await turns.list_contexts(after=cursors[id(turns), kwargs["order"]], limit=100, **kwargs)
+
+        cursors: dict[tuple[int, str], str] = {}
+        for turns in (few, many):
+            for order in ("updated", "created", "name"):
+                cursor: str | None = None
+                for _ in range(4):
+                    cursor = (await turns.list_contexts(order=order, after=cursor, limit=100)).cursor
+                assert cursor is not None
+                cursors[id(turns), order] = cursor
+        cases: list[tuple[str, Callable[[Any], Awaitable[Any]]]] = [
+            ("prefix 'app/', order name", lambda t: t.list_contexts(prefix="app/", order="name", limit=100)),
+            (
+                "prefix of one user (100), order updated",
+                lambda t: t.list_contexts(prefix=session_name(300)[:11], limit=100),
+            ),
+            ("no filter, order updated", lambda t: t.list_contexts(order="updated", limit=100)),
+            ("no filter, order created", lambda t: t.list_contexts(order="created", limit=100)),
+            ("5th page by cursor, order updated", lambda t: fifth_page(t, order="updated")),
+            ("5th page by cursor, order name", lambda t: fifth_page(t, order="name")),
+        ]
+        print(f"list_contexts(limit=100), {small:,} contexts against {large:,} (target: within 2x):")
+        for label, call in cases:
+            assert len((await call(few)).contexts) == 100 and len((await call(many)).contexts) == 100
+            t_few, t_many = await paired(partial(call, few), partial(call, many), n=100, warmup=10)
+            print(f"  {label:<40} {t_few:>7.0f} us {t_many:>7.0f} us  ratio {t_many / t_few:.2f}")
+        # A prefix in a time order reads every context the prefix matches and sorts them (as documented):
+        # here the prefix matches them all, so the cost grows with the store.
+        t_few, t_many = await paired(
+            partial(few.list_contexts, prefix="app/", limit=100),
+            partial(many.list_contexts, prefix="app/", limit=100),
+            n=3,
+            warmup=1,
+        )
+        label = "prefix 'app/' (all), order updated"
+        print(f"  {label:<40} {t_few:>7.0f} us {t_many:>7.0f} us  (grows with the matches: documented)")
+
+        name = session_name(7_007 if large > 7_007 else 7)
+        info = await many.find_context(name)
+        assert info is not None
+        means = [
+            await paired(
+                lambda: many.open_context(name),
+                lambda: many.get_context(info.context_id),
+                lambda: many.get_head(info.context_id),
+                n=500,
+            )
+            for _ in range(3)
+        ]
+        opened, got, head = (min(column) for column in zip(*means, strict=True))  # the best of 3 rounds each
+        print(
+            f"open_context of an existing name {opened:.0f} us, get_context {got:.0f} us, get_head {head:.0f} us "
+            f"(in the {large:,}-context store): ratios {opened / head:.2f} and {got / head:.2f} (target <= 1.5)"
+        )
+
+
+async def expected_head_run(work: Path, data: list[bytes], writers: int, per_writer: int, cas: bool) -> float:
+    async with open_store(work / ".pforge", durability="full", watch_workspaces=False) as store:
+        turns = store.turns
+        contexts = [(await turns.create_context()).context_id for _ in range(writers)]
+        heads = [0] * writers
+
+        async def append(w: int, i: int, payload: bytes) -> Any:
+            if not cas:
+                return await turns.append_turn(contexts[w], "user", payload)
+            record = await turns.append_turn(contexts[w], "user", payload, expected_head=heads[w])
+            heads[w] = record.turn_id
+            return record
+
+        elapsed, latencies = await drive(writers, per_writer, data, append)
+    rate = len(latencies) / elapsed
+    label = "expected_head" if cas else "without"
+    print(f"  C={writers} {label:<14} {rate:>8.0f} appends/s, p99 {pct(latencies, 0.99):.2f} ms")
+    return rate
+
+
+async def expected_head_costs(base: Path, data: list[bytes], writers: int = 64, total: int = 16384) -> None:
+    """``append_turn`` with ``expected_head`` (the writer's own last turn) against without, in turn."""
+    best = {False: 0.0, True: 0.0}
+    for _ in range(3):
+        for cas in best:
+            work = Path(tempfile.mkdtemp(dir=base))
+            os.sync()
+            best[cas] = max(best[cas], await expected_head_run(work, data, writers, total // writers, cas))
+    print(
+        f"append_turn with expected_head / without at C={writers}: {best[True] / best[False]:.2f} "
+        "(best of 3 each; target >= 0.90)"
+    )
+
+
+async def iter_costs(base: Path, depth: int = 100_000) -> None:
+    from pforge_async import NewTurn
+
+    async with open_store(base / "iter" / ".pforge", durability="normal", watch_workspaces=False) as store:
+        turns = store.turns
+        deep = await turns.create_context()
+        shallow = await turns.create_context()
+        payload = b"i" * 1024
+        for at in range(0, depth, 4096):
+            await turns.append_turns([NewTurn(deep.context_id, "t", payload)] * min(4096, depth - at))
+        await turns.append_turns([NewTurn(shallow.context_id, "t", payload)] * 1000)
+
+        async def walk(context_id: int, newest_first: bool, page_size: int = 256) -> int:
+            count = 0
+            async for _ in turns.iter_turns(context_id, newest_first=newest_first, page_size=page_size):
+                count += 1
+            return count
+
+        await walk(deep.context_id, False)  # the first pass reads the file into SQLite's and the OS's caches
+        elapsed = {False: float("inf"), True: float("inf")}
+        for _ in range(3):  # both ways in turn, the best of each
+            for newest_first in elapsed:
+                start = time.perf_counter()
+                assert await walk(deep.context_id, newest_first) == depth
+                elapsed[newest_first] = min(elapsed[newest_first], time.perf_counter() - start)
+        for newest_first in elapsed:
+            peaks = []
+            for page_size in (256, 4096):
+                tracemalloc.start()
+                await walk(deep.context_id, newest_first, page_size)
+                peaks.append(tracemalloc.get_traced_memory()[1] / 1024)
+                tracemalloc.stop()
+            print(
+                f"iter_turns over {depth:,} turns of 1 KiB, {'newest' if newest_first else 'oldest'} first: "
+                f"{depth / elapsed[newest_first]:,.0f} turns/s (best of 3); peak Python memory {peaks[0]:,.0f} KiB "
+                f"at page_size 256, {peaks[1]:,.0f} KiB at 4096 (chain: {depth // 1024:,} MiB)"
+            )
+
+        async def first_page(context_id: int) -> None:
+            async for _ in turns.iter_turns(context_id, page_size=256):
+                break
+
+        t_shallow, t_deep = await paired(lambda: first_page(shallow.context_id), lambda: first_page(deep.context_id))
+        print(
+            f"iter_turns first page (256, oldest first): depth 1,000 {t_shallow:.0f} us, depth {depth:,} "
+            f"{t_deep:.0f} us, ratio {t_deep / t_shallow:.2f}"
+        )
+
+
+async def sessions(base: Path, data: list[bytes], contexts: int) -> None:
+    print("\n## sessions (durability 'normal' unless said; timed calls taken in turn)")
+    await list_costs(base, contexts)
+    await expected_head_costs(base, data)
+    await iter_costs(base)
+
+
 MILLION = """
 import resource, sys, anyio
 from pforge_async import open_store
@@ -267,15 +560,24 @@ def main() -> None:
     parser.add_argument("--appends-c1", type=int, default=500, help="appends per run at C = 1")
     parser.add_argument("--million", type=int, default=1_000_000, help="turns for the memory run (0: skip)")
     parser.add_argument("--skip-depth", action="store_true")
+    parser.add_argument("--baseline", metavar="REV", help="also run the appends on this git revision's pforge_async")
+    parser.add_argument("--repeat", type=int, default=2, help="turns of this tree and the baseline, per C")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-sessions", action="store_true")
+    parser.add_argument("--contexts", type=int, default=1_000_000, help="contexts of the large list_contexts store")
     args = parser.parse_args()
     print(describe("langgraph-checkpoint-sqlite", "openai-agents"))
     print(f"# sqlite {sqlite3.sqlite_version}")
     data = payloads(512)
     with tempfile.TemporaryDirectory(prefix="pforge-bench-turns-", dir=os.environ.get("BENCH_DIR")) as tmp:
         base = Path(tmp)
-        anyio.run(throughput, args, base, data)
+        args.baseline_tree = None if args.baseline is None else checkout(args.baseline, base)
+        if not args.skip_throughput:
+            anyio.run(throughput, args, base, data)
         if not args.skip_depth:
             anyio.run(depth_costs, base)
+        if not args.skip_sessions:
+            anyio.run(sessions, base, data, args.contexts)
         if args.million:
             million(base, args.million)
 
