@@ -169,7 +169,10 @@ def checkout(rev: str, into: Path) -> Path:
     ).stdout
     dest = into / f"pforge-{rev}"
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(dest, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python 3.10.12+, 3.11.4+
+            tar.extractall(dest, filter="data")
+        else:
+            tar.extractall(dest)  # our own repository's archive
     return dest
 
 
