@@ -23,7 +23,8 @@ import msgspec
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .errors import ActorClosed, InvalidInput
+from .errors import ActorClosed, InvalidInput, PforgeError
+from .interrupts import hold_sigint, release_sigint
 
 __all__ = ["Actor", "Failed"]
 
@@ -150,7 +151,9 @@ class Actor(ABC, Generic[C]):
         """Run a batch and return one outcome per command, in order.
 
         An outcome is the reply value, or :class:`Failed` to fail only that command's caller.
-        Raising fails the whole batch and kills the actor.
+        Raising a :class:`PforgeError` says that nothing of the batch took effect: every caller of
+        the batch gets that error and the actor goes on. Raising anything else is a bug: the
+        actor dies, and its pending and later callers get :class:`ActorClosed` naming the cause.
         """
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -158,22 +161,28 @@ class Actor(ABC, Generic[C]):
         if self._started:
             raise RuntimeError(f"{self.name} was already started")
         self._started = True
+        # Ctrl-C lands between event-loop callbacks while the actor runs (see .interrupts).
+        holding_sigint = hold_sigint()
         try:
-            await self.setup()
-        except BaseException as exc:
-            self._die(exc, [])
-            raise
-        task_status.started()
-        try:
-            await self._loop()
+            try:
+                await self.setup()
+            except BaseException as exc:
+                self._die(exc, [])
+                raise
+            task_status.started()
+            try:
+                await self._loop()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self.teardown()
+                    finally:
+                        # Cancelled from outside with work still queued: those callers must not hang.
+                        self._fail_pending(self._closed_error, [])
         finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self.teardown()
-                finally:
-                    # Cancelled from outside with work still queued: those callers must not hang.
-                    self._fail_pending(self._closed_error, [])
-                    self._stopped.set()
+            self._stopped.set()
+            if holding_sigint:
+                release_sigint()
 
     async def _loop(self) -> None:
         receive = self._receive
@@ -193,10 +202,16 @@ class Actor(ABC, Generic[C]):
             with anyio.CancelScope(shield=True):
                 try:
                     await self._run_batch(batch)
-                except BaseException as exc:
-                    self._die(exc, batch)
+                except Exception as exc:  # a bug in the handler: nothing else kills an actor
                     log.exception("%s died", self.name)
+                    self._die(exc, batch)
                     return
+                except BaseException:
+                    # Torn down around us (an event loop closing after a second Ctrl-C cancels
+                    # every task, shielded or not): the batch's outcome is unknown to its callers.
+                    for envelope in batch:
+                        envelope.fail(ActorClosed(f"{self.name} was closed while running this command"))
+                    raise
 
     async def _run_batch(self, batch: list[_Envelope]) -> None:
         decode = self._decoder.decode
@@ -211,7 +226,15 @@ class Actor(ABC, Generic[C]):
             envelopes.append(envelope)
         if not commands:
             return
-        outcomes = await self.handle_batch(commands)
+        try:
+            outcomes = await self.handle_batch(commands)
+        except PforgeError as exc:
+            # The handler's contract: a PforgeError out of handle_batch means none of the batch
+            # took effect (a lock it could not take, storage it could not reach). Its callers
+            # learn why; the actor goes on serving.
+            for envelope in envelopes:
+                envelope.fail(exc)
+            return
         if len(outcomes) != len(commands):
             raise RuntimeError(
                 f"{self.name}.handle_batch returned {len(outcomes)} outcomes for {len(commands)} commands"

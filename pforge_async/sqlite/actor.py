@@ -4,8 +4,11 @@ One writer connection per database, owned by the actor: a batch of commands runs
 ``BEGIN IMMEDIATE`` transaction, each command inside its own savepoint (a failing command rolls back
 only itself), and one ``COMMIT`` (one fsync under ``synchronous=FULL``) answers the whole batch.
 Across processes, an fslock held around each batch makes the writers of one database take turns, so
-``SQLITE_BUSY`` never reaches a caller. Reads use a separate connection (aiosqlite) in WAL mode, and
-see every write whose call has returned.
+``SQLITE_BUSY`` never reaches a caller. Reads use a separate connection on a thread of its own in
+WAL mode, and see every write whose call has returned. ``readonly=True`` opens only that reader (see
+:meth:`SqliteActor._connect_readonly`): no WAL reserve, no migration, and every write fails its caller.
+Every thread here is a daemon that teardown stops without joining, so a process interrupted in the
+middle of a batch still exits.
 
 Schemas are versioned with ``PRAGMA user_version`` and migrated forward at open inside a transaction;
 a database written by a newer version is refused before anything touches it.
@@ -13,25 +16,36 @@ a database written by a newer version is refused before anything touches it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
+import threading
+import time
+import urllib.parse
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-import aiosqlite
 import anyio
 
 from ..actor import Actor, Failed
-from ..errors import ActorClosed, IdempotencyConflict, IntegrityError, PforgeError, StorageError
+from ..errors import (
+    ActorClosed,
+    Conflict,
+    IdempotencyConflict,
+    IntegrityError,
+    InvalidInput,
+    LockTimeout,
+    PforgeError,
+    StorageError,
+)
 from ..fslock import FsLock
 from ..owner import OwnerThread
 
-__all__ = ["SqliteActor", "load_script", "replay", "split_statements"]
+__all__ = ["SqliteActor", "free_bytes", "load_script", "replay", "split_statements", "translate"]
 
 C = TypeVar("C")
 log = logging.getLogger(__name__)
@@ -72,14 +86,81 @@ def replay(conn: sqlite3.Connection, select: str, key: str | None, asked: tuple[
     return int(row[0])
 
 
-def translate(path: Path, exc: sqlite3.Error) -> PforgeError:
-    """One boundary for sqlite3's errors: corruption is IntegrityError, the rest StorageError."""
-    text = str(exc)
-    if isinstance(exc, sqlite3.DatabaseError) and (
-        "not a database" in text or "malformed" in text or "corrupt" in text
-    ):
-        return IntegrityError(f"database {path} is corrupt: {text}")
-    return StorageError(f"database {path}: {text}")
+# SQLite's primary result codes this boundary tells apart (sqlite3.h).
+_SQLITE_READONLY = 8
+_SQLITE_IOERR = 10
+_SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
+_SQLITE_CANTOPEN = 14
+_SQLITE_CONSTRAINT = 19
+_SQLITE_NOTADB = 26
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def translate(path: Path, exc: BaseException) -> PforgeError:
+    """The one boundary for what a database's backend raises: a ``PforgeError`` naming the file.
+
+    A damaged file (``SQLITE_CORRUPT``, ``SQLITE_NOTADB``, "malformed") is ``IntegrityError``;
+    a full disk and every other I/O or database failure is ``StorageError``; a constraint the
+    write broke is ``Conflict``; a value the database cannot bind (an integer past 64 bits, a lone
+    surrogate) is ``InvalidInput``; a closed connection is ``ActorClosed``.
+    """
+    if isinstance(exc, PforgeError):
+        return exc
+    if isinstance(exc, sqlite3.Error):
+        text = str(exc)
+        code = _primary_code(exc)
+        if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or "malformed" in text or "not a database" in text:
+            return IntegrityError(f"database {path} is damaged: {text}")
+        if "Could not decode to UTF-8" in text:  # every text we store is UTF-8: these bytes were damaged
+            return IntegrityError(f"database {path} is damaged: {text}")
+        if code == _SQLITE_FULL:
+            return StorageError(f"database {path}: the disk is full ({text})")
+        if code == _SQLITE_CONSTRAINT:
+            return Conflict(f"database {path}: {text}")
+        if isinstance(exc, sqlite3.ProgrammingError) and "closed" in text:
+            return ActorClosed(f"database {path} is closed")
+        if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+            return InvalidInput(f"database {path}: {text}")
+        return StorageError(f"database {path}: {text}")
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StorageError(f"database {path}: the disk is full ({exc.strerror})")
+        return StorageError(f"database {path}: {exc.strerror or exc!r}")
+    if isinstance(exc, UnicodeDecodeError):  # sqlite3 decoding a message that quotes a damaged schema
+        return IntegrityError(f"database {path} is damaged: SQLite's message is not UTF-8: {exc}")
+    if isinstance(exc, (OverflowError, UnicodeEncodeError, ValueError, TypeError)):
+        # What sqlite3 raises for a value it cannot bind, before anything is written.
+        return InvalidInput(f"database {path}: cannot store a value: {exc}")
+    return PforgeError(f"database {path}: unexpected {exc!r}")
+
+
+def _is_storage_failure(error: PforgeError) -> bool:
+    """A failure of the storage, not of one command: every command of a batch meets it alike."""
+    return isinstance(error, (StorageError, IntegrityError, LockTimeout, ActorClosed))
+
+
+class _BatchFailed(Exception):
+    """The batch's transaction is gone (rolled back by SQLite, or its end failed): none of it is
+    stored. ``culprit`` is the index of the command that was running, if one was."""
+
+    def __init__(self, cause: BaseException, culprit: int | None = None) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.culprit = culprit
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use on ``directory``'s file system (0 if unknown)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 class SqliteActor(Actor[C]):
@@ -90,6 +171,23 @@ class SqliteActor(Actor[C]):
     #: version -> script that upgrades version - 1 to it.
     migrations: ClassVar[dict[int, str]] = {}
 
+    #: commands, or commits, between WAL checkpoints: whichever comes first keeps a lap of the WAL
+    #: near SQLite's own default of 1000 pages, for batches of 64 turns as for commits of one (a
+    #: commit writes whole pages, at least one per table and index it touches).
+    checkpoint_every: ClassVar[int] = 1000
+    checkpoint_every_commits: ClassVar[int] = 250
+
+    #: most bytes of WAL file to give blocks to at open, about one lap; see :meth:`_reserve_wal`.
+    wal_reserve: ClassVar[int] = 4 << 20
+    #: the reserve is at most this fraction of the file system's free space, and none at all when
+    #: that comes to less than a MiB: a small or nearly full disk keeps its room for data.
+    wal_reserve_share: ClassVar[int] = 64
+    #: the WAL file's bound: a batch that finds the WAL larger first checkpoints and restarts it
+    #: (see :meth:`_bound_wal`). Lower on a file system with less than 8 times this free.
+    wal_limit: ClassVar[int] = 8 << 20
+    #: seconds a WAL restart waits for readers (of any process) to leave the old WAL.
+    wal_restart_wait: ClassVar[float] = 5.0
+
     def __init__(
         self,
         path: Path,
@@ -98,76 +196,104 @@ class SqliteActor(Actor[C]):
         durability: str = "full",
         mailbox_size: int = 256,
         max_batch: int = 256,
+        readonly: bool = False,
     ) -> None:
         super().__init__(mailbox_size=mailbox_size, max_batch=max_batch)
         self.path = path
         self.lock_path = lock_path
         self.durability = durability
+        self.readonly = readonly
+        self._wal_path = path.with_name(path.name + "-wal")
         self._worker: OwnerThread | None = None
         self._conn: sqlite3.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
-        self._lock = FsLock(lock_path, keep_open=True)
+        self._reader: OwnerThread | None = None
+        self._read_conn: sqlite3.Connection | None = None
+        self._lock = FsLock(lock_path, keep_open=not readonly)
         self._data_version = -1
-        self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pforge-{self.name}-ckpt")
-        self._checkpointing: Future[None] | None = None
+        self._checkpointer: OwnerThread | None = None
+        self._checkpointing: threading.Event | None = None
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._since_checkpoint = self._commits_since_checkpoint = self._checkpoint_rounds = 0
+        #: the WAL bound in force, and when a restart that found readers in the way may be retried.
+        self._wal_bound = self.wal_limit
+        self._next_restart = 0.0
+        #: bytes of WAL file SQLite keeps after a restart (``journal_size_limit``), 0 until open.
+        self.wal_kept = 0
+        #: how often the bound forced a restart, and how often readers kept it from happening.
+        self.wal_restarts = self.wal_restarts_missed = 0
+        self.wal_restart_seconds = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def setup(self) -> None:
-        self._worker = OwnerThread(f"pforge-{self.name}")
         try:
-            await self._worker.run(self._open_writer)
-            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._reader.execute("PRAGMA query_only = ON")
-            await self._reader.execute("PRAGMA busy_timeout = 10000")
+            if not self.readonly:
+                self._worker = OwnerThread(f"pforge-{self.name}")
+                self._checkpointer = OwnerThread(f"pforge-{self.name}-ckpt")
+                await self._worker.run(self._open_writer)
+            self._reader = OwnerThread(f"pforge-{self.name}-read")
+            await self._reader.run(self._open_reader)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self.teardown()
-            if isinstance(exc, sqlite3.Error):
+            if isinstance(exc, (sqlite3.Error, OSError, UnicodeDecodeError)):
                 raise translate(self.path, exc) from exc
             raise
 
-    #: commands, or commits, between WAL checkpoints: whichever comes first keeps a lap of the WAL
-    #: near SQLite's own default of 1000 pages, for batches of 64 turns as for commits of one (a
-    #: commit writes whole pages, at least one per table and index it touches).
-    checkpoint_every: ClassVar[int] = 1000
-    checkpoint_every_commits: ClassVar[int] = 250
+    #: seconds teardown waits for one thread's queued jobs before it leaves the thread behind.
+    close_wait: ClassVar[float] = 30.0
 
     async def teardown(self) -> None:
-        await anyio.to_thread.run_sync(self._stop_checkpointer)
-        if self._reader is not None:
-            reader, self._reader = self._reader, None
-            await reader.close()
+        # Every thread is told to close its connection before anything is awaited, and a teardown
+        # cut short (the event loop closing on a second Ctrl-C) still tells each one to end. The
+        # threads are daemons, and each wait below is bounded.
+        threads = []
+        for thread, close in (
+            (self._checkpointer, self._close_checkpoint_conn),
+            (self._reader, self._close_reader),
+            (self._worker, self._close_writer),
+        ):
+            if thread is not None:
+                thread.post(close)
+                threads.append(thread)
+        self._checkpointer = self._reader = self._worker = None
+        try:
+            for thread in threads:
+                await thread.stop(wait=self.close_wait)
+        finally:
+            for thread in threads:
+                thread.stop_nowait()
+            self._lock.close()
+
+    def _close_checkpoint_conn(self) -> None:
+        if self._checkpoint_conn is not None:
+            conn, self._checkpoint_conn = self._checkpoint_conn, None
+            conn.close()
+
+    def _close_reader(self) -> None:
+        if self._read_conn is not None:
+            conn, self._read_conn = self._read_conn, None
+            conn.close()
+
+    def _close_writer(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            assert self._worker is not None
-            await self._worker.run(conn.close)
-        if self._worker is not None:
-            worker, self._worker = self._worker, None
-            await worker.stop()
-        self._lock.close()
+            conn.close()
 
-    def _stop_checkpointer(self) -> None:
-        self._checkpointer.shutdown(wait=True)
-        if self._checkpoint_conn is not None:
-            self._checkpoint_conn.close()
-            self._checkpoint_conn = None
+    def _check_version(self, conn: sqlite3.Connection) -> int:
+        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > self.schema_version:
+            raise StorageError(
+                f"database {self.path} has schema version {version}, newer than this "
+                f"pforge_async understands ({self.schema_version}); it was left untouched"
+            )
+        return version
 
     def _open_writer(self) -> None:
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
-        except sqlite3.Error as exc:
-            raise translate(self.path, exc) from exc
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
         try:
             # Read the version before any pragma can write to the file.
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > self.schema_version:
-                raise StorageError(
-                    f"database {self.path} has schema version {version}, newer than this "
-                    f"pforge_async understands ({self.schema_version}); it was left untouched"
-                )
+            version = self._check_version(conn)
             conn.execute("PRAGMA journal_mode = WAL")
             # Checkpoints run beside the writer (see _checkpoint), never inside a caller's commit.
             conn.execute("PRAGMA wal_autocheckpoint = 0")
@@ -177,20 +303,63 @@ class SqliteActor(Actor[C]):
             if version < self.schema_version:
                 with FsLock(self.lock_path):
                     self._migrate(conn)
-            if self.durability == "full" and self.wal_reserve:
-                self._reserve_wal(conn)
-        except sqlite3.Error as exc:
-            conn.close()
-            raise translate(self.path, exc) from exc
+            free = free_bytes(self.path.parent)
+            reserve = min(self.wal_reserve, free // self.wal_reserve_share) & ~((1 << 20) - 1)
+            self._wal_bound = max(1 << 20, min(self.wal_limit, free // 8))
+            # A restarted WAL is cut back to the reserve by its first commit, so a WAL that once
+            # grew (a long read held it) gives the space back.
+            conn.execute(f"PRAGMA journal_size_limit = {reserve}")
+            self.wal_kept = reserve
+            if self.durability == "full" and reserve:
+                self._reserve_wal(conn, reserve)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
 
-    #: bytes of WAL file to give blocks to at open (0: none), about one lap; see :meth:`_reserve_wal`.
-    wal_reserve: ClassVar[int] = 4 << 20
+    def _open_reader(self) -> None:
+        if self.readonly:
+            conn = self._connect_readonly()
+        else:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
+            conn.execute("PRAGMA query_only = ON")
+        self._read_conn = conn
 
-    def _reserve_wal(self, conn: sqlite3.Connection) -> None:
+    def _connect_readonly(self) -> sqlite3.Connection:
+        """A read-only connection, for a user who may not write the store's directory.
+
+        ``mode=ro`` reads a WAL database, sees a live writer's commits and takes part in its
+        locking, as long as the ``-shm`` file exists or can be created. Where it cannot (a
+        directory we may not write, no writer live, so no ``-wal`` nor ``-shm``), the database is
+        opened ``immutable``: nobody has it open, and a writer that opens it while we read is
+        not seen (SQLite then assumes the file does not change under it).
+        """
+        uri = "file:" + urllib.parse.quote(str(self.path.absolute()))
+        if not self.path.exists():
+            raise StorageError(f"database {self.path} does not exist (a read-only open creates nothing)")
+        try:
+            conn = self._checked_readonly(uri + "?mode=ro")
+        except sqlite3.OperationalError as exc:
+            if _primary_code(exc) not in (_SQLITE_CANTOPEN, _SQLITE_READONLY, _SQLITE_IOERR) or self._wal_path.exists():
+                raise
+            conn = self._checked_readonly(uri + "?mode=ro&immutable=1")
+        return conn
+
+    def _checked_readonly(self, uri: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10)
+        try:
+            version = self._check_version(conn)
+            if version < self.schema_version:
+                raise StorageError(
+                    f"database {self.path} has schema version {version}, older than this pforge_async "
+                    f"uses ({self.schema_version}); open the store writable once to upgrade it"
+                )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _reserve_wal(self, conn: sqlite3.Connection, reserve: int) -> None:
         """Give the WAL file its blocks before the first commit needs them.
 
         Under ``synchronous=FULL`` every commit syncs the WAL, and syncing a write into blocks the
@@ -201,23 +370,22 @@ class SqliteActor(Actor[C]):
         behind a restarted WAL: recovery stops at the first frame whose salt does not match. They
         are written only under SQLite's write lock, so no other connection is appending frames.
         """
-        wal = self.path.with_name(self.path.name + "-wal")
         with self._lock:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                fd = os.open(wal, os.O_WRONLY)
+                fd = os.open(self._wal_path, os.O_WRONLY)
                 try:
                     size = os.fstat(fd).st_size
-                    if size < self.wal_reserve:
+                    if size < reserve:
                         chunk = bytes(1 << 20)
-                        while size < self.wal_reserve:
-                            size += os.pwrite(fd, chunk[: self.wal_reserve - size], size)
+                        while size < reserve:
+                            size += os.pwrite(fd, chunk[: reserve - size], size)
                         os.fdatasync(fd)
                 finally:
                     os.close(fd)
             except FileNotFoundError:
                 pass  # no WAL file yet: nothing to give blocks to
-            except OSError:  # a full disk, say: commits still work, only slower
+            except OSError:  # a disk that filled meanwhile, say: commits still work, only slower
                 log.warning("could not reserve WAL space for %s", self.path, exc_info=True)
             finally:
                 conn.execute("COMMIT")
@@ -247,7 +415,8 @@ class SqliteActor(Actor[C]):
 
     #: run each command in its own savepoint. A subclass whose ``apply`` checks everything before it
     #: writes anything (and defers its writes to :meth:`flush`) may turn this off to save two
-    #: statements per command.
+    #: statements per command: a ``PforgeError`` out of its ``apply`` then fails just that command,
+    #: and anything else rolls the batch back and runs it again without the command that raised.
     savepoints: ClassVar[bool] = True
 
     @abstractmethod
@@ -266,35 +435,89 @@ class SqliteActor(Actor[C]):
         """The batch was rolled back: forget whatever it cached or deferred."""
 
     async def handle_batch(self, commands: Sequence[C]) -> list[Any]:
-        assert self._worker is not None
-        outcomes: list[Any] = await self._worker.run(self._transact, commands)
+        worker = self._worker
+        if worker is None:
+            if self.readonly:
+                return [Failed(InvalidInput(f"{type(c).__name__}: {self.path} is open read-only")) for c in commands]
+            raise ActorClosed(f"database {self.path} is closed")
+        outcomes: list[Any] = await worker.run(self._transact, commands)
         return outcomes
 
     def _transact(self, commands: Sequence[C]) -> list[Any]:
+        """Run a batch and say, for each command, what became of it.
+
+        Precisely: a command that fails alone (its own ``PforgeError``, or an error its savepoint
+        rolled back) fails only its caller, and the rest commit. A command whose failure took the
+        transaction with it is failed, and the batch runs again without it. When the transaction
+        cannot begin, flush or commit, nothing of the batch is stored and every caller learns why;
+        if that failure is not one of the storage (a constraint a flush broke, say), each command
+        then runs in a transaction of its own so only the one at fault fails.
+        """
         conn = self._conn
         if conn is None:
-            raise StorageError(f"database {self.path} is closed")
+            return [Failed(ActorClosed(f"database {self.path} is closed")) for _ in commands]
+        outcomes: list[Any] = [None] * len(commands)
+        todo = list(range(len(commands)))
         with self._lock:
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                version = conn.execute("PRAGMA data_version").fetchone()[0]
-                self.begin(conn, version != self._data_version)
-                outcomes = [self._apply_one(conn, command) for command in commands]
-                self.flush(conn)
-                conn.execute("COMMIT")
-                self._data_version = version  # our own commits leave it as it is
-            except Exception as exc:
-                # Nothing of the batch is kept; its callers learn why, later batches go on.
-                self._rollback(conn)
-                error = translate(self.path, exc) if isinstance(exc, sqlite3.Error) else exc
-                return [Failed(error) for _ in commands]
-            except BaseException:
-                self._rollback(conn)
-                raise
+                self._bound_wal(conn)
+            except Exception:  # the batch can run with a long WAL; the next one tries again
+                log.warning("could not bound the WAL of %s", self.path, exc_info=True)
+            while todo:
+                try:
+                    for i, outcome in zip(todo, self._try_batch(conn, [commands[i] for i in todo]), strict=True):
+                        outcomes[i] = outcome
+                    break
+                except _BatchFailed as failed:
+                    error = translate(self.path, failed.cause)
+                    if failed.culprit is not None:
+                        outcomes[todo.pop(failed.culprit)] = Failed(self._command_error(failed.cause, error))
+                        continue
+                    if len(todo) > 1 and not _is_storage_failure(error):
+                        for i in todo:
+                            try:
+                                outcomes[i] = self._try_batch(conn, [commands[i]])[0]
+                            except _BatchFailed as alone:
+                                outcomes[i] = Failed(translate(self.path, alone.cause))
+                        break
+                    for i in todo:
+                        outcomes[i] = Failed(error)
+                    return outcomes
         try:
             self._maybe_checkpoint(conn, len(commands))
         except Exception:  # the batch is committed: nothing here may report it failed
             log.warning("checkpoint of %s could not start; the next batch will retry", self.path, exc_info=True)
+        return outcomes
+
+    def _try_batch(self, conn: sqlite3.Connection, commands: list[C]) -> list[Any]:
+        """One transaction for ``commands``: their outcomes once committed, else ``_BatchFailed``."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            self.begin(conn, version != self._data_version)
+        except Exception as exc:
+            self._rollback(conn)
+            raise _BatchFailed(exc) from exc
+        try:
+            outcomes = []
+            for i, command in enumerate(commands):
+                try:
+                    outcomes.append(self._apply_one(conn, command))
+                except _BatchFailed as failed:
+                    failed.culprit = i
+                    raise
+            self.flush(conn)
+            conn.execute("COMMIT")
+        except _BatchFailed:
+            self._rollback(conn)
+            raise
+        except Exception as exc:
+            self._rollback(conn)
+            raise _BatchFailed(exc) from exc
+        except BaseException:
+            self._rollback(conn)
+            raise
+        self._data_version = version  # our own commits leave it as it is
         return outcomes
 
     def _apply_one(self, conn: sqlite3.Connection, command: C) -> Any:
@@ -303,16 +526,96 @@ class SqliteActor(Actor[C]):
                 return self.apply(conn, command)
             except PforgeError as exc:
                 return Failed(exc)
+            except Exception as exc:
+                # It may have deferred half its writes: only a rollback of the batch is sure.
+                raise _BatchFailed(exc) from exc
         conn.execute("SAVEPOINT command")
         try:
-            return self.apply(conn, command)
+            reply = self.apply(conn, command)
         except Exception as exc:
-            conn.execute("ROLLBACK TO command")
-            if isinstance(exc, sqlite3.Error):
-                exc = translate(self.path, exc)
-            return Failed(exc)
+            if not conn.in_transaction:  # SQLite rolled the whole transaction back (a full disk, say)
+                raise _BatchFailed(exc) from exc
+            try:
+                conn.execute("ROLLBACK TO command")
+                conn.execute("RELEASE command")
+            except sqlite3.Error as undo:
+                raise _BatchFailed(exc) from undo
+            return Failed(self._command_error(exc, translate(self.path, exc)))
+        conn.execute("RELEASE command")
+        return reply
+
+    def _command_error(self, cause: BaseException, error: PforgeError) -> PforgeError:
+        if not isinstance(cause, (PforgeError, sqlite3.Error, OSError, OverflowError, UnicodeEncodeError)):
+            # Not an error a command is expected to meet: a bug, worth a trace, yet one that
+            # fails only the command that met it.
+            log.error("%s: a command failed unexpectedly", self.name, exc_info=cause)
+        return error
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        self.abort()
+        self._data_version = -1
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("rollback of %s failed", self.path)
+
+    # -- the WAL -----------------------------------------------------------------------------------
+
+    def _wal_size(self) -> int:
+        try:
+            return os.stat(self._wal_path).st_size
+        except OSError:
+            return 0
+
+    def _bound_wal(self, conn: sqlite3.Connection) -> None:
+        """Keep the WAL file under :attr:`wal_limit`, whatever the number of writer processes.
+
+        Runs at the start of every batch, under the fslock that every writer of this database
+        (of any process) holds around its batch, so no frame is appended meanwhile. The
+        checkpoints of :meth:`_maybe_checkpoint` keep one process's WAL short; but with several
+        processes writing in turn a checkpoint beside the writers never reaches the end of the
+        WAL, and SQLite only rewrites a WAL from its start once it was checkpointed to its end
+        and no reader still uses it, so the file grows without end. Here, a WAL found over the
+        bound is checkpointed to its end (RESTART: it waits, at most ``wal_restart_wait``
+        seconds, for readers of any process to leave the old frames), so this batch starts the
+        WAL afresh and ``journal_size_limit`` cuts the file back to the reserve. The WAL thus
+        ends a batch at most one batch's pages over the bound. Only a read that lasts longer
+        than the wait (none of ours does) can keep the restart from happening; the next batch
+        after a second tries again.
+        """
+        if self._wal_size() <= self._wal_bound or time.monotonic() < self._next_restart:
+            return
+        started = time.monotonic()
+        deadline = started + self.wal_restart_wait
+        try:
+            while True:
+                left = max(0.0, deadline - time.monotonic())
+                conn.execute(f"PRAGMA busy_timeout = {int(left * 1000)}")
+                busy = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
+                if not busy:
+                    self.wal_restarts += 1
+                    return
+                # Another checkpoint (one of ours beside a writer, in some process) holds the
+                # checkpoint lock, or a reader stayed: they end soon, nobody appends meanwhile.
+                if time.monotonic() >= deadline:
+                    self.wal_restarts_missed += 1
+                    self._next_restart = time.monotonic() + 1.0
+                    log.warning(
+                        "WAL of %s is %d bytes and readers kept it from restarting for %.0fs",
+                        self.path,
+                        self._wal_size(),
+                        self.wal_restart_wait,
+                    )
+                    return
+                time.sleep(0.002)
+        except sqlite3.Error:
+            # A checkpoint that fails (a full disk) is no reason to fail the batch behind it.
+            self._next_restart = time.monotonic() + 1.0
+            log.warning("could not restart the WAL of %s", self.path, exc_info=True)
         finally:
-            conn.execute("RELEASE command")
+            self.wal_restart_seconds += time.monotonic() - started
+            conn.execute("PRAGMA busy_timeout = 10000")
 
     def _maybe_checkpoint(self, conn: sqlite3.Connection, commands: int) -> None:
         """Keep the WAL short and its file reused.
@@ -325,7 +628,7 @@ class SqliteActor(Actor[C]):
         "Few": while more than one commit landed during a checkpoint beside us, another one runs
         beside us (each is shorter than the last), so the writer's own share stays about one
         batch's pages and one sync. It does that after it has answered the batch, while the callers
-        take in their replies.
+        take in their replies. (With writers in other processes, see :meth:`_bound_wal`.)
         """
         # Both counters restart whenever a checkpoint starts beside us: while one runs, they count
         # the commits landing during it; after the writer's share, the commits of the next lap.
@@ -333,14 +636,14 @@ class SqliteActor(Actor[C]):
         self._commits_since_checkpoint += 1
         running = self._checkpointing
         if running is not None:
-            if running.done():
+            if running.is_set():
                 self._checkpoint_rounds += 1
                 if self._commits_since_checkpoint > 1 and self._checkpoint_rounds < 8:
                     self._start_checkpoint()
                 else:
                     self._checkpointing = None
-                    assert self._worker is not None
-                    self._worker.post(self._finish_checkpoint, conn)
+                    if (worker := self._worker) is not None:
+                        worker.post(self._finish_checkpoint, conn)
         elif (
             self._since_checkpoint >= self.checkpoint_every
             or self._commits_since_checkpoint >= self.checkpoint_every_commits
@@ -349,16 +652,22 @@ class SqliteActor(Actor[C]):
             self._start_checkpoint()
 
     def _start_checkpoint(self) -> None:
+        checkpointer = self._checkpointer
+        if checkpointer is None:
+            return
         self._since_checkpoint = self._commits_since_checkpoint = 0
-        self._checkpointing = self._checkpointer.submit(self._checkpoint)
+        self._checkpointing = done = threading.Event()
+        checkpointer.post(self._checkpoint, done)
 
     def _finish_checkpoint(self, conn: sqlite3.Connection) -> None:
+        if conn is not self._conn:
+            return  # closed meanwhile
         try:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except sqlite3.Error:
             log.warning("checkpoint of %s failed; the next one will retry", self.path, exc_info=True)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, done: threading.Event) -> None:
         """Copy the WAL back into the database (PASSIVE: never waits for, nor blocks, the writer or
         readers), on a connection and thread of its own."""
         try:
@@ -367,15 +676,8 @@ class SqliteActor(Actor[C]):
             self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except sqlite3.Error:
             log.warning("checkpoint of %s failed; the next one will retry", self.path, exc_info=True)
-
-    def _rollback(self, conn: sqlite3.Connection) -> None:
-        self.abort()
-        self._data_version = -1
-        if conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                log.exception("rollback of %s failed", self.path)
+        finally:
+            done.set()
 
     # -- verification ------------------------------------------------------------------------------
 
@@ -384,28 +686,45 @@ class SqliteActor(Actor[C]):
 
     async def check(self) -> list[str]:
         """SQLite's own ``integrity_check``, then every invariant of this database; what is wrong."""
-        problems = [
-            f"{self.path.name}: {row[0]}" for row in await self.fetchall("PRAGMA integrity_check") if row[0] != "ok"
-        ]
+        try:
+            rows = await self.fetchall("PRAGMA integrity_check")
+        except IntegrityError as exc:  # too damaged to be checked at all
+            return [f"{self.path.name}: {exc}"]
+        problems = [f"{self.path.name}: {row[0]}" for row in rows if row[0] != "ok"]
         for what, query in self.invariants:
-            rows = await self.fetchall(query + " LIMIT 10")
-            if rows:
-                problems.append(f"{self.path.name}: {what}: {', '.join(str(tuple(r)) for r in rows)}")
+            try:
+                found = await self.fetchall(query + " LIMIT 10")
+            except IntegrityError as exc:
+                problems.append(f"{self.path.name}: {what}: {exc}")
+                continue
+            if found:
+                problems.append(f"{self.path.name}: {what}: {', '.join(str(tuple(r)) for r in found)}")
         return problems
 
     # -- reads -------------------------------------------------------------------------------------
 
     async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        """Every row ``sql`` selects, read on the reader's own connection and thread.
+
+        One trip to that thread per query; the statement runs to its end there, so no read keeps a
+        snapshot (and the WAL frames under it) past its own call.
+        """
         reader = self._reader
         if reader is None:
             raise ActorClosed(f"database {self.path} is closed")
         try:
-            # One trip to the reader's thread, not three (execute, fetch, close).
-            return list(await reader.execute_fetchall(sql, params))
-        except sqlite3.Error as exc:
+            rows: list[Any] = await reader.run(self._read, sql, params)
+        except ActorClosed:
+            raise
+        except Exception as exc:
             raise translate(self.path, exc) from exc
-        except ValueError as exc:  # aiosqlite: the connection was closed meanwhile
-            raise ActorClosed(f"database {self.path} is closed") from exc
+        return rows
+
+    def _read(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> list[Any]:
+        conn = self._read_conn
+        if conn is None:
+            raise ActorClosed(f"database {self.path} is closed")
+        return conn.execute(sql, params).fetchall()
 
     async def fetchone(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
         rows = await self.fetchall(sql, params)

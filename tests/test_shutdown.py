@@ -1,0 +1,155 @@
+"""Lifecycle: two quick Ctrl-C during heavy writes always end the process within seconds (under
+``anyio.run`` and ``asyncio.run``), the store then reopens sound, and a call after close raises
+``ActorClosed``."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from pforge_async import ActorClosed, open_store
+from pforge_async.ledgers.nonces import NonceActor
+
+from ._procs import spawn, wait_for_line
+
+#: runs of the two-Ctrl-C child; each must end within EXIT_WITHIN seconds of the second signal.
+RUNS = 20
+EXIT_WITHIN = 15.0
+
+_WRITER = """
+import sys
+root, runner = sys.argv[1], sys.argv[2]
+import anyio, asyncio
+from pforge_async import open_store
+
+async def main():
+    async with open_store(root) as store:
+        async def writer(i):
+            ctx = await store.turns.create_context()
+            n = 0
+            while True:
+                await store.turns.append_turn(ctx.context_id, "t", b"x" * 1024)
+                n += 1
+                if n % 50 == 0:
+                    await store.turns.list_turns(ctx.context_id, limit=16)
+                if i % 8 == 0 and n % 20 == 0:
+                    await store.cas.write_blob(b"blob %d %d" % (i, n))
+                    await store.memory.record_transition("s", "a%d" % (n % 5), "t", 0.5, True)
+                    await store.nonces.issue("s", 60)
+        async with anyio.create_task_group() as tg:
+            for i in range(32):
+                tg.start_soon(writer, i)
+            await anyio.sleep(0.2)
+            print("writing", flush=True)
+
+if runner == "anyio":
+    anyio.run(main)
+else:
+    asyncio.run(main())
+"""
+
+
+def _interrupt_twice(root: Path, runner: str, rng: random.Random) -> float:
+    """Start a heavy writer, Ctrl-C it twice at random moments; seconds it took to end after the
+    second one (it must end on its own)."""
+    child = spawn(_WRITER, root, runner)
+    try:
+        wait_for_line(child, "writing", timeout=60)
+        time.sleep(rng.uniform(0.0, 1.0))
+        child.send_signal(signal.SIGINT)
+        time.sleep(rng.choice([0.0, 0.001, 0.01, 0.05, 0.2]) * rng.random())
+        child.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        try:
+            _, err = child.communicate(timeout=EXIT_WITHIN)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{runner}: still running {EXIT_WITHIN}s after the second Ctrl-C") from None
+        took = time.monotonic() - sent
+        # Ended by the interrupt (or by an error the interrupt caused), never by a crash of ours.
+        assert child.returncode in (-signal.SIGINT, 1, 130), err[-3000:]
+        assert "Fatal Python error" not in err, err[-3000:]
+        return took
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+@pytest.mark.anyio
+async def test_two_quick_ctrl_c_during_heavy_writes_always_end_the_process(tmp_path: Path) -> None:
+    # Two children at a time, each on a store of its own, half of the runs under each runner.
+    roots = [tmp_path / "a" / ".pforge", tmp_path / "b" / ".pforge"]
+    runs = iter(range(RUNS))
+    took: list[float] = []
+
+    async def interrupter(root: Path) -> None:
+        rng = random.Random()
+        for run in runs:
+            runner = ("anyio", "asyncio")[run % 2]
+            took.append(await anyio.to_thread.run_sync(_interrupt_twice, root, runner, rng))
+
+    async with anyio.create_task_group() as tg:
+        for root in roots:
+            tg.start_soon(interrupter, root)
+    assert len(took) == RUNS
+    print(f"{RUNS} runs, the slowest ended {max(took):.2f}s after the second Ctrl-C")
+    for root in roots:
+        async with open_store(root) as store:
+            check = await store.check()
+            assert check.ok, check.problems
+            assert await store.turns.create_context()
+
+
+@pytest.mark.anyio
+async def test_every_call_after_close_raises_actor_closed(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "s") as store:
+        ctx = await store.turns.create_context()
+        await store.turns.append_turn(ctx.context_id, "t", b"x")
+        actor = store.turns._actor  # reads go straight to its fetchall
+    calls = [
+        store.turns.get_head(ctx.context_id),
+        store.turns.list_turns(ctx.context_id),
+        store.turns.append_turn(ctx.context_id, "t", b"y"),
+        store.memory.stats("s"),
+        store.memory.record_transition("s", "a", "t", 1.0, True),
+        store.nonces.issue("s", 1),
+        store.budget.totals("v"),
+        actor.fetchall("SELECT 1"),
+        actor.fetchone("SELECT 1"),
+        actor.check(),
+    ]
+    for call in calls:
+        with pytest.raises(ActorClosed):
+            await call
+
+
+@pytest.mark.anyio
+async def test_a_read_racing_the_close_gets_its_rows_or_actor_closed(tmp_path: Path) -> None:
+    actor = NonceActor(tmp_path / "nonces.db", tmp_path / "nonces.lock")
+    outcomes: list[str] = []
+
+    async def reader() -> None:
+        while True:
+            try:
+                await actor.fetchall("SELECT count(*) FROM nonces")
+            except ActorClosed:
+                outcomes.append("closed")
+                return
+            outcomes.append("rows")
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            for _ in range(8):
+                tg.start_soon(reader)
+            await anyio.sleep(0.2)
+            await actor.aclose()
+    assert outcomes.count("closed") == 8 and "rows" in outcomes
+    # Its threads are gone: nothing of the actor outlives the close.
+    assert actor._worker is None and actor._reader is None and actor._checkpointer is None
