@@ -28,10 +28,19 @@ _PREFIXES = ("pforge.agent.", "pforge.link.")
 
 def kind_of(type_id: str) -> str:
     """``pforge.agent.user_turn`` -> ``user_turn``."""
-    for prefix in _PREFIXES:
-        if type_id.startswith(prefix):
-            return type_id[len(prefix) :]
-    return type_id
+    kind = _kinds.get(type_id)
+    if kind is None:
+        kind = type_id
+        for prefix in _PREFIXES:
+            if type_id.startswith(prefix):
+                kind = type_id[len(prefix) :]
+                break
+        if len(_kinds) < 256:  # the record types, a handful: computed once each
+            _kinds[type_id] = kind
+    return kind
+
+
+_kinds: dict[str, str] = {}
 
 
 def record_key(session_name: str, seq: int, type_id: str) -> str:

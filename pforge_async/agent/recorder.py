@@ -524,13 +524,15 @@ class SessionRecorder:
                 raise InvalidInput(f"session {self.name!r}: a workspace snapshot needs a Store target (with a CAS)")
             fs_root = await self._store.cas.snapshot(workspace)
         key = record_key(self.name, seq, type_id)
-        new = NewTurn(self._context_id(), type_id, payload, TYPE_VERSION, idempotency_key=key, fs_root=fs_root)
+        context_id = self._context_id()
         if self._batch is not None:
+            new = NewTurn(context_id, type_id, payload, TYPE_VERSION, idempotency_key=key, fs_root=fs_root)
             self._batch.append((seq, record, new, after))
             return None
-        await self._publish_bundle(turns)
+        if not self._published:
+            await self._publish_bundle(turns)
         turn = await turns.append_turn(
-            new.context_id, type_id, payload, type_version=TYPE_VERSION, idempotency_key=key, fs_root=fs_root
+            context_id, type_id, payload, type_version=TYPE_VERSION, idempotency_key=key, fs_root=fs_root
         )
         recorded = Recorded(record, turn)
         self._remember(recorded)
@@ -599,6 +601,8 @@ class SessionRecorder:
         self, budget: BudgetLedger, index: int, usage: Usage, vendor: str | None, model: str | None, replayed: bool
     ) -> None:
         """Charge assistant turn ``index``'s usage once, whichever run gets here, and however often."""
+        if vendor is None and self._pending is None and not replayed:
+            return  # nothing reserved for it, and no vendor to charge it to
         key = budget_key(self.name, index)
         reservation = None
         if self._pending is not None and self._pending[0] == index:
