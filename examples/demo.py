@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import os
 import random
+import shlex
 import sqlite3
 import tempfile
 import time
@@ -272,13 +273,22 @@ async def main(session: str, root: Path) -> None:
     )
     verdict = "ok" if check.ok else "; ".join(check.problems)
     print(f"store check (every object re-hashed, every database and invariant verified): {verdict}")
-    print("\nlook further:")
-    print(f"  .venv/bin/pforge --root {root} check")
-    print(f"  .venv/bin/pforge --root {root} log {tree.context.context_id}    # the orchestrator's turns")
+    pforge = f".venv/bin/pforge --root {shlex.quote(str(root))}"
+    commands = [(f"{pforge} tree {shlex.quote(session)}", "every session, its tool calls and spend")]
     if tree.subagents:
         first = tree.subagents[0].session
-        print(f"  .venv/bin/pforge --root {root} log {first.context.context_id}    # {first.name}")
-    print(f"  git --git-dir {os.path.relpath(cas_path)} fsck --strict --no-dangling")
+        commands.append((f"{pforge} log {shlex.quote(first.name)}", "a subagent's turns, decoded"))
+        ends = [call.end for call in first.tool_calls if call.end is not None and call.fs_root]
+        if len(ends) > 1:
+            turns = f"{ends[0].turn.turn_id} {ends[-1].turn.turn_id}"
+            commands.append((f"{pforge} diff {turns}", "its workspace, from the first step to the last"))
+    commands.append((f"{pforge} budget", "spend, held and remaining"))
+    commands.append((f"{pforge} check", "every object re-hashed, every database verified"))
+    commands.append((f"git --git-dir {shlex.quote(os.path.relpath(cas_path))} fsck --strict --no-dangling", ""))
+    width = max(len(command) for command, _ in commands)
+    print("\nlook further:")
+    for command, why in commands:
+        print(f"  {command.ljust(width)}  # {why}" if why else f"  {command}")
 
 
 if __name__ == "__main__":
