@@ -146,12 +146,14 @@ def _is_storage_failure(error: PforgeError) -> bool:
 
 class _BatchFailed(Exception):
     """The batch's transaction is gone (rolled back by SQLite, or its end failed): none of it is
-    stored. ``culprit`` is the index of the command that was running, if one was."""
+    stored. ``culprit`` is the index of the command that was running, if one was; ``outcomes``
+    what the commands before it came to (a command that failed on its own account stays failed)."""
 
     def __init__(self, cause: BaseException, culprit: int | None = None) -> None:
         super().__init__(cause)
         self.cause = cause
         self.culprit = culprit
+        self.outcomes: list[Any] = []
 
 
 def free_bytes(directory: Path) -> int:
@@ -480,8 +482,9 @@ class SqliteActor(Actor[C]):
                             except _BatchFailed as alone:
                                 outcomes[i] = Failed(translate(self.path, alone.cause))
                         break
-                    for i in todo:
-                        outcomes[i] = Failed(error)
+                    for n, i in enumerate(todo):
+                        done = failed.outcomes[n] if n < len(failed.outcomes) else None
+                        outcomes[i] = done if isinstance(done, Failed) else Failed(error)
                     return outcomes
         try:
             self._maybe_checkpoint(conn, len(commands))
@@ -498,8 +501,8 @@ class SqliteActor(Actor[C]):
         except Exception as exc:
             self._rollback(conn)
             raise _BatchFailed(exc) from exc
+        outcomes: list[Any] = []
         try:
-            outcomes = []
             for i, command in enumerate(commands):
                 try:
                     outcomes.append(self._apply_one(conn, command))
@@ -508,12 +511,15 @@ class SqliteActor(Actor[C]):
                     raise
             self.flush(conn)
             conn.execute("COMMIT")
-        except _BatchFailed:
+        except _BatchFailed as failed:
             self._rollback(conn)
+            failed.outcomes = outcomes
             raise
         except Exception as exc:
             self._rollback(conn)
-            raise _BatchFailed(exc) from exc
+            ended = _BatchFailed(exc)
+            ended.outcomes = outcomes
+            raise ended from exc
         except BaseException:
             self._rollback(conn)
             raise
