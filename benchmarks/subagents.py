@@ -22,6 +22,7 @@ in 0 ms. Three parts:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -296,7 +297,9 @@ async def main(args: argparse.Namespace) -> None:
         print(f"\n## the demo's workload: C subagents x {args.steps} steps, durability {args.durability!r}, model 0 ms")
         print(f"{'C':>3} {'recorder':>9} {'steps/s':>8} {'hooks':>6} {'p50 ms':>7} {'p99 ms':>7} {'in hooks':>9}")
         for subagents in args.subagents:
+            gc.collect()
             on = await demo_workload(base, subagents, args.steps, "best_effort", args.durability)
+            gc.collect()
             off = await demo_workload(base, subagents, args.steps, "off", args.durability)
             for label, row in (("on", on), ("off", off)):
                 print(
@@ -313,6 +316,7 @@ async def main(args: argparse.Namespace) -> None:
                 for name, run in contenders.items():
                     work = Path(tempfile.mkdtemp(dir=base))
                     os.sync()
+                    gc.collect()  # the garbage of the runs before is collected now, not during this one
                     latencies: list[float] = []
                     elapsed = await run(work, subagents, args.steps, latencies)
                     rates[name] = subagents * args.steps / elapsed

@@ -80,8 +80,9 @@ TYPE_VERSION: Final = 1
 BUNDLE_ID: Final = "pforge.agent.v1"
 
 
-class _Record(msgspec.Struct, frozen=True, omit_defaults=True):
-    pass
+class _Record(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
+    """Records hold JSON-like data only (a recorder keeps the decoded copy), never a cycle: the
+    garbage collector need not track them, which keeps its passes short in a long session."""
 
 
 class SessionStart(_Record, frozen=True):
