@@ -123,6 +123,8 @@ class SessionRecorder:
         self._batch: list[Queued] | None = None
         self._published = False
         self._opening: anyio.Lock | None = None
+        # The oids of the last whole outputs stored (an ordered set): tool results repeat them.
+        self._stored_blobs: dict[str, None] = {}
 
     # -- creation ----------------------------------------------------------------------------------
 
@@ -513,16 +515,11 @@ class SessionRecorder:
             if after is not None:
                 await after(found, True)
             return found
-        if blobs:
-            for blob, oid in zip(blobs, _blob_oids(record), strict=True):
-                stored = await cast(ArtifactStore, turns).put_blob(blob)
-                if stored != oid:
-                    raise IntegrityError(f"session {self.name!r}: the blob store named tool output {oid} {stored}")
+        if workspace is not None and self._store is None:
+            raise InvalidInput(f"session {self.name!r}: a workspace snapshot needs a Store target (with a CAS)")
         fs_root = None
-        if workspace is not None:
-            if self._store is None:
-                raise InvalidInput(f"session {self.name!r}: a workspace snapshot needs a Store target (with a CAS)")
-            fs_root = await self._store.cas.snapshot(workspace)
+        if blobs or workspace is not None:
+            fs_root = await self._store_outputs(turns, blobs, _blob_oids(record), workspace)
         key = record_key(self.name, seq, type_id)
         context_id = self._context_id()
         if self._batch is not None:
@@ -539,6 +536,44 @@ class SessionRecorder:
         if after is not None:
             await after(recorded, False)
         return recorded
+
+    async def _store_outputs(
+        self, turns: SessionStore, blobs: list[bytes], oids: list[str], workspace: str | os.PathLike[str] | None
+    ) -> str | None:
+        """Store whole outputs as blobs (once: tool results repeat the tool call's output) and snapshot
+        the workspace, side by side; the snapshot's tree id."""
+        fs_root: str | None = None
+        errors: list[Exception] = []  # the first is raised as itself, not in an exception group
+
+        async def put(blob: bytes, oid: str) -> None:
+            try:
+                stored = await cast(ArtifactStore, turns).put_blob(blob)
+                if stored != oid:
+                    raise IntegrityError(f"session {self.name!r}: the blob store named tool output {oid} {stored}")
+            except Exception as exc:
+                errors.append(exc)
+                return
+            self._stored_blobs[oid] = None
+            while len(self._stored_blobs) > 64:
+                del self._stored_blobs[next(iter(self._stored_blobs))]
+
+        async def snapshot(directory: str | os.PathLike[str]) -> None:
+            nonlocal fs_root
+            assert self._store is not None
+            try:
+                fs_root = await self._store.cas.snapshot(directory)
+            except Exception as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for blob, oid in zip(blobs, oids, strict=True):
+                if oid not in self._stored_blobs:
+                    tg.start_soon(put, blob, oid)
+            if workspace is not None:
+                tg.start_soon(snapshot, workspace)
+        if errors:
+            raise errors[0]
+        return fs_root
 
     async def _flush(self, pending: list[Queued]) -> None:
         """Write a batch's records in one atomic write, then run what follows each."""
