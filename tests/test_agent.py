@@ -568,3 +568,22 @@ async def test_a_really_full_disk_under_a_file_store(tmp_path: Path) -> None:
             with pytest.raises(PersistenceError) as info:  # at start, or at the first write after
                 await Loop().run(await SessionRecorder.start(target, "strict", mode="required"))
             assert isinstance(info.value.__cause__, StorageError)
+
+
+async def test_a_whole_output_is_stored_once_for_the_call_and_its_results() -> None:
+    class Counting(MemoryTurnStore):
+        puts = 0
+
+        async def put_blob(self, data: bytes) -> str:
+            self.puts += 1
+            return await super().put_blob(data)
+
+    target = Counting()
+    rec = await SessionRecorder.start(target, "once", mode="required", max_output_bytes=8)
+    big = "x" * 100
+    end = await rec.tool_call_end("c", big)
+    results = await rec.tool_results([("c", big)])
+    assert end is not None and results is not None and target.puts == 1
+    oid = end.record.output.oid  # type: ignore[union-attr]
+    assert oid is not None and results.record.results[0].output.oid == oid  # type: ignore[union-attr]
+    assert await target.get_blob(oid) == big.encode()
