@@ -1,0 +1,137 @@
+"""What an adapter is built on: an open :class:`~pforge_async.Store`, a turn store of any backend
+(``MemoryTurnStore``, ``FsTurnStore``, ``store.turns``), or a path opened on first use.
+
+Stores opened from a path are shared: every adapter of one event loop that names the same directory
+uses one open store (the store is one writer per database in a process), which closes when the last
+of them is closed. Nothing here is tied to a task group, so a store opened in one task (a fixture's
+setup) may be closed from another (its teardown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from pathlib import Path
+from typing import Any, Union
+
+from ..errors import InvalidInput
+from ..ledgers.budget import BudgetLedger
+from ..store import Store, connect
+from ..turnstore.base import TurnStoreBase
+from ..turnstore.memory import MemoryTurnStore
+
+__all__ = ["MEMORY", "StoreLike", "Backing", "SharedStores", "turns_of"]
+
+#: names a fresh, private, in-memory turn store (as ``":memory:"`` does for SQLite)
+MEMORY = ":memory:"
+
+StoreLike = Union[Store, TurnStoreBase, str, "os.PathLike[str]"]
+
+
+def turns_of(store: object, what: str) -> tuple[TurnStoreBase, BudgetLedger | None]:
+    """The turn store (and budget ledger, if any) of an open store or a turn store."""
+    if isinstance(store, Store):
+        return store.turns, store.budget
+    if isinstance(store, TurnStoreBase):
+        return store, None
+    raise InvalidInput(
+        f"{what} takes a Store, a turn store or a path, not {type(store).__name__} {store!r:.80}"
+    )
+
+
+class SharedStores:
+    """One open store per (directory, event loop), counted by its users."""
+
+    def __init__(self) -> None:
+        self._open: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Path, _Entry]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def acquire(self, path: Path, options: dict[str, Any]) -> Store:
+        loop = asyncio.get_running_loop()
+        stores = self._open.setdefault(loop, {})
+        entry = stores.get(path)
+        if entry is None:
+            entry = _Entry(asyncio.ensure_future(connect(path, **options)))
+            stores[path] = entry
+        entry.users += 1
+        try:
+            store = await asyncio.shield(entry.opening)
+        except BaseException:
+            entry.users -= 1
+            if entry.opening.done() and stores.get(path) is entry:
+                del stores[path]  # a failed open is not kept: the next user tries again
+            raise
+        if store.closed:  # closed by someone holding it directly: open again
+            entry.users -= 1
+            if stores.get(path) is entry:
+                del stores[path]
+            return await self.acquire(path, options)
+        return store
+
+    async def release(self, store: Store) -> None:
+        loop = asyncio.get_running_loop()
+        stores = self._open.get(loop, {})
+        for path, entry in list(stores.items()):
+            opened = entry.opening.done() and not entry.opening.cancelled() and entry.opening.exception() is None
+            if opened and entry.opening.result() is store:
+                entry.users -= 1
+                if entry.users <= 0:
+                    del stores[path]
+                    await store.aclose()
+                return
+        await store.aclose()  # opened on another loop or already forgotten: close it all the same
+
+
+class _Entry:
+    def __init__(self, opening: asyncio.Future[Store]) -> None:
+        self.opening = opening
+        self.users = 0
+
+
+SHARED = SharedStores()
+
+
+class Backing:
+    """An adapter's store: given open (the caller closes it), or a path opened on first use and
+    released by :meth:`aclose`. ``":memory:"`` gives a private ``MemoryTurnStore``."""
+
+    def __init__(self, store: StoreLike, what: str, options: dict[str, Any] | None = None) -> None:
+        self._what = what
+        self._options = dict(options or {})
+        self._path: Path | None = None
+        self._store: Store | None = None
+        self.turns: TurnStoreBase | None = None
+        self.budget: BudgetLedger | None = None
+        if isinstance(store, str) and store == MEMORY:
+            self.turns = MemoryTurnStore()
+        elif isinstance(store, (str, os.PathLike)):
+            if isinstance(os.fspath(store), bytes) or os.fspath(store) == "":
+                raise InvalidInput(f"{what}: the store path must be a non-empty str path, got {store!r}")
+            self._path = Path(os.fspath(store)).absolute()
+        else:
+            self.turns, self.budget = turns_of(store, what)
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    async def open(self) -> TurnStoreBase:
+        if self.turns is not None:
+            return self.turns
+        assert self._path is not None
+        store = await SHARED.acquire(self._path, self._options)
+        if self.turns is None:
+            self._store = store
+            self.turns, self.budget = store.turns, store.budget
+        else:  # another task of this adapter opened it first
+            await SHARED.release(store)
+        return self.turns
+
+    async def aclose(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            self.turns = None
+            self.budget = None
+            await SHARED.release(store)
