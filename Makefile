@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench pforge clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,19 @@ lint: $(PY)
 	$(PY) -m ruff check pforge_async tests benchmarks examples
 	$(PY) -m mypy
 
+# `make pforge ARGS="tree demo"` runs the pforge command from the venv.
+pforge: $(PY)
+	$(PY) -m pip install -q -e .
+	$(VENV)/bin/pforge $(ARGS)
+
 bench: $(PY)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/actor_overhead.py
 	$(PY) benchmarks/ledgers.py
 	$(PY) benchmarks/turns.py
 	$(PY) benchmarks/cas.py
+	$(PY) benchmarks/subagents.py
+	$(PY) benchmarks/attractor.py
 
 clean:
 	rm -rf $(VENV) .pforge .pytest_cache .mypy_cache .ruff_cache
