@@ -153,9 +153,7 @@ class Store:
         await self.start_actor(cas_actor)
         self._cas_actor = cas_actor
         self.cas = Cas(cas_actor, self.root / "cache", self.root)
-        sqlite: dict[str, Any] = {"durability": self.durability}
-        if readonly:
-            sqlite["readonly"] = True
+        sqlite: dict[str, Any] = {"durability": self.durability, "readonly": readonly}
         turns = TurnActor(self._db("turns"), self._lock("turns"), **sqlite)
         if await self._start_part("turns.db", turns):
             self.turns = SqliteTurnStore(turns, self.cas, max_payload_bytes=self._max_payload_bytes)

@@ -28,6 +28,7 @@ import anyio
 import pytest
 
 from pforge_async import (
+    ActorClosed,
     FsTurnStore,
     IntegrityError,
     NonceReplayed,
@@ -42,6 +43,8 @@ pytestmark = pytest.mark.anyio
 
 #: positions per kind of file; PFORGE_CORRUPTION_SEEDS=200 for a long sweep.
 SEEDS = range(int(os.environ.get("PFORGE_CORRUPTION_SEEDS", "6")))
+#: these tests are about damage, not durability: no fsync per batch, no WAL reserve at each open.
+OPTIONS: dict[str, Any] = {"watch_workspaces": False, "durability": "normal"}
 DATABASES = ("turns.db", "memory.db", "nonces.db", "budget.db")
 #: what a flipped byte may change with no error and no check noticing: values stored with no
 #: checksum of their own and bound by no invariant. (area, field) pairs; see the module docstring.
@@ -88,7 +91,7 @@ class Written:
 async def _write_store(root: Path, work: Path) -> Written:
     rng = random.Random(1234)
     w = Written()
-    async with connect(root, watch_workspaces=False) as store:
+    async with connect(root, **OPTIONS) as store:
         for c in range(3):
             ctx = await store.turns.create_context()
             for t in range(8):
@@ -263,7 +266,7 @@ def _named(problems: list[str] | None, names: list[str]) -> bool:
 async def _open_and_judge(root: Path, w: Written, area: str, names: list[str]) -> list[str]:
     out = Outcome()
     try:
-        store = await connect(root, watch_workspaces=False)
+        store = await connect(root, **OPTIONS)
     except IntegrityError as exc:
         # Refusing to open is allowed only for a file the whole store depends on, and must name it.
         return [f"the store refused to open over one damaged file of {area}: {exc}"]
@@ -321,6 +324,57 @@ async def test_a_flipped_byte_in_a_database(
     assert broken == [], f"byte {at} of {database}: {broken}"
 
 
+@pytest.mark.parametrize(("database", "text"), [("turns.db", b"assistant"), ("memory.db", b"action1"),
+                                                ("nonces.db", b"subject3"), ("budget.db", b"vendor2")])
+async def test_text_that_is_no_longer_utf8_is_an_integrity_error_and_checked(
+    pristine: tuple[Path, Written], tmp_path: Path, database: str, text: bytes
+) -> None:
+    # Text columns carry no checksum, and SQLite's integrity check does not look inside values: a
+    # flipped high bit that leaves invalid UTF-8 must still fail its reads as damage, and check() must
+    # find it (a full scan of every text value).
+    source, w = pristine
+    root = _copy(source, tmp_path)
+    path = root / database
+    data = bytearray(path.read_bytes())
+    for at in [i for i in range(len(data)) if data.startswith(text, i)]:
+        data[at + 2] |= 0x80  # every copy: the table's and its indexes'
+    path.write_bytes(bytes(data))
+    broken = await _open_and_judge(root, w, database.removesuffix(".db"), [database])
+    assert broken == []
+
+
+@pytest.mark.parametrize("database", DATABASES)
+async def test_a_database_too_damaged_to_open_fails_alone(
+    pristine: tuple[Path, Written], tmp_path: Path, database: str
+) -> None:
+    source, w = pristine
+    root = _copy(source, tmp_path)
+    path = root / database
+    data = bytearray(path.read_bytes())
+    data[:16] = b"not a database!\0"  # SQLite's magic: no connection can open it now
+    path.write_bytes(bytes(data))
+    area = database.removesuffix(".db")
+    store = await connect(root, **OPTIONS)
+    out = Outcome()
+    try:
+        await _read_all(store, w, out)
+        problems = (await store.check()).problems
+    finally:
+        await store.aclose()
+    assert out.other == [] and out.wrong == []
+    assert set(out.errors) == {area}  # every read of that part, and only of it, is IntegrityError
+    assert all(database in error for error in out.errors[area])
+    assert any(database in p and "cannot be opened" in p for p in problems), problems
+    after_close = {
+        "turns": lambda: store.turns.get_turn(1),
+        "memory": lambda: store.memory.stats("state0"),
+        "nonces": lambda: store.nonces.purge_expired(),
+        "budget": lambda: store.budget.totals("vendor0"),
+    }
+    with pytest.raises(ActorClosed):
+        await after_close[area]()
+
+
 def _packs(root: Path) -> list[Path]:
     return sorted((root / "cas" / "objects" / "pack").glob("pack-*.pack"))
 
@@ -346,15 +400,32 @@ async def test_a_flipped_byte_in_a_pack_index(pristine: tuple[Path, Written], tm
     at = _flip(idx, rng, [])
     out = Outcome()
     # An index is rebuilt from its pack: every read answers exactly, and check() says what happened.
-    async with connect(root, watch_workspaces=False) as store:
+    async with connect(root, **OPTIONS) as store:
         await _read_all(store, w, out)
         problems = (await store.check()).problems
     assert out.other == [] and out.wrong == [] and out.errors == {}, f"byte {at} of {idx.name}"
     assert any(idx.name in p and "quarantine" in p for p in problems), problems
-    async with connect(root, watch_workspaces=False) as store:  # and the index on disk is whole again
+    async with connect(root, **OPTIONS) as store:  # and the index on disk is whole again
         for oid, data in w.blobs.items():
             assert await store.cas.read_blob(oid) == data
         assert (await store.cas.fsck()).ok
+
+
+async def test_a_read_only_open_rebuilds_a_damaged_index_in_memory_only(
+    pristine: tuple[Path, Written], tmp_path: Path
+) -> None:
+    source, w = pristine
+    root = _copy(source, tmp_path)
+    idx = _packs(root)[0].with_suffix(".idx")
+    _flip(idx, random.Random(7), [])
+    damaged = idx.read_bytes()
+    async with connect(root, readonly=True) as store:
+        for oid, data in w.blobs.items():
+            assert await store.cas.read_blob(oid) == data
+        problems = (await store.check()).problems
+    assert any(idx.name in p and "in memory only" in p for p in problems), problems
+    assert idx.read_bytes() == damaged
+    assert not (root / "cas" / "quarantine").exists()
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -379,7 +450,7 @@ async def test_damaged_type_bits_in_a_pack_entry_are_an_integrity_error(
     data[12] = (data[12] & 0x8F) | (type_bits << 4)  # the first entry's type: none, reserved, or a delta
     pack.chmod(0o644)
     pack.write_bytes(bytes(data))
-    async with connect(root, watch_workspaces=False) as store:
+    async with connect(root, **OPTIONS) as store:
         with pytest.raises(IntegrityError, match=oid) as info:
             await store.cas.read_blob(oid)
         assert pack.name in str(info.value)
@@ -402,7 +473,7 @@ async def test_a_damaged_index_and_its_damaged_pack_lose_only_that_pack(
     pack.chmod(0o644)
     pack.write_bytes(bytes(data))
     out = Outcome()
-    async with connect(root, watch_workspaces=False) as store:
+    async with connect(root, **OPTIONS) as store:
         await _read_all(store, w, out)
         report = await store.check()
     assert out.other == [] and out.wrong == []
@@ -419,11 +490,45 @@ async def test_a_deleted_index_is_rebuilt_from_its_pack(pristine: tuple[Path, Wr
     old = os.stat(pack).st_mtime - 3600  # older than any live writer's pack in flight
     os.utime(pack, (old, old))
     out = Outcome()
-    async with connect(root, watch_workspaces=False) as store:
+    async with connect(root, **OPTIONS) as store:
         await _read_all(store, w, out)
         assert (await store.check()).ok
     assert out.other == [] and out.wrong == [] and out.errors == {}
     assert pack.with_suffix(".idx").exists()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_a_flipped_byte_in_the_cas_config(pristine: tuple[Path, Written], tmp_path: Path, seed: int) -> None:
+    # The config says the repository is SHA-256: damaged, it must not make the store unopenable.
+    source, w = pristine
+    root = _copy(source, tmp_path)
+    config = root / "cas" / "config"
+    sound = config.read_bytes()
+    at = _flip(config, random.Random(f"config-{seed}"), [])
+    async with connect(root, readonly=True) as store:
+        assert await store.cas.read_blob(w.loose) == w.blobs[w.loose]
+        assert any("config" in p for p in (await store.check()).problems)
+    broken = await _open_and_judge(root, w, "cas", ["config"])
+    assert broken == [], f"byte {at} of cas/config: {broken}"
+    assert config.read_bytes() == sound
+    assert [p.name.split(".")[0] for p in (root / "cas" / "quarantine").iterdir()] == ["config"]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_a_flipped_byte_in_the_snapshot_stat_cache(tmp_path: Path, seed: int) -> None:
+    # Only a cache: damage costs a re-read of the files, never a wrong tree or a failed snapshot.
+    work = tmp_path / "work"
+    work.mkdir()
+    for i in range(30):
+        (work / f"f{i}.txt").write_text(f"file {i}\n" * i)
+        os.utime(work / f"f{i}.txt", (1_600_000_000, 1_600_000_000))  # old enough to be cached
+    async with connect(tmp_path / "s", **OPTIONS) as store:
+        tree = await store.cas.snapshot(work)
+    (cache,) = (tmp_path / "s" / "cache").iterdir()
+    at = _flip(cache, random.Random(f"cache-{seed}"), [])
+    async with connect(tmp_path / "s", **OPTIONS) as store:
+        assert await store.cas.snapshot(work) == tree, f"byte {at} of the stat cache"
+        assert (await store.check()).ok
 
 
 # -- FsTurnStore's log ------------------------------------------------------------------------------
