@@ -308,10 +308,11 @@ class SqliteActor(Actor[C]):
             free = free_bytes(self.path.parent)
             reserve = min(self.wal_reserve, free // self.wal_reserve_share) & ~((1 << 20) - 1)
             self._wal_bound = max(1 << 20, min(self.wal_limit, free // 8))
-            # A restarted WAL is cut back to the reserve by its first commit, so a WAL that once
-            # grew (a long read held it) gives the space back.
-            conn.execute(f"PRAGMA journal_size_limit = {reserve}")
-            self.wal_kept = reserve
+            # A restarted WAL is cut back to the bound by its first commit, so a WAL that once grew
+            # past it (a read held it) gives the space back; a lap within the bound keeps its
+            # blocks (cutting back to the reserve would make every lap grow the file again).
+            conn.execute(f"PRAGMA journal_size_limit = {self._wal_bound}")
+            self.wal_kept = self._wal_bound
             if self.durability == "full" and reserve:
                 self._reserve_wal(conn, reserve)
         except BaseException:
