@@ -67,6 +67,8 @@ operation = st.one_of(
     st.tuples(st.just("by_key"), index, st.sampled_from(["k1", "k2"])),
     st.tuples(st.just("iter"), index, st.booleans(), st.integers(min_value=1, max_value=3)),
     st.tuples(st.just("head"), index),
+    st.tuples(st.just("delete"), index),
+    st.tuples(st.just("turn"), index),
 )
 
 
@@ -223,6 +225,11 @@ async def run(
                     ]
                 case ("head", ctx):
                     result = await store.get_head(pick(contexts, ctx))
+                case ("delete", ctx):
+                    await store.delete_context(pick(contexts, ctx))
+                    result = None
+                case ("turn", turn):
+                    result = await store.get_turn(pick(turns, turn))
             trace.append(normal(result))
         except PforgeError as exc:
             trace.append(type(exc).__name__)

@@ -1,4 +1,5 @@
--- Turn store (turns.db). Version 2 (sessions); turns_v2.sql upgrades a version 1 file to this.
+-- Turn store (turns.db). Version 3 (lifecycle); turns_v2.sql upgrades a version 1 file to version 2,
+-- turns_v3.sql version 2 to this.
 -- A turn is immutable once written (fs_root is set at most once). A context's name, base, parent and
 -- creation time never change; its head, metadata and updated_at_ms do. Columns a migration added
 -- come after the version 1 columns, so a migrated file and a fresh one have the same table.
@@ -11,14 +12,17 @@ CREATE TABLE contexts (
     base_turn_id      INTEGER NOT NULL DEFAULT 0,   -- the turn it started from; 0: none
     parent_context_id INTEGER NOT NULL DEFAULT 0,   -- lineage: the context forked from; 0: none
     metadata          BLOB    NOT NULL DEFAULT X'7B7D',  -- canonical JSON ('{}')
-    updated_at_ms     INTEGER NOT NULL DEFAULT 0    -- strictly increases with every change
+    updated_at_ms     INTEGER NOT NULL DEFAULT 0,   -- strictly increases with every change
+    -- delete_context: set, with name NULL and metadata '{}'. The row stays while turns name it (their
+    -- context_id is a foreign key), so an id is never given to another context.
+    deleted_at_ms     INTEGER
 );
 
 -- Get-or-create by name: SQLite's own backstop behind the lock every writer takes per batch.
 -- Also the "name" order of list_contexts, and its prefix ranges.
 CREATE UNIQUE INDEX contexts_name ON contexts (name) WHERE name IS NOT NULL;
 -- The "updated" order; the rowid (context_id) completes each key, so ties order by id.
-CREATE INDEX contexts_updated ON contexts (updated_at_ms);
+CREATE INDEX contexts_updated ON contexts (updated_at_ms) WHERE deleted_at_ms IS NULL;
 -- list_contexts(parent_context_id=...): the children of one context, by id.
 CREATE INDEX contexts_parent ON contexts (parent_context_id) WHERE parent_context_id != 0;
 

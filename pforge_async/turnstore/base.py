@@ -20,6 +20,7 @@ from .commands import (
     AppendTurns,
     AttachFs,
     CreateContext,
+    DeleteContext,
     PublishBundle,
     PutBlob,
     SetContextMetadata,
@@ -228,6 +229,21 @@ class TurnStoreBase(ABC):
         info = await self._write(SetHead(context_id, turn_id, expected_head))
         assert isinstance(info, ContextInfo)
         return info
+
+    async def delete_context(self, context_id: int) -> None:
+        """Delete a context: afterwards it is not found by id (``ContextNotFound`` from every call
+        that names it) nor by name, is in no ``list_contexts``, and its name is free for a new context.
+        Its metadata, its creation key (a ``create_context``/``fork_context`` retry with that key then
+        creates a new context) and the idempotency keys of its turns go with it.
+
+        Its turns stay readable by id: other contexts may share them (forks, ``set_head``), and
+        records keep their ``context_id``. ``gc`` reclaims the turns no live context reaches. The id
+        is never given to another context. A context forked from it keeps its ``parent_context_id``
+        (lineage only), and a fork from one of its turns that names no parent gets none (0).
+        ``ContextNotFound`` if there is no such context (deleting twice is an error, so a caller can
+        tell a delete that found nothing)."""
+        validate_id(context_id, "context_id")
+        await self._write(DeleteContext(context_id))
 
     # -- turns: writes -------------------------------------------------------------------------------
 

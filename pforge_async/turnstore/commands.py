@@ -15,6 +15,7 @@ __all__ = [
     "AppendTurns",
     "AttachFs",
     "CreateContext",
+    "DeleteContext",
     "PublishBundle",
     "PutBlob",
     "SetContextMetadata",
@@ -97,6 +98,14 @@ class SetContextMetadata(msgspec.Struct, frozen=True, tag="set_context_metadata"
     expected_updated_at_ms: int | None = None
 
 
+class DeleteContext(msgspec.Struct, frozen=True, tag="delete_context"):
+    """Remove a live context (``ContextNotFound`` otherwise): its head, name, metadata, creation key
+    and the idempotency keys of its turns. Its turns stay (other contexts may share them; ``gc``
+    reclaims the ones no live context reaches). Its id is never given to another context."""
+
+    context_id: int
+
+
 class PublishBundle(msgspec.Struct, frozen=True, tag="publish_bundle"):
     bundle_id: str
     bundle_json: bytes
@@ -112,5 +121,13 @@ class PutBlob(msgspec.Struct, frozen=True, tag="put_blob"):
 
 
 TurnCommand = (
-    CreateContext | AppendTurn | AppendTurns | SetHead | SetContextMetadata | PublishBundle | AttachFs | PutBlob
+    CreateContext
+    | AppendTurn
+    | AppendTurns
+    | SetHead
+    | SetContextMetadata
+    | DeleteContext
+    | PublishBundle
+    | AttachFs
+    | PutBlob
 )

@@ -37,6 +37,7 @@ from .commands import (
     AppendTurns,
     AttachFs,
     CreateContext,
+    DeleteContext,
     PublishBundle,
     PutBlob,
     SetContextMetadata,
@@ -98,6 +99,13 @@ class MetaRec(msgspec.Struct, frozen=True, tag="meta"):
     updated_at_ms: int
 
 
+class DeleteRec(msgspec.Struct, frozen=True, tag="delete"):
+    """A context deleted (``TurnStoreBase.delete_context``); its turns stay."""
+
+    context_id: int
+    deleted_at_ms: int
+
+
 class BundleRec(msgspec.Struct, frozen=True, tag="bundle"):
     bundle_id: str
     bundle_json: bytes
@@ -113,7 +121,7 @@ class BlobRec(msgspec.Struct, frozen=True, tag="blob"):
     data: bytes
 
 
-Record = ContextRec | TurnRec | BatchRec | HeadRec | MetaRec | BundleRec | AttachRec | BlobRec
+Record = ContextRec | TurnRec | BatchRec | HeadRec | MetaRec | DeleteRec | BundleRec | AttachRec | BlobRec
 
 
 class Index(msgspec.Struct, frozen=True, array_like=True):
@@ -143,7 +151,7 @@ def index_of(rec: Record) -> Index:
                 names=[] if name is None else [(context_id, name)],
                 context_keys=[] if key is None else [(context_id, key)],
             )
-        case HeadRec(context_id=context_id) | MetaRec(context_id=context_id):
+        case HeadRec(context_id=context_id) | MetaRec(context_id=context_id) | DeleteRec(context_id=context_id):
             return Index(contexts=[context_id])
         case BundleRec(bundle_id=bundle_id):
             return Index(bundles=[bundle_id])
@@ -159,7 +167,7 @@ class _InfoOf(NamedTuple):
 
 
 class _Ctx:
-    __slots__ = ("base", "created", "head", "metadata", "name", "parent", "updated")
+    __slots__ = ("base", "created", "creation_key", "head", "metadata", "name", "parent", "turn_keys", "updated")
 
     def __init__(self, head: int, name: str | None, parent: int, metadata: bytes, created: int, updated: int) -> None:
         self.head = head
@@ -169,6 +177,9 @@ class _Ctx:
         self.metadata = metadata
         self.created = created
         self.updated = updated
+        #: what delete_context removes besides the context: its creation key and its turns' keys
+        self.creation_key: str | None = None
+        self.turn_keys: list[str] = []
 
 
 class TurnCore:
@@ -223,6 +234,9 @@ class TurnCore:
                         f"context {context_id} changed since updated_at_ms {expected}: it is now {ctx.updated}"
                     )
                 return _InfoOf(context_id), MetaRec(context_id, metadata, next_updated(ctx.updated, self.clock()))
+            case DeleteContext(context_id=context_id):
+                self._ctx(context_id)
+                return None, DeleteRec(context_id, self.clock())
             case PublishBundle(bundle_id=bundle_id, bundle_json=data):
                 if bundle_id in self.damaged_bundles:
                     raise IntegrityError(self.damaged_bundles[bundle_id])
@@ -277,7 +291,8 @@ class TurnCore:
         if base:
             base_record = self._turn(base)
             if parent is None:
-                parent = base_record.context_id
+                # the context it was appended in, unless that was deleted since
+                parent = base_record.context_id if base_record.context_id in self.contexts else 0
         if parent:
             self._ctx(parent, " (parent_context_id)")
         context_id = self.last_context + 1
@@ -399,6 +414,8 @@ class TurnCore:
                     return
                 ctx.metadata = metadata
                 self._set_updated(context_id, ctx, updated)
+            case DeleteRec(context_id=context_id):
+                self._delete_context(context_id)
             case BundleRec(bundle_id=bundle_id, bundle_json=data):
                 self.bundles[bundle_id] = data
             case AttachRec(turn_id=turn_id, fs_root=fs_root):
@@ -417,8 +434,11 @@ class TurnCore:
         ``IntegrityError``, and nothing beyond it is inferred."""
         turn_id, context_id, parent_id = record.turn_id, record.context_id, record.parent_turn_id
         self.last_turn = max(self.last_turn, turn_id)
-        if record.idempotency_key is not None:
-            self.keys[(context_id, record.idempotency_key)] = turn_id
+        key = record.idempotency_key
+        if key is not None:
+            self.keys[(context_id, key)] = turn_id
+            if context_id in self.contexts:
+                self.contexts[context_id].turn_keys.append(key)
         jump = (0, 0)
         if parent_id:
             parent_entry = self.turns.get(parent_id)
@@ -462,6 +482,7 @@ class TurnCore:
         self.contexts[context_id] = ctx
         if rec.idempotency_key is not None and rec.fingerprint is not None:
             self.context_keys[rec.idempotency_key] = (context_id, rec.fingerprint)
+            ctx.creation_key = rec.idempotency_key
         if rec.name is not None:
             self.names[rec.name] = context_id
             insort(self._sorted_names, rec.name)
@@ -471,6 +492,29 @@ class TurnCore:
         self._updated.add((ctx.updated, context_id))
         if rec.head_turn_id and rec.head_turn_id not in self.turns:
             self.damaged_turns.setdefault(rec.head_turn_id, f"turn {rec.head_turn_id} was lost from the log")
+
+    def _delete_context(self, context_id: int) -> None:
+        ctx = self.contexts.pop(context_id, None)
+        if ctx is None:
+            self._damage_context(context_id, "a delete was logged for a context the log lost")
+            return
+        if ctx.name is not None and self.names.get(ctx.name) == context_id:
+            del self.names[ctx.name]
+            names = self._sorted_names
+            del names[bisect_left(names, ctx.name)]
+        if ctx.creation_key is not None and self.context_keys.get(ctx.creation_key, (0,))[0] == context_id:
+            del self.context_keys[ctx.creation_key]
+        for key in ctx.turn_keys:
+            self.keys.pop((context_id, key), None)
+        created = self._created
+        del created[bisect_left(created, context_id)]
+        if ctx.parent:
+            siblings = self._children[ctx.parent]
+            del siblings[bisect_left(siblings, context_id)]
+        if context_id in self.damaged_contexts:
+            del self.damaged_contexts[context_id]  # what was damaged is gone
+        else:
+            self._updated.remove((ctx.updated, context_id))
 
     # -- damage ----------------------------------------------------------------------------------------
 
@@ -486,7 +530,7 @@ class TurnCore:
             case ContextRec():
                 self._load_context(rec)  # keeps its name and key taken; nothing reads it as good
                 self._damage_context(rec.context_id, why)
-            case HeadRec(context_id=context_id) | MetaRec(context_id=context_id):
+            case HeadRec(context_id=context_id) | MetaRec(context_id=context_id) | DeleteRec(context_id=context_id):
                 self._damage_context(context_id, why)
             case BundleRec(bundle_id=bundle_id):
                 self.damaged_bundles[bundle_id] = f"registry bundle {bundle_id!r} is damaged: {why}"

@@ -2,7 +2,9 @@
 
 Schema version 2 (``turns_schema.sql``) adds sessions: context names (a partial unique index), lineage,
 metadata, ``updated_at_ms`` and creation keys. ``turns_v2.sql`` upgrades a version 1 file at open, in
-one transaction under the writers' lock.
+one transaction under the writers' lock. Version 3 (``turns_v3.sql``) adds ``deleted_at_ms``: a deleted
+context keeps its row (its turns name it) without name, metadata or creation key, and reads treat it as
+absent.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .commands import (
     AppendTurns,
     AttachFs,
     CreateContext,
+    DeleteContext,
     PublishBundle,
     PutBlob,
     SetContextMetadata,
@@ -78,8 +81,8 @@ class TurnActor(SqliteActor[TurnCommand]):
     command_type = TurnCommand
     name = "turns"
     schema_file = "turns_schema.sql"
-    schema_version = 2
-    migrations: ClassVar[dict[int, str]] = {2: "turns_v2.sql"}
+    schema_version = 3
+    migrations: ClassVar[dict[int, str]] = {2: "turns_v2.sql", 3: "turns_v3.sql"}
     savepoints = False
     #: a commit here touches one page more than the actor's default assumes (the ``contexts_updated``
     #: entry an append moves): fewer commits per lap keep a lap near 1000 pages, inside the WAL's reserve.
@@ -138,7 +141,11 @@ class TurnActor(SqliteActor[TurnCommand]):
         (
             "context creation keys of contexts that do not exist",
             "SELECT k.idempotency_key FROM context_keys k LEFT JOIN contexts c ON c.context_id = k.context_id "
-            "WHERE c.context_id IS NULL",
+            "WHERE c.context_id IS NULL OR c.deleted_at_ms IS NOT NULL",
+        ),
+        (
+            "deleted contexts that still hold a name",
+            "SELECT context_id FROM contexts WHERE deleted_at_ms IS NOT NULL AND name IS NOT NULL",
         ),
     )
 
@@ -225,7 +232,8 @@ class TurnActor(SqliteActor[TurnCommand]):
         state = self._state.get(context_id)
         if state is None:
             row = conn.execute(
-                "SELECT head_turn_id, updated_at_ms FROM contexts WHERE context_id = ?", (context_id,)
+                "SELECT head_turn_id, updated_at_ms FROM contexts WHERE context_id = ? AND deleted_at_ms IS NULL",
+                (context_id,),
             ).fetchone()
             if row is None:
                 raise ContextNotFound(f"no context {context_id}{what}")
@@ -295,6 +303,16 @@ class TurnActor(SqliteActor[TurnCommand]):
                 self._moved.add(context_id)
                 self._new_metadata[context_id] = metadata
                 return self._info(conn, context_id)
+            case DeleteContext(context_id=context_id):
+                self._context(conn, context_id)
+                self.flush(conn)  # it may be one of this batch's
+                conn.execute(
+                    "UPDATE contexts SET deleted_at_ms = ?, name = NULL, metadata = X'7B7D' WHERE context_id = ?",
+                    (now_ms(), context_id),
+                )
+                conn.execute("DELETE FROM context_keys WHERE context_id = ?", (context_id,))
+                del self._state[context_id]
+                return None
             case PublishBundle(bundle_id=bundle_id, bundle_json=data):
                 row = conn.execute(
                     "SELECT bundle_json FROM registry_bundles WHERE bundle_id = ?", (bundle_id,)
@@ -345,7 +363,12 @@ class TurnActor(SqliteActor[TurnCommand]):
         if base:
             depth, _, _, base_context = self._node(conn, base)
             if parent is None:
-                parent = base_context
+                # the context it was appended in, unless that was deleted since
+                try:
+                    self._context(conn, base_context)
+                    parent = base_context
+                except ContextNotFound:
+                    parent = 0
         if parent:
             self._context(conn, parent, " (parent_context_id)")
         parent = parent or 0
@@ -518,7 +541,8 @@ _COLUMNS_OF_T = ", ".join("t." + c.strip() for c in COLUMNS.split(","))
 _CHAIN = _CHAIN_FROM.format(seed="SELECT :start, 1", columns=_COLUMNS_OF_T)
 #: the same from a context's head, in one query (one trip to the reader) instead of two
 _CHAIN_FROM_HEAD = _CHAIN_FROM.format(
-    seed="SELECT head_turn_id, 1 FROM contexts WHERE context_id = :context AND head_turn_id != 0",
+    seed="SELECT head_turn_id, 1 FROM contexts WHERE context_id = :context AND head_turn_id != 0 "
+    "AND deleted_at_ms IS NULL",
     columns=_COLUMNS_OF_T,
 )
 #: an ``iter_turns`` page, oldest first: the ``:limit`` turns that end at the ancestor of ``:start``
@@ -591,9 +615,9 @@ class SqliteTurnStore(TurnStoreBase):
         return await self._actor.call(command)
 
     async def _create(self, command: CreateContext) -> ContextInfo:
-        # A name, once taken, stays with its context (contexts are never removed), so an
-        # open_context that finds its name on the reader is answered there, without a trip
-        # through the writer's lock and transaction: as cheap as get_context.
+        # An open_context that finds its name on the reader is answered there, without a trip
+        # through the writer's lock and transaction: as cheap as get_context. (A delete racing with
+        # it may land just after, as it may after any read.)
         if command.open_existing and command.name is not None:
             found = await self._find_context(command.name)
             if found is not None:
@@ -603,7 +627,9 @@ class SqliteTurnStore(TurnStoreBase):
     # -- contexts ----------------------------------------------------------------------------------
 
     async def _get_context(self, context_id: int) -> ContextInfo:
-        row = await self._actor.fetchone(_INFO_SELECT + " WHERE c.context_id = ?", (context_id,))
+        row = await self._actor.fetchone(
+            _INFO_SELECT + " WHERE c.context_id = ? AND c.deleted_at_ms IS NULL", (context_id,)
+        )
         if row is None:
             raise ContextNotFound(f"no context {context_id}")
         return _info_of(row)
@@ -624,7 +650,7 @@ class SqliteTurnStore(TurnStoreBase):
         primary key, name: ``contexts_name``), so a page costs O(limit + log n); with a filter that
         is not the order's own, down the filter's index (``contexts_parent``, or the name range of
         ``prefix``) and sorted, so it costs what passes the filter."""
-        where: list[str] = []
+        where: list[str] = ["c.deleted_at_ms IS NULL"]
         params: dict[str, Any] = {"want": limit + 1}
         hint = ""
         if parent_context_id is not None:
@@ -653,9 +679,7 @@ class SqliteTurnStore(TurnStoreBase):
             else:
                 where.append("c.name > :name")
                 params["name"] = after[0]
-        sql = _INFO.format(hint=hint)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        sql = _INFO.format(hint=hint) + " WHERE " + " AND ".join(where)
         sql += f" ORDER BY {_ORDER_BY[order]} LIMIT :want"
         return [_info_of(row) for row in await self._actor.fetchall(sql, params)]
 
@@ -664,7 +688,7 @@ class SqliteTurnStore(TurnStoreBase):
     async def _get_head(self, context_id: int) -> ContextHead:
         row = await self._actor.fetchone(
             "SELECT c.head_turn_id, COALESCE(t.depth, 0) FROM contexts c "
-            "LEFT JOIN turns t ON t.turn_id = c.head_turn_id WHERE c.context_id = ?",
+            "LEFT JOIN turns t ON t.turn_id = c.head_turn_id WHERE c.context_id = ? AND c.deleted_at_ms IS NULL",
             (context_id,),
         )
         if row is None:
@@ -680,7 +704,8 @@ class SqliteTurnStore(TurnStoreBase):
     async def _get_turn_by_key(self, context_id: int, key: str) -> TurnRecord | None:
         row = await self._actor.fetchone(
             f"SELECT c.context_id, {_COLUMNS_OF_T} FROM contexts c LEFT JOIN turns t "
-            "ON t.context_id = c.context_id AND t.idempotency_key = :key WHERE c.context_id = :context",
+            "ON t.context_id = c.context_id AND t.idempotency_key = :key "
+            "WHERE c.context_id = :context AND c.deleted_at_ms IS NULL",
             {"context": context_id, "key": key},
         )
         if row is None:
