@@ -180,14 +180,19 @@ class FsLock:
         mode = "shared" if self.shared else "exclusive"
         return LockTimeout(f"could not take the {mode} lock on {self.path} within {waited:.3f}s")
 
-    def acquire(self) -> None:
-        """Take the lock, sleeping the thread between attempts."""
+    def acquire(self, *, abandon: threading.Event | None = None) -> None:
+        """Take the lock, sleeping the thread between attempts. Once ``abandon`` is set the wait
+        ends with ``LockTimeout`` (a thread's wait that its owner can call off, as a task's wait
+        is called off by cancellation)."""
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        started = time.monotonic()
         delay = _FIRST_BACKOFF
         while not self._try_acquire():
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise self._timeout_error(self.timeout or 0.0)
+            if abandon is not None and abandon.is_set():
+                raise LockTimeout(f"gave up waiting for the lock on {self.path} after {now - started:.3f}s")
             time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - now)))
             delay = min(delay * 2, _MAX_BACKOFF)
 

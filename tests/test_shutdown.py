@@ -7,13 +7,15 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import anyio
 import pytest
 
-from pforge_async import ActorClosed, open_store
+from pforge_async import ActorClosed, LockTimeout, open_store
+from pforge_async.fslock import FsLock
 from pforge_async.ledgers.nonces import NonceActor
 
 from ._procs import spawn, wait_for_line
@@ -104,6 +106,69 @@ async def test_two_quick_ctrl_c_during_heavy_writes_always_end_the_process(tmp_p
             check = await store.check()
             assert check.ok, check.problems
             assert await store.turns.create_context()
+
+
+_LOCK_HOLDER = """
+import fcntl, sys, time
+lock = open(sys.argv[1], "a")
+fcntl.flock(lock, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def _interrupt_while_another_process_holds_the_lock(root: Path, runner: str) -> float:
+    writer = spawn(_WRITER, root, runner)
+    holder = None
+    try:
+        wait_for_line(writer, "writing", timeout=60)
+        # A writer of another process that hangs while it holds the turns database's lock: every
+        # batch of ours now waits for it.
+        holder = spawn(_LOCK_HOLDER, root / "locks" / "turns.lock")
+        wait_for_line(holder, "held", timeout=60)
+        time.sleep(0.5)
+        writer.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        writer.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        try:
+            writer.communicate(timeout=EXIT_WITHIN)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{runner}: waited on the lock {EXIT_WITHIN}s after the second Ctrl-C") from None
+        return time.monotonic() - sent
+    finally:
+        for child in (writer, holder):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.communicate()
+
+
+@pytest.mark.anyio
+async def test_two_ctrl_c_end_a_writer_whose_batch_waits_on_a_hung_process_lock(tmp_path: Path) -> None:
+    root = tmp_path / ".pforge"
+    for runner in ("anyio", "asyncio"):
+        took = await anyio.to_thread.run_sync(_interrupt_while_another_process_holds_the_lock, root, runner)
+        print(f"{runner}: ended {took:.2f}s after the second Ctrl-C")
+    async with open_store(root) as store:
+        check = await store.check()
+        assert check.ok, check.problems
+
+
+def test_a_thread_waiting_for_a_lock_stops_when_its_wait_is_called_off(tmp_path: Path) -> None:
+    holder = spawn(_LOCK_HOLDER, tmp_path / "x.lock")
+    try:
+        wait_for_line(holder, "held", timeout=60)
+        lock = FsLock(tmp_path / "x.lock")
+        abandon = threading.Event()
+        threading.Timer(0.3, abandon.set).start()
+        started = time.monotonic()
+        with pytest.raises(LockTimeout, match="gave up"):
+            lock.acquire(abandon=abandon)
+        assert 0.25 < time.monotonic() - started < EXIT_WITHIN
+        assert not lock.held
+    finally:
+        holder.kill()
+        holder.communicate()
 
 
 @pytest.mark.anyio

@@ -211,6 +211,8 @@ class SqliteActor(Actor[C]):
         self._reader: OwnerThread | None = None
         self._read_conn: sqlite3.Connection | None = None
         self._lock = FsLock(lock_path, keep_open=not readonly)
+        #: set when teardown starts: a batch still waiting for the fslock stops waiting.
+        self._closing = threading.Event()
         self._data_version = -1
         self._checkpointer: OwnerThread | None = None
         self._checkpointing: threading.Event | None = None
@@ -246,6 +248,7 @@ class SqliteActor(Actor[C]):
     close_wait: ClassVar[float] = 30.0
 
     async def teardown(self) -> None:
+        self._closing.set()
         # Every thread is told to close its connection before anything is awaited, and a teardown
         # cut short (the event loop closing on a second Ctrl-C) still tells each one to end. The
         # threads are daemons, and each wait below is bounded.
@@ -461,7 +464,14 @@ class SqliteActor(Actor[C]):
             return [Failed(ActorClosed(f"database {self.path} is closed")) for _ in commands]
         outcomes: list[Any] = [None] * len(commands)
         todo = list(range(len(commands)))
-        with self._lock:
+        try:
+            # Waits for the writers of other processes, unless teardown calls the wait off.
+            self._lock.acquire(abandon=self._closing)
+        except LockTimeout:
+            if not self._closing.is_set():
+                raise
+            return [Failed(ActorClosed(f"database {self.path} closed while this command waited")) for _ in commands]
+        try:
             try:
                 self._bound_wal(conn)
             except Exception:  # the batch can run with a long WAL; the next one tries again
@@ -487,6 +497,8 @@ class SqliteActor(Actor[C]):
                         done = failed.outcomes[n] if n < len(failed.outcomes) else None
                         outcomes[i] = done if isinstance(done, Failed) else Failed(error)
                     return outcomes
+        finally:
+            self._lock.release()
         try:
             self._maybe_checkpoint(conn, len(commands))
         except Exception:  # the batch is committed: nothing here may report it failed
