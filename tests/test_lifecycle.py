@@ -1,4 +1,5 @@
-"""Lifecycle conformance (issue 13), run against every turn store backend: delete_context."""
+"""Lifecycle conformance (issue 13), run against every turn store backend: delete_context, erase_turns,
+prune_context."""
 
 from __future__ import annotations
 
@@ -7,9 +8,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
-from pforge_async import ContextNotFound, InvalidInput, NewTurn, TurnNotFound
+from pforge_async import (
+    ContextNotFound,
+    IdempotencyConflict,
+    IntegrityError,
+    InvalidInput,
+    NewTurn,
+    TurnNotFound,
+    TurnRecord,
+)
 from pforge_async.turnstore.base import TurnStoreBase
 
 from .test_turnstore import BACKENDS, open_backend
@@ -208,3 +218,134 @@ async def test_sqlite_keeps_a_deleted_row_without_name_metadata_or_key(tmp_path:
     async with open_backend("sqlite", tmp_path) as store:
         problems = await store.check()
         assert any("deleted contexts that still hold a name" in p for p in problems), problems
+
+
+class TestErase:
+    async def test_erased_payloads_are_gone_and_chains_hold(self, store: TurnStoreBase) -> None:
+        ctx = await store.create_context()
+        turns = [
+            await store.append_turn(ctx.context_id, "msg", b"secret %d" % i, idempotency_key=f"k{i}", type_version=2)
+            for i in range(6)
+        ]
+        assert await store.erase_turns(ctx.context_id, before_turn_id=turns[4].turn_id) == 4
+        records = await store.list_turns(ctx.context_id)
+        assert [r.turn_id for r in records] == [t.turn_id for t in turns]
+        for old, new in zip(turns, records, strict=True):
+            erased = old.turn_id < turns[4].turn_id
+            assert new.erased is erased
+            if erased:
+                assert new.payload == b"" and new.payload_hash == ""
+                assert new == erased_copy(old)  # everything but the payload is as it was
+            else:
+                assert new == old
+        got = await store.get_turn(turns[0].turn_id)
+        assert got.erased and got.payload == b""
+        assert await store.get_turn_by_key(ctx.context_id, "k1") == erased_copy(turns[1])
+        assert [t.erased async for t in store.iter_turns(ctx.context_id, page_size=2)] == [True] * 4 + [False] * 2
+        assert [t.depth async for t in store.iter_turns(ctx.context_id, newest_first=True)] == [6, 5, 4, 3, 2, 1]
+        # Erasing again erases only what is left; everything: the head too.
+        assert await store.erase_turns(ctx.context_id, before_turn_id=turns[4].turn_id) == 0
+        assert await store.erase_turns(ctx.context_id) == 2
+        assert await store.erase_turns(ctx.context_id) == 0
+        assert all(r.erased for r in await store.list_turns(ctx.context_id))
+        # The chain still grows, forks and moves.
+        more = await store.append_turn(ctx.context_id, "msg", b"after")
+        assert more.depth == 7 and not (await store.get_turn(more.turn_id)).erased
+        fork = await store.fork_context(turns[2].turn_id)
+        assert (await store.get_head(fork.context_id)).head_depth == 3
+        assert await store.check() == []
+
+    async def test_a_retry_of_an_erased_turn_gets_it_back(self, store: TurnStoreBase) -> None:
+        ctx = await store.create_context()
+        first = await store.append_turn(ctx.context_id, "t", b"personal", idempotency_key="step")
+        await store.erase_turns(ctx.context_id)
+        again = await store.append_turn(ctx.context_id, "t", b"personal", idempotency_key="step")
+        assert again.turn_id == first.turn_id and again.erased and again.payload == b""
+        batch = await store.append_turns([NewTurn(ctx.context_id, "t", b"other", idempotency_key="step")])
+        assert batch[0].turn_id == first.turn_id
+        with pytest.raises(IdempotencyConflict):
+            await store.append_turn(ctx.context_id, "u", b"personal", idempotency_key="step")
+
+    async def test_shared_turns_are_erased_for_every_context(self, store: TurnStoreBase) -> None:
+        ctx = await store.create_context()
+        ids = [(await store.append_turn(ctx.context_id, "t", b"%d" % i)).turn_id for i in range(4)]
+        fork = await store.fork_context(ids[1])
+        own = await store.append_turn(fork.context_id, "t", b"fork")
+        assert await store.erase_turns(fork.context_id) == 3
+        assert [r.erased for r in await store.list_turns(ctx.context_id)] == [True, True, False, False]
+        assert (await store.get_turn(own.turn_id)).erased  # the fork's head
+        # Erasing the main line stops at the turns the fork already erased.
+        assert await store.erase_turns(ctx.context_id) == 2
+        assert await store.check() == []
+
+    async def test_prune_keeps_the_last_n(self, store: TurnStoreBase) -> None:
+        ctx = await store.create_context()
+        ids = [(await store.append_turn(ctx.context_id, "t", b"p%d" % i)).turn_id for i in range(10)]
+        assert await store.prune_context(ctx.context_id, keep_last=20) == 0
+        assert await store.prune_context(ctx.context_id, keep_last=10) == 0
+        assert await store.prune_context(ctx.context_id, keep_last=3) == 7
+        flags = [r.erased for r in await store.list_turns(ctx.context_id)]
+        assert flags == [True] * 7 + [False] * 3
+        assert [r.payload for r in await store.list_turns(ctx.context_id, limit=3)] == [b"p7", b"p8", b"p9"]
+        assert await store.prune_context(ctx.context_id, keep_last=3) == 0
+        await store.append_turn(ctx.context_id, "t", b"p10")
+        assert await store.prune_context(ctx.context_id, keep_last=3) == 1
+        assert await store.prune_context(ctx.context_id, keep_last=0) == 3
+        assert all(r.erased for r in await store.list_turns(ctx.context_id))
+        empty = await store.create_context()
+        assert await store.prune_context(empty.context_id, keep_last=0) == 0
+        assert await store.erase_turns(empty.context_id) == 0
+        assert ids and await store.check() == []
+
+    async def test_bad_arguments(self, store: TurnStoreBase) -> None:
+        ctx = await store.create_context()
+        t = await store.append_turn(ctx.context_id, "t", b"x")
+        other = await store.create_context()
+        off = await store.append_turn(other.context_id, "t", b"y")
+        with pytest.raises(InvalidInput, match="not on the chain"):
+            await store.erase_turns(ctx.context_id, before_turn_id=off.turn_id)
+        with pytest.raises(InvalidInput, match="not on the chain"):
+            await store.erase_turns(ctx.context_id, before_turn_id=999_999)
+        for bad in (-1, None, 1.5, True):
+            with pytest.raises(InvalidInput, match="keep_last"):
+                await store.prune_context(ctx.context_id, keep_last=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInput, match="before_turn_id"):
+            await store.erase_turns(ctx.context_id, before_turn_id=0)
+        with pytest.raises(ContextNotFound):
+            await store.erase_turns(999_999)
+        await store.delete_context(other.context_id)
+        with pytest.raises(ContextNotFound):
+            await store.prune_context(other.context_id, keep_last=0)
+        assert (await store.get_turn(t.turn_id)).payload == b"x"  # nothing erased by the failures
+        assert (await store.get_turn(off.turn_id)).payload == b"y"
+
+
+@pytest.mark.parametrize("kind", ["fs", "sqlite"])
+async def test_erasure_survives_reopening_and_check_tells_erased_from_damaged(kind: str, tmp_path: Path) -> None:
+    async with open_backend(kind, tmp_path) as store:
+        ctx = await store.create_context()
+        ids = [(await store.append_turn(ctx.context_id, "t", b"secret-%d" % i)).turn_id for i in range(5)]
+        assert await store.prune_context(ctx.context_id, keep_last=2) == 3
+    async with open_backend(kind, tmp_path) as store:
+        assert [r.erased for r in await store.list_turns(ctx.context_id)] == [True] * 3 + [False] * 2
+        assert (await store.get_turn(ids[0])).payload == b""
+        assert await store.check() == []
+        path = store.path  # type: ignore[attr-defined]
+    if kind == "sqlite":
+        conn = sqlite3.connect(path)
+        try:
+            # A row marked erased that still holds bytes is damage, never served.
+            conn.execute("UPDATE turns SET payload = X'00' WHERE turn_id = ?", (ids[1],))
+            conn.commit()
+        finally:
+            conn.close()
+        async with open_backend(kind, tmp_path) as store:
+            problems = await store.check()
+            assert any("erased turns that still hold a payload" in p for p in problems), problems
+            with pytest.raises(IntegrityError, match=f"turn {ids[1]} .*marked erased"):
+                await store.get_turn(ids[1])
+            assert (await store.get_turn(ids[0])).erased
+
+
+def erased_copy(record: TurnRecord) -> TurnRecord:
+    return msgspec.structs.replace(record, payload=b"", payload_hash="", erased=True)

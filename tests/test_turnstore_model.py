@@ -68,6 +68,8 @@ operation = st.one_of(
     st.tuples(st.just("iter"), index, st.booleans(), st.integers(min_value=1, max_value=3)),
     st.tuples(st.just("head"), index),
     st.tuples(st.just("delete"), index),
+    st.tuples(st.just("erase"), index, maybe_index),
+    st.tuples(st.just("prune"), index, st.integers(min_value=0, max_value=4)),
     st.tuples(st.just("turn"), index),
 )
 
@@ -228,6 +230,12 @@ async def run(
                 case ("delete", ctx):
                     await store.delete_context(pick(contexts, ctx))
                     result = None
+                case ("erase", ctx, before):
+                    result = await store.erase_turns(
+                        pick(contexts, ctx), before_turn_id=None if before is None else pick(turns, before)
+                    )
+                case ("prune", ctx, keep):
+                    result = await store.prune_context(pick(contexts, ctx), keep_last=keep)
                 case ("turn", turn):
                     result = await store.get_turn(pick(turns, turn))
             trace.append(normal(result))

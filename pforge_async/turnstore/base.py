@@ -21,6 +21,7 @@ from .commands import (
     AttachFs,
     CreateContext,
     DeleteContext,
+    EraseTurns,
     PublishBundle,
     PutBlob,
     SetContextMetadata,
@@ -31,6 +32,7 @@ from .rules import (
     DEFAULT_MAX_PAYLOAD,
     MAX_BATCH_BYTES,
     MAX_BATCH_TURNS,
+    MAX_ID,
     MAX_LIST_LIMIT,
     MAX_PAGE_SIZE,
     check_text,
@@ -244,6 +246,35 @@ class TurnStoreBase(ABC):
         tell a delete that found nothing)."""
         validate_id(context_id, "context_id")
         await self._write(DeleteContext(context_id))
+
+    async def erase_turns(self, context_id: int, *, before_turn_id: int | None = None) -> int:
+        """Erase, for good, the payloads of the context's chain: every turn from the head down, or
+        only those before ``before_turn_id`` (which must be on the chain: ``InvalidInput``). Returns
+        how many turns this erased (turns erased before are not counted).
+
+        The records stay, so every chain still holds: reads return them with ``erased=True``,
+        ``payload=b""`` and ``payload_hash=""`` (type, parent, depth, key, ``fs_root``, times are kept),
+        and never the old bytes. A turn is erased for every context that shares it. An erased turn's
+        ancestors are erased too (erasure always takes a whole prefix of a chain). The bytes leave
+        the files of the store at the next ``gc`` (SQLite pages wiped, the filesystem log rewritten).
+        A retried append whose key names an erased turn gets the erased record back (its payload
+        cannot be compared any more)."""
+        validate_id(context_id, "context_id")
+        if before_turn_id is not None:
+            validate_id(before_turn_id, "before_turn_id")
+        erased = await self._write(EraseTurns(context_id, before_turn_id))
+        assert isinstance(erased, int)
+        return erased
+
+    async def prune_context(self, context_id: int, *, keep_last: int) -> int:
+        """Keep the payloads of the context's last ``keep_last`` turns (head included) and erase the
+        older ones' (as ``erase_turns``; 0 erases all). Decided against the head at the time of the
+        write, in one command. Returns how many turns this erased."""
+        validate_id(context_id, "context_id")
+        validate_limit(keep_last, "keep_last", low=0, high=MAX_ID)
+        erased = await self._write(EraseTurns(context_id, keep_last=keep_last))
+        assert isinstance(erased, int)
+        return erased
 
     # -- turns: writes -------------------------------------------------------------------------------
 

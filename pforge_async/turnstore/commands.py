@@ -16,6 +16,7 @@ __all__ = [
     "AttachFs",
     "CreateContext",
     "DeleteContext",
+    "EraseTurns",
     "PublishBundle",
     "PutBlob",
     "SetContextMetadata",
@@ -106,6 +107,19 @@ class DeleteContext(msgspec.Struct, frozen=True, tag="delete_context"):
     context_id: int
 
 
+class EraseTurns(msgspec.Struct, frozen=True, tag="erase_turns"):
+    """Erase the payloads of a prefix of a context's chain (``ContextNotFound`` if it is not live).
+
+    The prefix ends at the head (``before_turn_id`` and ``keep_last`` None), at the parent of
+    ``before_turn_id`` (which must be on the chain: ``InvalidInput``), or ``keep_last`` turns below
+    the head. An erased turn's ancestors are always erased too, so the walk down stops at the first
+    turn already erased. The reply is how many turns this erased."""
+
+    context_id: int
+    before_turn_id: int | None = None
+    keep_last: int | None = None
+
+
 class PublishBundle(msgspec.Struct, frozen=True, tag="publish_bundle"):
     bundle_id: str
     bundle_json: bytes
@@ -127,6 +141,7 @@ TurnCommand = (
     | SetHead
     | SetContextMetadata
     | DeleteContext
+    | EraseTurns
     | PublishBundle
     | AttachFs
     | PutBlob

@@ -38,6 +38,7 @@ from .commands import (
     AttachFs,
     CreateContext,
     DeleteContext,
+    EraseTurns,
     PublishBundle,
     PutBlob,
     SetContextMetadata,
@@ -57,7 +58,12 @@ from .rules import (
 from .sortedkeys import SortedKeys
 from .types import ContextHead, ContextInfo, ContextOrder, TurnRecord
 
-__all__ = ["Record", "TurnCore"]
+__all__ = ["Record", "TurnCore", "erased_record"]
+
+
+def erased_record(record: TurnRecord) -> TurnRecord:
+    """``record`` with its payload erased for good."""
+    return msgspec.structs.replace(record, payload=b"", payload_hash="", erased=True)
 
 
 class ContextRec(msgspec.Struct, frozen=True, tag="ctx"):
@@ -106,6 +112,12 @@ class DeleteRec(msgspec.Struct, frozen=True, tag="delete"):
     deleted_at_ms: int
 
 
+class EraseRec(msgspec.Struct, frozen=True, tag="erase"):
+    """Turns whose payloads were erased (``EraseTurns``): their records stay, emptied."""
+
+    turn_ids: list[int]
+
+
 class BundleRec(msgspec.Struct, frozen=True, tag="bundle"):
     bundle_id: str
     bundle_json: bytes
@@ -121,7 +133,7 @@ class BlobRec(msgspec.Struct, frozen=True, tag="blob"):
     data: bytes
 
 
-Record = ContextRec | TurnRec | BatchRec | HeadRec | MetaRec | DeleteRec | BundleRec | AttachRec | BlobRec
+Record = ContextRec | TurnRec | BatchRec | HeadRec | MetaRec | DeleteRec | EraseRec | BundleRec | AttachRec | BlobRec
 
 
 class Index(msgspec.Struct, frozen=True, array_like=True):
@@ -157,6 +169,8 @@ def index_of(rec: Record) -> Index:
             return Index(bundles=[bundle_id])
         case AttachRec(turn_id=turn_id):
             return Index(turns=[(turn_id, 0, None)])
+        case EraseRec(turn_ids=turn_ids):
+            return Index(turns=[(turn_id, 0, None) for turn_id in turn_ids])
     return Index()  # a blob: checked against its id on every read
 
 
@@ -237,6 +251,9 @@ class TurnCore:
             case DeleteContext(context_id=context_id):
                 self._ctx(context_id)
                 return None, DeleteRec(context_id, self.clock())
+            case EraseTurns():
+                erased = self._to_erase(command)
+                return len(erased), EraseRec(erased) if erased else None
             case PublishBundle(bundle_id=bundle_id, bundle_json=data):
                 if bundle_id in self.damaged_bundles:
                     raise IntegrityError(self.damaged_bundles[bundle_id])
@@ -416,6 +433,12 @@ class TurnCore:
                 self._set_updated(context_id, ctx, updated)
             case DeleteRec(context_id=context_id):
                 self._delete_context(context_id)
+            case EraseRec(turn_ids=turn_ids):
+                for turn_id in turn_ids:
+                    entry = self.turns.get(turn_id)
+                    if entry is not None:
+                        old, skip, skip_depth = entry
+                        self.turns[turn_id] = (erased_record(old), skip, skip_depth)
             case BundleRec(bundle_id=bundle_id, bundle_json=data):
                 self.bundles[bundle_id] = data
             case AttachRec(turn_id=turn_id, fs_root=fs_root):
@@ -493,6 +516,30 @@ class TurnCore:
         if rec.head_turn_id and rec.head_turn_id not in self.turns:
             self.damaged_turns.setdefault(rec.head_turn_id, f"turn {rec.head_turn_id} was lost from the log")
 
+    def _to_erase(self, command: EraseTurns) -> list[int]:
+        """The turns ``command`` erases, newest first: down the chain from where it starts to the
+        first turn already erased (whose ancestors all are)."""
+        context_id = command.context_id
+        head = self._ctx(context_id).head
+        start = head
+        if command.keep_last is not None:
+            depth = self._depth_of_head(context_id, head)
+            start = self.ancestor_at(head, depth - command.keep_last) if command.keep_last < depth else 0
+        elif command.before_turn_id is not None:
+            before = command.before_turn_id
+            cursor = self.turns.get(before)
+            if cursor is None or not head or self.ancestor_at(head, cursor[0].depth) != before:
+                raise InvalidInput(f"turn {before} is not on the chain of context {context_id}")
+            start = cursor[0].parent_turn_id
+        out: list[int] = []
+        while start:
+            record = self._turn(start)
+            if record.erased:
+                break
+            out.append(start)
+            start = record.parent_turn_id
+        return out
+
     def _delete_context(self, context_id: int) -> None:
         ctx = self.contexts.pop(context_id, None)
         if ctx is None:
@@ -536,6 +583,10 @@ class TurnCore:
                 self.damaged_bundles[bundle_id] = f"registry bundle {bundle_id!r} is damaged: {why}"
             case AttachRec(turn_id=turn_id):
                 self.damaged_turns[turn_id] = f"turn {turn_id}'s fs_root is damaged: {why}"
+            case EraseRec(turn_ids=turn_ids):
+                # Erased or not, no payload of these is served as good data.
+                for turn_id in turn_ids:
+                    self.damaged_turns[turn_id] = f"turn {turn_id}'s erasure is damaged: {why}"
             case BlobRec():
                 pass  # blobs are checked against their id on every read: a lost one is ObjectNotFound
 
@@ -801,7 +852,13 @@ class TurnCore:
         for turn_id, (record, _, _) in self.turns.items():
             if turn_id in self.damaged_turns:
                 continue
-            if payload_hash(record.payload) != record.payload_hash:
+            if record.erased:
+                if record.payload or record.payload_hash:
+                    problems.append(f"turn {turn_id} is marked erased but still holds a payload")
+                parent = self.turns.get(record.parent_turn_id) if record.parent_turn_id else None
+                if parent is not None and not parent[0].erased:
+                    problems.append(f"turn {turn_id} is erased but its parent {record.parent_turn_id} is not")
+            elif payload_hash(record.payload) != record.payload_hash:
                 problems.append(f"turn {turn_id} does not match its payload_hash")
             parent = self.turns.get(record.parent_turn_id) if record.parent_turn_id else None
             if record.depth != (parent[0].depth if parent else 0) + 1:

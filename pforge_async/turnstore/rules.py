@@ -151,7 +151,15 @@ def verify_turn(record: TurnRecord) -> TurnRecord:
     """The record itself, or ``IntegrityError`` naming the turn if its payload does not match its hash.
 
     Every read of a turn goes through this (in ``TurnStoreBase``), so a damaged payload is never
-    returned as good data, whichever backend held it."""
+    returned as good data, whichever backend held it. An erased turn passes if it holds nothing: one
+    marked erased that still holds bytes is damaged (those bytes are never returned)."""
+    if record.erased:
+        if record.payload or record.payload_hash:
+            raise IntegrityError(
+                f"turn {record.turn_id} (context {record.context_id}) is damaged: it is marked erased but "
+                "still holds a payload"
+            )
+        return record
     if hashlib.sha256(record.payload).hexdigest() != record.payload_hash:
         raise IntegrityError(
             f"turn {record.turn_id} (context {record.context_id}) is damaged: its payload does not match "
@@ -342,7 +350,8 @@ def check_idempotent(existing: TurnRecord, command: AppendTurn, digest: str) -> 
     attempt landed finds the head moved to that very turn and must get it back, not a conflict.
     """
     differs: list[str] = []
-    if existing.payload_hash != digest:
+    # An erased turn's payload cannot be compared: the retry gets the erased record back.
+    if existing.payload_hash != digest and not existing.erased:
         differs.append("payload")
     if existing.type_id != command.type_id or existing.type_version != command.type_version:
         differs.append("type")

@@ -4,7 +4,9 @@ Schema version 2 (``turns_schema.sql``) adds sessions: context names (a partial 
 metadata, ``updated_at_ms`` and creation keys. ``turns_v2.sql`` upgrades a version 1 file at open, in
 one transaction under the writers' lock. Version 3 (``turns_v3.sql``) adds ``deleted_at_ms``: a deleted
 context keeps its row (its turns name it) without name, metadata or creation key, and reads treat it as
-absent.
+absent. Version 4 (``turns_v4.sql``) adds ``turns.erased``: an erased turn's row keeps everything but its
+payload (``X''``) and hash (``''``); the writer runs with ``PRAGMA secure_delete`` from its first erasure
+on, so the cells an erasure frees are zeroed, and ``gc`` takes the old bytes out of the WAL.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .commands import (
     AttachFs,
     CreateContext,
     DeleteContext,
+    EraseTurns,
     PublishBundle,
     PutBlob,
     SetContextMetadata,
@@ -49,12 +52,14 @@ __all__ = ["SqliteTurnStore", "TurnActor", "name_successor"]
 
 COLUMNS = (
     "turn_id, context_id, parent_turn_id, depth, type_id, type_version, payload, payload_hash, "
-    "idempotency_key, created_at_ms, fs_root"
+    "idempotency_key, created_at_ms, fs_root, erased"
 )
 
 
 def _record(row: Any) -> TurnRecord:
-    return TurnRecord(*row)
+    return TurnRecord(
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], bool(row[11])
+    )
 
 
 #: turn id -> (depth, skip link, skip link's depth, context it was appended in)
@@ -81,8 +86,8 @@ class TurnActor(SqliteActor[TurnCommand]):
     command_type = TurnCommand
     name = "turns"
     schema_file = "turns_schema.sql"
-    schema_version = 3
-    migrations: ClassVar[dict[int, str]] = {2: "turns_v2.sql", 3: "turns_v3.sql"}
+    schema_version = 4
+    migrations: ClassVar[dict[int, str]] = {2: "turns_v2.sql", 3: "turns_v3.sql", 4: "turns_v4.sql"}
     savepoints = False
     #: a commit here touches one page more than the actor's default assumes (the ``contexts_updated``
     #: entry an append moves): fewer commits per lap keep a lap near 1000 pages, inside the WAL's reserve.
@@ -142,6 +147,15 @@ class TurnActor(SqliteActor[TurnCommand]):
             "context creation keys of contexts that do not exist",
             "SELECT k.idempotency_key FROM context_keys k LEFT JOIN contexts c ON c.context_id = k.context_id "
             "WHERE c.context_id IS NULL OR c.deleted_at_ms IS NOT NULL",
+        ),
+        (
+            "erased turns that still hold a payload",
+            "SELECT turn_id FROM turns WHERE erased != 0 AND (length(payload) != 0 OR payload_hash != '')",
+        ),
+        (
+            "erased turns whose parent is not erased",
+            "SELECT t.turn_id FROM turns t JOIN turns p ON p.turn_id = t.parent_turn_id "
+            "WHERE t.erased != 0 AND p.erased = 0",
         ),
         (
             "deleted contexts that still hold a name",
@@ -313,6 +327,8 @@ class TurnActor(SqliteActor[TurnCommand]):
                 conn.execute("DELETE FROM context_keys WHERE context_id = ?", (context_id,))
                 del self._state[context_id]
                 return None
+            case EraseTurns():
+                return self._erase(conn, command)
             case PublishBundle(bundle_id=bundle_id, bundle_json=data):
                 row = conn.execute(
                     "SELECT bundle_json FROM registry_bundles WHERE bundle_id = ?", (bundle_id,)
@@ -334,6 +350,32 @@ class TurnActor(SqliteActor[TurnCommand]):
             case PutBlob():
                 raise InvalidInput("blobs of the SQLite turn store live in the CAS")
         raise InvalidInput(f"unknown turn store command {command!r}")
+
+    def _erase(self, conn: sqlite3.Connection, command: EraseTurns) -> int:
+        context_id = command.context_id
+        head = self._context(conn, context_id)[0]
+        self.flush(conn)  # the chain may hold this batch's turns
+        start = head
+        if command.keep_last is not None:
+            depth = self._node(conn, head)[0] if head else 0
+            start = 0
+            if command.keep_last < depth:
+                start = conn.execute(_ANCESTOR_AT, {"start": head, "depth": depth - command.keep_last}).fetchone()[0]
+        elif command.before_turn_id is not None:
+            before = command.before_turn_id
+            cursor = conn.execute("SELECT depth, parent_turn_id FROM turns WHERE turn_id = ?", (before,)).fetchone()
+            found = None
+            if cursor is not None and head:
+                found = conn.execute(_ANCESTOR_AT, {"start": head, "depth": cursor[0]}).fetchone()
+            if found is None or found[0] != before:
+                raise InvalidInput(f"turn {before} is not on the chain of context {context_id}")
+            start = cursor[1]
+        if not start:
+            return 0
+        # Zero what the update frees (cells, overflow pages) rather than leave it in free space.
+        conn.execute("PRAGMA secure_delete = ON")
+        cursor = conn.execute(_ERASE_DOWN_FROM, {"start": start})
+        return int(cursor.rowcount)
 
     def _create(self, conn: sqlite3.Connection, command: CreateContext) -> ContextInfo:
         key = command.idempotency_key
@@ -524,6 +566,19 @@ WITH RECURSIVE walk (turn_id, depth, parent, jump, jump_depth) AS (
     WHERE w.depth > :depth
 )
 SELECT turn_id FROM walk WHERE depth = :depth
+"""
+
+#: erase the chain down from ``:start`` to the first turn already erased (whose ancestors all are)
+_ERASE_DOWN_FROM = """
+UPDATE turns SET payload = X'', payload_hash = '', erased = 1 WHERE turn_id IN (
+    WITH RECURSIVE down (turn_id) AS (
+        SELECT turn_id FROM turns WHERE turn_id = :start AND erased = 0
+        UNION ALL
+        SELECT p.turn_id FROM down d JOIN turns t ON t.turn_id = d.turn_id JOIN turns p ON p.turn_id = t.parent_turn_id
+        WHERE p.erased = 0
+    )
+    SELECT turn_id FROM down
+)
 """
 
 _CHAIN_FROM = """
@@ -753,12 +808,13 @@ class SqliteTurnStore(TurnStoreBase):
         problems = await self._actor.check()
         after = 0
         while rows := await self._actor.fetchall(
-            "SELECT turn_id, payload, payload_hash FROM turns WHERE turn_id > ? ORDER BY turn_id LIMIT 1000", (after,)
+            "SELECT turn_id, payload, payload_hash, erased FROM turns WHERE turn_id > ? ORDER BY turn_id LIMIT 1000",
+            (after,),
         ):
             problems += [
                 f"turns.db: turn {turn_id} does not match its payload_hash"
-                for turn_id, payload, digest in rows
-                if payload_hash(payload) != digest
+                for turn_id, payload, digest, erased in rows
+                if not erased and payload_hash(payload) != digest
             ]
             after = rows[-1][0]
         return problems

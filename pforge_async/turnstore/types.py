@@ -78,7 +78,11 @@ class NewTurn(msgspec.Struct, frozen=True):
 
 
 class TurnRecord(msgspec.Struct, frozen=True):
-    """One immutable turn. ``parent_turn_id`` is 0 for a first turn, whose ``depth`` is 1."""
+    """One immutable turn. ``parent_turn_id`` is 0 for a first turn, whose ``depth`` is 1.
+
+    ``erased``: its payload was erased (``erase_turns``, ``prune_context``); ``payload`` is then
+    ``b""`` and ``payload_hash`` ``""`` for good, and everything else is as it was, so chains hold.
+    """
 
     turn_id: int
     context_id: int
@@ -91,6 +95,7 @@ class TurnRecord(msgspec.Struct, frozen=True):
     idempotency_key: str | None
     created_at_ms: int
     fs_root: str | None = None
+    erased: bool = False
 
 
 class Correlation(msgspec.Struct, frozen=True, omit_defaults=True):
