@@ -1,5 +1,5 @@
 """Lifecycle conformance (issue 13), run against every turn store backend: delete_context, erase_turns,
-prune_context."""
+prune_context, refs."""
 
 from __future__ import annotations
 
@@ -17,9 +17,13 @@ from pforge_async import (
     IntegrityError,
     InvalidInput,
     NewTurn,
+    ObjectNotFound,
     TurnNotFound,
     TurnRecord,
+    open_store,
 )
+from pforge_async.cas import Cas
+from pforge_async.turnstore import MemoryTurnStore
 from pforge_async.turnstore.base import TurnStoreBase
 
 from .test_turnstore import BACKENDS, open_backend
@@ -349,3 +353,91 @@ async def test_erasure_survives_reopening_and_check_tells_erased_from_damaged(ki
 
 def erased_copy(record: TurnRecord) -> TurnRecord:
     return msgspec.structs.replace(record, payload=b"", payload_hash="", erased=True)
+
+
+@pytest.fixture(params=BACKENDS)
+async def with_cas(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[TurnStoreBase, Cas]]:
+    """A backend whose refs are checked against a real CAS (the SQLite store's own)."""
+    async with open_store(tmp_path / "cas-store", watch_workspaces=False) as cas_store:
+        if request.param == "sqlite":
+            async with open_backend("sqlite", tmp_path) as turns:
+                yield turns, turns._cas  # type: ignore[attr-defined]  # the store's own CAS
+        else:
+            async with open_backend(request.param, tmp_path, trees=cas_store.cas) as turns:
+                yield turns, cas_store.cas
+
+
+class TestRefs:
+    async def test_refs_are_checked_stored_and_read_back(self, with_cas: tuple[TurnStoreBase, Cas]) -> None:
+        store, cas = with_cas
+        blob = await cas.write_blob(b"a tool output")
+        other = await cas.write_blob(b"another")
+        tree = await cas.write_tree([("f", "100644", blob)])
+        own = await store.put_blob(b"stored through the turn store")
+        ctx = await store.create_context()
+        record = await store.append_turn(
+            ctx.context_id, "t", b"names them", refs=[other, blob, tree, blob, own], idempotency_key="k"
+        )
+        assert record.refs == tuple(sorted({blob, other, tree, own}))
+        assert (await store.get_turn(record.turn_id)).refs == record.refs
+        assert (await store.list_turns(ctx.context_id))[0].refs == record.refs
+        plain = await store.append_turn(ctx.context_id, "t", b"none")
+        assert plain.refs == () and (await store.get_turn(plain.turn_id)).refs == ()
+        batch = await store.append_turns([NewTurn(ctx.context_id, "t", b"b", refs=(tree,))])
+        assert batch[0].refs == (tree,) and (await store.get_turn(batch[0].turn_id)).refs == (tree,)
+
+        # A retry: the same refs (in any order) or none get the turn back; other refs conflict.
+        again = await store.append_turn(
+            ctx.context_id, "t", b"names them", refs=[own, tree, other, blob], idempotency_key="k"
+        )
+        assert again == record
+        assert (await store.append_turn(ctx.context_id, "t", b"names them", idempotency_key="k")) == record
+        with pytest.raises(IdempotencyConflict, match="refs"):
+            await store.append_turn(ctx.context_id, "t", b"names them", refs=[blob], idempotency_key="k")
+
+        # Erasure drops them with the payload.
+        await store.erase_turns(ctx.context_id, before_turn_id=plain.turn_id)
+        assert (await store.get_turn(record.turn_id)).refs == ()
+        assert (await store.get_turn(batch[0].turn_id)).refs == (tree,)
+        assert await store.check() == []
+
+    async def test_bad_refs_store_nothing(self, with_cas: tuple[TurnStoreBase, Cas]) -> None:
+        store, _ = with_cas
+        ctx = await store.create_context()
+        missing = "ab" * 32
+        with pytest.raises(ObjectNotFound, match=f"ref {missing}"):
+            await store.append_turn(ctx.context_id, "t", b"x", refs=[missing])
+        with pytest.raises(ObjectNotFound, match=f"ref {missing}"):
+            await store.append_turns(
+                [NewTurn(ctx.context_id, "t", b"x"), NewTurn(ctx.context_id, "t", b"y", refs=(missing,))]
+            )
+        for bad in (["nothex"], "ab" * 32, [1], None, [missing.upper()]):
+            with pytest.raises(InvalidInput, match="ref"):
+                await store.append_turn(ctx.context_id, "t", b"x", refs=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInput, match=r"turns\[0\].*ref"):
+            await store.append_turns([NewTurn(ctx.context_id, "t", b"x", refs=("zz",))])
+        with pytest.raises(InvalidInput, match="over the maximum"):
+            await store.append_turn(ctx.context_id, "t", b"x", refs=[f"{i:064x}" for i in range(4097)])
+        assert (await store.get_head(ctx.context_id)).head_turn_id == 0
+
+
+async def test_refs_without_a_cas_are_the_stores_own_blobs() -> None:
+    store = MemoryTurnStore()
+    ctx = await store.create_context()
+    own = await store.put_blob(b"mine")
+    assert (await store.append_turn(ctx.context_id, "t", b"x", refs=[own])).refs == (own,)
+    with pytest.raises(ObjectNotFound, match="no CAS"):
+        await store.append_turn(ctx.context_id, "t", b"x", refs=["cd" * 32])
+
+
+@pytest.mark.parametrize("kind", ["fs", "sqlite"])
+async def test_refs_survive_reopening(kind: str, tmp_path: Path) -> None:
+    async with open_store(tmp_path / "cas-store", watch_workspaces=False) as cas_store:
+        trees = None if kind == "sqlite" else cas_store.cas
+        async with open_backend(kind, tmp_path, trees=trees) as store:
+            blob = await store.put_blob(b"kept")
+            ctx = await store.create_context()
+            record = await store.append_turn(ctx.context_id, "t", b"x", refs=[blob])
+        async with open_backend(kind, tmp_path, trees=trees) as store:
+            assert (await store.get_turn(record.turn_id)).refs == (blob,)
+            assert await store.check() == []

@@ -185,7 +185,7 @@ async def test_a_version_1_store_upgrades_in_place(tmp_path: Path, old_release: 
     assert len({out.strip() for out in run_all(procs)}) == 1
 
     with raw(root) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
         migrated = schema(conn)
     async with opened(tmp_path / "fresh" / ".pforge"):
         pass
@@ -270,7 +270,7 @@ async def test_a_failed_migration_leaves_version_1_untouched(
         assert await store.turns.check() == []
         assert (await store.turns.open_context("after")).name == "after"
     with raw(root) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
 
 
 # -- list_contexts: one index per order ----------------------------------------------------------------

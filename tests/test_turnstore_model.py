@@ -70,6 +70,7 @@ operation = st.one_of(
     st.tuples(st.just("delete"), index),
     st.tuples(st.just("erase"), index, maybe_index),
     st.tuples(st.just("prune"), index, st.integers(min_value=0, max_value=4)),
+    st.tuples(st.just("refs"), index, st.sampled_from([b"r1", b"r2"]), turn_key),
     st.tuples(st.just("turn"), index),
 )
 
@@ -236,6 +237,11 @@ async def run(
                     )
                 case ("prune", ctx, keep):
                     result = await store.prune_context(pick(contexts, ctx), keep_last=keep)
+                case ("refs", ctx, data, key):
+                    oid = await store.put_blob(data)
+                    result = await store.append_turn(pick(contexts, ctx), "t", b"r", refs=[oid], idempotency_key=key)
+                    if result.turn_id not in turns:
+                        turns.append(result.turn_id)
                 case ("turn", turn):
                     result = await store.get_turn(pick(turns, turn))
             trace.append(normal(result))

@@ -1,5 +1,5 @@
--- Turn store (turns.db). Version 4 (lifecycle: deletes, erasure); turns_v2.sql upgrades a version 1
--- file to version 2, turns_v3.sql version 2 to 3, turns_v4.sql version 3 to this.
+-- Turn store (turns.db). Version 5 (lifecycle: deletes, erasure, refs); turns_v2.sql upgrades a
+-- version 1 file to version 2, turns_v3.sql version 2 to 3, turns_v4.sql 3 to 4, turns_v5.sql 4 to this.
 -- A turn is immutable once written (fs_root is set at most once). A context's name, base, parent and
 -- creation time never change; its head, metadata and updated_at_ms do. Columns a migration added
 -- come after the version 1 columns, so a migrated file and a fresh one have the same table.
@@ -50,7 +50,9 @@ CREATE TABLE turns (
     fs_root         TEXT,
     -- erase_turns: 1, with payload X'' and payload_hash '' for good (the row stays: chains hold).
     -- An erased turn's parent is erased too.
-    erased          INTEGER NOT NULL DEFAULT 0
+    erased          INTEGER NOT NULL DEFAULT 0,
+    -- CAS objects the turn keeps alive besides fs_root: their ids, sorted, space-separated; NULL: none
+    refs            TEXT
 );
 
 CREATE UNIQUE INDEX turns_idempotency ON turns (context_id, idempotency_key)

@@ -10,7 +10,7 @@ nothing) and the ``_``-prefixed read hooks below.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..cas.objects import validate_oid
@@ -47,6 +47,7 @@ from .rules import (
     validate_name,
     validate_order,
     validate_prefix,
+    validate_refs,
     verify_turn,
 )
 from .types import ContextHead, ContextInfo, ContextOrder, ContextPage, NewTurn, TurnRecord
@@ -62,6 +63,8 @@ class TreeSource(Protocol):
     It raises ``ObjectNotFound`` for a missing object and ``InvalidInput`` for one that is not a tree."""
 
     async def read_tree(self, oid: str) -> object: ...
+
+    async def has(self, oid: str) -> bool: ...
 
 
 class TurnStoreBase(ABC):
@@ -289,6 +292,7 @@ class TurnStoreBase(ABC):
         idempotency_key: str | None = None,
         expected_head: int | None = None,
         fs_root: str | None = None,
+        refs: Iterable[str] = (),
     ) -> TurnRecord:
         """Append a turn (its parent defaults to the head) and move the head to it.
 
@@ -298,15 +302,31 @@ class TurnStoreBase(ABC):
         is still that turn, else ``HeadConflict``; a retry whose first attempt landed gets its turn
         back, not a conflict. ``fs_root`` (a CAS tree id: ``ObjectNotFound`` / ``InvalidInput``
         otherwise) is attached in the same write.
+
+        ``refs``: CAS objects (ids of blobs from ``put_blob``, trees, commits; at most 4,096) the turn
+        keeps alive besides ``fs_root``: ``gc`` reclaims no object a live turn names. Each must be in
+        the store's CAS, or among its own blobs for a store without one (``ObjectNotFound``). They are
+        stored sorted, each once; an erasure drops them with the payload. A retry that names refs
+        must name the same (``IdempotencyConflict``).
         """
         if isinstance(payload, (bytearray, memoryview)):
             payload = bytes(payload)
         command = AppendTurn(
-            context_id, type_id, payload, type_version, parent_turn_id, idempotency_key, expected_head, fs_root
+            context_id,
+            type_id,
+            payload,
+            type_version,
+            parent_turn_id,
+            idempotency_key,
+            expected_head,
+            fs_root,
+            validate_refs(refs),
         )
         validate_append(command, self.max_payload_bytes)
         if fs_root is not None:
             await self._check_tree(fs_root)
+        for oid in command.refs:
+            await self._check_ref(oid)
         record = await self._write(command)
         assert isinstance(record, TurnRecord)
         if record.payload != payload:
@@ -332,29 +352,32 @@ class TurnStoreBase(ABC):
         commands: list[AppendTurn] = []
         total = 0
         trees: set[str] = set()
+        refs: set[str] = set()
         for i, turn in enumerate(turns):
             if not isinstance(turn, NewTurn):
                 raise InvalidInput(f"turns[{i}] must be a NewTurn, got {type(turn).__name__}")
             payload = turn.payload
             if isinstance(payload, (bytearray, memoryview)):
                 payload = bytes(payload)
-            command = AppendTurn(
-                turn.context_id,
-                turn.type_id,
-                payload,
-                turn.type_version,
-                turn.parent_turn_id,
-                turn.idempotency_key,
-                None,
-                turn.fs_root,
-            )
             try:
+                command = AppendTurn(
+                    turn.context_id,
+                    turn.type_id,
+                    payload,
+                    turn.type_version,
+                    turn.parent_turn_id,
+                    turn.idempotency_key,
+                    None,
+                    turn.fs_root,
+                    validate_refs(turn.refs),
+                )
                 validate_append(command, self.max_payload_bytes)
             except InvalidInput as exc:
                 raise InvalidInput(f"turns[{i}]: {exc}") from exc
             total += len(payload)
             if turn.fs_root is not None:
                 trees.add(turn.fs_root)
+            refs.update(command.refs)
             commands.append(command)
         if total > max(MAX_BATCH_BYTES, self.max_payload_bytes):
             raise InvalidInput(f"a batch of {total} payload bytes is over the maximum of {MAX_BATCH_BYTES}")
@@ -367,6 +390,8 @@ class TurnStoreBase(ABC):
                 heads[context_id] = validate_id(head, f"expected head of context {context_id}", allow_zero=True)
         for oid in sorted(trees):
             await self._check_tree(oid)
+        for oid in sorted(refs):
+            await self._check_ref(oid)
         records = await self._write(AppendTurns(commands, heads))
         assert isinstance(records, list)
         for record, command in zip(records, commands, strict=True):
@@ -500,6 +525,13 @@ class TurnStoreBase(ABC):
             raise ObjectNotFound(f"fs_root {oid} is not in the CAS") from exc
         except InvalidInput as exc:
             raise InvalidInput(f"fs_root {oid} is not a tree: {exc}") from exc
+
+    async def _check_ref(self, oid: str) -> None:
+        """``ObjectNotFound`` unless ``oid`` (already a valid oid) is in the CAS."""
+        if self._trees is None:
+            raise ObjectNotFound(f"ref {oid}: {type(self).__name__} has no CAS (give it trees=, e.g. store.cas)")
+        if not await self._trees.has(oid):
+            raise ObjectNotFound(f"ref {oid} is not in the CAS")
 
     # -- TypedTurnStore ------------------------------------------------------------------------------
 

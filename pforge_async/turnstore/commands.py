@@ -66,6 +66,8 @@ class AppendTurn(msgspec.Struct, frozen=True, tag="append_turn"):
     #: None: no check. 0: the context must be empty (head 0).
     expected_head: int | None = None
     fs_root: str | None = None
+    #: sorted, each once (``rules.validate_refs``); the base checked each is in the CAS
+    refs: tuple[str, ...] = ()
 
 
 class AppendTurns(msgspec.Struct, frozen=True, tag="append_turns"):

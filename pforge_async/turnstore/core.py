@@ -63,7 +63,7 @@ __all__ = ["Record", "TurnCore", "erased_record"]
 
 def erased_record(record: TurnRecord) -> TurnRecord:
     """``record`` with its payload erased for good."""
-    return msgspec.structs.replace(record, payload=b"", payload_hash="", erased=True)
+    return msgspec.structs.replace(record, payload=b"", payload_hash="", erased=True, refs=())
 
 
 class ContextRec(msgspec.Struct, frozen=True, tag="ctx"):
@@ -345,6 +345,7 @@ class TurnCore:
             idempotency_key=command.idempotency_key,
             created_at_ms=now,
             fs_root=command.fs_root,
+            refs=command.refs,
         )
 
     def _stored_key(self, context_id: int, key: str) -> TurnRecord | None:
@@ -853,7 +854,7 @@ class TurnCore:
             if turn_id in self.damaged_turns:
                 continue
             if record.erased:
-                if record.payload or record.payload_hash:
+                if record.payload or record.payload_hash or record.refs:
                     problems.append(f"turn {turn_id} is marked erased but still holds a payload")
                 parent = self.turns.get(record.parent_turn_id) if record.parent_turn_id else None
                 if parent is not None and not parent[0].erased:

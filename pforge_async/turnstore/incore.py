@@ -69,5 +69,9 @@ class InCoreStore(TurnStoreBase):
             raise InvalidInput(f"fs_root {oid} is a blob, not a tree")
         await super()._check_tree(oid)
 
+    async def _check_ref(self, oid: str) -> None:
+        if oid not in self._core_for_read().blobs:
+            await super()._check_ref(oid)
+
     async def check(self) -> list[str]:
         return self._core_for_read().check()

@@ -60,6 +60,8 @@ DEFAULT_MAX_PAYLOAD = 16 << 20
 MAX_ID = (1 << 63) - 1
 MAX_TYPE_ID = 256
 MAX_KEY = 1024
+#: CAS objects one turn may name in ``refs``
+MAX_REFS = 4096
 #: a context name or prefix, in UTF-8 bytes
 MAX_NAME = 1024
 #: a context's metadata, as canonical JSON (``encode_metadata``), in bytes
@@ -115,6 +117,15 @@ def validate_append(command: AppendTurn, max_payload: int) -> None:
         validate_oid(command.fs_root, "fs_root")
 
 
+def validate_refs(refs: object) -> tuple[str, ...]:
+    """``refs`` as stored: a sequence of object ids (at most ``MAX_REFS``), sorted, each once."""
+    if isinstance(refs, (str, bytes)) or not isinstance(refs, (tuple, list, set, frozenset)):
+        raise InvalidInput(f"refs must be a sequence of object ids, got {type(refs).__name__}")
+    if len(refs) > MAX_REFS:
+        raise InvalidInput(f"{len(refs)} refs is over the maximum of {MAX_REFS} per turn")
+    return tuple(sorted({validate_oid(oid, "ref") for oid in refs}))
+
+
 def validate_key(key: object, what: str = "idempotency_key") -> str | None:
     if key is None:
         return None
@@ -154,7 +165,7 @@ def verify_turn(record: TurnRecord) -> TurnRecord:
     returned as good data, whichever backend held it. An erased turn passes if it holds nothing: one
     marked erased that still holds bytes is damaged (those bytes are never returned)."""
     if record.erased:
-        if record.payload or record.payload_hash:
+        if record.payload or record.payload_hash or record.refs:
             raise IntegrityError(
                 f"turn {record.turn_id} (context {record.context_id}) is damaged: it is marked erased but "
                 "still holds a payload"
@@ -359,6 +370,8 @@ def check_idempotent(existing: TurnRecord, command: AppendTurn, digest: str) -> 
         differs.append("parent")
     if command.fs_root is not None and command.fs_root != existing.fs_root:
         differs.append("fs_root")
+    if command.refs and command.refs != existing.refs and not existing.erased:
+        differs.append("refs")
     if differs:
         raise IdempotencyConflict(
             f"idempotency key {command.idempotency_key!r} in context {command.context_id} was used for "

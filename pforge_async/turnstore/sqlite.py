@@ -5,8 +5,9 @@ metadata, ``updated_at_ms`` and creation keys. ``turns_v2.sql`` upgrades a versi
 one transaction under the writers' lock. Version 3 (``turns_v3.sql``) adds ``deleted_at_ms``: a deleted
 context keeps its row (its turns name it) without name, metadata or creation key, and reads treat it as
 absent. Version 4 (``turns_v4.sql``) adds ``turns.erased``: an erased turn's row keeps everything but its
-payload (``X''``) and hash (``''``); the writer runs with ``PRAGMA secure_delete`` from its first erasure
-on, so the cells an erasure frees are zeroed, and ``gc`` takes the old bytes out of the WAL.
+payload (``X''``), hash (``''``) and refs (NULL); the writer runs with ``PRAGMA secure_delete`` from its first erasure
+on, so the cells an erasure frees are zeroed, and ``gc`` takes the old bytes out of the WAL. Version 5
+(``turns_v5.sql``) adds ``turns.refs``: the CAS objects a turn keeps alive, space-separated.
 """
 
 from __future__ import annotations
@@ -52,13 +53,14 @@ __all__ = ["SqliteTurnStore", "TurnActor", "name_successor"]
 
 COLUMNS = (
     "turn_id, context_id, parent_turn_id, depth, type_id, type_version, payload, payload_hash, "
-    "idempotency_key, created_at_ms, fs_root, erased"
+    "idempotency_key, created_at_ms, fs_root, erased, refs"
 )
 
 
 def _record(row: Any) -> TurnRecord:
+    refs = () if row[12] is None else tuple(row[12].split(" "))
     return TurnRecord(
-        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], bool(row[11])
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], bool(row[11]), refs
     )
 
 
@@ -86,8 +88,13 @@ class TurnActor(SqliteActor[TurnCommand]):
     command_type = TurnCommand
     name = "turns"
     schema_file = "turns_schema.sql"
-    schema_version = 4
-    migrations: ClassVar[dict[int, str]] = {2: "turns_v2.sql", 3: "turns_v3.sql", 4: "turns_v4.sql"}
+    schema_version = 5
+    migrations: ClassVar[dict[int, str]] = {
+        2: "turns_v2.sql",
+        3: "turns_v3.sql",
+        4: "turns_v4.sql",
+        5: "turns_v5.sql",
+    }
     savepoints = False
     #: a commit here touches one page more than the actor's default assumes (the ``contexts_updated``
     #: entry an append moves): fewer commits per lap keep a lap near 1000 pages, inside the WAL's reserve.
@@ -150,7 +157,8 @@ class TurnActor(SqliteActor[TurnCommand]):
         ),
         (
             "erased turns that still hold a payload",
-            "SELECT turn_id FROM turns WHERE erased != 0 AND (length(payload) != 0 OR payload_hash != '')",
+            "SELECT turn_id FROM turns WHERE erased != 0 AND (length(payload) != 0 OR payload_hash != '' "
+            "OR refs IS NOT NULL)",
         ),
         (
             "erased turns whose parent is not erased",
@@ -211,8 +219,8 @@ class TurnActor(SqliteActor[TurnCommand]):
         if self._new_turns:
             conn.executemany(
                 "INSERT INTO turns (turn_id, context_id, parent_turn_id, depth, jump_turn_id, jump_depth, "
-                "type_id, type_version, payload, payload_hash, idempotency_key, created_at_ms, fs_root) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "type_id, type_version, payload, payload_hash, idempotency_key, created_at_ms, fs_root, refs) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 self._new_turns,
             )
         if self._moved:
@@ -466,6 +474,8 @@ class TurnActor(SqliteActor[TurnCommand]):
             key,
             now,
             command.fs_root,
+            False,
+            command.refs,
         )
         row = (
             turn_id,
@@ -481,6 +491,7 @@ class TurnActor(SqliteActor[TurnCommand]):
             key,
             now,
             command.fs_root,
+            " ".join(command.refs) if command.refs else None,
         )
         return record, row, (depth, jump, jump_depth, context_id)
 
@@ -570,7 +581,7 @@ SELECT turn_id FROM walk WHERE depth = :depth
 
 #: erase the chain down from ``:start`` to the first turn already erased (whose ancestors all are)
 _ERASE_DOWN_FROM = """
-UPDATE turns SET payload = X'', payload_hash = '', erased = 1 WHERE turn_id IN (
+UPDATE turns SET payload = X'', payload_hash = '', erased = 1, refs = NULL WHERE turn_id IN (
     WITH RECURSIVE down (turn_id) AS (
         SELECT turn_id FROM turns WHERE turn_id = :start AND erased = 0
         UNION ALL

@@ -75,13 +75,18 @@ class NewTurn(msgspec.Struct, frozen=True):
     parent_turn_id: int | None = None
     idempotency_key: str | None = None
     fs_root: str | None = None
+    #: CAS objects the turn keeps alive besides ``fs_root`` (see ``append_turn``)
+    refs: tuple[str, ...] = ()
 
 
 class TurnRecord(msgspec.Struct, frozen=True):
     """One immutable turn. ``parent_turn_id`` is 0 for a first turn, whose ``depth`` is 1.
 
     ``erased``: its payload was erased (``erase_turns``, ``prune_context``); ``payload`` is then
-    ``b""`` and ``payload_hash`` ``""`` for good, and everything else is as it was, so chains hold.
+    ``b""``, ``payload_hash`` ``""`` and ``refs`` ``()`` for good, and everything else is as it was
+    (``fs_root`` too), so chains hold.
+
+    ``refs``: the CAS objects the turn keeps alive besides ``fs_root``, sorted, each once.
     """
 
     turn_id: int
@@ -96,6 +101,7 @@ class TurnRecord(msgspec.Struct, frozen=True):
     created_at_ms: int
     fs_root: str | None = None
     erased: bool = False
+    refs: tuple[str, ...] = ()
 
 
 class Correlation(msgspec.Struct, frozen=True, omit_defaults=True):
