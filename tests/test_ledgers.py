@@ -147,7 +147,10 @@ PRAGMA user_version = 1;
 
 async def test_an_older_database_is_migrated_forward(tmp_path: Path) -> None:
     root = tmp_path / ".pforge"
-    root.mkdir(mode=0o700)
+    async with open_store(root):
+        pass  # a whole store (its manifest records every part), whose memory.db is then an old one
+    for name in ("memory.db", "memory.db-wal", "memory.db-shm"):
+        (root / name).unlink(missing_ok=True)
     with sqlite3.connect(root / "memory.db") as conn:
         conn.executescript(V1_CONSTELLATION)
     conn.close()

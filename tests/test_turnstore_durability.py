@@ -245,9 +245,13 @@ class TestSqliteFiles:
         (root / "turns.db").write_bytes(b"this is not a database at all" * 200)
         for sidecar in ("turns.db-wal", "turns.db-shm"):
             (root / sidecar).unlink(missing_ok=True)
-        with pytest.raises(IntegrityError, match=r"turns\.db"):
-            async with open_store(root):
-                pass
+        # Damage stays local: the store opens, every call to the damaged part fails naming it, and
+        # check() reports it; the other parts serve.
+        async with open_store(root) as store:
+            with pytest.raises(IntegrityError, match=r"turns\.db"):
+                await store.turns.create_context()
+            assert any("turns.db" in problem for problem in (await store.check()).problems)
+            assert await store.cas.read_blob(await store.cas.write_blob(b"x")) == b"x"
 
 
 class TestKeysAndEnvelopes:
