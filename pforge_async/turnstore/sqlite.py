@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
+
+import anyio
 
 from ..cas.store import Cas
 from ..clock import now_ms
@@ -35,6 +38,17 @@ from .commands import (
     SetContextMetadata,
     SetHead,
     TurnCommand,
+)
+from .gc import (
+    SLICE,
+    CollectContexts,
+    CollectTurns,
+    TurnGcReport,
+    collect_contexts,
+    collect_turns,
+    files_size,
+    truncate_wal,
+    unreachable,
 )
 from .rules import (
     DEFAULT_MAX_PAYLOAD,
@@ -70,7 +84,11 @@ Node = tuple[int, int, int, int]
 NewContext = tuple[str | None, int, int, bytes, int]
 
 
-class TurnActor(SqliteActor[TurnCommand]):
+#: what the turns actor carries: the store's commands and gc's slices
+ActorCommand = TurnCommand | CollectTurns | CollectContexts
+
+
+class TurnActor(SqliteActor[ActorCommand]):
     """The one writer of ``turns.db``.
 
     Every command checks everything it needs first and writes nothing itself: what it decided waits
@@ -85,7 +103,7 @@ class TurnActor(SqliteActor[TurnCommand]):
     every other process's creations (the unique index on names is the backstop).
     """
 
-    command_type = TurnCommand
+    command_type = ActorCommand
     name = "turns"
     schema_file = "turns_schema.sql"
     schema_version = 5
@@ -300,8 +318,17 @@ class TurnActor(SqliteActor[TurnCommand]):
 
     # -- commands ----------------------------------------------------------------------------------
 
-    def apply(self, conn: sqlite3.Connection, command: TurnCommand) -> Any:
+    def apply(self, conn: sqlite3.Connection, command: ActorCommand) -> Any:
         match command:
+            case CollectTurns():
+                self.flush(conn)  # this batch's appends may name a candidate as parent
+                reply = collect_turns(conn, command)
+                for turn_id in command.turn_ids:
+                    self._nodes.pop(turn_id, None)
+                return reply
+            case CollectContexts():
+                self.flush(conn)
+                return collect_contexts(conn, command)
             case AppendTurn():
                 return self._append(conn, command)
             case AppendTurns():
@@ -329,7 +356,8 @@ class TurnActor(SqliteActor[TurnCommand]):
                 self._context(conn, context_id)
                 self.flush(conn)  # it may be one of this batch's
                 conn.execute(
-                    "UPDATE contexts SET deleted_at_ms = ?, name = NULL, metadata = X'7B7D' WHERE context_id = ?",
+                    "UPDATE contexts SET deleted_at_ms = ?, name = NULL, metadata = X'7B7D', head_turn_id = 0, "
+                    "base_turn_id = 0 WHERE context_id = ?",
                     (now_ms(), context_id),
                 )
                 conn.execute("DELETE FROM context_keys WHERE context_id = ?", (context_id,))
@@ -853,6 +881,52 @@ class SqliteTurnStore(TurnStoreBase):
             return []
         rows = await self._actor.fetchall(_CHAIN, {"start": start, "limit": limit})
         return [_record(row) for row in rows]
+
+    async def gc(self, *, grace_s: float = 3600.0) -> TurnGcReport:
+        """Reclaim the turns no live context reaches (through heads, bases and parents) and the rows
+        of deleted contexts nothing names, leaving everything created or deleted in the last
+        ``grace_s`` seconds; then truncate the WAL, so erased and deleted payloads are in no file of
+        ``turns.db``. In slices beside live writers, crash-safe at any point (see ``turnstore.gc``)."""
+        if isinstance(grace_s, bool) or not isinstance(grace_s, (int, float)) or not 0 <= grace_s < 10**9:
+            raise InvalidInput(f"grace_s must be a number of seconds from 0, got {grace_s!r}")
+        started = time.monotonic()
+        before = files_size(self.path)
+        cutoff = now_ms() - int(grace_s * 1000)
+        roots: list[int] = []
+        for head, base in await self._actor.fetchall(
+            "SELECT head_turn_id, base_turn_id FROM contexts WHERE deleted_at_ms IS NULL"
+        ):
+            roots += (head, base)
+        rows: list[tuple[int, int, int]] = []
+        after = 0
+        while page := await self._actor.fetchall(
+            "SELECT turn_id, parent_turn_id, created_at_ms FROM turns WHERE turn_id > ? ORDER BY turn_id LIMIT 10000",
+            (after,),
+        ):
+            rows += [(row[0], row[1], row[2]) for row in page]
+            after = page[-1][0]
+        # Roots read before the turns: a head moved meanwhile points at a turn the pages include, or
+        # at one the sweep's own re-check keeps.
+        candidates = unreachable(rows, roots, cutoff)
+        del rows
+        turns = payload = slices = 0
+        for i in range(0, len(candidates), SLICE):
+            deleted, size = await self._actor.call(CollectTurns(candidates[i : i + SLICE], cutoff))
+            turns += deleted
+            payload += size
+            slices += 1
+        contexts = await self._actor.call(CollectContexts(cutoff))
+        truncated = await anyio.to_thread.run_sync(truncate_wal, self.path)
+        return TurnGcReport(
+            turns_reclaimed=turns,
+            payload_bytes_reclaimed=payload,
+            contexts_reclaimed=contexts,
+            slices=slices + 1,
+            wal_truncated=truncated,
+            bytes_before=before,
+            bytes_after=files_size(self.path),
+            seconds=time.monotonic() - started,
+        )
 
     async def _get_registry_bundle(self, bundle_id: str) -> bytes | None:
         row = await self._actor.fetchone("SELECT bundle_json FROM registry_bundles WHERE bundle_id = ?", (bundle_id,))
