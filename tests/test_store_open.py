@@ -428,6 +428,7 @@ def _arguments(ids: dict[str, Any], scratch: Path) -> dict[str, Any]:
 
 
 _NAMES = {("cas", "name"): "refs/heads/main"}
+_BY_TYPE: dict[str, Any] = {"int": 1, "str": "some-text", "bytes": b"some bytes", "bool": True, "float": 1.0}
 #: (method, parameter) -> id key, where the shared value would be the wrong kind of object.
 _OVERRIDES = {("read_commit", "oid"): "commit", ("read_tree", "oid"): "tree"}
 
@@ -453,9 +454,12 @@ def facade_calls(store: Store, ids: dict[str, Any], scratch: Path) -> Iterator[t
                     kwargs[param.name] = _NAMES[part, param.name]
                 elif param.name == "name":
                     kwargs[param.name] = "app/session"
-                else:
-                    assert param.name in values, f"{part}.{name}: no test value for parameter {param.name!r}"
+                elif param.name in values:
                     kwargs[param.name] = values[param.name]
+                else:  # a parameter added since: a sound value of its type
+                    annotation = str(param.annotation)
+                    assert annotation in _BY_TYPE, f"{part}.{name}: no test value for {param.name}: {annotation}"
+                    kwargs[param.name] = _BY_TYPE[annotation]
             yield f"{part}.{name}", _caller(method, kwargs)
 
 
