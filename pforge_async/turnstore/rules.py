@@ -119,6 +119,8 @@ def validate_append(command: AppendTurn, max_payload: int) -> None:
 
 def validate_refs(refs: object) -> tuple[str, ...]:
     """``refs`` as stored: a sequence of object ids (at most ``MAX_REFS``), sorted, each once."""
+    if type(refs) is tuple and not refs:  # the default of every append: no set, no sort
+        return ()
     if isinstance(refs, (str, bytes)) or not isinstance(refs, (tuple, list, set, frozenset)):
         raise InvalidInput(f"refs must be a sequence of object ids, got {type(refs).__name__}")
     if len(refs) > MAX_REFS:
