@@ -226,6 +226,9 @@ async def test_a_version_1_store_upgrades_in_place(tmp_path: Path, old_release: 
         again = await turns.fork_context(m[4], idempotency_key="k", name="app/u1/s2")
         assert await turns.fork_context(m[4], idempotency_key="k", name="app/u1/s2") == again
         assert again.parent_context_id == main
+        # The appends below must be later than the fork above in updated_at_ms, whose unit is a
+        # millisecond: within one, the order falls to context ids and the newer fork would lead.
+        await anyio.sleep(0.005)
         before = await turns.get_head(main)
         turn = await turns.append_turn(main, "user", b"new", expected_head=before.head_turn_id)
         with pytest.raises(HeadConflict):
