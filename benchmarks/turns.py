@@ -270,6 +270,19 @@ async def against_baseline(args: argparse.Namespace, base: Path, writers: int, p
     )
 
 
+async def unchecked(read: Awaitable[Any]) -> Any:
+    """``read`` with payload verification switched off (a baseline for what verification costs; a
+    benchmark's own measurement, never a mode of the store)."""
+    from pforge_async.turnstore import base as turnstore_base
+
+    verify = turnstore_base.verify_turn
+    turnstore_base.verify_turn = lambda record: record
+    try:
+        return await read
+    finally:
+        turnstore_base.verify_turn = verify
+
+
 async def depth_costs(base: Path) -> None:
     print("\n## cost at depth (durability 'normal' to build the chains; reads and forks timed)")
     async with open_store(base / "depth" / ".pforge", durability="normal") as store:
@@ -309,6 +322,10 @@ async def depth_costs(base: Path) -> None:
             lambda: turns.list_turns(deep.context_id, limit=64),
             lambda: turns.list_turns(deep.context_id, before_turn_id=page[0].turn_id, limit=64),
         )
+        verified, unverified = await paired(
+            lambda: turns.list_turns(shallow.context_id, limit=64),
+            lambda: unchecked(turns.list_turns(shallow.context_id, limit=64)),
+        )
         fork_shallow, fork_deep = await paired(
             lambda: turns.fork_context(ten.turn_id), lambda: turns.fork_context(head.head_turn_id), n=200
         )
@@ -316,6 +333,10 @@ async def depth_costs(base: Path) -> None:
         f"list_turns(limit=64): depth 100 {list_shallow:.0f} us, depth {depth} {list_deep:.0f} us, "
         f"ratio {list_deep / list_shallow:.2f} (target <= 2); "
         f"with a cursor at depth {depth}: {cursor_deep:.0f} us"
+    )
+    print(
+        f"list_turns(limit=64) of 64-byte turns: {verified:.0f} us, {unverified:.0f} us with payload "
+        f"verification switched off: verification costs {verified / unverified - 1:+.0%} (target <= +10%)"
     )
     print(
         f"fork_context: depth 10 {fork_shallow:.0f} us, depth {depth} {fork_deep:.0f} us, "
