@@ -104,14 +104,15 @@ async def test_a_slice_keeps_what_writers_made_live_after_the_mark(turns: Sqlite
     await turns.delete_context(ctx.context_id)
     rows = await turns._actor.fetchall("SELECT turn_id, parent_turn_id, created_at_ms FROM turns")
     roots = [r[0] for r in await turns._actor.fetchall("SELECT head_turn_id FROM contexts WHERE deleted_at_ms IS NULL")]
-    candidates = unreachable([tuple(r) for r in rows], roots, cutoff_ms=2**62)  # no grace: all old
+    candidates, _ = unreachable([tuple(r) for r in rows], roots, cutoff_ms=2**62)  # no grace: all old
     assert sorted(candidates) == ids
 
     revived = await turns.create_context()
     await turns.set_head(revived.context_id, ids[3])  # a chain made live again
     forked = await turns.append_turn(other.context_id, "t", b"on a candidate", parent_turn_id=ids[5])
-    deleted, _ = await turns._actor.call(CollectTurns(candidates, 2**62))
+    deleted, _, kept = await turns._actor.call(CollectTurns(candidates, 2**62, max(r[0] for r in rows)))
     assert deleted == 2  # ids[6] and ids[7]: nothing reaches them
+    assert kept == ids[:6]
     assert [t.turn_id for t in await turns.list_turns(revived.context_id)] == ids[:4]
     assert [t.turn_id for t in await turns.list_turns(other.context_id)] == [*ids[:6], forked.turn_id]
     assert await turns.check() == []

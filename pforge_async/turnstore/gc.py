@@ -10,9 +10,9 @@ Mark, then sweep in slices, beside live writers in this and other processes:
   most a slice. Since a child's id is always above its parent's, children go before their parents,
   and a gc killed between slices leaves no turn without its parent. Inside its transaction a slice
   re-checks what may have changed since the mark: a candidate that is now a live context's head or
-  base, or that has a child outside the slice (an append to it, or a chain ``set_head`` made live
-  again), is kept, and so, transitively, are its ancestors in the slice. Turns a slice keeps are kept
-  in later slices by the same check (their children exist). The highest turn id is never deleted, so
+  base, or that has a child made since the mark (an append to it), is kept, and so, transitively, are
+  its ancestors in the slice; the ancestors of what a slice keeps are taken out of later slices (from
+  the mark's parents). The highest turn id is never deleted, so
   ids are never given twice (the next id is the highest plus one).
 - Deleted contexts' rows go once no turn names them, no context names them as parent, they were
   deleted before the grace period, and they do not hold the highest context id.
@@ -66,11 +66,13 @@ class TurnGcReport(msgspec.Struct, frozen=True):
 
 
 class CollectTurns(msgspec.Struct, frozen=True, tag="collect_turns"):
-    """Delete ``turn_ids`` (one slice, highest first), but for those the re-check keeps. The reply is
-    ``(turns deleted, payload bytes deleted)``."""
+    """Delete ``turn_ids`` (one slice, highest first), but for those the re-check keeps. ``marked_top``:
+    the highest turn id when the mark read the turns (a child made since has a higher id). The reply
+    is ``(turns deleted, payload bytes deleted, ids kept)``."""
 
     turn_ids: list[int]
     cutoff_ms: int
+    marked_top: int
 
 
 class CollectContexts(msgspec.Struct, frozen=True, tag="collect_contexts"):
@@ -80,9 +82,12 @@ class CollectContexts(msgspec.Struct, frozen=True, tag="collect_contexts"):
     cutoff_ms: int
 
 
-def unreachable(rows: Iterable[tuple[int, int, int]], roots: Iterable[int], cutoff_ms: int) -> list[int]:
+def unreachable(
+    rows: Iterable[tuple[int, int, int]], roots: Iterable[int], cutoff_ms: int
+) -> tuple[list[int], dict[int, int]]:
     """The turns (``rows``: turn id, parent, created_at_ms) that neither a root nor a turn created after
-    ``cutoff_ms`` reaches through parents, highest id first (never the highest of all)."""
+    ``cutoff_ms`` reaches through parents, highest id first (never the highest of all); and the
+    parent of every turn."""
     parent: dict[int, int] = {}
     stack: list[int] = [root for root in roots if root]
     top = 0
@@ -98,54 +103,63 @@ def unreachable(rows: Iterable[tuple[int, int, int]], roots: Iterable[int], cuto
         while turn_id and turn_id not in kept and turn_id in parent:
             kept.add(turn_id)
             turn_id = parent[turn_id]
-    return sorted((t for t in parent if t not in kept), reverse=True)
+    return sorted((t for t in parent if t not in kept), reverse=True), parent
 
 
 def _marks(ids: list[int]) -> str:
     return ",".join("?" * len(ids))
 
 
-def collect_turns(conn: sqlite3.Connection, command: CollectTurns) -> tuple[int, int]:
-    """The sweep of one slice, inside the actor's transaction (see the module docstring)."""
+def collect_turns(conn: sqlite3.Connection, command: CollectTurns) -> tuple[int, int, list[int]]:
+    """The sweep of one slice, inside the actor's transaction (see the module docstring). A child the
+    mark saw is a candidate of this or an earlier slice, or was kept by an earlier one (whose
+    ancestors the caller takes out of later slices): so only children made since the mark, above
+    ``marked_top``, are looked for here, down the primary key rather than across the table."""
     conn.execute("PRAGMA secure_delete = ON")
     doomed = set(command.turn_ids)
     top = conn.execute("SELECT MAX(turn_id) FROM turns").fetchone()[0]
     doomed.discard(top)
-    while doomed:
-        ids = sorted(doomed)
-        marks = _marks(ids)
-        keep = {
-            row[0]
-            for row in conn.execute(
-                f"SELECT turn_id FROM turns WHERE turn_id IN ({marks}) AND created_at_ms > ?",
-                (*ids, command.cutoff_ms),
-            )
-        }
-        for column in ("head_turn_id", "base_turn_id"):
-            keep.update(
-                row[0]
-                for row in conn.execute(
-                    f"SELECT {column} FROM contexts WHERE {column} IN ({marks}) AND deleted_at_ms IS NULL", ids
-                )
-            )
+    asked = set(doomed)
+    if not doomed:
+        return 0, 0, []
+    ids = sorted(doomed)
+    marks = _marks(ids)
+    parent: dict[int, int] = {}
+    keep: set[int] = set()
+    for turn_id, parent_id, created in conn.execute(
+        f"SELECT turn_id, parent_turn_id, created_at_ms FROM turns WHERE turn_id IN ({marks})", ids
+    ):
+        parent[turn_id] = parent_id
+        if created > command.cutoff_ms:
+            keep.add(turn_id)
+    doomed &= parent.keys()  # gone already (a gc before this one)
+    for column in ("head_turn_id", "base_turn_id"):
         keep.update(
             row[0]
             for row in conn.execute(
-                f"SELECT parent_turn_id FROM turns WHERE parent_turn_id IN ({marks}) AND turn_id NOT IN ({marks})",
-                (*ids, *ids),
+                f"SELECT {column} FROM contexts WHERE {column} IN ({marks}) AND deleted_at_ms IS NULL", ids
             )
         )
-        if not keep:
-            break
-        doomed -= keep  # and again: what it keeps may be the parent of another in the slice
+    keep.update(
+        row[0]
+        for row in conn.execute(
+            f"SELECT parent_turn_id FROM turns WHERE turn_id > ? AND parent_turn_id IN ({marks})",
+            (command.marked_top, *ids),
+        )
+    )
+    for turn_id in keep:  # what a kept turn stands on is kept too
+        while turn_id in doomed:
+            doomed.discard(turn_id)
+            turn_id = parent[turn_id]
+    kept = sorted((asked & parent.keys()) - doomed)
     if not doomed:
-        return 0, 0
+        return 0, 0, kept
     ids = sorted(doomed)
     marks = _marks(ids)
     size = conn.execute(f"SELECT COALESCE(SUM(length(payload)), 0) FROM turns WHERE turn_id IN ({marks})", ids)
     payload_bytes = int(size.fetchone()[0])
     deleted = conn.execute(f"DELETE FROM turns WHERE turn_id IN ({marks})", ids).rowcount
-    return int(deleted), payload_bytes
+    return int(deleted), payload_bytes, kept
 
 
 def collect_contexts(conn: sqlite3.Connection, command: CollectContexts) -> int:

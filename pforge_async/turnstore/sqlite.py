@@ -907,14 +907,23 @@ class SqliteTurnStore(TurnStoreBase):
             after = page[-1][0]
         # Roots read before the turns: a head moved meanwhile points at a turn the pages include, or
         # at one the sweep's own re-check keeps.
-        candidates = unreachable(rows, roots, cutoff)
+        candidates, parents = unreachable(rows, roots, cutoff)
+        marked_top = rows[-1][0] if rows else 0
         del rows
         turns = payload = slices = 0
+        kept: set[int] = set()
         for i in range(0, len(candidates), SLICE):
-            deleted, size = await self._actor.call(CollectTurns(candidates[i : i + SLICE], cutoff))
+            chunk = [turn_id for turn_id in candidates[i : i + SLICE] if turn_id not in kept]
+            if not chunk:
+                continue
+            deleted, size, keep = await self._actor.call(CollectTurns(chunk, cutoff, marked_top))
             turns += deleted
             payload += size
             slices += 1
+            for turn_id in keep:  # made live again: so are its ancestors, in later slices
+                while turn_id and turn_id not in kept:
+                    kept.add(turn_id)
+                    turn_id = parents.get(turn_id, 0)
         contexts = await self._actor.call(CollectContexts(cutoff))
         truncated = await anyio.to_thread.run_sync(truncate_wal, self.path)
         return TurnGcReport(
