@@ -45,7 +45,7 @@ async def test_unreachable_turns_go_and_reachable_ones_stay(turns: SqliteTurnSto
     last = await turns.create_context()
     top = await turns.append_turn(last.context_id, "t", b"top")
 
-    report = await turns.gc(grace_s=0)
+    report = await turns.gc(grace_s=0, drop_deleted_rows=True)
     gone = [*a_ids[5:], side.turn_id]
     assert report.turns_reclaimed == len(gone) and report.slices >= 2
     assert report.payload_bytes_reclaimed == sum(len(b"a%d" % i) for i in range(5, 10)) + len(b"side")
@@ -73,7 +73,9 @@ async def test_deleted_contexts_rows_go_when_nothing_names_them(turns: SqliteTur
     for ctx in doomed:
         await turns.delete_context(ctx.context_id)
     report = await turns.gc(grace_s=0)
-    assert report.turns_reclaimed == 5 and report.contexts_reclaimed == 5
+    assert report.turns_reclaimed == 5 and report.contexts_reclaimed == 0  # rows stay by default
+    report = await turns.gc(grace_s=0, drop_deleted_rows=True)
+    assert report.turns_reclaimed == 0 and report.contexts_reclaimed == 5
     assert [c.name for c in (await turns.list_contexts()).contexts] == ["keep"]
     assert await turns.check() == []
     assert (await turns.create_context(name="d0")).context_id > keep.context_id
@@ -102,7 +104,7 @@ async def test_a_slice_keeps_what_writers_made_live_after_the_mark(turns: Sqlite
     other = await turns.create_context()
     await turns.append_turn(other.context_id, "t", b"other")
     await turns.delete_context(ctx.context_id)
-    rows = await turns._actor.fetchall("SELECT turn_id, parent_turn_id, created_at_ms FROM turns")
+    rows = await turns._actor.fetchall("SELECT turn_id, parent_turn_id, created_at_ms, context_id FROM turns")
     roots = [r[0] for r in await turns._actor.fetchall("SELECT head_turn_id FROM contexts WHERE deleted_at_ms IS NULL")]
     candidates, _ = unreachable([tuple(r) for r in rows], roots, cutoff_ms=2**62)  # no grace: all old
     assert sorted(candidates) == ids
@@ -111,7 +113,7 @@ async def test_a_slice_keeps_what_writers_made_live_after_the_mark(turns: Sqlite
     await turns.set_head(revived.context_id, ids[3])  # a chain made live again
     forked = await turns.append_turn(other.context_id, "t", b"on a candidate", parent_turn_id=ids[5])
     deleted, _, kept = await turns._actor.call(CollectTurns(candidates, 2**62, max(r[0] for r in rows)))
-    assert deleted == 2  # ids[6] and ids[7]: nothing reaches them
+    assert deleted == ids[6:]  # nothing reaches them
     assert kept == ids[:6]
     assert [t.turn_id for t in await turns.list_turns(revived.context_id)] == ids[:4]
     assert [t.turn_id for t in await turns.list_turns(other.context_id)] == [*ids[:6], forked.turn_id]
@@ -142,8 +144,8 @@ async def test_erased_payloads_leave_every_file(tmp_path: Path) -> None:
         )
         await turns.delete_context(gone.context_id)
         assert files_holding(root, big_secret[:64]), "erasure alone leaves the bytes for gc"
-        report = await turns.gc(grace_s=0)
-        assert report.wal_truncated and report.turns_reclaimed == 1
+        report = await turns.gc(grace_s=0, drop_deleted_rows=True)
+        assert report.wal_truncated and report.turns_reclaimed == 1 and report.contexts_reclaimed == 1
         for needle in (secret, big_secret[:64], big_secret[-64:], deleted_secret):
             assert files_holding(root, needle) == []
         assert (await turns.list_turns(ctx.context_id, limit=1))[0].payload == b"the last turn"

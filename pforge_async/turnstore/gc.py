@@ -14,8 +14,10 @@ Mark, then sweep in slices, beside live writers in this and other processes:
   its ancestors in the slice; the ancestors of what a slice keeps are taken out of later slices (from
   the mark's parents). The highest turn id is never deleted, so
   ids are never given twice (the next id is the highest plus one).
-- Deleted contexts' rows go once no turn names them, no context names them as parent, they were
-  deleted before the grace period, and they do not hold the highest context id.
+- With ``drop_deleted_rows``, deleted contexts' rows go once no turn names them, no context names
+  them as parent, they were deleted before the grace period, and they do not hold the highest
+  context id. (Off by default: SQLite checks each deleted row against every turn, ``turns.context_id``
+  being a foreign key without an index.)
 - The grace period: what was created (or deleted) in the last ``grace_s`` seconds is left alone;
   ``grace_s=0`` leaves only what is younger than the gc itself.
 
@@ -68,7 +70,7 @@ class TurnGcReport(msgspec.Struct, frozen=True):
 class CollectTurns(msgspec.Struct, frozen=True, tag="collect_turns"):
     """Delete ``turn_ids`` (one slice, highest first), but for those the re-check keeps. ``marked_top``:
     the highest turn id when the mark read the turns (a child made since has a higher id). The reply
-    is ``(turns deleted, payload bytes deleted, ids kept)``."""
+    is ``(ids deleted, payload bytes deleted, ids kept)``."""
 
     turn_ids: list[int]
     cutoff_ms: int
@@ -76,22 +78,26 @@ class CollectTurns(msgspec.Struct, frozen=True, tag="collect_turns"):
 
 
 class CollectContexts(msgspec.Struct, frozen=True, tag="collect_contexts"):
-    """Delete the rows of contexts deleted at or before ``cutoff_ms`` that nothing names any more. The
-    reply is how many."""
+    """Delete the rows of ``context_ids`` (deleted contexts the mark saw no surviving turn name) that
+    were deleted at or before ``cutoff_ms``, name no turn above ``marked_top`` and no context as parent.
+    (A context deleted before the gc began gets no turn after the mark: appends need a live context.)
+    The reply is how many."""
 
+    context_ids: list[int]
     cutoff_ms: int
+    marked_top: int
 
 
 def unreachable(
-    rows: Iterable[tuple[int, int, int]], roots: Iterable[int], cutoff_ms: int
+    rows: Iterable[tuple[int, int, int, int]], roots: Iterable[int], cutoff_ms: int
 ) -> tuple[list[int], dict[int, int]]:
-    """The turns (``rows``: turn id, parent, created_at_ms) that neither a root nor a turn created after
-    ``cutoff_ms`` reaches through parents, highest id first (never the highest of all); and the
-    parent of every turn."""
+    """The turns (``rows``: turn id, parent, created_at_ms, context) that neither a root nor a turn
+    created after ``cutoff_ms`` reaches through parents, highest id first (never the highest of all);
+    and the parent of every turn."""
     parent: dict[int, int] = {}
     stack: list[int] = [root for root in roots if root]
     top = 0
-    for turn_id, parent_id, created in rows:
+    for turn_id, parent_id, created, _ in rows:
         parent[turn_id] = parent_id
         top = max(top, turn_id)
         if created > cutoff_ms:
@@ -110,7 +116,7 @@ def _marks(ids: list[int]) -> str:
     return ",".join("?" * len(ids))
 
 
-def collect_turns(conn: sqlite3.Connection, command: CollectTurns) -> tuple[int, int, list[int]]:
+def collect_turns(conn: sqlite3.Connection, command: CollectTurns) -> tuple[list[int], int, list[int]]:
     """The sweep of one slice, inside the actor's transaction (see the module docstring). A child the
     mark saw is a candidate of this or an earlier slice, or was kept by an earlier one (whose
     ancestors the caller takes out of later slices): so only children made since the mark, above
@@ -121,7 +127,7 @@ def collect_turns(conn: sqlite3.Connection, command: CollectTurns) -> tuple[int,
     doomed.discard(top)
     asked = set(doomed)
     if not doomed:
-        return 0, 0, []
+        return [], 0, []
     ids = sorted(doomed)
     marks = _marks(ids)
     parent: dict[int, int] = {}
@@ -153,25 +159,34 @@ def collect_turns(conn: sqlite3.Connection, command: CollectTurns) -> tuple[int,
             turn_id = parent[turn_id]
     kept = sorted((asked & parent.keys()) - doomed)
     if not doomed:
-        return 0, 0, kept
+        return [], 0, kept
     ids = sorted(doomed)
     marks = _marks(ids)
     size = conn.execute(f"SELECT COALESCE(SUM(length(payload)), 0) FROM turns WHERE turn_id IN ({marks})", ids)
     payload_bytes = int(size.fetchone()[0])
-    deleted = conn.execute(f"DELETE FROM turns WHERE turn_id IN ({marks})", ids).rowcount
-    return int(deleted), payload_bytes, kept
+    conn.execute(f"DELETE FROM turns WHERE turn_id IN ({marks})", ids)
+    return ids, payload_bytes, kept
 
 
 def collect_contexts(conn: sqlite3.Connection, command: CollectContexts) -> int:
     conn.execute("PRAGMA secure_delete = ON")
-    cursor = conn.execute(
-        "DELETE FROM contexts WHERE deleted_at_ms IS NOT NULL AND deleted_at_ms <= ? "
-        "AND context_id < (SELECT MAX(context_id) FROM contexts) "
-        "AND NOT EXISTS (SELECT 1 FROM turns t WHERE t.context_id = contexts.context_id) "
-        "AND NOT EXISTS (SELECT 1 FROM contexts c WHERE c.parent_context_id = contexts.context_id)",
-        (command.cutoff_ms,),
-    )
-    return int(cursor.rowcount)
+    # Turns made since the mark, in one pass down the primary key.
+    named = {
+        row[0] for row in conn.execute("SELECT DISTINCT context_id FROM turns WHERE turn_id > ?", (command.marked_top,))
+    }
+    ids = [context_id for context_id in command.context_ids if context_id not in named]
+    deleted = 0
+    for i in range(0, len(ids), SLICE):
+        chunk = ids[i : i + SLICE]
+        cursor = conn.execute(
+            f"DELETE FROM contexts WHERE context_id IN ({_marks(chunk)}) AND deleted_at_ms IS NOT NULL "
+            "AND deleted_at_ms <= ? AND context_id < (SELECT MAX(context_id) FROM contexts) "
+            "AND NOT EXISTS (SELECT 1 FROM contexts c WHERE c.parent_context_id = contexts.context_id "
+            "AND c.parent_context_id != 0)",
+            (*chunk, command.cutoff_ms),
+        )
+        deleted += cursor.rowcount
+    return deleted
 
 
 def truncate_wal(path: Path, *, attempts: int = 20, wait_s: float = 0.05) -> bool:

@@ -882,11 +882,16 @@ class SqliteTurnStore(TurnStoreBase):
         rows = await self._actor.fetchall(_CHAIN, {"start": start, "limit": limit})
         return [_record(row) for row in rows]
 
-    async def gc(self, *, grace_s: float = 3600.0) -> TurnGcReport:
-        """Reclaim the turns no live context reaches (through heads, bases and parents) and the rows
-        of deleted contexts nothing names, leaving everything created or deleted in the last
-        ``grace_s`` seconds; then truncate the WAL, so erased and deleted payloads are in no file of
-        ``turns.db``. In slices beside live writers, crash-safe at any point (see ``turnstore.gc``)."""
+    async def gc(self, *, grace_s: float = 3600.0, drop_deleted_rows: bool = False) -> TurnGcReport:
+        """Reclaim the turns no live context reaches (through heads, bases and parents), leaving
+        everything created in the last ``grace_s`` seconds; then truncate the WAL, so erased and
+        deleted payloads are in no file of ``turns.db``. In slices beside live writers, crash-safe at
+        any point (see ``turnstore.gc``).
+
+        With ``drop_deleted_rows``, also the rows of contexts deleted before the grace period that
+        nothing names any more (a deleted context's row is a few dozen bytes: its id and times).
+        Off by default: SQLite checks each such row against every turn (``turns.context_id`` is a
+        foreign key with no index), so it costs a pass over ``turns`` per row, under the lock."""
         if isinstance(grace_s, bool) or not isinstance(grace_s, (int, float)) or not 0 <= grace_s < 10**9:
             raise InvalidInput(f"grace_s must be a number of seconds from 0, got {grace_s!r}")
         started = time.monotonic()
@@ -897,40 +902,53 @@ class SqliteTurnStore(TurnStoreBase):
             "SELECT head_turn_id, base_turn_id FROM contexts WHERE deleted_at_ms IS NULL"
         ):
             roots += (head, base)
-        rows: list[tuple[int, int, int]] = []
+        rows: list[tuple[int, int, int, int]] = []
         after = 0
         while page := await self._actor.fetchall(
-            "SELECT turn_id, parent_turn_id, created_at_ms FROM turns WHERE turn_id > ? ORDER BY turn_id LIMIT 10000",
+            "SELECT turn_id, parent_turn_id, created_at_ms, context_id FROM turns WHERE turn_id > ? "
+            "ORDER BY turn_id LIMIT 10000",
             (after,),
         ):
-            rows += [(row[0], row[1], row[2]) for row in page]
+            rows += [(row[0], row[1], row[2], row[3]) for row in page]
             after = page[-1][0]
         # Roots read before the turns: a head moved meanwhile points at a turn the pages include, or
         # at one the sweep's own re-check keeps.
         candidates, parents = unreachable(rows, roots, cutoff)
         marked_top = rows[-1][0] if rows else 0
+        context_of = {row[0]: row[3] for row in rows}
         del rows
         turns = payload = slices = 0
         kept: set[int] = set()
+        gone: set[int] = set()
         for i in range(0, len(candidates), SLICE):
             chunk = [turn_id for turn_id in candidates[i : i + SLICE] if turn_id not in kept]
             if not chunk:
                 continue
             deleted, size, keep = await self._actor.call(CollectTurns(chunk, cutoff, marked_top))
-            turns += deleted
+            turns += len(deleted)
+            gone.update(deleted)
             payload += size
             slices += 1
             for turn_id in keep:  # made live again: so are its ancestors, in later slices
                 while turn_id and turn_id not in kept:
                     kept.add(turn_id)
                     turn_id = parents.get(turn_id, 0)
-        contexts = await self._actor.call(CollectContexts(cutoff))
+        contexts = 0
+        if drop_deleted_rows:
+            named = {context_id for turn_id, context_id in context_of.items() if turn_id not in gone}
+            deleted_contexts = await self._actor.fetchall(
+                "SELECT context_id FROM contexts WHERE deleted_at_ms IS NOT NULL AND deleted_at_ms <= ?", (cutoff,)
+            )
+            bare = [row[0] for row in deleted_contexts if row[0] not in named]
+            contexts = await self._actor.call(CollectContexts(bare, cutoff, marked_top))
+            slices += 1
+        del context_of
         truncated = await anyio.to_thread.run_sync(truncate_wal, self.path)
         return TurnGcReport(
             turns_reclaimed=turns,
             payload_bytes_reclaimed=payload,
             contexts_reclaimed=contexts,
-            slices=slices + 1,
+            slices=slices,
             wal_truncated=truncated,
             bytes_before=before,
             bytes_after=files_size(self.path),
