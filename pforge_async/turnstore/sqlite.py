@@ -913,9 +913,11 @@ class SqliteTurnStore(TurnStoreBase):
             after = page[-1][0]
         # Roots read before the turns: a head moved meanwhile points at a turn the pages include, or
         # at one the sweep's own re-check keeps.
-        candidates, parents = unreachable(rows, roots, cutoff)
+        # In a worker thread: the mark's Python work would otherwise hold this event loop (and every
+        # task on it) for its whole length; there it yields the GIL every switch interval.
+        candidates, parents = await anyio.to_thread.run_sync(unreachable, rows, roots, cutoff)
         marked_top = rows[-1][0] if rows else 0
-        context_of = {row[0]: row[3] for row in rows}
+        context_of = {row[0]: row[3] for row in rows} if drop_deleted_rows else {}
         del rows
         turns = payload = slices = 0
         kept: set[int] = set()
