@@ -201,6 +201,11 @@ async def test_a_second_writer_is_refused_not_forked(tmp_path: Path) -> None:
         assert again is not None
         await two.aput(again.config, checkpoint({"n": 2}, {"n": 3}), meta(2), {"n": 3})
         assert [t.checkpoint["channel_values"]["n"] async for t in one.alist(cfg("t"))] == [2, 1, 0]
+        # a thread read while it did not exist: someone else starting it meanwhile is a conflict too
+        assert await two.aget_tuple(cfg("new")) is None
+        await put_chain(one, "new", [{"n": "one"}])
+        with pytest.raises(WriterConflict):
+            await put_chain(two, "new", [{"n": "two"}])
 
 
 async def test_thread_names_do_not_collide() -> None:

@@ -140,6 +140,8 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         self._codec: ValueCodec | None = None
         self._logs: OrderedDict[str, Tracked[_Top]] = OrderedDict()
         self._channels: OrderedDict[tuple[str, str], Channels] = OrderedDict()
+        #: names a read found no context for (the first write then expects it empty)
+        self._absent: dict[str, None] = {}
         #: (name, checkpoint id) -> depth of the first writes turn this saver made to it
         self._early: dict[tuple[str, str], int] = {}
         self._owned: Any = None  # a store from_path opened for this saver alone
@@ -240,11 +242,18 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         turns = await self._turns()
         info = await turns.open_context(name) if create else await turns.find_context(name)
         if info is None:
+            # Seen absent: a first write expects it still empty, so a writer that made it meanwhile
+            # is a conflict, not the baseline.
+            self._absent[name] = None
+            while len(self._absent) > _MAX_TRACKED:
+                self._absent.pop(next(iter(self._absent)))
             return None
-        top = await self._top_at(turns, info.head_turn_id)
         tracked = self._logs.get(name)
         if tracked is None or tracked.context_id != info.context_id:
-            tracked = Tracked(info.context_id, info.head_turn_id, top)
+            if create and self._absent.pop(name, 0) is None:
+                tracked = Tracked(info.context_id, 0, _EMPTY)
+            else:
+                tracked = Tracked(info.context_id, info.head_turn_id, await self._top_at(turns, info.head_turn_id))
             self._logs[name] = tracked
             self._evict()
         return tracked

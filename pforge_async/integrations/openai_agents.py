@@ -1,0 +1,407 @@
+"""``PforgeSession``: an OpenAI Agents SDK session over any pforge_async store.
+
+One line to switch::
+
+    session = PforgeSession("user-123", ".pforge")      # was: SQLiteSession("user-123", "conversations.db")
+    result = await Runner.run(agent, "Hello", session=session)
+
+``store`` is an open :class:`~pforge_async.Store`, any turn store, a path (opened on first use, one
+open store per directory and event loop, shared by every session naming it; released by
+:meth:`PforgeSession.aclose` or :meth:`close`), or ``":memory:"`` (the default, as for
+``SQLiteSession``: a private in-memory store).
+
+A session is a named context (``<prefix>/<session_id>``, ``prefix`` ``"openai-agents"`` unless given)
+and each item one turn of its chain, JSON as the SDK's own sessions store it:
+
+- ``add_items`` appends its items in one atomic batch (all or none);
+- ``get_items(limit)`` reads the last ``limit`` items back from the head (every item: the whole
+  chain), oldest first; ``session_settings.limit`` applies when ``limit`` is None;
+- ``pop_item`` moves the head back one item and returns it; ``clear_session`` moves it to nothing.
+  Neither copies or rewrites anything: what they leave behind is no longer reachable from the
+  session (``store.gc`` reclaims it where the store has one);
+- ``branch(from_item=k)`` starts a new session holding the first ``k`` items: a fork, O(1) whatever
+  the length (nothing is copied; ``AdvancedSQLiteSession`` copies the rows);
+- every method takes the SDK's ``wrapper`` keyword (the run's ``RunContextWrapper``). Given a budget
+  ledger (``record_usage=True`` for the store's own, or a ``BudgetLedger``), ``add_items`` records the
+  run's token usage since it last recorded it, tagged with the session id.
+
+Several writers, several processes: a session remembers the head it last saw (``get_items`` refreshes
+it, as each run does first) and every write compare-and-sets it, so a second writer on the same
+session (another process or another ``PforgeSession`` object with the same id) gets
+:class:`WriterConflict` instead of interleaving two runs' items. The tasks of one session object
+take turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import weakref
+from collections.abc import Callable
+from typing import Any, cast
+from uuid import uuid4
+
+from ..errors import ActorClosed, Conflict, ContextNotFound, HeadConflict, IntegrityError, InvalidInput
+from ..ledgers.budget import BudgetLedger
+from ..turnstore.base import TurnStoreBase
+from ..turnstore.rules import MAX_PAGE_SIZE
+from ..turnstore.types import NewTurn, TurnRecord
+from ._heads import Tracked, WriterConflict
+from ._stores import MEMORY, Backing, StoreLike
+
+try:
+    from agents.items import TResponseInputItem
+    from agents.memory.session_settings import SessionSettings, resolve_session_limit
+    from agents.run_context import RunContextWrapper
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "pforge_async.integrations.openai_agents needs the OpenAI Agents SDK: "
+        "pip install 'pforge_async[openai-agents]'"
+    ) from exc
+
+__all__ = ["ITEM", "PforgeSession", "WriterConflict"]
+
+#: the type id of an item's turn
+ITEM = "openai_agents.item"
+_PAGE = 256
+
+#: releases of path stores that ``close()`` started (kept so they are not collected unfinished)
+_closing: set[asyncio.Task[None]] = set()
+
+#: ``price(model, input_tokens, output_tokens)``: the cost in micro-units the budget ledger records
+Price = Callable[[str, int, int], int]
+
+
+class PforgeSession:
+    """An OpenAI Agents SDK ``Session`` over a pforge_async store: see the module's documentation.
+
+    ``session_settings``: a ``SessionSettings`` or a dict of its fields. ``prefix``: the first part of
+    the context name (sessions under different prefixes never meet). ``record_usage``: True (the
+    store's own budget ledger), a ``BudgetLedger``, or False; ``vendor``, ``model`` and ``price`` say
+    what the spend is recorded as (cost 0 without ``price``)."""
+
+    session_settings: SessionSettings | None = None
+
+    def __init__(
+        self,
+        session_id: str,
+        store: StoreLike = MEMORY,
+        *,
+        session_settings: SessionSettings | dict[str, Any] | None = None,
+        prefix: str = "openai-agents",
+        record_usage: bool | BudgetLedger = False,
+        vendor: str = "openai",
+        model: str = "",
+        price: Price | None = None,
+        connect_options: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(session_id, str) or not session_id:
+            raise InvalidInput(f"session_id must be a non-empty str, got {session_id!r}")
+        if not isinstance(prefix, str) or not prefix:
+            raise InvalidInput(f"prefix must be a non-empty str, got {prefix!r}")
+        self.session_id = session_id
+        self.prefix = prefix
+        self.session_settings = _settings(session_settings)
+        self._backing = Backing(store, "PforgeSession", connect_options)
+        # what a branch opens: the same store (for ":memory:", the very memory store this one made)
+        self._store_arg: StoreLike = self._backing.turns if self._backing.turns is not None else store
+        self._connect_options = connect_options
+        self.name = f"{prefix}/{session_id}"
+        self._tracked: Tracked[None] | None = None
+        self._seen_absent = False
+        self._closed = False
+        if not isinstance(record_usage, (bool, BudgetLedger)):
+            raise InvalidInput(f"record_usage must be True, False or a BudgetLedger, got {record_usage!r}")
+        self._record_usage = record_usage
+        self.vendor = vendor
+        self.model = model
+        self._price = price
+        #: per run (its RunContextWrapper): the usage already recorded
+        self._recorded: dict[int, tuple[weakref.ref[Any], int, int]] = {}
+
+    # -- opening and closing -------------------------------------------------------------------------
+
+    async def _turns(self) -> TurnStoreBase:
+        if self._closed:
+            raise ActorClosed(f"PforgeSession {self.session_id!r} is closed")
+        return await self._backing.open()
+
+    async def _context(self, *, create: bool) -> Tracked[None] | None:
+        tracked = self._tracked
+        if tracked is not None:
+            return tracked
+        turns = await self._turns()
+        info = await turns.open_context(self.name) if create else await turns.find_context(self.name)
+        if info is None:
+            # Seen absent: the first write expects it still empty (another writer's items are a conflict).
+            self._seen_absent = True
+            return None
+        if self._tracked is None or self._tracked.context_id != info.context_id:
+            head = 0 if create and self._seen_absent else info.head_turn_id
+            self._tracked = Tracked(info.context_id, head, None)
+            self._seen_absent = False
+        return self._tracked
+
+    async def aclose(self) -> None:
+        """Release the store if this session opened it from a path. Later calls raise ``ActorClosed``."""
+        self._closed = True
+        await self._backing.aclose()
+
+    def close(self) -> None:
+        """Mark the session closed (every later call raises ``ActorClosed``). A store opened from a path
+        is released by :meth:`aclose`; from synchronous code this cannot wait for that, so it is
+        released when its event loop next runs."""
+        self._closed = True
+        if self._backing.path is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(self._backing.aclose())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    async def __aenter__(self) -> PforgeSession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- the Session protocol ------------------------------------------------------------------------
+
+    async def get_items(
+        self, limit: int | None = None, *, wrapper: RunContextWrapper[Any] | None = None
+    ) -> list[TResponseInputItem]:
+        """The last ``limit`` items (``session_settings.limit`` when None; every item when both are
+        None), oldest first. ``limit`` 0 gives none; a negative one, every item (as SQLite's LIMIT)."""
+        session_limit = resolve_session_limit(limit, self.session_settings)
+        if session_limit is not None and (isinstance(session_limit, bool) or not isinstance(session_limit, int)):
+            raise InvalidInput(f"limit must be an int or None, got {session_limit!r}")
+        if session_limit == 0:
+            await self._turns()
+            return []
+        for _ in range(2):
+            tracked = await self._context(create=False)
+            if tracked is None:
+                return []
+            turns = await self._turns()
+            mark = tracked.writes
+            try:
+                if session_limit is not None and 0 < session_limit <= MAX_PAGE_SIZE:
+                    records = await turns.list_turns(tracked.context_id, limit=session_limit)
+                else:
+                    records = [r async for r in turns.iter_turns(tracked.context_id, page_size=_PAGE)]
+                    if session_limit is not None and session_limit > 0:
+                        records = records[-session_limit:]
+            except ContextNotFound:
+                self._tracked = None  # deleted (and maybe made again): look the name up again
+                continue
+            tracked.saw(mark, tracked.context_id, records[-1].turn_id if records else 0, None)
+            return [self._item(record) for record in records]
+        return []
+
+    async def add_items(
+        self, items: list[TResponseInputItem], *, wrapper: RunContextWrapper[Any] | None = None
+    ) -> None:
+        """Append the items, all in one atomic write (none of them if it fails)."""
+        turns = await self._turns()
+        if isinstance(items, (str, bytes, dict)):
+            raise InvalidInput(f"add_items takes a list of items, not a {type(items).__name__}")
+        if not items:
+            return
+        payloads = [_encode(item, i) for i, item in enumerate(items)]
+        tracked = await self._context(create=True)
+        assert tracked is not None
+        async with tracked.lock:
+            await tracked.settle(turns, _no_state)
+            expected = tracked.head
+            batch = [NewTurn(tracked.context_id, ITEM, payload) for payload in payloads]
+            try:
+                records = await turns.append_turns(batch, expected_heads={tracked.context_id: expected})
+            except HeadConflict as exc:
+                raise tracked.conflict(self._what(), exc) from exc
+            except ContextNotFound as exc:
+                self._tracked = None
+                raise ContextNotFound(f"{self._what()} was deleted while this session was writing it") from exc
+            except BaseException:
+                tracked.uncertain = (expected, payloads)
+                raise
+            tracked.wrote(records[-1].turn_id, None)
+        if wrapper is not None and self._record_usage is not False:
+            await self._usage(wrapper, records[-1].turn_id)
+
+    async def pop_item(self, *, wrapper: RunContextWrapper[Any] | None = None) -> TResponseInputItem | None:
+        """Remove the most recent item (the head moves back one) and return it; None if there is none."""
+        turns = await self._turns()
+        tracked = await self._context(create=False)
+        if tracked is None:
+            return None
+        async with tracked.lock:
+            await tracked.settle(turns, _no_state)
+            if not tracked.head:
+                # nothing here as far as this session knows: see whether that is still so
+                head = (await turns.get_head(tracked.context_id)).head_turn_id
+                if head:
+                    raise tracked.conflict(self._what(), HeadConflict(tracked.context_id, 0, head))
+                return None
+            record = await turns.get_turn(tracked.head)
+            item = self._item(record)
+            await self._move_head(tracked, record.parent_turn_id)
+        return item
+
+    async def clear_session(self, *, wrapper: RunContextWrapper[Any] | None = None) -> None:
+        """Empty the session: its head moves to nothing."""
+        turns = await self._turns()
+        tracked = await self._context(create=False)
+        if tracked is None:
+            return
+        async with tracked.lock:
+            await tracked.settle(turns, _no_state)
+            if tracked.head:
+                await self._move_head(tracked, 0)
+            else:
+                head = (await turns.get_head(tracked.context_id)).head_turn_id
+                if head:
+                    raise tracked.conflict(self._what(), HeadConflict(tracked.context_id, 0, head))
+
+    async def _move_head(self, tracked: Tracked[None], turn_id: int) -> None:
+        turns = await self._turns()
+        expected = tracked.head
+        try:
+            await turns.set_head(tracked.context_id, turn_id, expected_head=expected)
+        except HeadConflict as exc:
+            raise tracked.conflict(self._what(), exc) from exc
+        except ContextNotFound:
+            self._tracked = None
+            return  # deleted meanwhile: nothing left to move
+        except BaseException:
+            # set_head appends nothing, so no chain shows whether it landed: see the head afresh
+            self._tracked = None
+            raise
+        tracked.wrote(turn_id, None)
+
+    # -- beyond the SDK's sessions -------------------------------------------------------------------
+
+    async def branch(self, session_id: str | None = None, *, from_item: int | None = None) -> PforgeSession:
+        """A new session (``session_id``, or one made up from this one's) holding this session's first
+        ``from_item`` items (all of them when None; a negative one counts from the end, as a slice
+        does): a fork of this session's chain, O(1) whatever its length. The two go their own ways."""
+        turns = await self._turns()
+        new_id = session_id if session_id is not None else f"{self.session_id}@{uuid4().hex[:12]}"
+        branch = PforgeSession(
+            new_id,
+            self._store_arg,
+            session_settings=self.session_settings,
+            prefix=self.prefix,
+            record_usage=self._record_usage,
+            vendor=self.vendor,
+            model=self.model,
+            price=self._price,
+            connect_options=self._connect_options,
+        )
+        tracked = await self._context(create=False)
+        head = (await turns.get_head(tracked.context_id)) if tracked is not None else None
+        depth = head.head_depth if head is not None else 0
+        keep = depth if from_item is None else _slice_end(from_item, depth)
+        at = 0
+        if keep and head is not None:
+            at = await _turn_at(turns, head.context_id, head.head_depth, keep)
+        parent = tracked.context_id if tracked is not None else None
+        try:
+            if at:
+                info = await turns.fork_context(at, name=branch.name, parent_context_id=parent)
+            else:
+                info = await turns.create_context(name=branch.name, parent_context_id=parent)
+        except Conflict as exc:
+            raise Conflict(f"branch: session {new_id!r} already exists; name a new one") from exc
+        branch._tracked = Tracked(info.context_id, info.head_turn_id, None)
+        return branch
+
+    async def _usage(self, wrapper: RunContextWrapper[Any], turn_id: int) -> None:
+        usage = getattr(wrapper, "usage", None)
+        if usage is None:
+            return
+        input_tokens, output_tokens = int(usage.input_tokens or 0), int(usage.output_tokens or 0)
+        key = id(wrapper)
+        known = self._recorded.get(key)
+        if known is not None and known[0]() is wrapper:
+            before_in, before_out = known[1], known[2]
+        else:
+            before_in = before_out = 0
+        spent_in, spent_out = input_tokens - before_in, output_tokens - before_out
+        if spent_in <= 0 and spent_out <= 0:
+            return
+        ledger = self._record_usage if isinstance(self._record_usage, BudgetLedger) else self._backing.budget
+        if ledger is None:
+            raise InvalidInput(
+                f"{self._what()}: record_usage=True needs a store with a budget ledger (a Store or a path), "
+                "not a bare turn store: pass record_usage=<a BudgetLedger>"
+            )
+        model = self.model or "unknown"
+        cost = self._price(model, max(spent_in, 0), max(spent_out, 0)) if self._price is not None else 0
+        await ledger.record_spend(
+            self.vendor,
+            model,
+            input_tokens=max(spent_in, 0),
+            output_tokens=max(spent_out, 0),
+            cost=cost,
+            idempotency_key=f"pforge-session:{self.name}@{turn_id}",
+            tags={"session": self.session_id},
+            allow_overdraw=True,  # the tokens are spent already: record them even past a limit
+        )
+        self._recorded = {k: v for k, v in self._recorded.items() if v[0]() is not None}
+        self._recorded[key] = (weakref.ref(wrapper), input_tokens, output_tokens)
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def _what(self) -> str:
+        return f"session {self.session_id!r}"
+
+    def _item(self, record: TurnRecord) -> TResponseInputItem:
+        if record.type_id != ITEM:
+            raise IntegrityError(
+                f"{self._what()}: turn {record.turn_id} is a {record.type_id!r}, not an item: the name "
+                f"{self.name!r} is taken by something else"
+            )
+        try:
+            return cast(TResponseInputItem, json.loads(record.payload))
+        except ValueError as exc:
+            raise IntegrityError(f"{self._what()}: turn {record.turn_id} is not a JSON item: {exc}") from exc
+
+
+def _no_state(record: TurnRecord) -> None:
+    return None
+
+
+def _settings(value: SessionSettings | dict[str, Any] | None) -> SessionSettings:
+    if value is None:
+        return SessionSettings()
+    from agents.memory.session_settings import coerce_session_settings
+
+    return coerce_session_settings(value)
+
+
+def _encode(item: object, index: int) -> bytes:
+    try:
+        return json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"item {index} is not JSON-serializable: {exc}") from exc
+
+
+def _slice_end(from_item: int, depth: int) -> int:
+    if isinstance(from_item, bool) or not isinstance(from_item, int):
+        raise InvalidInput(f"from_item must be an int or None, got {from_item!r}")
+    return max(0, min(depth, from_item if from_item >= 0 else depth + from_item))
+
+
+async def _turn_at(turns: TurnStoreBase, context_id: int, head_depth: int, depth: int) -> int:
+    """The turn at ``depth`` of the chain, reading from whichever end is nearer."""
+    if head_depth - depth < depth:
+        return (await turns.list_turns(context_id, limit=head_depth - depth + 1))[0].turn_id
+    last = 0
+    async for record in turns.iter_turns(context_id, page_size=min(depth, MAX_PAGE_SIZE)):
+        last = record.turn_id
+        if record.depth == depth:
+            break
+    return last

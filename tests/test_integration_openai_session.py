@@ -1,0 +1,185 @@
+"""PforgeSession: the OpenAI Agents SDK's Session contract over the memory backend and the SQLite store,
+atomic batches, branches that copy nothing, a second writer refused, usage through the budget ledger."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agents.memory.session import Session, _session_accepts_wrapper
+from agents.memory.session_settings import SessionSettings
+
+from pforge_async import ActorClosed, Conflict, InvalidInput, MemoryTurnStore, open_store
+from pforge_async.integrations.openai_agents import PforgeSession, WriterConflict
+
+pytestmark = pytest.mark.anyio
+
+
+def user(text: str) -> Any:
+    return {"role": "user", "content": text}
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    if request.param == "memory":
+        yield MemoryTurnStore()
+    else:
+        async with open_store(tmp_path / "store", durability="normal") as opened:
+            yield opened
+
+
+async def test_the_session_contract(store: Any) -> None:
+    session = PforgeSession("s-1", store)
+    assert isinstance(session, Session) and _session_accepts_wrapper(session)
+    assert await session.get_items() == [] and await session.pop_item() is None
+    await session.add_items([user("a"), user("b")])
+    await session.add_items([])
+    await session.add_items([user("c"), {"type": "message", "role": "assistant", "content": [{"text": "d\u00e9"}]}])
+    items = await session.get_items()
+    assert [i["content"] for i in items[:3]] == ["a", "b", "c"] and items[3]["content"][0]["text"] == "d\u00e9"
+    assert await session.get_items(limit=2) == items[2:]
+    assert await session.get_items(limit=0) == []
+    assert await session.get_items(limit=-1) == items  # as SQLite's LIMIT -1: no limit
+    assert await session.get_items(limit=100) == items
+    assert await session.pop_item() == items[3]
+    assert await session.get_items() == items[:3]
+    other = PforgeSession("s-2", store)
+    await other.add_items([user("elsewhere")])
+    await session.clear_session()
+    assert await session.get_items() == [] and await session.pop_item() is None
+    assert await other.get_items() == [user("elsewhere")]
+    await session.add_items([user("after clear")])
+    assert await session.get_items() == [user("after clear")]
+    limited = PforgeSession("s-1", store, session_settings={"limit": 1})
+    assert limited.session_settings == SessionSettings(limit=1)
+    await limited.add_items([user("x")])
+    assert await limited.get_items() == [user("x")]
+    assert await limited.get_items(limit=5) == [user("after clear"), user("x")]
+
+
+async def test_add_items_is_one_atomic_batch(store: Any) -> None:
+    session = PforgeSession("atomic", store)
+    await session.add_items([user("kept")])
+    with pytest.raises(InvalidInput, match="item 1 is not JSON"):
+        await session.add_items([user("a"), {"bad": object()}])
+    with pytest.raises(InvalidInput):  # one item over the store's payload limit: the others go neither
+        await session.add_items([user("b"), user("x" * (17 << 20))])
+    assert await session.get_items() == [user("kept")]
+
+
+async def test_items_persist_across_opens(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    async with PforgeSession("persist", str(path)) as session:
+        await session.add_items([user("one"), user("two")])
+    async with PforgeSession("persist", str(path)) as again:
+        assert await again.get_items() == [user("one"), user("two")]
+        assert await again.pop_item() == user("two")
+    async with open_store(path) as opened:
+        assert await PforgeSession("persist", opened).get_items() == [user("one")]
+    closed = PforgeSession("persist", str(path))
+    await closed.aclose()
+    with pytest.raises(ActorClosed, match="'persist' is closed"):
+        await closed.get_items()
+
+
+class CountingStore(MemoryTurnStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.appended = 0
+
+    async def append_turns(self, *args: Any, **kwargs: Any) -> Any:
+        self.appended += len(args[0])
+        return await super().append_turns(*args, **kwargs)
+
+
+async def test_branch_is_a_fork() -> None:
+    turns = CountingStore()
+    session = PforgeSession("main", turns)
+    items = [user(f"m{i}") for i in range(500)]
+    for start in range(0, 500, 100):
+        await session.add_items(items[start : start + 100])
+    appended = turns.appended
+    whole = await session.branch("copy")
+    head = await session.branch("head", from_item=3)
+    tail = await session.branch(from_item=-1)
+    empty = await session.branch("empty", from_item=0)
+    assert turns.appended == appended  # nothing copied
+    assert await whole.get_items() == items
+    assert await head.get_items() == items[:3]
+    assert await tail.get_items() == items[:-1] and tail.session_id.startswith("main@")
+    assert await empty.get_items() == []
+    await head.add_items([user("other way")])
+    assert await head.get_items() == [*items[:3], user("other way")]
+    assert await session.get_items(limit=1) == [items[-1]]
+    with pytest.raises(Conflict, match="'head' already exists"):
+        await session.branch("head")
+    memory = PforgeSession("mem")  # ":memory:": a branch shares the very same memory store
+    await memory.add_items([user("a")])
+    assert await (await memory.branch("mem-2")).get_items() == [user("a")]
+
+
+async def test_a_second_writer_is_refused(store: Any) -> None:
+    one, two = PforgeSession("shared", store), PforgeSession("shared", store)
+    await one.add_items([user("1")])
+    assert await two.get_items() == [user("1")]
+    await one.add_items([user("2")])
+    for write in (two.add_items([user("interleaved")]), two.pop_item(), two.clear_session()):
+        with pytest.raises(WriterConflict, match="session 'shared': another writer changed it"):
+            await write
+    assert await one.get_items() == [user("1"), user("2")]
+    assert await two.get_items() == [user("1"), user("2")]  # read again: goes on from there
+    await two.add_items([user("3")])
+    assert await one.get_items() == [user("1"), user("2"), user("3")]
+    # a session read while it did not exist: someone else making it meanwhile is a conflict too
+    late, early = PforgeSession("new", store), PforgeSession("new", store)
+    assert await late.get_items() == []
+    await early.add_items([user("first")])
+    with pytest.raises(WriterConflict):
+        await late.add_items([user("on a stale view")])
+
+
+@dataclass
+class FakeUsage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass
+class FakeWrapper:
+    usage: FakeUsage = field(default_factory=FakeUsage)
+
+
+async def test_usage_recorded_through_the_budget_ledger(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "store", durability="normal") as opened:
+        session = PforgeSession(
+            "paid", opened, record_usage=True, model="gpt-test", price=lambda model, i, o: i + 10 * o
+        )
+        run = FakeWrapper()
+        run.usage.input_tokens, run.usage.output_tokens = 100, 20
+        await session.add_items([user("q")], wrapper=run)  # type: ignore[arg-type]
+        run.usage.input_tokens, run.usage.output_tokens = 250, 30
+        await session.add_items([user("a")], wrapper=run)  # type: ignore[arg-type]
+        await session.add_items([user("no new usage")], wrapper=run)  # type: ignore[arg-type]
+        await session.add_items([user("no wrapper")])
+        totals = await opened.budget.totals("openai", tags={"session": "paid"})
+        assert (totals.input_tokens, totals.output_tokens, totals.cost) == (250, 30, 250 + 300)
+        unpaid = PforgeSession("free", opened)
+        await unpaid.add_items([user("q")], wrapper=run)  # type: ignore[arg-type]
+        assert (await opened.budget.totals("openai", tags={"session": "free"})).input_tokens == 0
+        with pytest.raises(InvalidInput, match="budget ledger"):
+            await PforgeSession("x", MemoryTurnStore(), record_usage=True).add_items([user("q")], wrapper=run)  # type: ignore[arg-type]
+
+
+async def test_argument_errors() -> None:
+    with pytest.raises(InvalidInput, match="session_id"):
+        PforgeSession("")
+    with pytest.raises(InvalidInput, match="takes a Store"):
+        PforgeSession("x", 42)  # type: ignore[arg-type]
+    session = PforgeSession("x")
+    with pytest.raises(InvalidInput, match="list of items"):
+        await session.add_items(user("not a list"))
+    with pytest.raises(InvalidInput, match="from_item"):
+        await session.branch("y", from_item="1")  # type: ignore[arg-type]
