@@ -8,12 +8,12 @@ bytes, so a resumed run that re-issues a call finds it recorded and writes nothi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import msgspec
 
+from ..turnstore.registry import schema_bundle
 from ..turnstore.types import Correlation, TurnRecord
 
 __all__ = [
@@ -207,29 +207,4 @@ def decode_record(type_id: str, payload: bytes) -> AttractorRecord:
 def registry_bundle() -> bytes:
     """The registry bundle published under ``BUNDLE_ID``: each type id with its version, encoding and
     JSON Schema, as canonical JSON, so every process publishes the same bytes."""
-    ordered = sorted(RECORD_TYPES.items())
-    refs, components = msgspec.json.schema_components([cls for _, cls in ordered], ref_template="#/$defs/{name}")
-    bundle = {
-        "bundle_id": BUNDLE_ID,
-        "encoding": "msgpack",
-        "types": {
-            type_id: {"version": TYPE_VERSION, "schema": ref} for (type_id, _), ref in zip(ordered, refs, strict=True)
-        },
-        "$defs": _structure_only(components, names=True),
-    }
-    return json.dumps(bundle, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _structure_only(schema: Any, *, names: bool = False) -> Any:
-    """``schema`` without titles and descriptions (taken from docstrings): rewording a docstring must
-    not change the published bytes, which the store refuses to replace. ``names``: ``schema`` maps
-    names (fields, definitions) to schemas, so none of its keys is a title."""
-    if isinstance(schema, dict):
-        return {
-            k: _structure_only(v, names=not names and k in ("properties", "$defs"))
-            for k, v in schema.items()
-            if names or k not in ("title", "description")
-        }
-    if isinstance(schema, list):
-        return [_structure_only(v) for v in schema]
-    return schema
+    return schema_bundle(BUNDLE_ID, TYPE_VERSION, RECORD_TYPES)
