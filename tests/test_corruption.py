@@ -353,6 +353,10 @@ async def test_a_database_too_damaged_to_open_fails_alone(
     data = bytearray(path.read_bytes())
     data[:16] = b"not a database!\0"  # SQLite's magic: no connection can open it now
     path.write_bytes(bytes(data))
+    # A WAL left beside the file may hold page 1, which SQLite would read instead of the damaged
+    # header: empty it, so the damage is what every connection sees.
+    for sidecar in (f"{database}-wal", f"{database}-shm"):
+        (root / sidecar).unlink(missing_ok=True)
     area = database.removesuffix(".db")
     store = await connect(root, **OPTIONS)
     out = Outcome()

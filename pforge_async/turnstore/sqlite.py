@@ -894,6 +894,11 @@ class SqliteTurnStore(TurnStoreBase):
         foreign key with no index), so it costs a pass over ``turns`` per row, under the lock."""
         if isinstance(grace_s, bool) or not isinstance(grace_s, (int, float)) or not 0 <= grace_s < 10**9:
             raise InvalidInput(f"grace_s must be a number of seconds from 0, got {grace_s!r}")
+        if not isinstance(drop_deleted_rows, bool):
+            raise InvalidInput(f"drop_deleted_rows must be a bool, got {drop_deleted_rows!r}")
+        if self._actor.readonly:
+            # gc writes (slices, a WAL checkpoint) even when it finds nothing to reclaim.
+            raise InvalidInput(f"{self.path} is open read-only: gc needs a writable store")
         started = time.monotonic()
         before = files_size(self.path)
         cutoff = now_ms() - int(grace_s * 1000)
