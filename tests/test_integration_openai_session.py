@@ -183,3 +183,34 @@ async def test_argument_errors() -> None:
         await session.add_items(user("not a list"))
     with pytest.raises(InvalidInput, match="from_item"):
         await session.branch("y", from_item="1")  # type: ignore[arg-type]
+
+
+def test_one_session_across_event_loops(tmp_path: Path) -> None:
+    """asyncio.run after asyncio.run, and threads with loops of their own, on one session object:
+    each loop gets its own open store, and the session's writes still take turns."""
+    import asyncio
+    import threading
+
+    session = PforgeSession("loops", str(tmp_path / "store"))
+    for turn in range(3):
+        asyncio.run(session.add_items([user(f"run {turn}")]))
+
+    def worker(index: int) -> None:
+        async def work() -> None:
+            for k in range(5):
+                await session.add_items([user(f"thread {index}.{k}")])
+
+        asyncio.run(work())
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+        assert not w.is_alive()
+    items = [i["content"] for i in asyncio.run(session.get_items())]
+    assert items[:3] == ["run 0", "run 1", "run 2"]
+    assert sorted(items[3:]) == sorted(f"thread {i}.{k}" for i in range(3) for k in range(5))
+    for i in range(3):  # each thread's items in its own order
+        mine = [x for x in items if x.startswith(f"thread {i}.")]
+        assert mine == [f"thread {i}.{k}" for k in range(5)]

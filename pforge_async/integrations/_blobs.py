@@ -2,14 +2,18 @@
 large as it is, else stored once in the store's blob space (the CAS on the SQLite store) under its
 git blob id, however many checkpoints name it.
 
-A list long enough is cut into chunks of a fixed number of items, each chunk its own blob, so a list
-that grows by appending (a chat's messages) stores its full chunks once and rewrites only its last.
+A list is cut into chunks of a fixed number of items. Its full chunks are blobs, so a list that grows
+by appending (a chat's messages) stores each of them once; its last, partial chunk, which every
+append rewrites, is kept inline in the checkpoint that changed the list (up to ``TAIL_INLINE_MAX``),
+and becomes a blob the first time a checkpoint carries the list unchanged (``promote``). Full chunks
+already stored for the same items (the same objects: LangGraph's reducers replace items, they do not
+change them in place) are not serialized again.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -19,12 +23,16 @@ from ..cas.objects import BLOB, hash_object
 from ..errors import IntegrityError
 from ..turnstore.base import TurnStoreBase
 
-__all__ = ["INLINE_MAX", "LIST_CHUNK", "BlobCache", "Ref", "ValueCodec"]
+__all__ = ["INLINE_MAX", "LIST_CHUNK", "BlobCache", "ChunkMemo", "Ref", "ValueCodec", "chunk_size", "refs_of"]
 
 #: a value whose encoding is at most this many bytes stays inline: a reference costs about as much
 INLINE_MAX = 64
 #: items per chunk of a chunked list
 LIST_CHUNK = 16
+#: chunks of one list at most (see ``chunk_size``)
+MAX_CHUNKS = 2048
+#: a list's partial last chunk up to this many bytes stays inline while the list changes
+TAIL_INLINE_MAX = 64 << 10
 
 INLINE, BLOB_REF, CHUNKS = 0, 1, 2
 
@@ -32,19 +40,36 @@ Dumps = Callable[[Any], tuple[str, bytes]]
 Loads = Callable[[tuple[str, bytes]], Any]
 
 
-class Ref(msgspec.Struct, array_like=True, frozen=True):
+def chunk_size(items: int) -> int:
+    """Items per chunk of a list of ``items``: 16, doubled as often as it takes to keep a list within
+    ``MAX_CHUNKS`` chunks (a turn names at most 4,096 blobs), so a growing list changes its chunking
+    only when it doubles past 32,768 items."""
+    size = LIST_CHUNK
+    while items > size * MAX_CHUNKS:
+        size *= 2
+    return size
+
+
+class Ref(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True):
     """How one value is stored: ``kind`` INLINE (``data`` is the encoding, ``type`` its serde type),
-    BLOB_REF (``data`` is the raw 32-byte blob id; the blob holds type and encoding) or CHUNKS
-    (``data`` is the raw ids of the chunk blobs, each a list, concatenated in order)."""
+    BLOB_REF (``data`` is the raw 32-byte blob id; the blob holds type and encoding) or CHUNKS (a
+    list: ``data`` is the raw ids of its chunk blobs, each a list, concatenated in order, and
+    ``tail``, if any, the encoding of its last items, of serde type ``type``)."""
 
     kind: int
     type: str
     data: bytes
+    tail: bytes = b""
 
     def oids(self) -> list[str]:
         if self.kind == INLINE:
             return []
         return [self.data[i : i + 32].hex() for i in range(0, len(self.data), 32)]
+
+
+def refs_of(refs: Iterable[Ref]) -> tuple[str, ...]:
+    """The blobs the references name, sorted, each once: what a turn naming them keeps alive."""
+    return tuple(sorted({oid for ref in refs for oid in ref.oids()}))
 
 
 def _blob(type_: str, data: bytes) -> bytes:
@@ -96,6 +121,15 @@ class BlobCache:
             self._size -= len(old)
 
 
+class ChunkMemo:
+    """The full chunks of the list a channel last held: their items (the objects) and blob ids."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[tuple[Any, ...], bytes]] = []
+
+
 class ValueCodec:
     """Turns values into ``Ref``s (storing what must be stored) and back, through one turn store's
     blobs and a ``serde``'s ``dumps_typed`` / ``loads_typed``."""
@@ -108,19 +142,58 @@ class ValueCodec:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    def encode(self, value: Any, pending: dict[str, bytes]) -> Ref:
-        """The reference for ``value``; blobs not yet known stored go into ``pending`` (oid -> bytes),
-        for :meth:`store` to write before anything that names them."""
-        if type(value) is list and len(value) > LIST_CHUNK:
-            oids = bytearray()
-            for start in range(0, len(value), LIST_CHUNK):
-                type_, data = self._dumps(value[start : start + LIST_CHUNK])
-                oids += self._stage(_blob(type_, data), pending)
-            return Ref(CHUNKS, "", bytes(oids))
+    def encode(self, value: Any, pending: dict[str, bytes], memo: ChunkMemo | None = None) -> Ref:
+        """The reference for a channel's ``value``; blobs not yet known stored go into ``pending``
+        (oid -> bytes), for :meth:`store` to write before anything that names them. ``memo``: the
+        channel's last list, updated to this one."""
+        if type(value) is list and value:
+            return self._encode_list(value, pending, memo)
+        return self.encode_plain(value, pending, INLINE_MAX)
+
+    def encode_plain(self, value: Any, pending: dict[str, bytes], inline_max: int) -> Ref:
+        """``value`` inline up to ``inline_max`` bytes of encoding, else a blob."""
         type_, data = self._dumps(value)
-        if len(data) <= INLINE_MAX:
+        if len(data) <= inline_max:
             return Ref(INLINE, type_, data)
         return Ref(BLOB_REF, "", self._stage(_blob(type_, data), pending))
+
+    def _encode_list(self, value: list[Any], pending: dict[str, bytes], memo: ChunkMemo | None) -> Ref:
+        size = chunk_size(len(value))
+        full = len(value) // size
+        known = memo.chunks if memo is not None else []
+        chunks: list[tuple[tuple[Any, ...], bytes]] = []
+        oids = bytearray()
+        for k in range(full):
+            items = tuple(value[k * size : (k + 1) * size])
+            raw: bytes | None = None
+            if k < len(known):
+                old_items, old_raw = known[k]
+                same = len(old_items) == size and all(a is b for a, b in zip(old_items, items, strict=True))
+                if same and (self._cache.knows(old_raw.hex()) or old_raw.hex() in pending):
+                    raw = old_raw
+            if raw is None:
+                type_, data = self._dumps(list(items))
+                raw = self._stage(_blob(type_, data), pending)
+            chunks.append((items, raw))
+            oids += raw
+        if memo is not None:
+            memo.chunks = chunks
+        rest = value[full * size :]
+        if not rest:
+            return Ref(CHUNKS, "", bytes(oids))
+        type_, data = self._dumps(rest)
+        if not oids and len(data) <= INLINE_MAX:
+            return Ref(INLINE, type_, data)  # a short list: as any small value
+        if len(data) <= TAIL_INLINE_MAX:
+            return Ref(CHUNKS, type_, bytes(oids), data)
+        return Ref(CHUNKS, "", bytes(oids) + self._stage(_blob(type_, data), pending))
+
+    def promote(self, ref: Ref, pending: dict[str, bytes]) -> Ref:
+        """``ref`` carried unchanged into another checkpoint: an inline tail longer than a reference
+        becomes a blob, so from here on every checkpoint shares it."""
+        if ref.kind != CHUNKS or len(ref.tail) <= INLINE_MAX:
+            return ref
+        return Ref(CHUNKS, "", ref.data + self._stage(_blob(ref.type, ref.tail), pending))
 
     def _stage(self, blob: bytes, pending: dict[str, bytes]) -> bytes:
         raw = hash_object(BLOB, blob)
@@ -183,10 +256,12 @@ class ValueCodec:
             return self._loads(_unblob(oid, blobs[oid]))
         if ref.kind == CHUNKS:
             items: list[Any] = []
-            for oid in ref.oids():
-                chunk = self._loads(_unblob(oid, blobs[oid]))
-                if not isinstance(chunk, list):
-                    raise IntegrityError(f"blob {oid} should hold a chunk of a list, holds {type(chunk).__name__}")
-                items.extend(chunk)
+            parts = [self._loads(_unblob(oid, blobs[oid])) for oid in ref.oids()]
+            if ref.tail:
+                parts.append(self._loads((ref.type, ref.tail)))
+            for part in parts:
+                if not isinstance(part, list):
+                    raise IntegrityError(f"a chunk of a stored list holds a {type(part).__name__}, not a list")
+                items.extend(part)
             return items
         raise IntegrityError(f"unknown value reference kind {ref.kind}")

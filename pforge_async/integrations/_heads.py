@@ -11,15 +11,18 @@ the read may have seen): the writer keeps the head its write left.
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Generic, TypeVar
 
 from ..errors import HeadConflict
 from ..turnstore.base import TurnStoreBase
 from ..turnstore.types import TurnRecord
 
-__all__ = ["Tracked", "WriterConflict"]
+__all__ = ["Tracked", "WriterConflict", "WriterLock"]
 
 T = TypeVar("T")
 
@@ -45,6 +48,43 @@ class WriterConflict(HeadConflict):
         return type(self), (self.what, self.context_id, self.expected, self.actual)
 
 
+class WriterLock:
+    """One writer's writes to one context, one at a time: across the tasks of an event loop (they
+    queue on an ``asyncio.Lock``, in order) and across event loops (an adapter used by ``asyncio.run``
+    after ``asyncio.run``, or from threads with loops of their own: a thread lock, waited for by
+    polling, so no loop ever blocks)."""
+
+    def __init__(self) -> None:
+        self._across = threading.Lock()
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def locked(self) -> bool:
+        return self._across.locked()
+
+    async def __aenter__(self) -> None:
+        loop = asyncio.get_running_loop()
+        lock = self._per_loop.get(loop)
+        if lock is None:
+            lock = self._per_loop.setdefault(loop, asyncio.Lock())
+        await lock.acquire()
+        try:
+            delay = 0.0005
+            while not self._across.acquire(blocking=False):
+                await asyncio.sleep(delay)  # held by a task of another event loop
+                delay = min(delay * 2, 0.05)
+        except BaseException:
+            lock.release()
+            raise
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._across.release()
+        self._per_loop[asyncio.get_running_loop()].release()
+
+
 @dataclass
 class Tracked(Generic[T]):
     """What a writer knows of one context: its id, the head it last saw, and adapter state that goes
@@ -54,7 +94,7 @@ class Tracked(Generic[T]):
     context_id: int
     head: int
     state: T
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lock: WriterLock = field(default_factory=WriterLock)
     #: how many writes this writer made to the context: a read compares it before and after
     writes: int = 0
     #: a write whose outcome is unknown (it failed or was cancelled on its way): the head it expected

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import weakref
 from pathlib import Path
 from typing import Any, Union
@@ -53,7 +54,7 @@ class SharedStores:
         stores = self._open.setdefault(loop, {})
         entry = stores.get(path)
         if entry is None:
-            entry = _Entry(asyncio.ensure_future(connect(path, **options)))
+            entry = _Entry(asyncio.ensure_future(_connect_one_at_a_time(path, options)))
             stores[path] = entry
         entry.users += 1
         try:
@@ -84,6 +85,25 @@ class SharedStores:
         await store.aclose()  # opened on another loop or already forgotten: close it all the same
 
 
+_opening_guard = threading.Lock()
+_opening: dict[Path, threading.Lock] = {}
+
+
+async def _connect_one_at_a_time(path: Path, options: dict[str, Any]) -> Store:
+    """Open the store at ``path``, one opener of this process at a time (the event loops of several
+    threads may open it at once, and the first open creates it), waiting without blocking a loop."""
+    with _opening_guard:
+        gate = _opening.setdefault(path, threading.Lock())
+    delay = 0.0005
+    while not gate.acquire(blocking=False):
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    try:
+        return await connect(path, **options)
+    finally:
+        gate.release()
+
+
 class _Entry:
     def __init__(self, opening: asyncio.Future[Store]) -> None:
         self.opening = opening
@@ -94,44 +114,66 @@ SHARED = SharedStores()
 
 
 class Backing:
-    """An adapter's store: given open (the caller closes it), or a path opened on first use and
-    released by :meth:`aclose`. ``":memory:"`` gives a private ``MemoryTurnStore``."""
+    """An adapter's store: given open (the caller closes it), or a path opened on first use in each
+    event loop that uses it (an adapter may serve ``asyncio.run`` after ``asyncio.run``, or threads
+    with loops of their own) and released by :meth:`aclose`. ``":memory:"`` gives a private
+    ``MemoryTurnStore``, which serves any loop."""
 
     def __init__(self, store: StoreLike, what: str, options: dict[str, Any] | None = None) -> None:
         self._what = what
         self._options = dict(options or {})
         self._path: Path | None = None
-        self._store: Store | None = None
-        self.turns: TurnStoreBase | None = None
-        self.budget: BudgetLedger | None = None
+        #: a store given (or made): the same for every loop
+        self.fixed: TurnStoreBase | None = None
+        self._fixed_budget: BudgetLedger | None = None
+        #: per event loop, the store opened from the path
+        self._opened: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Store] = weakref.WeakKeyDictionary()
         if isinstance(store, str) and store == MEMORY:
-            self.turns = MemoryTurnStore()
+            self.fixed = MemoryTurnStore()
         elif isinstance(store, (str, os.PathLike)):
             if isinstance(os.fspath(store), bytes) or os.fspath(store) == "":
                 raise InvalidInput(f"{what}: the store path must be a non-empty str path, got {store!r}")
             self._path = Path(os.fspath(store)).absolute()
         else:
-            self.turns, self.budget = turns_of(store, what)
+            self.fixed, self._fixed_budget = turns_of(store, what)
 
     @property
     def path(self) -> Path | None:
         return self._path
 
     async def open(self) -> TurnStoreBase:
-        if self.turns is not None:
-            return self.turns
+        """The turn store for the running event loop."""
+        if self.fixed is not None:
+            return self.fixed
+        return (await self._store()).turns
+
+    async def budget(self) -> BudgetLedger | None:
+        """The budget ledger of the store (None for a bare turn store)."""
+        if self.fixed is not None:
+            return self._fixed_budget
+        return (await self._store()).budget
+
+    async def _store(self) -> Store:
         assert self._path is not None
+        loop = asyncio.get_running_loop()
+        store = self._opened.get(loop)
+        if store is not None and not store.closed:
+            return store
         store = await SHARED.acquire(self._path, self._options)
-        if self.turns is None:
-            self._store = store
-            self.turns, self.budget = store.turns, store.budget
-        else:  # another task of this adapter opened it first
+        mine = self._opened.get(loop)
+        if mine is not None and not mine.closed:  # another task of this adapter opened it first
             await SHARED.release(store)
-        return self.turns
+            return mine
+        self._opened[loop] = store
+        return store
 
     async def aclose(self) -> None:
-        store, self._store = self._store, None
+        """Release the store opened in the running loop. (One opened in another loop is closed when
+        that loop ends, as every task of it is.)"""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        store = self._opened.pop(loop, None)
         if store is not None:
-            self.turns = None
-            self.budget = None
             await SHARED.release(store)

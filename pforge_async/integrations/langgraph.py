@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import random
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -66,7 +67,7 @@ from ..turnstore.base import TurnStoreBase
 from ..turnstore.rules import MAX_BATCH_BYTES, MAX_BATCH_TURNS, MAX_LIST_LIMIT
 from ..turnstore.types import ContextInfo, NewTurn, TurnRecord
 from . import _lglog as log
-from ._blobs import BlobCache, Ref, ValueCodec
+from ._blobs import BlobCache, ChunkMemo, Ref, ValueCodec, refs_of
 from ._heads import Tracked, WriterConflict
 from ._stores import Backing, StoreLike
 from ._sync import LoopBridge
@@ -100,6 +101,8 @@ _PAGE = 256
 _REWRITE_TRIES = 8
 _MAX_TRACKED = 10_000
 _MAX_CHANNEL_MAPS = 4_096
+#: a pending write's value up to this many bytes is kept inline (writes belong to one checkpoint)
+WRITE_INLINE_MAX = 64 << 10
 
 Channels = dict[str, tuple[Any, Ref]]
 _Found = tuple[log.CheckpointEntry, list[log.Write]]
@@ -137,9 +140,10 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         self._backing = Backing(store, "PforgeSaver", connect_options)
         self._bridge = LoopBridge.current("PforgeSaver")
         self._cache = BlobCache()
-        self._codec: ValueCodec | None = None
         self._logs: OrderedDict[str, Tracked[_Top]] = OrderedDict()
         self._channels: OrderedDict[tuple[str, str], Channels] = OrderedDict()
+        #: (name, channel) -> the full chunks of the list the channel last held
+        self._memos: OrderedDict[tuple[str, str], ChunkMemo] = OrderedDict()
         #: names a read found no context for (the first write then expects it empty)
         self._absent: dict[str, None] = {}
         #: (name, checkpoint id) -> depth of the first writes turn this saver made to it
@@ -169,7 +173,6 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         if owned is not None:
             await owned.aclose()
         await self._backing.aclose()
-        self._codec = None
         self._logs.clear()
 
     def close(self) -> None:
@@ -191,14 +194,10 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         turns = await self._backing.open()
         if self._bridge.loop is None:
             self._bridge.loop = asyncio.get_running_loop()
-        if self._codec is None:
-            self._codec = ValueCodec(turns, self.serde.dumps_typed, self.serde.loads_typed, self._cache)
         return turns
 
     async def _value_codec(self) -> ValueCodec:
-        await self._turns()
-        assert self._codec is not None
-        return self._codec
+        return ValueCodec(await self._turns(), self.serde.dumps_typed, self.serde.loads_typed, self._cache)
 
     # -- names ---------------------------------------------------------------------------------------
 
@@ -275,16 +274,20 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
 
     @staticmethod
     def _top_of(record: TurnRecord) -> _Top:
+        if record.erased:  # erased (prune_context, erase_turns): nothing from here back
+            return _Top("", 0, record.depth)
         entry = log.decode(record)
         return _Top(entry.top_id, entry.top_depth, record.depth)
 
-    async def _append(self, name: str, tracked: Tracked[_Top], type_id: str, payload: bytes) -> TurnRecord:
+    async def _append(
+        self, name: str, tracked: Tracked[_Top], type_id: str, payload: bytes, refs: tuple[str, ...]
+    ) -> TurnRecord:
         """Append after the head this saver last saw (the caller holds ``tracked.lock`` and has settled
         it): another writer's turn there is a ``WriterConflict``, and stays one until a read."""
         turns = await self._turns()
         expected = tracked.head
         try:
-            return await turns.append_turn(tracked.context_id, type_id, payload, expected_head=expected)
+            return await turns.append_turn(tracked.context_id, type_id, payload, expected_head=expected, refs=refs)
         except HeadConflict as exc:
             raise tracked.conflict(self._what(*self._parse(name)), exc) from exc
         except ContextNotFound as exc:
@@ -324,9 +327,10 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
             version = versions.get(channel)
             known = parent_channels.get(channel) if parent_channels is not None else None
             if known is not None and channel not in new_versions and version is not None and known[0] == version:
-                channels[channel] = known[1]  # unchanged since the parent: the same value, already stored
+                # unchanged since the parent: the same value, already stored (a list's tail now a blob)
+                channels[channel] = codec.promote(known[1], pending)
             else:
-                channels[channel] = codec.encode(value, pending)
+                channels[channel] = codec.encode(value, pending, self._memo(name, channel))
         skeleton = self.serde.dumps_typed(rest)
         meta = self.serde.dumps_typed(get_checkpoint_metadata(config, metadata))
         await codec.store(pending)
@@ -344,10 +348,22 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
             entry = log.CheckpointEntry(
                 top.top_id, top.top_depth, checkpoint_id, parent_id, skeleton, meta, channels, early
             )
-            record = await self._append(name, tracked, log.CHECKPOINT, log.encode(entry))
+            refs = refs_of(channels.values())
+            record = await self._append(name, tracked, log.CHECKPOINT, log.encode(entry), refs)
             tracked.wrote(record.turn_id, top)
         self._remember(name, checkpoint_id, versions, channels)
         return _config(config, thread_id, ns, checkpoint_id)
+
+    def _memo(self, name: str, channel: str) -> ChunkMemo:
+        key = (name, channel)
+        memo = self._memos.get(key)
+        if memo is None:
+            memo = self._memos[key] = ChunkMemo()
+            while len(self._memos) > _MAX_CHANNEL_MAPS:
+                self._memos.popitem(last=False)
+        else:
+            self._memos.move_to_end(key)
+        return memo
 
     def _remember(self, name: str, checkpoint_id: str, versions: ChannelVersions, channels: dict[str, Ref]) -> None:
         self._channels[(name, checkpoint_id)] = {ch: (versions.get(ch), ref) for ch, ref in channels.items()}
@@ -372,7 +388,13 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         codec = await self._value_codec()
         pending: dict[str, bytes] = {}
         entries = [
-            log.Write(task_id, task_path, WRITES_IDX_MAP.get(channel, idx), channel, codec.encode(value, pending))
+            log.Write(
+                task_id,
+                task_path,
+                WRITES_IDX_MAP.get(channel, idx),
+                channel,
+                codec.encode_plain(value, pending, WRITE_INLINE_MAX),
+            )
             for idx, (channel, value) in enumerate(writes)
         ]
         await codec.store(pending)
@@ -383,7 +405,8 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
             top = tracked.state
             depth = top.head_depth + 1
             entry = log.WritesEntry(top.top_id, top.top_depth, checkpoint_id, entries)
-            record = await self._append(name, tracked, log.WRITES, log.encode(entry))
+            refs = refs_of(w.value for w in entries)
+            record = await self._append(name, tracked, log.WRITES, log.encode(entry), refs)
             tracked.wrote(record.turn_id, _Top(top.top_id, top.top_depth, depth))
             # If the checkpoint is not in yet (its put waits on the one before), it will say so.
             self._early.setdefault((name, checkpoint_id), record.depth)
@@ -423,19 +446,22 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
             tracked.saw(mark, tracked.context_id, 0, _EMPTY)
             return None
         head = page[-1]
-        head_entry = log.decode(head)
-        tracked.saw(mark, tracked.context_id, head.turn_id, _Top(head_entry.top_id, head_entry.top_depth, head.depth))
+        tracked.saw(mark, tracked.context_id, head.turn_id, self._top_of(head))
         search = _Search(wanted)
         for record in reversed(page):
+            if record.erased:  # an erased prefix: for readers the chain ends here
+                break
             outcome = search.feed(record, log.decode(record))
             if outcome is not None:
                 return None if outcome is _Search.ABSENT else cast(_Found, outcome)
-        if len(page) < _QUICK or page[0].parent_turn_id == 0:
+        if len(page) < _QUICK or record.erased or page[0].parent_turn_id == 0:
             outcome = search.end()
             return None if outcome is _Search.ABSENT else cast(_Found, outcome)
         # Not settled within the first turns: walk the whole chain (as it stands now).
         search = _Search(wanted)
         async for record in turns.iter_turns(tracked.context_id, newest_first=True, page_size=_PAGE):
+            if record.erased:
+                break
             outcome = search.feed(record, log.decode(record))
             if outcome is not None:
                 return None if outcome is _Search.ABSENT else cast(_Found, outcome)
@@ -519,11 +545,12 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         mark = tracked.writes
         try:
             async for record in turns.iter_turns(tracked.context_id, newest_first=True, page_size=_PAGE):
-                entry = log.decode(record)
                 if first:
                     first = False
-                    tracked.saw(mark, tracked.context_id, record.turn_id,
-                                _Top(entry.top_id, entry.top_depth, record.depth))
+                    tracked.saw(mark, tracked.context_id, record.turn_id, self._top_of(record))
+                if record.erased:
+                    break  # an erased prefix: nothing older is readable
+                entry = log.decode(record)
                 while held and held[-1].checkpoint_id > entry.top_id and held[-1].early_done(record.depth):
                     yield await self._tuple(config, thread_id, ns, *held.pop().done(waiting))
                 if isinstance(entry, log.WritesEntry):
@@ -553,6 +580,28 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
             return
         while held:
             yield await self._tuple(config, thread_id, ns, *held.pop().done(waiting))
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        """Delete a thread: the context of each of its namespaces goes (its name is free again). The
+        turns and blobs nothing else reaches are reclaimed by the store's ``gc``; a copy made with
+        ``acopy_thread`` keeps everything it shares. A writer elsewhere still holding the thread gets
+        ``ContextNotFound`` from its next write instead of bringing it back. Unknown threads are no-ops."""
+        thread = str(thread_id)
+        turns = await self._turns()
+        for info in await self._namespaces(thread):
+            name = info.name
+            if name is None:
+                continue
+            tracked = self._logs.get(name)
+            lock: AbstractAsyncContextManager[Any] = tracked.lock if tracked is not None else nullcontext()
+            async with lock:
+                with contextlib.suppress(ContextNotFound):  # deleted meanwhile
+                    await turns.delete_context(info.context_id)
+                if tracked is not None:
+                    self._forget(name, tracked)
+                self._absent[name] = None  # this saver's next write starts it afresh
+            for key in [key for key in self._early if key[0] == name]:
+                del self._early[key]
 
     # -- the optional capabilities -------------------------------------------------------------------
 
@@ -667,7 +716,7 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
                 except ContextNotFound:
                     return
                 head = records[-1].turn_id if records else 0
-                kept = select(name, [log.decode(r) for r in records])
+                kept = select(name, [log.decode(r) for r in records if not r.erased])
                 if kept is None:
                     return
                 rebuilt, top = _positions(kept)
@@ -684,23 +733,31 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         raise Conflict(f"{what}: other writers kept changing it; gave up rewriting it after {_REWRITE_TRIES} tries")
 
     async def _replace_chain(self, context_id: int, head: int, entries: list[log.Entry]) -> int:
+        """Make ``entries`` the context's chain, a new one from a first turn, if its head is still
+        ``head`` (``HeadConflict`` otherwise); returns the new head. One atomic batch when it fits in
+        one; else the chain is built in a scratch context, batch by batch, and the head moved to its
+        end in one compare-and-set (the scratch context is deleted after, its turns kept by this one)."""
         turns = await self._turns()
         if not entries:
             await turns.set_head(context_id, 0, expected_head=head)
             return 0
-        payloads = [
-            (log.CHECKPOINT if isinstance(e, log.CheckpointEntry) else log.WRITES, log.encode(e)) for e in entries
-        ]
-        if len(payloads) > MAX_BATCH_TURNS or sum(len(p) for _, p in payloads) > MAX_BATCH_BYTES:
-            raise InvalidInput(
-                f"context {context_id}: what is kept is {len(payloads)} turns, more than one atomic batch holds "
-                f"({MAX_BATCH_TURNS} turns, {MAX_BATCH_BYTES} bytes); prune it first"
-            )
-        batch = [
-            NewTurn(context_id, type_id, payload, parent_turn_id=0 if i == 0 else None)
-            for i, (type_id, payload) in enumerate(payloads)
-        ]
-        records = await turns.append_turns(batch, expected_heads={context_id: head})
+        new = [_new_turn(context_id, entry, first=i == 0) for i, entry in enumerate(entries)]
+        batches = _batches(new)
+        if len(batches) == 1:
+            records = await turns.append_turns(new, expected_heads={context_id: head})
+            return records[-1].turn_id
+        scratch = await turns.create_context(
+            parent_context_id=context_id, metadata={"pforge": f"langgraph rewrite of context {context_id}"}
+        )
+        try:
+            for batch in batches:
+                records = await turns.append_turns(
+                    [msgspec.structs.replace(t, context_id=scratch.context_id) for t in batch]
+                )
+            await turns.set_head(context_id, records[-1].turn_id, expected_head=head)
+        finally:
+            with contextlib.suppress(ContextNotFound):
+                await turns.delete_context(scratch.context_id)
         return records[-1].turn_id
 
     # -- versions ------------------------------------------------------------------------------------
@@ -745,6 +802,9 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
     ) -> None:
         self._bridge.run(self.aput_writes(config, writes, task_id, task_path), "put_writes")
+
+    def delete_thread(self, thread_id: str) -> None:
+        self._bridge.run(self.adelete_thread(thread_id), "delete_thread")
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         self._bridge.run(self.acopy_thread(source_thread_id, target_thread_id), "copy_thread")
@@ -838,6 +898,27 @@ def _positions(entries: list[log.Entry]) -> tuple[list[log.Entry], _Top]:
             first_write.setdefault(entry.checkpoint_id, depth)
             rebuilt.append(msgspec.structs.replace(entry, top_id=top_id, top_depth=top_depth))
     return rebuilt, _Top(top_id, top_depth, len(entries))
+
+
+def _new_turn(context_id: int, entry: log.Entry, *, first: bool) -> NewTurn:
+    if isinstance(entry, log.CheckpointEntry):
+        type_id, refs = log.CHECKPOINT, refs_of(entry.channels.values())
+    else:
+        type_id, refs = log.WRITES, refs_of(w.value for w in entry.writes)
+    return NewTurn(context_id, type_id, log.encode(entry), parent_turn_id=0 if first else None, refs=refs)
+
+
+def _batches(turns: list[NewTurn]) -> list[list[NewTurn]]:
+    """The turns cut into batches the store takes at once (turns and payload bytes)."""
+    batches: list[list[NewTurn]] = [[]]
+    size = 0
+    for turn in turns:
+        if batches[-1] and (len(batches[-1]) >= MAX_BATCH_TURNS or size + len(turn.payload) > MAX_BATCH_BYTES):
+            batches.append([])
+            size = 0
+        batches[-1].append(turn)
+        size += len(turn.payload)
+    return batches
 
 
 def _matches(metadata: Any, filter: dict[str, Any]) -> bool:

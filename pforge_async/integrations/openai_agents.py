@@ -51,6 +51,7 @@ from ._stores import MEMORY, Backing, StoreLike
 
 try:
     from agents.items import TResponseInputItem
+    from agents.memory.session import _CompactionSnapshot
     from agents.memory.session_settings import SessionSettings, resolve_session_limit
     from agents.run_context import RunContextWrapper
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -104,7 +105,7 @@ class PforgeSession:
         self.session_settings = _settings(session_settings)
         self._backing = Backing(store, "PforgeSession", connect_options)
         # what a branch opens: the same store (for ":memory:", the very memory store this one made)
-        self._store_arg: StoreLike = self._backing.turns if self._backing.turns is not None else store
+        self._store_arg: StoreLike = self._backing.fixed if self._backing.fixed is not None else store
         self._connect_options = connect_options
         self.name = f"{prefix}/{session_id}"
         self._tracked: Tracked[None] | None = None
@@ -198,7 +199,8 @@ class PforgeSession:
                 self._tracked = None  # deleted (and maybe made again): look the name up again
                 continue
             tracked.saw(mark, tracked.context_id, records[-1].turn_id if records else 0, None)
-            return [self._item(record) for record in records]
+            # erased turns (erase_turns, prune_context) are a prefix whose items are gone for good
+            return [self._item(record) for record in records if not record.erased]
         return []
 
     async def add_items(
@@ -246,6 +248,8 @@ class PforgeSession:
                     raise tracked.conflict(self._what(), HeadConflict(tracked.context_id, 0, head))
                 return None
             record = await turns.get_turn(tracked.head)
+            if record.erased:
+                return None  # what is left was erased for good: nothing to give back
             item = self._item(record)
             await self._move_head(tracked, record.parent_turn_id)
         return item
@@ -280,6 +284,92 @@ class PforgeSession:
             self._tracked = None
             raise
         tracked.wrote(turn_id, None)
+
+    # -- compaction: the SDK's hook for an atomic replacement of the history's tail -------------------
+
+    async def _get_compaction_snapshot(
+        self, limit: int, *, prune_prefix: Callable[[TResponseInputItem], bool] | None = None
+    ) -> _CompactionSnapshot | None:
+        """The last ``limit`` items and a ``replace_suffix(start, output)`` that swaps the items from
+        ``start`` on for ``output`` in one compare-and-set: only if the session still ends with exactly
+        what was read (else False, nothing changed). The SDK's responses compaction uses it (as it does
+        ``SQLiteSession``'s) instead of clear-and-re-add. ``prune_prefix``: also drop the oldest items
+        it accepts (up to the first it refuses, before the replaced suffix): the kept items between are
+        written again as a new chain, as a prefix cannot be cut off a chain in place.
+
+        A subclass that changes how items are read or written gets None (as a ``SQLiteSession``
+        subclass does): it must supply its own snapshot, or the SDK falls back to clear and re-add."""
+        cls = type(self)
+        if any(getattr(cls, m) is not getattr(PforgeSession, m) for m in _ITEM_METHODS):
+            return None
+        turns = await self._turns()
+        tracked = await self._context(create=False)
+        if tracked is None:
+            return _CompactionSnapshot([], True, _nothing_to_replace)
+        mark = tracked.writes
+        records = await turns.list_turns(tracked.context_id, limit=max(0, limit))
+        head = records[-1].turn_id if records else 0
+        tracked.saw(mark, tracked.context_id, head, None)
+        complete = len(records) < limit or not records or records[0].parent_turn_id == 0 or records[0].erased
+        records = [record for record in records if not record.erased]
+        items = [self._item(record) for record in records]
+
+        async def replace_suffix(start: int, output: list[TResponseInputItem]) -> bool:
+            expected = records[start:]
+            if not expected:
+                return False
+            return await self._replace_suffix(tracked, head, expected[0].parent_turn_id, output, prune_prefix)
+
+        return _CompactionSnapshot(items, complete, replace_suffix)
+
+    async def _replace_suffix(
+        self,
+        tracked: Tracked[None],
+        head: int,
+        base: int,
+        output: list[TResponseInputItem],
+        prune_prefix: Callable[[TResponseInputItem], bool] | None,
+    ) -> bool:
+        turns = await self._turns()
+        payloads = [_encode(item, i) for i, item in enumerate(output)]
+        async with tracked.lock:
+            before: list[bytes] = []  # the items kept before the suffix, when a prefix is pruned
+            restart = False
+            if prune_prefix is not None and base:
+                pruned = 0
+                async for record in turns.iter_turns(tracked.context_id, page_size=_PAGE):
+                    if not record.erased and not prune_prefix(self._item(record)):
+                        break
+                    pruned = record.depth
+                    if record.turn_id == base:
+                        break
+                if pruned:
+                    restart = True
+                    async for record in turns.iter_turns(tracked.context_id, page_size=_PAGE):
+                        if record.depth > pruned:
+                            before.append(record.payload)
+                        if record.turn_id == base:
+                            break
+            chain = [*before, *payloads]
+            try:
+                if not chain:
+                    await turns.set_head(tracked.context_id, 0 if restart else base, expected_head=head)
+                    new_head = 0 if restart else base
+                else:
+                    root = 0 if restart else base
+                    batch = [
+                        NewTurn(tracked.context_id, ITEM, payload, parent_turn_id=root if i == 0 else None)
+                        for i, payload in enumerate(chain)
+                    ]
+                    records = await turns.append_turns(batch, expected_heads={tracked.context_id: head})
+                    new_head = records[-1].turn_id
+            except HeadConflict:
+                return False  # the session changed since the snapshot: nothing replaced
+            except BaseException:
+                self._tracked = None  # the outcome is unknown: see the head afresh
+                raise
+            tracked.wrote(new_head, None)
+        return True
 
     # -- beyond the SDK's sessions -------------------------------------------------------------------
 
@@ -332,7 +422,7 @@ class PforgeSession:
         spent_in, spent_out = input_tokens - before_in, output_tokens - before_out
         if spent_in <= 0 and spent_out <= 0:
             return
-        ledger = self._record_usage if isinstance(self._record_usage, BudgetLedger) else self._backing.budget
+        ledger = self._record_usage if isinstance(self._record_usage, BudgetLedger) else await self._backing.budget()
         if ledger is None:
             raise InvalidInput(
                 f"{self._what()}: record_usage=True needs a store with a budget ledger (a Store or a path), "
@@ -372,6 +462,14 @@ class PforgeSession:
 
 def _no_state(record: TurnRecord) -> None:
     return None
+
+
+async def _nothing_to_replace(start: int, output: list[TResponseInputItem]) -> bool:
+    return False
+
+
+#: the methods whose override makes a subclass supply its own compaction snapshot
+_ITEM_METHODS = ("get_items", "add_items", "pop_item", "clear_session")
 
 
 def _settings(value: SessionSettings | dict[str, Any] | None) -> SessionSettings:
