@@ -11,7 +11,7 @@ import pytest
 from langgraph.checkpoint.base import Checkpoint, CheckpointMetadata
 from langgraph.checkpoint.base.id import uuid6
 
-from pforge_async import Conflict, InvalidInput, MemoryTurnStore, open_store
+from pforge_async import Conflict, ContextNotFound, InvalidInput, MemoryTurnStore, open_store
 from pforge_async.integrations.langgraph import PforgeSaver, WriterConflict
 
 pytestmark = pytest.mark.anyio
@@ -298,3 +298,83 @@ async def test_a_write_whose_outcome_was_lost() -> None:
     await PforgeSaver(turns).aput_writes(stored[0], [("n", 2)], "someone else")
     with pytest.raises(WriterConflict):
         await saver.aput_writes(stored[0], [("n", 3)], "refused")
+
+
+async def test_delete_thread_on_the_sqlite_store(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "store", durability="normal") as store:
+        saver, elsewhere = PforgeSaver(store), PforgeSaver(store)
+        big = {"doc": "z" * 5_000}
+        stored = await put_chain(saver, "t", [{"big": big, "n": i} for i in range(3)])
+        await put_chain(saver, "t", [{"n": 0}], ns="sub:1")
+        # every checkpoint turn keeps its blobs alive: gc spares them while a live turn names them
+        context = await store.turns.find_context("langgraph/1:t/")
+        assert context is not None
+        head = await store.turns.get_turn(context.head_turn_id)
+        assert len(head.refs) == 1
+        await saver.acopy_thread("t", "copy")
+        assert await elsewhere.aget_tuple(cfg("t")) is not None  # another writer holds the thread
+        await saver.adelete_thread("t")
+        assert await store.turns.find_context("langgraph/1:t/") is None
+        assert await store.turns.find_context("langgraph/1:t/sub:1") is None
+        assert await saver.aget_tuple(cfg("t")) is None
+        assert [t async for t in saver.alist({"configurable": {"thread_id": "t"}})] == []
+        # the other writer's late write does not bring it back
+        with pytest.raises(ContextNotFound, match="thread 't' was deleted"):
+            await elsewhere.aput(stored[-1], checkpoint({"n": 9}, {"n": 9}), meta(9), {"n": 9})
+        assert await store.turns.find_context("langgraph/1:t/") is None
+        # the copy keeps everything it shared, through a gc too
+        report = await store.turns.gc(grace_s=0)
+        assert report is not None
+        copied = await saver.aget_tuple(cfg("copy"))
+        assert copied is not None and copied.checkpoint["channel_values"] == {"big": big, "n": 2}
+        # and the deleting saver may start the thread afresh
+        await put_chain(saver, "t", [{"n": "new"}])
+        assert [t.checkpoint["channel_values"] async for t in saver.alist(cfg("t"))] == [{"n": "new"}]
+        await saver.adelete_thread("never-was")
+
+
+async def test_an_erased_prefix_ends_the_history() -> None:
+    turns = MemoryTurnStore()
+    saver = PforgeSaver(turns)
+    stored = await put_chain(saver, "t", [{"n": i} for i in range(6)])
+    context = await turns.find_context("langgraph/1:t/")
+    assert context is not None
+    await turns.prune_context(context.context_id, keep_last=2)
+    got = await saver.aget_tuple(cfg("t"))
+    assert got is not None and got.checkpoint["channel_values"] == {"n": 5}
+    assert [t.checkpoint["channel_values"]["n"] async for t in saver.alist(cfg("t"))] == [5, 4]
+    assert await saver.aget_tuple(stored[0]) is None
+    await saver.aput(stored[-1], checkpoint({"n": 6}, {"n": 7}), meta(6), {"n": 7})
+    assert [t.checkpoint["channel_values"]["n"] async for t in saver.alist(cfg("t"))] == [6, 5, 4]
+    await saver.aprune(["t"])
+    assert [t.checkpoint["channel_values"]["n"] async for t in saver.alist(cfg("t"))] == [6]
+
+
+async def test_a_rewrite_larger_than_one_batch() -> None:
+    """delete_for_runs keeping more turns than one atomic batch holds: built in a scratch context,
+    then the head moved in one compare-and-set; the scratch context is gone after."""
+    scratch_made: list[int] = []
+
+    class Turns(MemoryTurnStore):
+        async def create_context(self, *args: Any, **kwargs: Any) -> Any:
+            scratch_made.append(1)
+            return await super().create_context(*args, **kwargs)
+
+    turns = Turns()
+    saver = PforgeSaver(turns)
+    parent: str | None = None
+    for i in range(2100):
+        cp = checkpoint({"n": i}, {"n": i + 1})
+        run = "gone" if i == 1000 else "kept"
+        stored = await saver.aput(cfg("big", "", parent), cp, meta(i, run_id=run), {"n": i + 1})
+        await saver.aput_writes(stored, [("w", i)], f"task-{i}")
+        parent = cp["id"]
+    await saver.adelete_for_runs(["gone"])
+    history = [t async for t in saver.alist(cfg("big"))]
+    assert len(history) == 2099 and 1000 not in [t.checkpoint["channel_values"]["n"] for t in history]
+    for t in history:
+        n = t.checkpoint["channel_values"]["n"]
+        assert t.pending_writes == [(f"task-{n}", "w", n)]
+    everything = await turns.list_contexts(limit=100)  # named or not
+    assert [c.name for c in everything.contexts] == ["langgraph/3:big/"]  # the scratch context is gone
+    assert scratch_made == [1]

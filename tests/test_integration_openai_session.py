@@ -214,3 +214,30 @@ def test_one_session_across_event_loops(tmp_path: Path) -> None:
     for i in range(3):  # each thread's items in its own order
         mine = [x for x in items if x.startswith(f"thread {i}.")]
         assert mine == [f"thread {i}.{k}" for k in range(5)]
+
+
+async def test_compaction_snapshot_replaces_the_tail_atomically(store: Any) -> None:
+    session = PforgeSession("compact", store)
+    await session.add_items([user("old 1"), user("old 2"), user("keep"), user("a"), user("b")])
+    snapshot = await session._get_compaction_snapshot(3)
+    assert snapshot is not None and not snapshot.complete
+    assert snapshot.items == [user("keep"), user("a"), user("b")]
+    assert await snapshot.replace_suffix(1, [user("summary of a, b")])
+    assert await session.get_items() == [user("old 1"), user("old 2"), user("keep"), user("summary of a, b")]
+    stale = await session._get_compaction_snapshot(10)
+    assert stale is not None and stale.complete
+    await session.add_items([user("c")])  # the session moved on since the snapshot
+    assert not await stale.replace_suffix(0, [user("everything")])
+    assert (await session.get_items())[-1] == user("c")
+    # the oldest items the caller calls expired go too; the kept ones between are written again
+    pruning = await session._get_compaction_snapshot(2, prune_prefix=lambda item: item["content"].startswith("old"))
+    assert pruning is not None
+    assert await pruning.replace_suffix(0, [user("new tail")])
+    assert await session.get_items() == [user("keep"), user("new tail")]
+    assert await PforgeSession("never-written", store)._get_compaction_snapshot(5) is not None
+
+    class Transforming(PforgeSession):
+        async def get_items(self, limit: int | None = None, *, wrapper: Any = None) -> list[Any]:
+            return await super().get_items(limit, wrapper=wrapper)
+
+    assert await Transforming("compact", store)._get_compaction_snapshot(3) is None
