@@ -65,6 +65,8 @@ __all__ = ["ITEM", "PforgeSession", "WriterConflict"]
 #: the type id of an item's turn
 ITEM = "openai_agents.item"
 _PAGE = 256
+#: a ``list_turns`` limit no chain reaches (depths are below 2**63)
+_ALL = 1 << 62
 
 #: releases of path stores that ``close()`` started (kept so they are not collected unfinished)
 _closing: set[asyncio.Task[None]] = set()
@@ -189,12 +191,9 @@ class PforgeSession:
             turns = await self._turns()
             mark = tracked.writes
             try:
-                if session_limit is not None and 0 < session_limit <= MAX_PAGE_SIZE:
-                    records = await turns.list_turns(tracked.context_id, limit=session_limit)
-                else:
-                    records = [r async for r in turns.iter_turns(tracked.context_id, page_size=_PAGE)]
-                    if session_limit is not None and session_limit > 0:
-                        records = records[-session_limit:]
+                # One read from the head back: every item, or the last ``limit``.
+                wanted = session_limit if session_limit is not None and session_limit > 0 else _ALL
+                records = await turns.list_turns(tracked.context_id, limit=wanted)
             except ContextNotFound:
                 self._tracked = None  # deleted (and maybe made again): look the name up again
                 continue

@@ -1,0 +1,261 @@
+"""The framework adapters against the frameworks' own SQLite persistence, in one run.
+
+1. LangGraph: a graph of 5 nodes in a row, each appending a message to a ``messages`` channel (the
+   input adds one too, so the channel grows by 6 messages a step), run on 64 concurrent threads for
+   20 steps each (a step is one ``ainvoke``: 7 checkpoints and 6 pending-write batches), with
+   ``PforgeSaver`` (on a fresh store) against ``AsyncSqliteSaver`` (a fresh file, its WAL setup), and
+   ``InMemorySaver`` for reference: it stores nothing anywhere, so its rate is what LangGraph itself
+   allows in one process, the ceiling of any checkpointer. Steps per second, p50/p99 step latency,
+   and bytes on disk afterwards (the store closed first): allocated (``du``), apparent (file sizes),
+   and of those what the ``-wal`` files hold (pforge keeps a WAL reserve of up to 4 MiB per database
+   under durability "full", so a commit's fsync does not grow the file).
+2. OpenAI Agents SDK: 64 concurrent sessions, each 20 rounds of ``add_items`` of 2 items then
+   ``get_items``, with ``PforgeSession`` against ``SQLiteSession`` (one file, as its docs show).
+   Rounds per second and p50/p99 round latency.
+
+Each comparison runs ``--runs`` times (savers alternating, so noise hits both) and prints medians and
+every run's ratio. Both pforge stores use the default durability, ``"full"`` (fsync per group
+commit); both SQLite baselines sync every commit. Targets (issue 15): at least 5x the throughput of
+each, at most half the bytes on disk of ``AsyncSqliteSaver``.
+
+    python benchmarks/adapters.py [--threads 64] [--steps 20] [--sessions 64] [--rounds 20] [--runs 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._bench import describe
+
+TEXT = (
+    "The quarterly figures came in under the forecast, so the team is revisiting the plan: "
+    "shipping dates, the hiring freeze and what the customers asked for in the last review. "
+)
+
+Row = dict[str, Any]
+
+
+def disk_bytes(root: Path) -> tuple[int, int, int]:
+    """(allocated, apparent, allocated to ``-wal`` files) bytes of every file under ``root``."""
+    allocated = apparent = wal = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            allocated += st.st_blocks * 512
+            apparent += st.st_size
+            if name.endswith("-wal"):
+                wal += st.st_blocks * 512
+    return allocated, apparent, wal
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def timed_callers(
+    callers: int, rounds: int, op: Callable[[int, int], Awaitable[None]]
+) -> tuple[float, list[float]]:
+    """Wall seconds and per-call latencies of ``callers`` tasks each calling ``op(caller, round)``."""
+    latencies: list[float] = []
+
+    async def caller(c: int) -> None:
+        for r in range(rounds):
+            start = time.perf_counter()
+            await op(c, r)
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller(c) for c in range(callers)))
+    return time.perf_counter() - start, latencies
+
+
+def row(name: str, rate: str, count: int, seconds: float, latencies: list[float], size: tuple[int, int, int]) -> Row:
+    return {
+        "name": name,
+        rate: count / seconds,
+        "p50 ms": pct(latencies, 0.5) * 1e3,
+        "p99 ms": pct(latencies, 0.99) * 1e3,
+        "du": size[0],
+        "bytes": size[1],
+        "wal": size[2],
+    }
+
+
+# -- LangGraph -----------------------------------------------------------------------------------
+
+
+class State(TypedDict, total=False):
+    messages: Annotated[list[AnyMessage], add_messages]
+    step: int
+
+
+def build_graph(checkpointer: Any) -> Any:
+    def node(name: str) -> Callable[[State], State]:
+        def run(state: State) -> State:
+            n = len(state.get("messages", []))
+            return {"messages": [AIMessage(f"{name} at {n}: {TEXT}")], "step": n}
+
+        return run
+
+    builder = StateGraph(State)
+    names = [f"n{i}" for i in range(5)]
+    for name in names:
+        builder.add_node(name, node(name))
+    builder.add_edge(START, names[0])
+    for a, b in itertools.pairwise(names):
+        builder.add_edge(a, b)
+    builder.add_edge(names[-1], END)
+    return builder.compile(checkpointer=checkpointer)
+
+
+async def langgraph_run(checkpointer: Any, threads: int, steps: int) -> tuple[float, list[float]]:
+    graph = build_graph(checkpointer)
+
+    async def step(thread: int, n: int) -> None:
+        cfg = {"configurable": {"thread_id": f"thread-{thread}"}}
+        out = await graph.ainvoke({"messages": [HumanMessage(f"question {n}: {TEXT}")]}, cfg)
+        assert len(out["messages"]) == 6 * (n + 1), len(out["messages"])
+
+    return await timed_callers(threads, steps, step)
+
+
+async def bench_langgraph(work: Path, threads: int, steps: int, run: int) -> list[Row]:
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    from pforge_async import open_store
+    from pforge_async.integrations.langgraph import PforgeSaver
+
+    count = threads * steps
+    rows = []
+    root = work / f"pforge-langgraph-{run}"
+    async with open_store(root) as store:
+        seconds, latencies = await langgraph_run(PforgeSaver(store), threads, steps)
+    rows.append(row("PforgeSaver", "steps/s", count, seconds, latencies, disk_bytes(root)))
+    db = work / f"sqlite-langgraph-{run}"
+    db.mkdir()
+    async with AsyncSqliteSaver.from_conn_string(str(db / "checkpoints.db")) as saver:
+        seconds, latencies = await langgraph_run(saver, threads, steps)
+    rows.append(row("AsyncSqliteSaver", "steps/s", count, seconds, latencies, disk_bytes(db)))
+    seconds, latencies = await langgraph_run(InMemorySaver(), threads, steps)
+    rows.append(row("InMemorySaver (no I/O)", "steps/s", count, seconds, latencies, (0, 0, 0)))
+    return rows
+
+
+# -- OpenAI Agents SDK --------------------------------------------------------------------------
+
+
+async def sessions_run(make: Callable[[int], Any], sessions: int, rounds: int) -> tuple[float, list[float]]:
+    objects = [make(i) for i in range(sessions)]
+
+    async def one_round(s: int, r: int) -> None:
+        session = objects[s]
+        await session.add_items(
+            [{"role": "user", "content": f"q{r} {TEXT}"}, {"role": "assistant", "content": f"a{r} {TEXT}"}]
+        )
+        items = await session.get_items()
+        assert len(items) == 2 * (r + 1)
+
+    return await timed_callers(sessions, rounds, one_round)
+
+
+async def bench_openai(work: Path, sessions: int, rounds: int, run: int) -> list[Row]:
+    from agents import SQLiteSession
+
+    from pforge_async import open_store
+    from pforge_async.integrations.openai_agents import PforgeSession
+
+    count = sessions * rounds
+    rows = []
+    root = work / f"pforge-openai-{run}"
+    async with open_store(root) as store:
+        seconds, latencies = await sessions_run(lambda i: PforgeSession(f"s{i}", store), sessions, rounds)
+    rows.append(row("PforgeSession", "rounds/s", count, seconds, latencies, disk_bytes(root)))
+    db = work / f"sqlite-openai-{run}"
+    db.mkdir()
+    made: list[Any] = []
+
+    def make(i: int) -> Any:
+        made.append(SQLiteSession(f"s{i}", db / "sessions.db"))
+        return made[-1]
+
+    seconds, latencies = await sessions_run(make, sessions, rounds)
+    for session in made:
+        session.close()
+    rows.append(row("SQLiteSession", "rounds/s", count, seconds, latencies, disk_bytes(db)))
+    return rows
+
+
+def show(title: str, runs: list[list[Row]], rate: str) -> None:
+    """The median of each figure over the runs, and each run's throughput ratio."""
+    print(f"\n## {title} (median of {len(runs)} run{'s' if len(runs) > 1 else ''})")
+    print(f"{'':24} {rate:>10} {'p50 ms':>9} {'p99 ms':>9} {'du KiB':>10} {'bytes KiB':>10} {'WAL KiB':>8}")
+    rows: list[Row] = []
+    for i, first in enumerate(runs[0]):
+        median: Row = {"name": first["name"]}
+        for key in (rate, "p50 ms", "p99 ms", "du", "bytes", "wal"):
+            median[key] = statistics.median(run[i][key] for run in runs)
+        rows.append(median)
+        print(
+            f"{median['name']:24} {median[rate]:10.1f} {median['p50 ms']:9.1f} {median['p99 ms']:9.1f} "
+            f"{median['du'] / 1024:10.0f} {median['bytes'] / 1024:10.0f} {median['wal'] / 1024:8.0f}"
+        )
+    ours, theirs = rows[0], rows[1]
+    each = ", ".join(f"{run[0][rate] / run[1][rate]:.2f}x" for run in runs)
+    print(
+        f"throughput: {ours[rate] / theirs[rate]:.2f}x {theirs['name']}'s (runs: {each}); "
+        f"p99 latency: {ours['p99 ms'] / theirs['p99 ms']:.2f}x"
+    )
+    without_wal = (ours["du"] - ours["wal"]) / max(1, theirs["du"] - theirs["wal"])
+    print(
+        f"on disk: {ours['du'] / theirs['du']:.2f}x allocated, {ours['bytes'] / theirs['bytes']:.2f}x apparent; "
+        f"{without_wal:.2f}x allocated without the WAL files"
+    )
+    if len(rows) > 2:
+        ceiling = rows[2]
+        print(
+            f"{ceiling['name']}: {ceiling[rate]:.1f} {rate} = {ceiling[rate] / theirs[rate]:.2f}x {theirs['name']}'s, "
+            f"the most a checkpointer can reach here; {ours['name']} reaches {ours[rate] / ceiling[rate]:.0%} of it"
+        )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sessions", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="8 threads x 3 steps, 8 sessions x 3 rounds, 1 run")
+    args = parser.parse_args()
+    if args.quick:
+        args.threads, args.steps, args.sessions, args.rounds, args.runs = 8, 3, 8, 3, 1
+    print(describe("langgraph", "langgraph-checkpoint", "langgraph-checkpoint-sqlite", "openai-agents"))
+    with tempfile.TemporaryDirectory(prefix="pforge-bench-adapters-") as tmp:
+        work = Path(tmp)
+        graph = [await bench_langgraph(work, args.threads, args.steps, run) for run in range(args.runs)]
+        show(f"LangGraph: {args.threads} threads x {args.steps} steps of a 5-node graph", graph, "steps/s")
+        sessions = [await bench_openai(work, args.sessions, args.rounds, run) for run in range(args.runs)]
+        show(f"OpenAI Agents sessions: {args.sessions} x {args.rounds} rounds (add 2, get all)", sessions, "rounds/s")
+    print("\n(the machine is shared and noisy: the spread between runs is part of the figure)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
