@@ -28,7 +28,8 @@ def _check(report: CapabilityReport) -> None:
     failures = {name: r["failures"] for name, r in results.items() if r["failures"]}
     assert not failures, failures
     assert all(r["detected"] and r["passed"] is True and not r["tests_skipped"] for r in results.values()), results
-    assert sum(r["tests_passed"] for r in results.values()) == 81, results
+    # 81 tests at langgraph-checkpoint-conformance 0.0.2; a later release may add some: all must pass
+    assert sum(r["tests_passed"] for r in results.values()) >= 81, results
     assert report.conformance_level() == "FULL"
 
 
