@@ -16,10 +16,14 @@ How a thread is stored (see :mod:`pforge_async.integrations._lglog`):
 - A (thread, checkpoint namespace) is a named context, ``<prefix>/<len>:<thread_id>/<namespace>``
   (``prefix`` is ``"langgraph"`` unless given), so every namespace of a thread shares one name prefix.
 - Checkpoints and pending writes are turns of its chain, in the order they were put. Channel values
-  are content-addressed blobs (the CAS on the SQLite store): a value that did not change is stored
-  once, however many checkpoints name it; a long list (a chat's messages) is kept in chunks of 16 items,
-  so a list that grows stores only its last chunk again. A value whose encoding is at most 64 bytes is
-  kept inline in the checkpoint (its reference would be as large).
+  are content-addressed blobs (the CAS on the SQLite store), which each checkpoint turn names as its
+  ``refs`` (so the store's ``gc`` keeps them while a live checkpoint names them): a value that did not
+  change is stored once, however many checkpoints name it. A list (a chat's messages) is kept in
+  chunks of 16 items: its full chunks are blobs, stored once; its last, partial chunk, which every
+  append rewrites, is inline in the checkpoint that changed the list, and becomes a blob the first
+  time a checkpoint carries the list unchanged. A value whose encoding is at most 64 bytes is inline
+  (its reference would be as large); so is a pending write's value up to 64 KiB (a write belongs to
+  one checkpoint).
 - Pending writes keep LangGraph's semantics: for a normal channel the first write of a (task, index)
   wins, the special channels (error, interrupt, resume, scheduled) take the last one.
 - ``acopy_thread`` forks each namespace's context: O(1) per namespace, whatever the thread's length;
