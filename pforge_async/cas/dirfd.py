@@ -28,11 +28,10 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CHANGED = frozenset({errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.ENODEV, errno.EAGAIN})
 
 
-def open_dir_at(dir_fd: int, name: bytes) -> tuple[int, os.stat_result] | None:
-    """Open the directory ``name`` in ``dir_fd``; None if it is gone or is no longer a directory.
-    Other errors (``EACCES``, ``EMFILE``) raise ``OSError``."""
+def _open_at(dir_fd: int, name: bytes, flags: int) -> tuple[int, os.stat_result] | None:
+    """``name`` in ``dir_fd`` opened with ``flags`` and ``fstat``'ed; None if it changed under us."""
     try:
-        fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+        fd = os.open(name, flags, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno in _CHANGED:
             return None
@@ -45,20 +44,19 @@ def open_dir_at(dir_fd: int, name: bytes) -> tuple[int, os.stat_result] | None:
     return fd, st
 
 
+def open_dir_at(dir_fd: int, name: bytes) -> tuple[int, os.stat_result] | None:
+    """Open the directory ``name`` in ``dir_fd``; None if it is gone or is no longer a directory.
+    Other errors (``EACCES``, ``EMFILE``) raise ``OSError``."""
+    return _open_at(dir_fd, name, DIR_FLAGS)
+
+
 def open_file_at(dir_fd: int, name: bytes) -> tuple[int, os.stat_result] | None:
     """Open the regular file ``name`` in ``dir_fd`` for reading; None if it is gone or is no longer
     a regular file (a FIFO put in its place is opened without blocking, seen by ``fstat``, closed)."""
-    try:
-        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
-    except OSError as exc:
-        if exc.errno in _CHANGED:
-            return None
-        raise
-    try:
-        st = os.fstat(fd)
-    except BaseException:
-        os.close(fd)
-        raise
+    opened = _open_at(dir_fd, name, _FILE_FLAGS)
+    if opened is None:
+        return None
+    fd, st = opened
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         return None
