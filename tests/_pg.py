@@ -36,7 +36,10 @@ def find_bindir() -> str | None:
     initdb = shutil.which("initdb")
     if initdb:
         return os.path.dirname(os.path.realpath(initdb))
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: [int(x) for x in p.split("/")[4].split(".") if x.isdigit()])
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: [int(x) for x in p.split("/")[4].split(".") if x.isdigit()],
+    )
     return os.path.dirname(found[-1]) if found else None
 
 
@@ -73,7 +76,15 @@ class PgCluster:
             pw = pwd.getpwnam("postgres")
             os.chown(self.data, pw.pw_uid, pw.pw_gid)
         self._run(
-            os.path.join(self.bindir, "initdb"), "-D", self.data, "-U", "postgres", "-A", "trust", "-E", "UTF8",
+            os.path.join(self.bindir, "initdb"),
+            "-D",
+            self.data,
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
             "--no-sync",
         )
         self.port = _free_port()

@@ -40,7 +40,7 @@ def _in_thread(coro_fn: Any) -> None:
     def run() -> None:
         try:
             asyncio.run(coro_fn())
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as exc:
             error.append(exc)
 
     thread = threading.Thread(target=run)
