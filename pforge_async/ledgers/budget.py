@@ -27,12 +27,14 @@ from ..errors import BudgetExceeded, Conflict, IdempotencyConflict, InvalidInput
 from ..sqlite.actor import SqliteActor, replay
 from ._checks import (
     MAX_INT,
+    MAX_SECONDS,
     MAX_TEXT,
     Millis,
     Text,
     Whole,
     bound_values,
     instant_ms,
+    number,
     optional_text,
     seconds,
     show,
@@ -173,7 +175,21 @@ class RecordSpend(msgspec.Struct, frozen=True, tag="record_spend"):
     allow_overdraw: bool = False
 
 
-BudgetCommand = SetBudget | Reserve | Extend | CommitSpend | Release | RecordSpend
+#: reservations deleted per purge command (one short transaction under the writers' lock)
+PURGE_SLICE = 2_000
+GraceMillis = Annotated[int, msgspec.Meta(ge=0, le=MAX_SECONDS * 1000)]
+SliceSize = Annotated[int, msgspec.Meta(ge=1, le=100_000)]
+
+
+class PurgeReservations(msgspec.Struct, frozen=True, tag="purge"):
+    """Delete up to ``limit`` reservations never committed (held or released) whose expiry passed more
+    than ``grace_ms`` ago, with their tags; the reply is how many."""
+
+    grace_ms: GraceMillis = 0
+    limit: SliceSize = PURGE_SLICE
+
+
+BudgetCommand = SetBudget | Reserve | Extend | CommitSpend | Release | RecordSpend | PurgeReservations
 
 
 class BudgetActor(SqliteActor[BudgetCommand]):
@@ -238,7 +254,7 @@ class BudgetActor(SqliteActor[BudgetCommand]):
                     "SELECT state FROM reservations WHERE reservation_id = ?", (reservation_id,)
                 ).fetchone()
                 if row is None:
-                    raise NotFound(f"no reservation {reservation_id}")
+                    raise NotFound(f"no reservation {reservation_id} (never made, or purged once expired)")
                 if row[0] == "committed":
                     raise Conflict(f"reservation {reservation_id} is already committed")
                 conn.execute("UPDATE reservations SET state = 'released' WHERE reservation_id = ?", (reservation_id,))
@@ -275,6 +291,8 @@ class BudgetActor(SqliteActor[BudgetCommand]):
                 )
                 _insert_tags(conn, "spend_tags", spend_id, command.tags)
                 return spend_id
+            case PurgeReservations(grace_ms=grace_ms, limit=limit):
+                return _purge(conn, now - grace_ms, limit)
         raise InvalidInput(f"unknown budget command {command!r}")
 
     def _reserve(self, conn: sqlite3.Connection, command: Reserve, now: int) -> Reservation:
@@ -327,7 +345,7 @@ class BudgetActor(SqliteActor[BudgetCommand]):
             f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE reservation_id = ?", (reservation_id,)
         ).fetchone()
         if row is None:
-            raise NotFound(f"no reservation {reservation_id}")
+            raise NotFound(f"no reservation {reservation_id} (never made, or purged once expired)")
         current = _reservation(row, _tags_of(conn, "reservation_tags", reservation_id), now)
         if current.state in ("committed", "released"):
             raise Conflict(f"reservation {reservation_id} is {current.state}: it cannot be extended")
@@ -408,7 +426,7 @@ class BudgetActor(SqliteActor[BudgetCommand]):
             (reservation_id,),
         ).fetchone()
         if row is None:
-            raise NotFound(f"no reservation {reservation_id}")
+            raise NotFound(f"no reservation {reservation_id} (never made, or purged once expired)")
         vendor, model, tokens, cost, expires_at, state = row
         used = (command.input_tokens, command.output_tokens, command.cost)
         if state == "committed":
@@ -511,6 +529,27 @@ def _reservation(row: Any, tags: dict[str, str], now: int) -> Reservation:
     if state == "held" and expires <= now:
         state = "expired"
     return Reservation(rid, vendor, model, tokens, cost, expires, state, key, tags, created)
+
+
+def _purge(conn: sqlite3.Connection, cutoff_ms: int, limit: int) -> int:
+    """Delete up to ``limit`` reservations that expired at or before ``cutoff_ms`` and were never
+    committed. Such a reservation holds nothing (a budget counts held ones until they expire), and no
+    spend row names it (spend names committed ones only): what was spent and what is held are the same
+    before and after. Committed reservations stay: each is its spend's record (a retried commit is
+    answered from it, ``late`` included), kept as long as the spend is."""
+    doomed = [
+        row[0]
+        for row in conn.execute(
+            "SELECT reservation_id FROM reservations WHERE state != 'committed' AND expires_at_ms <= ? "
+            "ORDER BY expires_at_ms LIMIT ?",
+            (cutoff_ms, limit),
+        )
+    ]
+    if not doomed:
+        return 0
+    marks = ", ".join("?" * len(doomed))
+    conn.execute(f"DELETE FROM reservation_tags WHERE reservation_id IN ({marks})", doomed)
+    return int(conn.execute(f"DELETE FROM reservations WHERE reservation_id IN ({marks})", doomed).rowcount)
 
 
 def _tags_of(conn: sqlite3.Connection, table: str, owner: object) -> dict[str, str]:
@@ -670,6 +709,26 @@ class BudgetLedger:
             allow_overdraw,
         )
         return int(await self._actor.call(command))
+
+    async def purge_expired(self, *, grace_s: float = 0.0) -> int:
+        """Delete the reservations never committed (held past their expiry, or released) whose
+        expiry passed more than ``grace_s`` seconds ago (0 to 10**15), with their tags; returns how
+        many. They no longer count against any budget, so no total, no budget check and no spend
+        changes. Committed reservations stay with their spend. In slices of a few thousand rows, each
+        one short transaction beside other writers; a purge cut short leaves each row kept or gone.
+
+        Afterwards a purged reservation is unknown: ``commit``, ``extend`` and ``release`` of it raise
+        ``NotFound`` (a spend that happened after all is recorded with ``record_spend(...,
+        allow_overdraw=True)``), ``find_reservation`` of its key gives None and a ``reserve`` with
+        that key makes a new reservation. Choose ``grace_s`` longer than any call may run past its
+        reservation's expiry."""
+        grace_ms = round(number(grace_s, "grace_s", low=0, high=MAX_SECONDS) * 1000)
+        purged = 0
+        while True:
+            gone = int(await self._actor.call(PurgeReservations(grace_ms, PURGE_SLICE)))
+            purged += gone
+            if gone < PURGE_SLICE:
+                return purged
 
     async def find_reservation(self, idempotency_key: str) -> Reservation | None:
         """The reservation ``idempotency_key`` made, in its state now; None if it made none. (What a

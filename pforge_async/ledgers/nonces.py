@@ -1,7 +1,16 @@
-"""Capability nonces (``store.nonces``): each one honoured once, ever, across tasks and processes."""
+"""Capability nonces (``store.nonces``): each one honoured once, ever, across tasks and processes.
+
+A nonce carries its own expiry: its first 8 bytes are the expiry in epoch milliseconds (big-endian),
+as the actor decided it when it stored the nonce, the other 24 are random (192 bits: as unguessable as
+ever). The row is the authority while it exists; once a nonce has expired, ``purge_expired`` may delete
+its row, and then nothing brings that nonce back: the command that issued it, replayed (the mailbox
+protocol is a wire protocol), makes a nonce with a later expiry, so another value; and a purged nonce
+is unknown. So a purged nonce, consumed or not, is never accepted again.
+"""
 
 from __future__ import annotations
 
+import base64
 import re
 import secrets
 import sqlite3
@@ -12,7 +21,7 @@ import msgspec
 from ..clock import now_ms
 from ..errors import InvalidInput, NonceExpired, NonceReplayed, NonceUnknown
 from ..sqlite.actor import SqliteActor
-from ._checks import Millis, Text, bound_values, seconds, text
+from ._checks import MAX_SECONDS, Millis, Text, bound_values, number, seconds, text
 
 __all__ = ["NonceActor", "NonceLedger"]
 
@@ -20,10 +29,31 @@ __all__ = ["NonceActor", "NonceLedger"]
 _NONCE_PATTERN = r"\A[A-Za-z0-9_-]{43}\Z"
 _NONCE_RE = re.compile(_NONCE_PATTERN)
 Nonce = Annotated[str, msgspec.Meta(pattern=_NONCE_PATTERN)]
+#: the random part of a nonce the facade draws: 24 bytes, URL-safe base64
+Token = Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9_-]{32}\Z")]
+#: rows deleted per purge command (one short transaction under the writers' lock)
+PURGE_SLICE = 2_000
+#: a grace period of at most this many seconds (the longest time to live)
+MAX_GRACE_S = MAX_SECONDS
+GraceMillis = Annotated[int, msgspec.Meta(ge=0, le=MAX_GRACE_S * 1000)]
+SliceSize = Annotated[int, msgspec.Meta(ge=1, le=100_000)]
+
+
+def new_nonce(expires_at_ms: int, token: str) -> str:
+    """The nonce of ``token`` (24 random bytes, base64) that expires at ``expires_at_ms``."""
+    raw = expires_at_ms.to_bytes(8, "big") + base64.urlsafe_b64decode(token)
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def nonce_expiry(nonce: str) -> int:
+    """The expiry a nonce carries (for a nonce made before nonces carried one: 8 random bytes)."""
+    return int.from_bytes(base64.urlsafe_b64decode(nonce + "=")[:8], "big")
 
 
 class IssueNonce(msgspec.Struct, frozen=True, tag="issue"):
-    nonce: Nonce
+    """Store a nonce made of ``token`` and the expiry the actor decides (now + ``ttl_ms``)."""
+
+    token: Token
     subject: Text
     ttl_ms: Millis
 
@@ -34,7 +64,10 @@ class ConsumeNonce(msgspec.Struct, frozen=True, tag="consume"):
 
 
 class PurgeExpired(msgspec.Struct, frozen=True, tag="purge"):
-    pass
+    """Delete up to ``limit`` nonces that expired more than ``grace_ms`` ago; the reply is how many."""
+
+    grace_ms: GraceMillis = 0
+    limit: SliceSize = PURGE_SLICE
 
 
 NonceCommand = IssueNonce | ConsumeNonce | PurgeExpired
@@ -59,10 +92,14 @@ class NonceActor(SqliteActor[NonceCommand]):
     def _apply(self, conn: sqlite3.Connection, command: NonceCommand) -> object:
         now = now_ms()
         match command:
-            case IssueNonce(nonce=nonce, subject=subject, ttl_ms=ttl_ms):
+            case IssueNonce(token=token, subject=subject, ttl_ms=ttl_ms):
+                # The value holds the expiry decided here: the same command run again later (a
+                # replay) makes another nonce, never one that was purged.
+                expires = now + ttl_ms
+                nonce = new_nonce(expires, token)
                 conn.execute(
                     "INSERT INTO nonces (nonce, subject, issued_at_ms, expires_at_ms) VALUES (?, ?, ?, ?)",
-                    (nonce, subject, now, now + ttl_ms),
+                    (nonce, subject, now, expires),
                 )
                 return nonce
             case ConsumeNonce(nonce=nonce, subject=subject):
@@ -83,8 +120,13 @@ class NonceActor(SqliteActor[NonceCommand]):
                     (now, nonce),
                 )
                 return None
-            case PurgeExpired():
-                return conn.execute("DELETE FROM nonces WHERE expires_at_ms <= ?", (now,)).rowcount
+            case PurgeExpired(grace_ms=grace_ms, limit=limit):
+                # Only rows whose expiry has passed: their nonces are refused by IssueNonce for good.
+                return conn.execute(
+                    "DELETE FROM nonces WHERE nonce IN (SELECT nonce FROM nonces WHERE expires_at_ms <= ? "
+                    "ORDER BY expires_at_ms LIMIT ?)",
+                    (now - grace_ms, limit),
+                ).rowcount
         raise InvalidInput(f"unknown nonce command {command!r}")
 
 
@@ -96,7 +138,7 @@ class NonceLedger:
 
     async def issue(self, subject: str, ttl_s: float) -> str:
         """A new unguessable nonce (256 random bits) for ``subject``, valid for ``ttl_s`` seconds."""
-        command = IssueNonce(secrets.token_urlsafe(32), text(subject, "subject"), seconds(ttl_s, "ttl_s"))
+        command = IssueNonce(secrets.token_urlsafe(24), text(subject, "subject"), seconds(ttl_s, "ttl_s"))
         return str(await self._actor.call(command))
 
     async def consume(self, nonce: str, subject: str) -> None:
@@ -106,7 +148,16 @@ class NonceLedger:
             raise InvalidInput("malformed nonce: want the 43-character string that issue() returned")
         await self._actor.call(ConsumeNonce(str.__str__(nonce), text(subject, "subject")))
 
-    async def purge_expired(self) -> int:
-        """Delete expired nonces (consumed or not); returns how many. A purged nonce is unknown
-        from then on, so it can never be consumed."""
-        return int(await self._actor.call(PurgeExpired()))
+    async def purge_expired(self, *, grace_s: float = 0.0) -> int:
+        """Delete the nonces (consumed or not) that expired more than ``grace_s`` seconds ago (0 to
+        10**15); returns how many. In slices of a few thousand rows, each one short transaction, so
+        consumers wait at most a slice, and a purge cut short leaves every row either kept or gone.
+        A purged nonce is unknown from then on (``NonceUnknown``), and can never be issued again
+        (its expiry has passed), so it can never be consumed."""
+        grace_ms = round(number(grace_s, "grace_s", low=0, high=MAX_GRACE_S) * 1000)
+        purged = 0
+        while True:
+            gone = int(await self._actor.call(PurgeExpired(grace_ms, PURGE_SLICE)))
+            purged += gone
+            if gone < PURGE_SLICE:
+                return purged
