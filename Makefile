@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench pforge clean
+.PHONY: demo test test-adapters lint bench pforge clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ demo: $(PY)
 test: $(PY)
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pytest -q
+
+# The OpenAI Agents SDK's own test suite, fetched from the package index, run against PforgeSession.
+test-adapters: $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) tests/external/run_openai_agents_suite.py
 
 lint: $(PY)
 	$(PY) -m pip install -q -e '.[test]'
@@ -35,6 +40,8 @@ bench: $(PY)
 	$(PY) benchmarks/cas.py
 	$(PY) benchmarks/subagents.py
 	$(PY) benchmarks/attractor.py
+	$(PY) benchmarks/adapters.py
+	$(PY) benchmarks/gc.py
 
 clean:
 	rm -rf $(VENV) .pforge .pytest_cache .mypy_cache .ruff_cache
