@@ -1,0 +1,1073 @@
+"""``PgCas``: the content-addressed store on PostgreSQL, with the public API of :class:`..cas.store.Cas`.
+
+Objects are rows of one table keyed by their raw SHA-256 id in git's format (``sha256(b"<type> <size>\\0"
++ body)``): the type, the body as git hashes it, and ``touched_at`` for gc. A row is written once
+(``ON CONFLICT``: an object already stored is never rewritten, only its ``touched_at`` freshened).
+Every read re-hashes what it returns, so a damaged row is ``IntegrityError`` naming its id, never wrong
+bytes. Refs are rows of a second table, updated compare-and-set in one statement each.
+
+Writes go through one actor per process: a batch of commands is one transaction (objects inserted with
+one ``unnest`` statement, links checked with one ``FOR KEY SHARE`` lookup). Reads go through a small
+pool beside it and see every write whose call returned.
+
+The git rules, tree and commit encoding, the workspace scan (``SnapshotPlan``) and ``restore_tree``
+are the file CAS's own, called here on adapters: what the file CAS accepts and refuses, this one does
+too, with the same workspace boundary guarantees (descriptor-relative scan and restore).
+
+gc and freshening (git's rule, ``git prune``'s): an object younger than ``grace_s`` is kept, and so is
+everything reachable from it, from the refs and from the roots given. A write that stores an object
+again, links to it (a tree entry, a commit's tree or parent), or ``has()`` that finds it freshens its
+``touched_at`` if it is older than ``freshen_s``; so with ``grace_s >= freshen_s`` a gc never takes an
+object out from under a tree or commit written beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import msgspec
+
+from ..actor import Actor, Failed
+from ..cas.gitrules import dotfile_blob_problem, dotfile_kind
+from ..cas.objects import (
+    BLOB,
+    COMMIT,
+    DIR_MODE,
+    NULL_OID,
+    TREE,
+    TYPE_NAMES,
+    Commit,
+    TreeEntry,
+    decode_commit,
+    decode_tree,
+    encode_commit,
+    hash_object,
+    object_header,
+    validate_oid,
+)
+from ..cas.odb import ObjectDB
+from ..cas.pack import write_all
+from ..cas.refs import RefStore, validate_ref_name
+from ..cas.restore import restore_tree
+from ..cas.snapshot import SnapshotPlan, cache_file
+from ..cas.store import Cas, FsckReport, _build_trees, _Leaf, _local_path
+from ..errors import (
+    ActorClosed,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    ObjectNotFound,
+    PforgeError,
+    RefConflict,
+    StorageError,
+)
+from .migrate import check_schema_name, migrate, quote_ident
+
+__all__ = ["CAS_SCRIPTS", "GcReport", "PgCas", "PgCasActor", "open_pg_cas"]
+
+#: PostgreSQL's bytea holds at most 1 GiB; an object body must leave room for the row around it.
+MAX_OBJECT_BYTES = (1 << 30) - (1 << 20)
+#: a snapshot sends what it read to the writer in commands of about this size, bounding its memory.
+_SNAPSHOT_FLUSH_BYTES = 32 << 20
+#: reads fetch objects in batches of at most this many bytes (restore, fsck, export).
+_FETCH_BYTES = 16 << 20
+_FETCH_ROWS = 512
+_HEAD_TARGET = "refs/heads/main"
+
+
+def _ident(schema: str) -> str:
+    return quote_ident(check_schema_name(schema))
+
+
+#: the CAS's part of a store's schema, as :func:`.migrate.migrate` runs it (script i: version i-1 -> i;
+#: tables unqualified, created in the store's schema).
+CAS_SCRIPTS = [
+    """
+    CREATE TABLE cas_objects (
+        oid bytea PRIMARY KEY CHECK (length(oid) = 32),
+        kind smallint NOT NULL,
+        size bigint NOT NULL,
+        body bytea NOT NULL,
+        touched_at timestamptz NOT NULL DEFAULT now()
+    );
+    -- Bodies are git's raw bodies (not zlib'd): lz4 compresses source-like text fast. A server
+    -- built without lz4 keeps its default.
+    DO $$ BEGIN
+        ALTER TABLE cas_objects ALTER COLUMN body SET COMPRESSION lz4;
+    EXCEPTION WHEN others THEN NULL; END $$;
+    CREATE INDEX cas_objects_touched ON cas_objects (touched_at);
+    CREATE TABLE cas_refs (
+        name text PRIMARY KEY,
+        oid bytea NOT NULL CHECK (length(oid) = 32),
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    """
+]
+
+
+# -- translation of driver errors --------------------------------------------------------------
+
+
+def translate(exc: BaseException, what: str) -> PforgeError:
+    """One boundary for asyncpg and OS errors: lost connections, a full disk, a server shutting down
+    are ``StorageError``; data the server refuses ``InvalidInput``; damaged data ``IntegrityError``."""
+    if isinstance(exc, PforgeError):
+        return exc
+    import asyncpg
+
+    error: PforgeError
+    if isinstance(exc, asyncpg.DataCorruptedError | asyncpg.IndexCorruptedError):
+        error = IntegrityError(f"{what}: the server reports damaged data: {exc}")
+    elif isinstance(exc, asyncpg.DataError | asyncpg.ProgramLimitExceededError):
+        error = InvalidInput(f"{what}: the server refused the data: {exc}")
+    elif isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError | ConnectionError):
+        error = StorageError(f"{what} failed: {type(exc).__name__}: {exc}")
+    else:
+        raise exc
+    error.__cause__ = exc
+    return error
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+class PutObjects(msgspec.Struct, frozen=True, tag="pg_put_objects"):
+    """Store objects given as ``(type, body)``; replies with their hex ids, in order. Every tree
+    entry and commit link must name an object stored already or in this batch."""
+
+    objects: list[tuple[int, bytes]]
+
+
+class UpdateRef(msgspec.Struct, frozen=True, tag="pg_update_ref"):
+    name: str
+    new: str
+    expected: str | None = None
+
+
+class Gc(msgspec.Struct, frozen=True, tag="pg_gc"):
+    """Delete these objects, each only if still untouched since ``cutoff_us`` (server epoch, µs)."""
+
+    oids: list[bytes]
+    cutoff_us: int
+
+
+PgCasCommand = PutObjects | UpdateRef | Gc
+
+
+def _ref_target(name: str) -> str:
+    # HEAD is symbolic, as in the file CAS's repository (``ref: refs/heads/main``).
+    return _HEAD_TARGET if name == "HEAD" else name
+
+
+def _commit_links(body: bytes) -> list[bytes]:
+    header = body.split(b"\n\n", 1)[0]
+    links = []
+    for line in header.split(b"\n"):
+        key, _, value = line.partition(b" ")
+        if key in (b"tree", b"parent"):
+            try:
+                links.append(bytes.fromhex(validate_oid(value.decode("ascii", "replace"))))
+            except InvalidInput as exc:
+                raise InvalidInput(f"commit has a malformed {key.decode()} line: {exc}") from exc
+    return links
+
+
+class _Prepared:
+    """One PutObjects command, hashed and checked: its rows and what they link to outside themselves."""
+
+    __slots__ = ("links", "oids", "rows")
+
+    def __init__(self, objects: list[tuple[int, bytes]]) -> None:
+        self.rows: dict[bytes, tuple[int, bytes]] = {}
+        self.oids: list[str] = []
+        links: set[bytes] = set()
+        for type_num, body in objects:
+            if type_num not in (BLOB, TREE, COMMIT):
+                raise InvalidInput(f"unknown object type {type_num}: want blob, tree or commit")
+            if len(body) > MAX_OBJECT_BYTES:
+                raise InvalidInput(f"a {TYPE_NAMES[type_num]} of {len(body)} bytes is larger than PostgreSQL can hold")
+            raw = hash_object(type_num, body)
+            if type_num == TREE:
+                links.update(target for _name, _mode, target in decode_tree(body, raw.hex()))
+            elif type_num == COMMIT:
+                links.update(_commit_links(body))
+            self.rows[raw] = (type_num, body)
+            self.oids.append(raw.hex())
+        self.links = links - self.rows.keys()
+
+
+class PgCasActor(Actor[PgCasCommand]):
+    """The one writer of a process's CAS rows: a batch of commands is one transaction."""
+
+    command_type = PgCasCommand
+    name = "pg-cas"
+
+    def __init__(self, dsn: str, schema: str, *, readonly: bool = False, freshen_s: float = 60.0) -> None:
+        super().__init__(mailbox_size=64, max_batch=64)
+        self.dsn = dsn
+        self.schema = schema
+        self.readonly = readonly
+        self.freshen_s = freshen_s
+        s = _ident(schema)
+        self._objects = f"{s}.cas_objects"
+        self._refs = f"{s}.cas_refs"
+        self._conn: Any = None
+
+    async def setup(self) -> None:
+        await self._connect()
+
+    async def _connect(self) -> Any:
+        import asyncpg
+
+        if self._conn is None or self._conn.is_closed():
+            try:
+                self._conn = await asyncpg.connect(self.dsn)
+            except Exception as exc:
+                raise translate(exc, f"connecting to PostgreSQL for the CAS ({self.schema})") from exc
+        return self._conn
+
+    async def teardown(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=5)
+
+    async def handle_batch(self, commands: Sequence[PgCasCommand]) -> list[Any]:
+        if self.readonly:
+            return [Failed(InvalidInput("the store is open read-only")) for _ in commands]
+        for attempt in range(2):
+            conn = await self._connect()
+            try:
+                async with conn.transaction():
+                    return await self._apply(conn, commands)
+            except PforgeError:
+                raise
+            except Exception as exc:
+                error = translate(exc, "writing CAS objects")
+                lost = conn.is_closed()
+                if lost:
+                    self._conn = None
+                # A connection that died before the batch reached the server is retried once on a new one;
+                # the batch is idempotent (objects are content-addressed, refs compare-and-set by value),
+                # except for unconditional ref updates, which a retry only repeats.
+                if not (lost and attempt == 0):
+                    raise error from exc
+        raise AssertionError("unreachable")
+
+    async def _apply(self, conn: Any, commands: Sequence[PgCasCommand]) -> list[Any]:
+        outcomes: list[Any] = [None] * len(commands)
+        prepared: dict[int, _Prepared] = {}
+        for i, command in enumerate(commands):
+            if isinstance(command, PutObjects):
+                try:
+                    prepared[i] = _Prepared(command.objects)
+                except PforgeError as exc:
+                    outcomes[i] = Failed(exc)
+        in_batch: set[bytes] = set()
+        for p in prepared.values():
+            in_batch.update(p.rows)
+        wanted = {raw for p in prepared.values() for raw in p.links} - in_batch
+        wanted |= {
+            bytes.fromhex(c.new)
+            for c in commands
+            if isinstance(c, UpdateRef) and _valid_oid(c.new) and bytes.fromhex(c.new) not in in_batch
+        }
+        present = await self._lock_present(conn, wanted)
+        available = set(present)
+        rows: dict[bytes, tuple[int, bytes]] = {}
+        for i, p in sorted(prepared.items()):
+            missing = [raw for raw in p.links if raw not in available]
+            if missing:
+                outcomes[i] = Failed(ObjectNotFound(f"a tree or commit refers to missing object {missing[0].hex()}"))
+                continue
+            rows.update(p.rows)
+            available.update(p.rows)
+            outcomes[i] = p.oids
+        if rows:
+            oids = list(rows)
+            await conn.execute(
+                f"""INSERT INTO {self._objects} AS o (oid, kind, size, body)
+                    SELECT * FROM unnest($1::bytea[], $2::int2[], $3::int8[], $4::bytea[])
+                    ON CONFLICT (oid) DO UPDATE SET touched_at = now()
+                    WHERE o.touched_at < now() - make_interval(secs => $5)""",
+                oids,
+                [rows[r][0] for r in oids],
+                [len(rows[r][1]) for r in oids],
+                [rows[r][1] for r in oids],
+                self.freshen_s,
+            )
+        for i, command in enumerate(commands):
+            if isinstance(command, UpdateRef):
+                outcomes[i] = await self._update_ref(conn, command, available)
+            elif isinstance(command, Gc):
+                outcomes[i] = await self._gc(conn, command)
+        return outcomes
+
+    async def _lock_present(self, conn: Any, wanted: set[bytes]) -> set[bytes]:
+        """Which of ``wanted`` exist, locked against a concurrent gc's delete until this batch commits,
+        and freshened when older than ``freshen_s`` (so a gc that already marked them keeps them)."""
+        if not wanted:
+            return set()
+        ids = sorted(wanted)  # locks in one order: two writers never deadlock on them
+        found = await conn.fetch(
+            f"SELECT oid FROM {self._objects} WHERE oid = ANY($1::bytea[]) ORDER BY oid FOR KEY SHARE", ids
+        )
+        await conn.execute(
+            f"""UPDATE {self._objects} SET touched_at = now()
+                WHERE oid = ANY($1::bytea[]) AND touched_at < now() - make_interval(secs => $2)""",
+            ids,
+            self.freshen_s,
+        )
+        return {bytes(r["oid"]) for r in found}
+
+    async def _update_ref(self, conn: Any, command: UpdateRef, available: set[bytes]) -> Any:
+        try:
+            name = _ref_target(validate_ref_name(command.name))
+            new = validate_oid(command.new)
+            expected = command.expected
+            if expected is not None:
+                validate_oid(expected, "expected ref value")
+        except PforgeError as exc:
+            return Failed(exc)
+        raw = bytes.fromhex(new)
+        if raw not in available:
+            return Failed(ObjectNotFound(f"cannot point ref {name} at missing object {new}"))
+        if expected is None:
+            await conn.execute(
+                f"""INSERT INTO {self._refs} (name, oid) VALUES ($1, $2)
+                    ON CONFLICT (name) DO UPDATE SET oid = excluded.oid, updated_at = now()""",
+                name,
+                raw,
+            )
+            return None
+        if expected == NULL_OID:
+            done = await conn.fetchval(
+                f"INSERT INTO {self._refs} (name, oid) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING RETURNING 1",
+                name,
+                raw,
+            )
+        else:
+            done = await conn.fetchval(
+                f"UPDATE {self._refs} SET oid = $2, updated_at = now() WHERE name = $1 AND oid = $3 RETURNING 1",
+                name,
+                raw,
+                bytes.fromhex(expected),
+            )
+        if done is None:
+            current = await conn.fetchval(f"SELECT oid FROM {self._refs} WHERE name = $1", name)
+            shown = bytes(current).hex() if current is not None else "absent"
+            return Failed(RefConflict(f"ref {name} is {shown}, expected {expected}"))
+        return None
+
+    async def _gc(self, conn: Any, command: Gc) -> int:
+        # A row freshened or locked by a writer since the mark is re-checked under its lock and kept.
+        done = await conn.fetch(
+            f"""DELETE FROM {self._objects}
+                WHERE oid = ANY($1::bytea[]) AND touched_at < to_timestamp($2::float8 / 1e6)
+                RETURNING size""",
+            sorted(command.oids),
+            command.cutoff_us,
+        )
+        return sum(int(r["size"]) for r in done)
+
+
+def _valid_oid(oid: object) -> bool:
+    try:
+        validate_oid(oid)
+    except InvalidInput:
+        return False
+    return True
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def _checked(oid: str, kind: int, body: bytes) -> tuple[int, bytes]:
+    """``(type, body)`` of a row whose hash matches its id; otherwise ``IntegrityError`` naming it."""
+    if kind not in TYPE_NAMES or kind not in (BLOB, TREE, COMMIT):
+        raise IntegrityError(f"object {oid} is corrupt: unknown type {kind}")
+    digest = hashlib.sha256(object_header(kind, len(body)))
+    digest.update(body)
+    if digest.hexdigest() != oid:
+        raise IntegrityError(f"object {oid} does not match its id: the stored bytes are corrupt")
+    return kind, body
+
+
+class GcReport(msgspec.Struct, frozen=True):
+    """What :meth:`PgCas.gc` found: ``unreachable`` objects past their grace, of which ``deleted``
+    were removed (none with ``dry_run``), ``bytes_reclaimed`` their body bytes."""
+
+    checked: int
+    kept: int
+    unreachable: list[str]
+    deleted: int
+    bytes_reclaimed: int
+    dry_run: bool
+
+
+class _RowView:
+    """The file CAS's ``ObjectDB`` read surface over the table, for code run in a worker thread
+    (``restore_tree``, ``SnapshotPlan``, ``Cas._fsck``): each call crosses back to the event loop."""
+
+    def __init__(self, cas: PgCas) -> None:
+        self._cas = cas
+        self._cache: dict[str, tuple[int, bytes]] = {}
+        #: blobs restore will ask for, in its order: fetched ahead in batches.
+        self._ahead: list[str] = []
+        self._ahead_at: dict[str, int] = {}
+        self._ahead_next = 0
+        self._sizes: dict[str, int] = {}
+        self.present: set[bytes] = set()
+        #: for fsck: the page being verified
+        self._page: dict[str, tuple[int, bytes]] = {}
+
+    def _fetch(self, oids: list[str]) -> dict[str, tuple[int, bytes]]:
+        return anyio.from_thread.run(self._cas._fetch_rows, oids)
+
+    def plan(self, trees: dict[str, tuple[int, bytes]], order: list[str], sizes: dict[str, int]) -> None:
+        self._cache.update(trees)
+        self._ahead = order
+        self._ahead_at = {oid: i for i, oid in reversed(list(enumerate(order)))}
+        self._sizes = sizes
+
+    def read(self, oid: str) -> tuple[int, bytes]:
+        validate_oid(oid)
+        row = self._cache.get(oid)
+        if row is None:
+            batch = [oid]
+            at = self._ahead_at.get(oid)
+            if at is not None and at >= self._ahead_next:
+                total, end = 0, at
+                while end < len(self._ahead) and end - at < _FETCH_ROWS:
+                    total += self._sizes.get(self._ahead[end], 0)
+                    if end > at and total > _FETCH_BYTES:
+                        break
+                    end += 1
+                batch = list(dict.fromkeys(self._ahead[at:end]))
+                self._ahead_next = end
+            fetched = self._fetch(batch)
+            if oid not in fetched:
+                raise ObjectNotFound(f"object {oid} not found")
+            self._cache.update(fetched)
+            row = fetched[oid]
+        if row[0] == BLOB:
+            self._cache.pop(oid, None)  # read once, in order: memory stays one batch
+        return _checked(oid, *row)
+
+    def read_blob(self, oid: str) -> bytes:
+        type_num, body = self.read(oid)
+        if type_num != BLOB:
+            raise InvalidInput(f"object {oid} is a {TYPE_NAMES[type_num]}, not a blob")
+        return body
+
+    def copy_blob(self, oid: str, fd: int) -> None:
+        write_all(fd, self.read_blob(oid))
+
+    def has(self, raw: bytes) -> bool:
+        # The snapshot's stat cache: its ids were looked up (and locked in by the final write) before.
+        return raw in self.present
+
+    # -- fsck's walk
+
+    def iter_oids(self) -> Iterator[str]:
+        after = b""
+        while True:
+            page = anyio.from_thread.run(self._cas._page, after)
+            if not page:
+                return
+            self._page = {oid: (kind, body) for oid, kind, body in page}
+            for oid, _kind, _body in page:
+                yield oid
+            after = bytes.fromhex(page[-1][0])
+
+    def verify(self, oid: str) -> tuple[int, bytes | None]:
+        row = self._page.get(oid)
+        if row is None:
+            row = self._fetch([oid]).get(oid)
+            if row is None:
+                raise NotFound(f"object {oid} vanished")
+        type_num, body = _checked(oid, *row)
+        return type_num, None if type_num == BLOB else body
+
+
+class _SnapshotSink:
+    """Where a snapshot scan puts what it reads: staged in memory, sent to the writer in chunks."""
+
+    def __init__(self, cas: PgCas) -> None:
+        self._cas = cas
+        self.staged: dict[bytes, tuple[int, bytes]] = {}
+        self.size = 0
+        self.sent: set[bytes] = set()
+
+    def add(self, type_num: int, body: bytes, raw: bytes | None = None) -> bytes:
+        if raw is None:
+            raw = hash_object(type_num, body)
+        if raw not in self.staged and raw not in self.sent:
+            if len(body) > MAX_OBJECT_BYTES:
+                raise InvalidInput(f"a file of {len(body)} bytes is larger than PostgreSQL can hold")
+            self.staged[raw] = (type_num, body)
+            self.size += len(body)
+            if self.size >= _SNAPSHOT_FLUSH_BYTES:
+                self.flush_from_thread()
+        return raw
+
+    def add_large_file(self, fd: int, shown: str) -> bytes:
+        st = os.fstat(fd)
+        if st.st_size > MAX_OBJECT_BYTES:
+            raise InvalidInput(f"cannot snapshot {shown}: {st.st_size} bytes is larger than PostgreSQL can hold")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return self.add(BLOB, b"".join(chunks))
+
+    def take(self) -> list[tuple[int, bytes]]:
+        objects = list(self.staged.values())
+        self.sent.update(self.staged)
+        self.staged = {}
+        self.size = 0
+        return objects
+
+    def flush_from_thread(self) -> None:
+        objects = self.take()
+        if objects:
+            anyio.from_thread.run(self._cas._put, objects)
+
+
+# -- the facade --------------------------------------------------------------------------------
+
+
+class PgCas:
+    """Blobs, trees, commits and refs in PostgreSQL: the API of :class:`..cas.store.Cas`."""
+
+    def __init__(
+        self,
+        actor: PgCasActor,
+        pool: Any,
+        *,
+        cache_dir: Path | None = None,
+        readonly: bool = False,
+    ) -> None:
+        self._actor = actor
+        self._pool = pool
+        self.schema = actor.schema
+        s = _ident(actor.schema)
+        self._objects = f"{s}.cas_objects"
+        self._refs_table = f"{s}.cas_refs"
+        self.readonly = readonly
+        self.freshen_s = actor.freshen_s
+        self._own_cache: str | None = None
+        if cache_dir is None:
+            self._own_cache = tempfile.mkdtemp(prefix="pforge-pgcas-cache-")
+            cache_dir = Path(self._own_cache)
+        self._cache_dir = cache_dir
+        self._snapshot_locks: dict[str, anyio.Lock] = {}
+        self.path = None  # no repository on disk: export_git writes one
+        self.snapshots_unchanged = 0
+        self.snapshots_scanned = 0
+
+    def _open(self) -> None:
+        if self._actor.closed:
+            raise ActorClosed("the CAS is closed")
+
+    async def _fetch(self, sql: str, *args: Any, what: str) -> list[Any]:
+        self._open()
+        try:
+            return cast("list[Any]", await self._pool.fetch(sql, *args))
+        except Exception as exc:
+            raise translate(exc, what) from exc
+
+    async def _fetch_rows(self, oids: list[str]) -> dict[str, tuple[int, bytes]]:
+        rows = await self._fetch(
+            f"SELECT oid, kind, body FROM {self._objects} WHERE oid = ANY($1::bytea[])",
+            [bytes.fromhex(o) for o in oids],
+            what="reading CAS objects",
+        )
+        return {bytes(r["oid"]).hex(): (int(r["kind"]), bytes(r["body"])) for r in rows}
+
+    async def _page(self, after: bytes) -> list[tuple[str, int, bytes]]:
+        rows = await self._fetch(
+            f"SELECT oid, kind, body FROM {self._objects} WHERE oid > $1 ORDER BY oid LIMIT {_FETCH_ROWS}",
+            after,
+            what="reading CAS objects",
+        )
+        return [(bytes(r["oid"]).hex(), int(r["kind"]), bytes(r["body"])) for r in rows]
+
+    async def _put(self, objects: list[tuple[int, bytes]]) -> list[str]:
+        if self.readonly:
+            raise InvalidInput("the store is open read-only")
+        return cast("list[str]", await self._actor.call(PutObjects(objects)))
+
+    async def _read(self, oid: str) -> tuple[int, bytes]:
+        validate_oid(oid)
+        row = (await self._fetch_rows([oid])).get(oid)
+        if row is None:
+            raise ObjectNotFound(f"object {oid} not found")
+        return _checked(oid, *row)
+
+    async def _types(self, oids: Iterable[str]) -> dict[str, int]:
+        """The stored type of each id found (from the row; reads re-hash, this only routes)."""
+        ids = sorted({bytes.fromhex(o) for o in oids})
+        if not ids:
+            return {}
+        rows = await self._fetch(
+            f"SELECT oid, kind FROM {self._objects} WHERE oid = ANY($1::bytea[])", ids, what="reading CAS objects"
+        )
+        return {bytes(r["oid"]).hex(): int(r["kind"]) for r in rows}
+
+    # -- blobs -------------------------------------------------------------------------------------
+
+    async def write_blob(self, data: bytes) -> str:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidInput(f"write_blob takes bytes, not {type(data).__name__}")
+        (oid,) = await self._put([(BLOB, bytes(data))])
+        return oid
+
+    async def read_blob(self, oid: str) -> bytes:
+        type_num, body = await self._read(oid)
+        if type_num != BLOB:
+            raise InvalidInput(f"object {oid} is a {TYPE_NAMES[type_num]}, not a blob")
+        return body
+
+    async def has(self, oid: str) -> bool:
+        """Whether the object is stored; one found older than ``freshen_s`` is freshened (a gc keeps it)."""
+        validate_oid(oid)
+        raw = bytes.fromhex(oid)
+        rows = await self._fetch(
+            f"SELECT touched_at < now() - make_interval(secs => $2) AS stale FROM {self._objects} WHERE oid = $1",
+            raw,
+            self.freshen_s,
+            what="looking up a CAS object",
+        )
+        if not rows:
+            return False
+        if rows[0]["stale"] and not self.readonly:
+            fresh = await self._fetch(
+                f"UPDATE {self._objects} SET touched_at = now() WHERE oid = $1 RETURNING 1",
+                raw,
+                what="freshening a CAS object",
+            )
+            return bool(fresh)  # a gc deleted it meanwhile: it is gone
+        return True
+
+    # -- trees -------------------------------------------------------------------------------------
+
+    async def write_tree(self, entries: Iterable[tuple[str, str | int, str]]) -> str:
+        """As :meth:`..cas.store.Cas.write_tree`: entry names, modes, entry types and dotfile contents
+        git would reject are ``InvalidInput`` before anything is stored."""
+        objects, root, leaves = _build_trees(entries)
+        self._open()
+        await self._check_leaves(leaves)
+        if objects:
+            await self._put(objects)
+        return root
+
+    async def _check_leaves(self, leaves: list[_Leaf]) -> None:
+        types = await self._types(oid for _path, _name, _mode, oid in leaves)
+        for path, name, mode, oid in leaves:
+            if oid not in types:
+                raise ObjectNotFound(f"tree entry {path!r} points at missing object {oid}")
+            want = TREE if mode == DIR_MODE else BLOB
+            if types[oid] != want:
+                raise InvalidInput(
+                    f"tree entry {path!r} has mode {mode:o}, a {TYPE_NAMES[want]}, "
+                    f"but {oid} is a {TYPE_NAMES.get(types[oid], 'corrupt object')}"
+                )
+            kind = dotfile_kind(name)
+            if kind is not None and want == BLOB:
+                why = dotfile_blob_problem(kind, await self.read_blob(oid))
+                if why:
+                    raise InvalidInput(f"tree entry {path!r}: git fsck rejects this content: {why}")
+
+    async def read_tree(self, oid: str, recursive: bool = False) -> list[TreeEntry]:
+        """One level of a tree, or with ``recursive`` every non-tree entry below it by path."""
+        validate_oid(oid)
+        out: list[TreeEntry] = []
+        level = [(oid, "")]
+        while level:
+            rows = await self._fetch_rows([tree for tree, _prefix in level])
+            following: list[tuple[str, str]] = []
+            for tree, prefix in level:
+                row = rows.get(tree)
+                if row is None:
+                    raise ObjectNotFound(f"object {tree} not found")
+                type_num, body = _checked(tree, *row)
+                if type_num != TREE:
+                    raise InvalidInput(f"object {tree} is not a tree")
+                for name, mode, raw in decode_tree(body, tree):
+                    path = prefix + os.fsdecode(name)
+                    if recursive and mode == DIR_MODE:
+                        following.append((raw.hex(), path + "/"))
+                    else:
+                        out.append(TreeEntry(path, mode, raw.hex()))
+            level = following
+        if recursive:
+            out.sort(key=lambda e: e.name.encode("utf-8", "surrogateescape"))
+        return out
+
+    # -- commits -----------------------------------------------------------------------------------
+
+    async def write_commit(
+        self,
+        tree: str,
+        parents: Iterable[str] = (),
+        *,
+        message: str = "",
+        author: str | None = None,
+        timestamp: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> str:
+        """As :meth:`..cas.store.Cas.write_commit`."""
+        if isinstance(parents, (str, bytes)) or not isinstance(parents, Iterable):
+            raise InvalidInput(f"parents must be an iterable of commit ids, not {type(parents).__name__}")
+        parents = tuple(parents)
+        body = encode_commit(tree, parents, message=message, author=author, timestamp=timestamp, metadata=metadata)
+        links = [(tree, TREE, "tree")] + [(parent, COMMIT, "parent") for parent in parents]
+        types = await self._types(oid for oid, _want, _what in links)
+        for oid, want, what in links:
+            actual = types.get(oid)
+            if actual is None:
+                raise ObjectNotFound(f"the commit's {what} points at missing object {oid}")
+            if actual != want:
+                raise InvalidInput(
+                    f"the commit's {what} {oid} is a {TYPE_NAMES.get(actual, 'corrupt object')}, "
+                    f"not a {TYPE_NAMES[want]}"
+                )
+        (oid,) = await self._put([(COMMIT, body)])
+        return oid
+
+    async def read_commit(self, oid: str) -> Commit:
+        type_num, body = await self._read(oid)
+        if type_num != COMMIT:
+            raise InvalidInput(f"object {oid} is not a commit")
+        return decode_commit(body, oid)
+
+    # -- refs --------------------------------------------------------------------------------------
+
+    async def update_ref(self, name: str, new: str, *, expected: str | None = None) -> None:
+        """Point ``name`` at ``new``. With ``expected``, only if the ref still holds it (the null oid
+        means: only if the ref does not exist); otherwise ``RefConflict``. ``HEAD`` is ``refs/heads/main``."""
+        validate_ref_name(name)
+        validate_oid(new)
+        if expected is not None:
+            validate_oid(expected, "expected ref value")
+        if self.readonly:
+            raise InvalidInput("the store is open read-only")
+        await self._actor.call(UpdateRef(name, new, expected))
+
+    async def get_ref(self, name: str) -> str | None:
+        target = _ref_target(validate_ref_name(name))
+        rows = await self._fetch(f"SELECT oid FROM {self._refs_table} WHERE name = $1", target, what="reading a ref")
+        return bytes(rows[0]["oid"]).hex() if rows else None
+
+    async def list_refs(self) -> dict[str, str]:
+        """Every ref, by name."""
+        rows = await self._fetch(f"SELECT name, oid FROM {self._refs_table} ORDER BY name", what="reading refs")
+        return {str(r["name"]): bytes(r["oid"]).hex() for r in rows}
+
+    # -- workspaces --------------------------------------------------------------------------------
+
+    async def snapshot(self, directory: str | os.PathLike[str]) -> str:
+        """Store a directory tree and return its tree id, as :meth:`..cas.store.Cas.snapshot` does (the
+        same scan: descriptor-relative, the workspace's ``.git`` left out, names git refuses refused)."""
+        root = _local_path(directory, "snapshot directory")
+        if not os.path.isdir(root):
+            raise InvalidInput(f"cannot snapshot {root}: not a directory")
+        if self.readonly:
+            raise InvalidInput("the store is open read-only")
+        self._open()
+        lock = self._snapshot_locks.setdefault(root, anyio.Lock())
+        async with lock:
+            self.snapshots_scanned += 1
+            try:
+                return await self._snapshot(root, use_cache=True)
+            except ObjectNotFound:
+                # A file the stat cache answered lost its object (a gc took it) before the trees were
+                # written: scan again, reading every file.
+                return await self._snapshot(root, use_cache=False)
+
+    async def _snapshot(self, root: str, *, use_cache: bool) -> str:
+        exclude: set[tuple[int, int]] = set()
+        with contextlib.suppress(OSError):
+            st = os.stat(self._cache_dir)
+            exclude.add((st.st_dev, st.st_ino))
+        plan = SnapshotPlan(root, cache_file(self._cache_dir, root), exclude)
+        view = _RowView(self)
+        # The stat cache's ids, looked up at once: a file it answers is not read again.
+        cached = [bytes.fromhex(entry[5]) for entry in plan._load_cache().values()] if use_cache else []
+        if cached:
+            types = await self._types(raw.hex() for raw in cached)
+            view.present = {bytes.fromhex(o) for o, kind in types.items() if kind == BLOB}
+        sink = _SnapshotSink(self)
+
+        def scan() -> bytes:
+            return plan.run(sink, cast(ObjectDB, view), None)
+
+        try:
+            raw = await anyio.to_thread.run_sync(scan)
+        except OSError as exc:
+            raise StorageError(f"cannot snapshot {root}: {exc.strerror or exc!r}") from exc
+        except ValueError as exc:
+            raise InvalidInput(f"cannot snapshot {root}: {exc}") from exc
+        # The trees link to every file the stat cache answered: the writer checks (and locks) those in
+        # the same transaction, so a gc running meanwhile cannot take them.
+        await self._put(sink.take())
+        await anyio.to_thread.run_sync(plan.save_cache)
+        return raw.hex()
+
+    async def restore(self, tree: str, directory: str | os.PathLike[str]) -> None:
+        """Recreate a snapshot in ``directory``, which must be missing or empty (the file CAS's
+        ``restore_tree``: descriptor-relative, temp files renamed in, all undone on failure)."""
+        validate_oid(tree)
+        target = _local_path(directory, "restore directory")
+        self._open()
+        view = _RowView(self)
+        trees, order = await self._walk_for_restore(tree)
+        sizes: dict[str, int] = {}
+        if order:
+            rows = await self._fetch(
+                f"SELECT oid, size FROM {self._objects} WHERE oid = ANY($1::bytea[])",
+                sorted({bytes.fromhex(o) for o in order}),
+                what="reading CAS objects",
+            )
+            sizes = {bytes(r["oid"]).hex(): int(r["size"]) for r in rows}
+        view.plan(trees, order, sizes)
+        await anyio.to_thread.run_sync(restore_tree, cast(ObjectDB, view), tree, target)
+
+    async def _walk_for_restore(self, tree: str) -> tuple[dict[str, tuple[int, bytes]], list[str]]:
+        """Every tree below ``tree`` (fetched a level at a time), and the blobs in the order restore
+        reads them (depth first, entries in order). A tree that is missing or damaged is left for
+        restore itself to meet and name."""
+        trees: dict[str, tuple[int, bytes]] = {}
+        level = [tree]
+        while level:
+            rows = await self._fetch_rows(level)
+            following = []
+            for oid in level:
+                row = rows.get(oid)
+                if row is None or row[0] != TREE:
+                    continue
+                trees[oid] = row
+                try:
+                    entries = decode_tree(_checked(oid, *row)[1], oid)
+                except IntegrityError:
+                    continue
+                following += [raw.hex() for _n, mode, raw in entries if mode == DIR_MODE and raw.hex() not in trees]
+            level = list(dict.fromkeys(following))
+        order: list[str] = []
+
+        def visit(oid: str, depth: int) -> None:
+            row = trees.get(oid)
+            if row is None or depth > 10_000:
+                return
+            with contextlib.suppress(IntegrityError):
+                for _name, mode, raw in decode_tree(row[1], oid):
+                    if mode == DIR_MODE:
+                        visit(raw.hex(), depth + 1)
+                    else:
+                        order.append(raw.hex())
+
+        with contextlib.suppress(RecursionError):
+            visit(tree, 0)
+        return trees, order
+
+    # -- verification ------------------------------------------------------------------------------
+
+    async def fsck(self) -> FsckReport:
+        """Read and re-hash every object; report corrupt ones, links to missing ones, and every
+        well-hashed object ``git fsck --strict`` would reject (the file CAS's own rules and walk)."""
+        self._open()
+        view = _RowView(self)
+        shim = _FsckShim(view)
+        return await anyio.to_thread.run_sync(Cas._fsck, cast(Cas, shim))
+
+    check = fsck
+
+    async def export_git(self, directory: str | os.PathLike[str]) -> int:
+        """Write every object and ref into a bare SHA-256 git repository at ``directory`` (missing,
+        empty, or such a repository already, then added to): packs ``git fsck --strict`` accepts.
+        Objects are re-hashed as they are read; a corrupt one fails the export with
+        ``IntegrityError`` naming it. Returns how many objects were written."""
+        target = Path(_local_path(directory, "export directory"))
+        self._open()
+        if target.exists() and any(target.iterdir()) and not (target / "config").exists():
+            raise InvalidInput(f"cannot export to {target}: not empty and not a git repository")
+        odb = ObjectDB(target, fsync=True)
+        written = 0
+        try:
+            await anyio.to_thread.run_sync(odb.init)
+            after = b""
+            while True:
+                page = await self._page(after)
+                if not page:
+                    break
+                objects = []
+                for oid, kind, body in page:
+                    type_num, body = _checked(oid, kind, body)
+                    raw = bytes.fromhex(oid)
+                    if not odb.known(raw):
+                        objects.append((raw, type_num, body))
+                if objects:
+                    await anyio.to_thread.run_sync(odb.write_pack, objects)
+                    written += len(objects)
+                after = bytes.fromhex(page[-1][0])
+            refs = RefStore(target, fsync=True)
+            for name, oid in (await self.list_refs()).items():
+                await anyio.to_thread.run_sync(refs.update, name, oid, None)
+        except OSError as exc:
+            raise StorageError(f"cannot export to {target}: {exc.strerror or exc!r}") from exc
+        finally:
+            odb.close()
+        return written
+
+    # -- gc ----------------------------------------------------------------------------------------
+
+    async def gc(self, roots: Iterable[str] = (), *, grace_s: float, dry_run: bool = False) -> GcReport:
+        """Delete every object unreachable from ``roots``, the refs and every object younger than
+        ``grace_s`` (and not freshened since), as ``git prune --expire`` does. ``grace_s`` must be at
+        least ``freshen_s``: then a tree or commit written during the gc keeps what it links to."""
+        if isinstance(roots, (str, bytes)) or not isinstance(roots, Iterable):
+            raise InvalidInput(f"roots must be an iterable of object ids, not {type(roots).__name__}")
+        roots = [validate_oid(r, "gc root") for r in roots]
+        if (
+            not isinstance(grace_s, (int, float))
+            or isinstance(grace_s, bool)
+            or not 0 <= grace_s <= 1e9
+            or grace_s != grace_s
+        ):
+            raise InvalidInput(f"grace_s must be a number of seconds from 0 to 1e9, not {grace_s!r}")
+        if grace_s < self.freshen_s:
+            raise InvalidInput(f"grace_s {grace_s} is below this store's freshen_s {self.freshen_s}")
+        if not isinstance(dry_run, bool):
+            raise InvalidInput(f"dry_run must be a bool, not {type(dry_run).__name__}")
+        if self.readonly and not dry_run:
+            raise InvalidInput("the store is open read-only")
+        (now_row,) = await self._fetch(
+            "SELECT (extract(epoch from now()) * 1e6)::int8 AS now_us", what="reading the server's clock"
+        )
+        cutoff_us = int(now_row["now_us"]) - int(grace_s * 1e6)
+        # The mark: the refs, the roots, and every young object; then everything they reach.
+        rows = await self._fetch(
+            f"""SELECT oid, kind, touched_at >= to_timestamp($1::float8 / 1e6) AS young FROM {self._objects}""",
+            cutoff_us,
+            what="listing CAS objects",
+        )
+        kinds = {bytes(r["oid"]): int(r["kind"]) for r in rows}
+        marked: set[bytes] = set()
+        todo = [bytes(r["oid"]) for r in rows if r["young"]]
+        todo += [bytes.fromhex(o) for o in (await self.list_refs()).values()]
+        todo += [bytes.fromhex(o) for o in roots]
+        while todo:
+            fresh = [raw for raw in dict.fromkeys(todo) if raw not in marked]
+            todo = []
+            marked.update(fresh)
+            walk = [raw for raw in fresh if kinds.get(raw) in (TREE, COMMIT)]
+            for start in range(0, len(walk), _FETCH_ROWS):
+                chunk = walk[start : start + _FETCH_ROWS]
+                fetched = await self._fetch_rows([raw.hex() for raw in chunk])
+                for oid, (kind, body) in fetched.items():
+                    try:
+                        if kind == TREE:
+                            todo += [raw for _n, _m, raw in decode_tree(body, oid)]
+                        elif kind == COMMIT:
+                            todo += _commit_links(body)
+                    except PforgeError:
+                        continue  # damaged: fsck names it; what it would reach stays unmarked
+        unreachable = sorted(raw for raw in kinds if raw not in marked)
+        deleted = reclaimed = 0
+        if not dry_run:
+            for start in range(0, len(unreachable), 4096):
+                chunk = unreachable[start : start + 4096]
+                reclaimed += int(await self._actor.call(Gc(chunk, cutoff_us)))
+            remaining = await self._types(raw.hex() for raw in unreachable)
+            deleted = len(unreachable) - len(remaining)
+        return GcReport(
+            checked=len(kinds),
+            kept=len(kinds) - deleted,
+            unreachable=[raw.hex() for raw in unreachable],
+            deleted=deleted,
+            bytes_reclaimed=reclaimed,
+            dry_run=dry_run,
+        )
+
+    async def aclose(self) -> None:
+        """Close the pool (the actor is closed by whoever started it); removes a private stat cache."""
+        with contextlib.suppress(Exception):
+            await self._pool.close()
+        if self._own_cache is not None:
+            import shutil
+
+            shutil.rmtree(self._own_cache, ignore_errors=True)
+
+
+class _FsckShim:
+    """What :meth:`..cas.store.Cas._fsck` reads from ``self``: only ``_odb``."""
+
+    def __init__(self, view: _RowView) -> None:
+        self._odb = view
+
+
+# -- opening -----------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def open_pg_cas(
+    dsn: str,
+    *,
+    schema: str = "pforge",
+    cache_dir: Path | None = None,
+    readonly: bool = False,
+    freshen_s: float = 60.0,
+    create: bool = True,
+) -> AsyncIterator[PgCas]:
+    """A ``PgCas`` on its own: its tables made if missing, its actor and read pool started, all
+    closed on exit. (Inside a store, the store starts the actor in its task group.)"""
+    import asyncpg
+
+    _ident(schema)
+    if (
+        not isinstance(freshen_s, (int, float))
+        or isinstance(freshen_s, bool)
+        or not 0 <= freshen_s <= 1e9
+        or freshen_s != freshen_s
+    ):
+        raise InvalidInput(f"freshen_s must be a number of seconds from 0 to 1e9, not {freshen_s!r}")
+    try:
+        if create and not readonly:
+            conn = await asyncpg.connect(dsn)
+            try:
+                await migrate(conn, schema, "cas", CAS_SCRIPTS, where=f"{_where(dsn)}: ")
+            finally:
+                await conn.close()
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+    except PforgeError:
+        raise
+    except Exception as exc:
+        raise translate(exc, f"opening the CAS in schema {schema}") from exc
+    actor = PgCasActor(dsn, schema, readonly=readonly, freshen_s=float(freshen_s))
+    cas = PgCas(actor, pool, cache_dir=cache_dir, readonly=readonly)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            try:
+                yield cas
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await actor.aclose()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await cas.aclose()
+
+
+def _where(dsn: str) -> str:
+    """The server a DSN names, for messages: without its password."""
+    return re.sub(r":[^:@/]*@", ":***@", dsn)

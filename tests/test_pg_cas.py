@@ -1,0 +1,614 @@
+"""The CAS contract on PostgreSQL: one suite run against the file CAS and ``PgCas`` alike, and what only
+the table store has (10,000 objects, processes sharing one server, damaged rows, ``export_git`` checked
+by the real ``git fsck --strict``, gc).
+
+tests/test_cas.py and tests/test_cas_git.py open a file store inside each test, so their classes
+cannot be pointed at another backend: the contract tests here take a ``backend`` fixture instead and
+reuse those modules' workspaces, oracles and tables of refused input.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from pforge_async import IntegrityError, InvalidInput, ObjectNotFound, RefConflict, open_store
+from pforge_async.cas import EMPTY_TREE, TreeEntry
+from pforge_async.postgres.cas import PgCas, open_pg_cas
+
+from ._procs import run_all, spawn
+from .test_cas import git, git_fsck, make_workspace, tree_listing
+from .test_cas_git import (
+    BAD_CALLS,
+    DIR,
+    FILE,
+    LINK,
+    REFUSED_COMMITS,
+    REFUSED_DOTFILES,
+    REFUSED_ENTRIES,
+    foreign_objects,
+    git_fsck_named,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+class Backend:
+    """One CAS under test, with what a test needs beside its public API."""
+
+    def __init__(self, name: str, cas: Any, tmp_path: Path, dsn: str = "", schema: str = "") -> None:
+        self.name = name
+        self.cas = cas
+        self.tmp_path = tmp_path
+        self.dsn = dsn
+        self.schema = schema
+        self._exports = 0
+
+    async def gitdir(self) -> Path:
+        """A git repository holding every object and ref: the file CAS's own, or an export."""
+        if self.name == "file":
+            return Path(self.cas.path)
+        self._exports += 1
+        out = self.tmp_path / f"export-{self._exports}.git"
+        await self.cas.export_git(out)
+        return out
+
+    async def count(self) -> int:
+        return int((await self.cas.fsck()).checked)
+
+    async def plant(self, kind: bytes, body: bytes) -> str:
+        """Store an object with no check at all, as another tool writing the store would."""
+        if self.name == "file":
+            from .test_cas_git import put_loose
+
+            return put_loose(Path(self.cas.path), kind, body)
+        import hashlib
+
+        oid = hashlib.sha256(b"%s %d\0" % (kind, len(body)) + body).hexdigest()
+        kinds = {b"commit": 1, b"tree": 2, b"blob": 3}
+        await self.sql(
+            f'INSERT INTO "{self.schema}".cas_objects (oid, kind, size, body) VALUES ($1, $2, $3, $4) '
+            "ON CONFLICT DO NOTHING",
+            bytes.fromhex(oid),
+            kinds[kind],
+            len(body),
+            body,
+        )
+        return oid
+
+    async def sql(self, query: str, *args: Any) -> Any:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            return await conn.fetch(query, *args)
+        finally:
+            await conn.close()
+
+
+@pytest.fixture(params=["file", "pg"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "file":
+        async with open_store(tmp_path / ".pforge") as store:
+            yield Backend("file", store.cas, tmp_path)
+    else:
+        dsn = request.getfixturevalue("pg_dsn")
+        schema = request.getfixturevalue("pg_schema")
+        async with open_pg_cas(dsn, schema=schema, cache_dir=tmp_path / "cache") as cas:
+            yield Backend("pg", cas, tmp_path, dsn, schema)
+
+
+@pytest.fixture
+async def pg(tmp_path: Path, pg_dsn: str, pg_schema: str) -> AsyncIterator[Backend]:
+    async with open_pg_cas(pg_dsn, schema=pg_schema, cache_dir=tmp_path / "cache") as cas:
+        yield Backend("pg", cas, tmp_path, pg_dsn, pg_schema)
+
+
+# -- the contract, on both backends ----------------------------------------------------------------
+
+
+class TestContract:
+    async def test_round_trips(self, backend: Backend) -> None:
+        cas = backend.cas
+        for data in (b"", b"x", bytes(range(256)) * 1000):
+            assert await cas.read_blob(await cas.write_blob(data)) == data
+        a = await cas.write_blob(b"a")
+        assert await cas.has(a) and not await cas.has("ab" * 32)
+        tree = await cas.write_tree([("d/e/f.txt", "100644", a), ("g", "100755", a)])
+        top = await cas.read_tree(tree)
+        assert [(e.name, e.mode, e.is_tree) for e in top] == [("d", 0o40000, True), ("g", 0o100755, False)]
+        assert await cas.read_tree(tree, recursive=True) == [
+            TreeEntry("d/e/f.txt", 0o100644, a),
+            TreeEntry("g", 0o100755, a),
+        ]
+        assert await cas.write_tree([]) == EMPTY_TREE
+        commit = await cas.write_commit(tree, message="m", metadata={"K": "v"}, timestamp=5)
+        got = await cas.read_commit(commit)
+        assert (got.tree, got.parents, got.message, got.metadata, got.timestamp) == (tree, (), "m", {"K": "v"}, 5)
+        assert await cas.get_ref("refs/heads/nothing") is None
+
+    async def test_ids_are_gits(self, backend: Backend) -> None:
+        cas = backend.cas
+        blob = await cas.write_blob(b"hello world\n")
+        exe = await cas.write_blob(b"#!/bin/sh\n")
+        tree = await cas.write_tree([("README", "100644", blob), ("bin/run", 0o100755, exe), ("bin/link", LINK, blob)])
+        first = await cas.write_commit(tree, message="first", timestamp=1_700_000_000)
+        second = await cas.write_commit(
+            tree, [first], message="second", author="Agent <agent@example.com>", timestamp=1_700_000_100
+        )
+        await cas.update_ref("refs/heads/main", second)
+        gitdir = await backend.gitdir()
+        git_fsck(gitdir)
+        assert git(gitdir, "hash-object", "--stdin", input=b"hello world\n").strip() == blob
+        assert git(gitdir, "cat-file", "-p", blob) == "hello world\n"
+        log = git(gitdir, "log", "--format=%H %an %s", "main")
+        assert log.splitlines() == [f"{second} Agent second", f"{first} pforge first"]
+        assert git(gitdir, "rev-parse", "HEAD").strip() == second
+
+    async def test_writing_an_object_twice_stores_it_once(self, backend: Backend) -> None:
+        first = await backend.cas.write_blob(b"same")
+        before = await backend.count()
+        assert await backend.cas.write_blob(b"same") == first
+        assert await backend.count() == before
+
+    async def test_ref_compare_and_swap(self, backend: Backend) -> None:
+        cas = backend.cas
+        tree = await cas.write_tree([])
+        c1 = await cas.write_commit(tree, message="1")
+        c2 = await cas.write_commit(tree, [c1], message="2")
+        await cas.update_ref("refs/heads/main", c1, expected="0" * 64)
+        with pytest.raises(RefConflict, match="refs/heads/main"):
+            await cas.update_ref("refs/heads/main", c2, expected="0" * 64)
+        with pytest.raises(RefConflict):
+            await cas.update_ref("refs/heads/main", c2, expected=c2)
+        await cas.update_ref("refs/heads/main", c2, expected=c1)
+        assert await cas.get_ref("refs/heads/main") == c2
+        assert await cas.get_ref("HEAD") == c2
+
+    async def test_snapshot_then_restore_reproduces_the_workspace(self, backend: Backend) -> None:
+        work = backend.tmp_path / "work"
+        make_workspace(work)
+        tree = await backend.cas.snapshot(work)
+        names = {e.name for e in await backend.cas.read_tree(tree, recursive=True)}
+        assert not any(n.startswith(".git") for n in names) and "emptydir" not in names
+        out = backend.tmp_path / "restored"
+        await backend.cas.restore(tree, out)
+        expected = {k: v for k, v in tree_listing(work).items() if not k.startswith(".pforge")}
+        assert tree_listing(out) == expected
+        assert os.readlink(out / "dangling") == "../nowhere"
+        assert (out / "run.sh").stat().st_mode & 0o111
+        # git computes the same tree id from the same files.
+        scratch = backend.tmp_path / "scratch.git"
+        subprocess.run(["git", "init", "-q", "--bare", "--object-format=sha256", str(scratch)], check=True)
+        git(scratch, f"--work-tree={work}", "add", "-A", "--", ".", ":!.pforge")
+        assert git(scratch, f"--work-tree={work}", "write-tree").strip() == tree
+
+    async def test_a_change_is_seen_even_right_after_a_snapshot(self, backend: Backend) -> None:
+        work = backend.tmp_path / "work"
+        make_workspace(work)
+        target = work / "src" / "main.py"
+        cas = backend.cas
+        before = await cas.snapshot(work)
+        assert await cas.snapshot(work) == before
+        stamp = target.stat()
+        target.write_text("import pkX\n" * 100)  # same size, same mtime: the racily-clean case
+        os.utime(target, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        after = await cas.snapshot(work)
+        assert after != before
+        entries = {e.name: e.oid for e in await cas.read_tree(after, recursive=True)}
+        assert await cas.read_blob(entries["src/main.py"]) == b"import pkX\n" * 100
+        (work / "run.sh").chmod(0o644)
+        assert await cas.snapshot(work) != after
+        (work / "src" / "pkg" / "mod.py").unlink()
+        names = {e.name for e in await cas.read_tree(await cas.snapshot(work), recursive=True)}
+        assert "src/pkg/mod.py" not in names
+
+    async def test_restore_refuses_a_non_empty_target(self, backend: Backend) -> None:
+        busy = backend.tmp_path / "busy"
+        busy.mkdir()
+        (busy / "keep.txt").write_text("mine")
+        tree = await backend.cas.write_tree([])
+        with pytest.raises(InvalidInput, match="not empty"):
+            await backend.cas.restore(tree, busy)
+        assert (busy / "keep.txt").read_text() == "mine"
+
+    async def test_64_tasks_writing_overlapping_blobs(self, backend: Backend) -> None:
+        results: dict[int, list[str]] = {}
+
+        async def writer(n: int) -> None:
+            results[n] = [await backend.cas.write_blob(b"blob %d" % (i % 16)) for i in range(n, n + 16)]
+
+        async with anyio.create_task_group() as tg:
+            for n in range(64):
+                tg.start_soon(writer, n)
+        distinct = {oid for oids in results.values() for oid in oids}
+        assert len(distinct) == 16
+        report = await backend.cas.fsck()
+        assert report.ok and report.checked == 16
+
+    @pytest.mark.parametrize("oid", ["../../etc/passwd", "A" * 64, "a" * 63, "a" * 65, "g" * 64, "", None, 42])
+    async def test_malformed_oids_are_rejected(self, backend: Backend, oid: object) -> None:
+        with pytest.raises(InvalidInput, match="invalid object id"):
+            await backend.cas.read_blob(oid)
+        with pytest.raises(InvalidInput):
+            await backend.cas.read_tree(oid)
+        with pytest.raises(InvalidInput):
+            await backend.cas.has(oid)
+        with pytest.raises(InvalidInput):
+            await backend.cas.restore(oid, backend.tmp_path / "out")
+        with pytest.raises(InvalidInput):
+            await backend.cas.write_tree([("f", FILE, oid)])
+        with pytest.raises(InvalidInput):
+            await backend.cas.update_ref("refs/heads/x", oid)
+        assert not (backend.tmp_path / "out").exists()
+        assert await backend.count() == 0
+
+    async def test_names_modes_and_types_git_rejects_are_refused(self, backend: Backend) -> None:
+        cas = backend.cas
+        blob = await cas.write_blob(b"x")
+        tree = await cas.write_tree([("f", FILE, blob)])
+        before = await backend.count()
+        for path, mode in REFUSED_ENTRIES:
+            with pytest.raises(InvalidInput) as caught:
+                await cas.write_tree([(path, mode, tree if mode == DIR else blob), ("fine.txt", FILE, blob)])
+            assert repr(path) in str(caught.value)
+        with pytest.raises(InvalidInput, match=r"'d'.*mode 40000.*is a blob"):
+            await cas.write_tree([("d", DIR, blob)])
+        with pytest.raises(InvalidInput, match=r"'f'.*is a tree"):
+            await cas.write_tree([("f", FILE, tree)])
+        with pytest.raises(ObjectNotFound, match="ab" * 32):
+            await cas.write_tree([("m", FILE, "ab" * 32)])
+        for name, content, match in REFUSED_DOTFILES:
+            bad = await cas.write_blob(content)
+            before += 1
+            with pytest.raises(InvalidInput, match=match):
+                await cas.write_tree([(name, FILE, bad)])
+        for kwargs, match in REFUSED_COMMITS:
+            with pytest.raises(InvalidInput, match=match):
+                await cas.write_commit(tree, **kwargs)
+        with pytest.raises(InvalidInput, match=r"tree .* is a blob"):
+            await cas.write_commit(blob)
+        with pytest.raises(InvalidInput, match=r"parent .* is a tree"):
+            await cas.write_commit(tree, [tree])
+        with pytest.raises(ObjectNotFound, match="ab" * 32):
+            await cas.write_commit("ab" * 32)
+        with pytest.raises(ObjectNotFound, match="ab" * 32):
+            await cas.update_ref("refs/heads/main", "ab" * 32)
+        assert await backend.count() == before
+        assert await cas.get_ref("refs/heads/main") is None
+        git_fsck(await backend.gitdir())
+
+    async def test_bad_arguments_are_invalid_input_and_the_store_serves_on(self, backend: Backend) -> None:
+        class Holder:
+            cas = backend.cas
+
+        blob = await backend.cas.write_blob(b"x")
+        tree = await backend.cas.write_tree([("f", FILE, blob)])
+        commit = await backend.cas.write_commit(tree)
+        wrong = []
+        for label, call in BAD_CALLS:
+            try:
+                await call(Holder, blob, tree, backend.tmp_path)
+            except InvalidInput:
+                pass
+            except Exception as exc:
+                wrong.append((label, repr(exc)))
+            else:
+                wrong.append((label, "accepted"))
+            assert not (backend.tmp_path / "r1").exists()
+            again = await backend.cas.write_blob(b"after " + label.encode())
+            assert await backend.cas.read_blob(again) == b"after " + label.encode()
+        assert not wrong
+        await backend.cas.update_ref("refs/heads/ok", commit)
+        assert await backend.cas.get_ref("refs/heads/ok") == commit
+
+    async def test_fsck_names_every_object_git_fsck_names(self, backend: Backend) -> None:
+        blob = await backend.cas.write_blob(b"good")
+        tree = await backend.cas.write_tree([("a/b.txt", FILE, blob), (".gitmodules", FILE, blob)])
+        await backend.cas.update_ref("refs/heads/main", await backend.cas.write_commit(tree))
+        assert (await backend.cas.fsck()).ok
+        # Objects another tool wrote, each one git fsck --strict rejects: planted as they are.
+        scratch = backend.tmp_path / "foreign.git"
+        subprocess.run(["git", "init", "-q", "--bare", "--object-format=sha256", str(scratch)], check=True)
+        planted = foreign_objects(scratch)
+        for path in (scratch / "objects").glob("??/*"):
+            kind, _, body = zlib.decompress(path.read_bytes()).partition(b"\0")
+            await backend.plant(kind.split(b" ")[0], body)
+        code, git_named, output = git_fsck_named(await backend.gitdir())
+        assert code != 0
+        report = await backend.cas.fsck()
+        text = "\n".join(report.invalid + report.missing + report.corrupt)
+        assert not sorted(oid for oid in git_named if oid not in text), output + "\n---\n" + text
+        assert all(oid in text for oid in planted), text
+        assert blob not in text and tree not in text
+
+    async def test_non_utf8_names_round_trip_byte_exact(self, backend: Backend) -> None:
+        raw_names = [b"caf\xe9.txt", b"\xff\xfe", "zoë".encode(), b"d\x80ir"]
+        work = backend.tmp_path / "work"
+        work.mkdir()
+        for n in raw_names:
+            with open(os.path.join(os.fsencode(work), n), "wb") as f:
+                f.write(b"data " + n)
+        snap = await backend.cas.snapshot(work)
+        out = backend.tmp_path / "out"
+        await backend.cas.restore(snap, out)
+        assert sorted(os.listdir(os.fsencode(out))) == sorted(raw_names)
+        for n in raw_names:
+            with open(os.path.join(os.fsencode(out), n), "rb") as f:
+                assert f.read() == b"data " + n
+
+
+# -- PostgreSQL only -------------------------------------------------------------------------------
+
+
+class TestPgCas:
+    async def test_10000_objects_round_trip(self, pg: Backend) -> None:
+        cas: PgCas = pg.cas
+        datas = [b"object %d " % i + os.urandom(64) for i in range(10_000)]
+        oids: list[str] = [""] * len(datas)
+
+        async def writer(start: int) -> None:
+            for i in range(start, len(datas), 32):
+                oids[i] = await cas.write_blob(datas[i])
+
+        async with anyio.create_task_group() as tg:
+            for start in range(32):
+                tg.start_soon(writer, start)
+        assert len(set(oids)) == 10_000
+        for i in range(0, 10_000, 7):
+            assert await cas.read_blob(oids[i]) == datas[i]
+        tree = await cas.write_tree([(f"d{i % 10}/f{i}", FILE, oid) for i, oid in enumerate(oids)])
+        out = pg.tmp_path / "out"
+        await cas.restore(tree, out)
+        assert (out / "d3" / "f9993").read_bytes() == datas[9993]
+        assert sum(1 for _ in out.rglob("f*")) == 10_000
+        report = await cas.fsck()
+        assert report.ok and report.checked == 10_000 + 11
+        rows = await pg.sql(f'SELECT count(*) AS n FROM "{pg.schema}".cas_objects')
+        assert rows[0]["n"] == 10_011
+
+    async def test_two_processes_and_many_tasks_store_each_object_once(self, pg: Backend) -> None:
+        procs = [spawn(WRITE_SHARED_AND_OWN, pg.dsn, pg.schema, f"p{i}") for i in range(2)]
+        # This process writes the shared objects as well, from 16 tasks, while they run.
+        async with anyio.create_task_group() as tg:
+            for t in range(16):
+                tg.start_soon(_write_range, pg.cas, range(t, 300, 16))
+        outs = run_all(procs)
+        for out in outs:
+            assert out.split()[0] == "done"
+        rows = await pg.sql(f'SELECT count(*) AS n, count(DISTINCT oid) AS d FROM "{pg.schema}".cas_objects')
+        assert rows[0]["n"] == rows[0]["d"] == 300 + 2 * 100
+        report = await pg.cas.fsck()
+        assert report.ok and report.checked == 500
+        for i in range(0, 300, 13):
+            oid = await pg.cas.write_blob(b"shared %d" % i * 50)
+            assert await pg.cas.read_blob(oid) == b"shared %d" % i * 50
+
+    async def test_two_processes_racing_a_ref_update_have_one_winner(self, pg: Backend) -> None:
+        tree = await pg.cas.write_tree([])
+        base = await pg.cas.write_commit(tree, message="base", timestamp=0)
+        await pg.cas.update_ref("refs/heads/race", base)
+        for _round in range(3):
+            procs = [spawn(RACE_REF, pg.dsn, pg.schema, f"p{i}", base, stdin=subprocess.PIPE) for i in range(2)]
+            from ._procs import wait_for_line
+
+            for p in procs:
+                wait_for_line(p, "ready")
+            for p in procs:
+                assert p.stdin is not None
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            results = [p.communicate(timeout=60)[0] for p in procs]
+            winners = [r for r in results if r.startswith("won")]
+            assert len(winners) == 1, results
+            assert await pg.cas.get_ref("refs/heads/race") == winners[0].split()[1]
+            await pg.cas.update_ref("refs/heads/race", base)
+
+    async def test_a_workspace_with_symlinks_and_exec_bits_round_trips_identical(self, pg: Backend) -> None:
+        work = pg.tmp_path / "work"
+        make_workspace(work)
+        (work / "deep" / "er" / "est").mkdir(parents=True)
+        (work / "deep" / "er" / "est" / "tool").write_bytes(os.urandom(3 << 20))  # past the large-file bound
+        (work / "deep" / "er" / "est" / "tool").chmod(0o755)
+        (work / "deep" / "abs-link").symlink_to("/etc/passwd")
+        (work / "deep" / "dir-link").symlink_to("er")
+        tree = await pg.cas.snapshot(work)
+        out = pg.tmp_path / "restored"
+        await pg.cas.restore(tree, out)
+        assert tree_listing(out) == tree_listing(work)
+        assert os.readlink(out / "deep" / "abs-link") == "/etc/passwd"
+        assert (out / "deep" / "dir-link").is_symlink()
+        # Snapshot of the restored copy: the same id; and a second open of the store agrees.
+        assert await pg.cas.snapshot(out) == tree
+        async with open_pg_cas(pg.dsn, schema=pg.schema) as other:
+            assert await other.snapshot(work) == tree
+
+    async def test_export_git_passes_git_fsck_strict(self, pg: Backend) -> None:
+        work = pg.tmp_path / "work"
+        make_workspace(work)
+        tree = await pg.cas.snapshot(work)
+        commit = await pg.cas.write_commit(tree, message="snap", metadata={"Run-Id": "r1"}, timestamp=1)
+        await pg.cas.update_ref("refs/heads/main", commit)
+        await pg.cas.update_ref("refs/tags/v1", commit)
+        out = pg.tmp_path / "export.git"
+        written = await pg.cas.export_git(out)
+        assert written == (await pg.cas.fsck()).checked
+        git_fsck(out)
+        assert git(out, "rev-parse", "HEAD").strip() == commit
+        assert git(out, "rev-parse", "v1").strip() == commit
+        assert git(out, "cat-file", "-p", f"{commit}:run.sh") == "#!/bin/sh\necho run\n"
+        # Exporting again into the same repository adds only what is new.
+        blob = await pg.cas.write_blob(b"later")
+        assert await pg.cas.export_git(out) == 1
+        assert git(out, "cat-file", "-p", blob) == "later"
+        git_fsck(out)
+        # A clone of it checks out the workspace.
+        clone = pg.tmp_path / "clone"
+        subprocess.run(["git", "clone", "-q", str(out), str(clone)], check=True, capture_output=True)
+        assert (clone / "src" / "pkg" / "mod.py").read_text() == "print('hi')\n"
+        with pytest.raises(InvalidInput, match="not empty"):
+            busy = pg.tmp_path / "busy"
+            busy.mkdir()
+            (busy / "x").write_text("x")
+            await pg.cas.export_git(busy)
+
+    async def test_a_flipped_byte_in_a_row_is_named_by_fsck_and_refused_on_read(self, pg: Backend) -> None:
+        cas = pg.cas
+        victim = await cas.write_blob(b"stored payload " * 10)
+        other = await cas.write_blob(b"an innocent neighbour")
+        tree = await cas.write_tree([("v", FILE, victim), ("o", FILE, other)])
+        await pg.sql(
+            f'UPDATE "{pg.schema}".cas_objects SET body = set_byte(body, 3, get_byte(body, 3) # 1) WHERE oid = $1',
+            bytes.fromhex(victim),
+        )
+        with pytest.raises(IntegrityError, match=victim):
+            await cas.read_blob(victim)
+        with pytest.raises(IntegrityError, match=victim):
+            await cas.restore(tree, pg.tmp_path / "out")
+        assert not (pg.tmp_path / "out").exists() or not any((pg.tmp_path / "out").iterdir())
+        with pytest.raises(IntegrityError, match=victim):
+            await cas.export_git(pg.tmp_path / "export.git")
+        report = await cas.fsck()
+        assert report.corrupt == [victim] and not report.ok
+        # A changed type is caught the same way; nothing else is lost, and the store still writes.
+        await pg.sql(f'UPDATE "{pg.schema}".cas_objects SET kind = 1 WHERE oid = $1', bytes.fromhex(other))
+        assert (await cas.fsck()).corrupt == sorted([victim, other])
+        assert await cas.read_blob(await cas.write_blob(b"new")) == b"new"
+
+    async def test_bad_input_stores_nothing(self, pg: Backend) -> None:
+        cas = pg.cas
+        for bad in ("../../x", "A" * 64, None, 7):
+            with pytest.raises(InvalidInput):
+                await cas.write_tree([("f", FILE, bad)])
+            with pytest.raises(InvalidInput):
+                await cas.update_ref("refs/heads/x", bad)
+        with pytest.raises(InvalidInput):
+            await cas.write_blob("text")
+        # Raw commands that reach the actor are checked again there.
+        from pforge_async.postgres.cas import PutObjects, UpdateRef
+
+        with pytest.raises(InvalidInput, match="unknown object type"):
+            await cas._actor.call(PutObjects([(9, b"x")]))
+        with pytest.raises(InvalidInput):
+            await cas._actor.call(UpdateRef("refs/heads/x", "zz"))
+        with pytest.raises(InvalidInput):
+            await cas._actor.call_raw(b"\x92\x01\x02")
+        rows = await pg.sql(
+            f'SELECT (SELECT count(*) FROM "{pg.schema}".cas_objects) AS o, '
+            f'(SELECT count(*) FROM "{pg.schema}".cas_refs) AS r'
+        )
+        assert (rows[0]["o"], rows[0]["r"]) == (0, 0)
+        assert await cas.read_blob(await cas.write_blob(b"still serving")) == b"still serving"
+
+    async def test_a_failing_command_fails_only_its_caller_in_a_batch(self, pg: Backend) -> None:
+        from pforge_async.postgres.cas import PutObjects
+
+        good: list[str] = []
+        errors: list[BaseException] = []
+        tree_missing = b"100644 f\0" + bytes.fromhex("cd" * 32)
+
+        async def bad() -> None:
+            try:
+                await pg.cas._actor.call(PutObjects([(2, tree_missing)]))
+            except ObjectNotFound as exc:
+                errors.append(exc)
+
+        async def ok(i: int) -> None:
+            good.append(await pg.cas.write_blob(b"fine %d" % i))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(ok, i)
+                if i % 5 == 0:
+                    tg.start_soon(bad)
+        assert len(errors) == 4 and len(good) == 20
+        assert (await pg.cas.fsck()).checked == 20
+
+    async def test_gc_reclaims_the_unreachable_past_grace_and_freshening_keeps(
+        self, tmp_path: Path, pg_dsn: str, pg_schema: str
+    ) -> None:
+        async with open_pg_cas(pg_dsn, schema=pg_schema, freshen_s=0) as cas:
+            keep = await cas.write_blob(b"kept by a ref")
+            tree = await cas.write_tree([("k", FILE, keep)])
+            commit = await cas.write_commit(tree, message="c", timestamp=0)
+            await cas.update_ref("refs/heads/main", commit)
+            rooted = await cas.write_blob(b"kept by a root")
+            junk = [await cas.write_blob(b"junk %d" % i) for i in range(5)]
+            young = await cas.write_tree([])
+            with pytest.raises(InvalidInput):
+                await cas.gc([], grace_s=-1)
+            # Age everything but `young` by an hour.
+            conn_rows = f"UPDATE \"{pg_schema}\".cas_objects SET touched_at = now() - interval '1 hour' WHERE oid <> $1"
+            import asyncpg
+
+            conn = await asyncpg.connect(pg_dsn)
+            try:
+                await conn.execute(conn_rows, bytes.fromhex(young))
+                # has() of an old object freshens it: it survives this gc.
+                assert await cas.has(junk[0])
+                dry = await cas.gc([rooted], grace_s=60, dry_run=True)
+                assert sorted(dry.unreachable) == sorted(junk[1:]) and dry.deleted == 0
+                report = await cas.gc([rooted], grace_s=60)
+                assert report.deleted == 4 and report.bytes_reclaimed == sum(len(b"junk %d" % i) for i in range(1, 5))
+                for oid in junk[1:]:
+                    assert not await cas.has(oid)
+                for oid in (keep, tree, commit, rooted, young, junk[0]):
+                    assert await cas.has(oid)
+                # A re-put of an old object freshens it too.
+                await conn.execute(conn_rows, bytes.fromhex(young))
+                await cas.write_blob(b"junk 0")
+                report = await cas.gc([], grace_s=60)
+                assert rooted in report.unreachable and junk[0] not in report.unreachable
+                assert (await cas.fsck()).ok
+            finally:
+                await conn.close()
+
+
+async def _write_range(cas: Any, indexes: range) -> None:
+    for i in indexes:
+        await cas.write_blob(b"shared %d" % i * 50)
+
+
+WRITE_SHARED_AND_OWN = """
+import sys, anyio
+from pforge_async.postgres.cas import open_pg_cas
+async def main():
+    async with open_pg_cas(sys.argv[1], schema=sys.argv[2]) as cas:
+        async def shared(t):
+            for i in range(t, 300, 8):
+                await cas.write_blob(b"shared %d" % i * 50)
+        async def own(t):
+            for i in range(t, 100, 8):
+                await cas.write_blob(b"own %s %d" % (sys.argv[3].encode(), i))
+        async with anyio.create_task_group() as tg:
+            for t in range(8):
+                tg.start_soon(shared, t)
+                tg.start_soon(own, t)
+    print("done", flush=True)
+anyio.run(main)
+"""
+
+RACE_REF = """
+import sys, anyio
+from pforge_async import RefConflict
+from pforge_async.postgres.cas import open_pg_cas
+async def main():
+    async with open_pg_cas(sys.argv[1], schema=sys.argv[2]) as cas:
+        tree = await cas.write_tree([])
+        mine = await cas.write_commit(tree, message=sys.argv[3], timestamp=0)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        try:
+            await cas.update_ref("refs/heads/race", mine, expected=sys.argv[4])
+            print("won", mine, flush=True)
+        except RefConflict:
+            print("lost", flush=True)
+anyio.run(main)
+"""
