@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -37,7 +36,6 @@ import anyio.from_thread
 import anyio.to_thread
 import msgspec
 
-from ..actor import Actor, Failed
 from ..cas.gitrules import dotfile_blob_problem, dotfile_kind
 from ..cas.objects import (
     BLOB,
@@ -71,7 +69,8 @@ from ..errors import (
     RefConflict,
     StorageError,
 )
-from .migrate import check_schema_name, migrate, quote_ident
+from .actor import PgActor, PgConn
+from .migrate import quote_ident
 
 __all__ = ["CAS_SCRIPTS", "GcReport", "PgCas", "PgCasActor", "open_pg_cas"]
 
@@ -83,10 +82,6 @@ _SNAPSHOT_FLUSH_BYTES = 32 << 20
 _FETCH_BYTES = 16 << 20
 _FETCH_ROWS = 512
 _HEAD_TARGET = "refs/heads/main"
-
-
-def _ident(schema: str) -> str:
-    return quote_ident(check_schema_name(schema))
 
 
 #: the CAS's part of a store's schema, as :func:`.migrate.migrate` runs it (script i: version i-1 -> i;
@@ -115,29 +110,6 @@ CAS_SCRIPTS = [
 ]
 
 
-# -- translation of driver errors --------------------------------------------------------------
-
-
-def translate(exc: BaseException, what: str) -> PforgeError:
-    """One boundary for asyncpg and OS errors: lost connections, a full disk, a server shutting down
-    are ``StorageError``; data the server refuses ``InvalidInput``; damaged data ``IntegrityError``."""
-    if isinstance(exc, PforgeError):
-        return exc
-    import asyncpg
-
-    error: PforgeError
-    if isinstance(exc, asyncpg.DataCorruptedError | asyncpg.IndexCorruptedError):
-        error = IntegrityError(f"{what}: the server reports damaged data: {exc}")
-    elif isinstance(exc, asyncpg.DataError | asyncpg.ProgramLimitExceededError):
-        error = InvalidInput(f"{what}: the server refused the data: {exc}")
-    elif isinstance(exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError | ConnectionError):
-        error = StorageError(f"{what} failed: {type(exc).__name__}: {exc}")
-    else:
-        raise exc
-    error.__cause__ = exc
-    return error
-
-
 # -- commands ----------------------------------------------------------------------------------
 
 
@@ -161,7 +133,13 @@ class Gc(msgspec.Struct, frozen=True, tag="pg_gc"):
     cutoff_us: int
 
 
-PgCasCommand = PutObjects | UpdateRef | Gc
+class Touch(msgspec.Struct, frozen=True, tag="pg_touch"):
+    """Freshen these objects (``has()`` found them older than ``freshen_s``); replies with those found."""
+
+    oids: list[bytes]
+
+
+PgCasCommand = PutObjects | UpdateRef | Gc | Touch
 
 
 def _ref_target(name: str) -> str:
@@ -206,179 +184,185 @@ class _Prepared:
         self.links = links - self.rows.keys()
 
 
-class PgCasActor(Actor[PgCasCommand]):
-    """The one writer of a process's CAS rows: a batch of commands is one transaction."""
+class _Plan:
+    """What a batch's :meth:`PgCasActor.begin` decided: each PutObjects command's reply (or error), the
+    rows to insert at :meth:`PgCasActor.flush`, and every object id the batch may link or point to."""
+
+    def __init__(self) -> None:
+        self.replies: dict[int, list[str] | PforgeError] = {}
+        self.rows: dict[bytes, tuple[int, bytes]] = {}
+        self.available: set[bytes] = set()
+
+
+class PgCasActor(PgActor[PgCasCommand]):
+    """The one writer of a process's CAS rows: a batch of commands is one transaction.
+
+    :meth:`begin` decides every PutObjects of the batch at once (hashes, tree and commit links looked
+    up and locked ``FOR KEY SHARE`` in one statement, in id order), :meth:`flush` inserts all their
+    rows in one ``unnest`` statement in id order (so two processes inserting the same new objects
+    never deadlock); refs and gc deletes run one statement per command. No command writes before it
+    can fail, so the batch runs without savepoints."""
 
     command_type = PgCasCommand
     name = "pg-cas"
+    part = "cas"
+    scripts = tuple(CAS_SCRIPTS)
+    savepoints = False
+    invariants = (
+        (
+            "objects whose size column is not their body's",
+            "SELECT encode(oid, 'hex') FROM cas_objects WHERE size <> length(body)",
+        ),
+        (
+            "refs to missing objects",
+            "SELECT name FROM cas_refs r WHERE NOT EXISTS (SELECT 1 FROM cas_objects o WHERE o.oid = r.oid)",
+        ),
+    )
 
-    def __init__(self, dsn: str, schema: str, *, readonly: bool = False, freshen_s: float = 60.0) -> None:
-        super().__init__(mailbox_size=64, max_batch=64)
-        self.dsn = dsn
-        self.schema = schema
-        self.readonly = readonly
-        self.freshen_s = freshen_s
-        s = _ident(schema)
-        self._objects = f"{s}.cas_objects"
-        self._refs = f"{s}.cas_refs"
-        self._conn: Any = None
+    def __init__(self, dsn: str, *, schema: str = "pforge", freshen_s: float = 60.0, **kwargs: Any) -> None:
+        kwargs.setdefault("mailbox_size", 64)
+        kwargs.setdefault("max_batch", 64)
+        super().__init__(dsn, schema=schema, **kwargs)
+        if (
+            not isinstance(freshen_s, (int, float))
+            or isinstance(freshen_s, bool)
+            or not 0 <= freshen_s <= 1e9
+            or freshen_s != freshen_s
+        ):
+            raise InvalidInput(f"freshen_s must be a number of seconds from 0 to 1e9, not {freshen_s!r}")
+        self.freshen_s = float(freshen_s)
+        s = quote_ident(self.schema)
+        self.objects_table = f"{s}.cas_objects"
+        self.refs_table = f"{s}.cas_refs"
+        self._plan = _Plan()
 
-    async def setup(self) -> None:
-        await self._connect()
+    def abort(self) -> None:
+        self._plan = _Plan()
 
-    async def _connect(self) -> Any:
-        import asyncpg
-
-        if self._conn is None or self._conn.is_closed():
-            try:
-                self._conn = await asyncpg.connect(self.dsn)
-            except Exception as exc:
-                raise translate(exc, f"connecting to PostgreSQL for the CAS ({self.schema})") from exc
-        return self._conn
-
-    async def teardown(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            with contextlib.suppress(Exception):
-                await conn.close(timeout=5)
-
-    async def handle_batch(self, commands: Sequence[PgCasCommand]) -> list[Any]:
-        if self.readonly:
-            return [Failed(InvalidInput("the store is open read-only")) for _ in commands]
-        for attempt in range(2):
-            conn = await self._connect()
-            try:
-                async with conn.transaction():
-                    return await self._apply(conn, commands)
-            except PforgeError:
-                raise
-            except Exception as exc:
-                error = translate(exc, "writing CAS objects")
-                lost = conn.is_closed()
-                if lost:
-                    self._conn = None
-                # A connection that died before the batch reached the server is retried once on a new one;
-                # the batch is idempotent (objects are content-addressed, refs compare-and-set by value),
-                # except for unconditional ref updates, which a retry only repeats.
-                if not (lost and attempt == 0):
-                    raise error from exc
-        raise AssertionError("unreachable")
-
-    async def _apply(self, conn: Any, commands: Sequence[PgCasCommand]) -> list[Any]:
-        outcomes: list[Any] = [None] * len(commands)
+    async def begin(self, conn: PgConn, commands: Sequence[PgCasCommand]) -> None:
+        plan = self._plan = _Plan()
         prepared: dict[int, _Prepared] = {}
-        for i, command in enumerate(commands):
+        for command in commands:
             if isinstance(command, PutObjects):
                 try:
-                    prepared[i] = _Prepared(command.objects)
+                    prepared[id(command)] = _Prepared(command.objects)
                 except PforgeError as exc:
-                    outcomes[i] = Failed(exc)
-        in_batch: set[bytes] = set()
-        for p in prepared.values():
-            in_batch.update(p.rows)
-        wanted = {raw for p in prepared.values() for raw in p.links} - in_batch
-        wanted |= {
-            bytes.fromhex(c.new)
-            for c in commands
-            if isinstance(c, UpdateRef) and _valid_oid(c.new) and bytes.fromhex(c.new) not in in_batch
-        }
-        present = await self._lock_present(conn, wanted)
-        available = set(present)
-        rows: dict[bytes, tuple[int, bytes]] = {}
-        for i, p in sorted(prepared.items()):
-            missing = [raw for raw in p.links if raw not in available]
-            if missing:
-                outcomes[i] = Failed(ObjectNotFound(f"a tree or commit refers to missing object {missing[0].hex()}"))
+                    plan.replies[id(command)] = exc
+        in_batch = {raw for p in prepared.values() for raw in p.rows}
+        wanted = {raw for p in prepared.values() for raw in p.links}
+        wanted |= {bytes.fromhex(c.new) for c in commands if isinstance(c, UpdateRef) and _valid_oid(c.new)}
+        plan.available = await self._lock_present(conn, wanted - in_batch)
+        for command in commands:
+            p = prepared.get(id(command))
+            if p is None:
                 continue
-            rows.update(p.rows)
-            available.update(p.rows)
-            outcomes[i] = p.oids
-        if rows:
-            oids = list(rows)
-            await conn.execute(
-                f"""INSERT INTO {self._objects} AS o (oid, kind, size, body)
-                    SELECT * FROM unnest($1::bytea[], $2::int2[], $3::int8[], $4::bytea[])
-                    ON CONFLICT (oid) DO UPDATE SET touched_at = now()
-                    WHERE o.touched_at < now() - make_interval(secs => $5)""",
-                oids,
-                [rows[r][0] for r in oids],
-                [len(rows[r][1]) for r in oids],
-                [rows[r][1] for r in oids],
-                self.freshen_s,
-            )
-        for i, command in enumerate(commands):
-            if isinstance(command, UpdateRef):
-                outcomes[i] = await self._update_ref(conn, command, available)
-            elif isinstance(command, Gc):
-                outcomes[i] = await self._gc(conn, command)
-        return outcomes
+            missing = sorted(raw for raw in p.links if raw not in plan.available)
+            if missing:
+                plan.replies[id(command)] = ObjectNotFound(
+                    f"a tree or commit refers to missing object {missing[0].hex()}"
+                )
+                continue
+            plan.rows.update(p.rows)
+            plan.available.update(p.rows)
+            plan.replies[id(command)] = p.oids
 
-    async def _lock_present(self, conn: Any, wanted: set[bytes]) -> set[bytes]:
+    async def apply(self, conn: PgConn, command: PgCasCommand) -> Any:
+        match command:
+            case PutObjects():
+                reply = self._plan.replies[id(command)]
+                if isinstance(reply, PforgeError):
+                    raise reply
+                return reply
+            case UpdateRef():
+                return await self._update_ref(conn, command)
+            case Gc():
+                return await self._gc(conn, command)
+            case Touch(oids=oids):
+                return await self._touch(conn, oids)
+
+    async def flush(self, conn: PgConn) -> None:
+        rows = self._plan.rows
+        if not rows:
+            return
+        oids = sorted(rows)
+        await conn.execute(
+            f"""INSERT INTO {self.objects_table} AS o (oid, kind, size, body)
+                SELECT * FROM unnest($1::bytea[], $2::int2[], $3::int8[], $4::bytea[])
+                ON CONFLICT (oid) DO UPDATE SET touched_at = now()
+                WHERE o.touched_at < now() - make_interval(secs => $5)""",
+            oids,
+            [rows[r][0] for r in oids],
+            [len(rows[r][1]) for r in oids],
+            [rows[r][1] for r in oids],
+            self.freshen_s,
+        )
+
+    async def _lock_present(self, conn: PgConn, wanted: set[bytes]) -> set[bytes]:
         """Which of ``wanted`` exist, locked against a concurrent gc's delete until this batch commits,
         and freshened when older than ``freshen_s`` (so a gc that already marked them keeps them)."""
         if not wanted:
             return set()
         ids = sorted(wanted)  # locks in one order: two writers never deadlock on them
         found = await conn.fetch(
-            f"SELECT oid FROM {self._objects} WHERE oid = ANY($1::bytea[]) ORDER BY oid FOR KEY SHARE", ids
+            f"SELECT oid FROM {self.objects_table} WHERE oid = ANY($1::bytea[]) ORDER BY oid FOR KEY SHARE", ids
         )
-        await conn.execute(
-            f"""UPDATE {self._objects} SET touched_at = now()
-                WHERE oid = ANY($1::bytea[]) AND touched_at < now() - make_interval(secs => $2)""",
-            ids,
+        await self._touch(conn, ids)
+        return {bytes(r[0]) for r in found}
+
+    async def _touch(self, conn: PgConn, oids: list[bytes]) -> list[bytes]:
+        found = await conn.fetch(
+            f"""UPDATE {self.objects_table} SET touched_at = now()
+                WHERE oid = ANY($1::bytea[]) AND touched_at < now() - make_interval(secs => $2) RETURNING oid""",
+            sorted(oids),
             self.freshen_s,
         )
-        return {bytes(r["oid"]) for r in found}
+        return [bytes(r[0]) for r in found]
 
-    async def _update_ref(self, conn: Any, command: UpdateRef, available: set[bytes]) -> Any:
-        try:
-            name = _ref_target(validate_ref_name(command.name))
-            new = validate_oid(command.new)
-            expected = command.expected
-            if expected is not None:
-                validate_oid(expected, "expected ref value")
-        except PforgeError as exc:
-            return Failed(exc)
+    async def _update_ref(self, conn: PgConn, command: UpdateRef) -> None:
+        name = _ref_target(validate_ref_name(command.name))
+        new = validate_oid(command.new)
+        expected = command.expected
+        if expected is not None:
+            validate_oid(expected, "expected ref value")
         raw = bytes.fromhex(new)
-        if raw not in available:
-            return Failed(ObjectNotFound(f"cannot point ref {name} at missing object {new}"))
+        if raw not in self._plan.available:
+            raise ObjectNotFound(f"cannot point ref {name} at missing object {new}")
         if expected is None:
             await conn.execute(
-                f"""INSERT INTO {self._refs} (name, oid) VALUES ($1, $2)
+                f"""INSERT INTO {self.refs_table} (name, oid) VALUES ($1, $2)
                     ON CONFLICT (name) DO UPDATE SET oid = excluded.oid, updated_at = now()""",
                 name,
                 raw,
             )
-            return None
+            return
         if expected == NULL_OID:
             done = await conn.fetchval(
-                f"INSERT INTO {self._refs} (name, oid) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING RETURNING 1",
+                f"INSERT INTO {self.refs_table} (name, oid) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING RETURNING 1",
                 name,
                 raw,
             )
         else:
             done = await conn.fetchval(
-                f"UPDATE {self._refs} SET oid = $2, updated_at = now() WHERE name = $1 AND oid = $3 RETURNING 1",
+                f"UPDATE {self.refs_table} SET oid = $2, updated_at = now() WHERE name = $1 AND oid = $3 RETURNING 1",
                 name,
                 raw,
                 bytes.fromhex(expected),
             )
         if done is None:
-            current = await conn.fetchval(f"SELECT oid FROM {self._refs} WHERE name = $1", name)
+            current = await conn.fetchval(f"SELECT oid FROM {self.refs_table} WHERE name = $1", name)
             shown = bytes(current).hex() if current is not None else "absent"
-            return Failed(RefConflict(f"ref {name} is {shown}, expected {expected}"))
-        return None
+            raise RefConflict(f"ref {name} is {shown}, expected {expected}")
 
-    async def _gc(self, conn: Any, command: Gc) -> int:
+    async def _gc(self, conn: PgConn, command: Gc) -> int:
         # A row freshened or locked by a writer since the mark is re-checked under its lock and kept.
         done = await conn.fetch(
-            f"""DELETE FROM {self._objects}
+            f"""DELETE FROM {self.objects_table}
                 WHERE oid = ANY($1::bytea[]) AND touched_at < to_timestamp($2::float8 / 1e6)
                 RETURNING size""",
             sorted(command.oids),
             command.cutoff_us,
         )
-        return sum(int(r["size"]) for r in done)
+        return sum(int(r[0]) for r in done)
 
 
 def _valid_oid(oid: object) -> bool:
@@ -549,21 +533,12 @@ class _SnapshotSink:
 class PgCas:
     """Blobs, trees, commits and refs in PostgreSQL: the API of :class:`..cas.store.Cas`."""
 
-    def __init__(
-        self,
-        actor: PgCasActor,
-        pool: Any,
-        *,
-        cache_dir: Path | None = None,
-        readonly: bool = False,
-    ) -> None:
+    def __init__(self, actor: PgCasActor, *, cache_dir: Path | None = None) -> None:
         self._actor = actor
-        self._pool = pool
         self.schema = actor.schema
-        s = _ident(actor.schema)
-        self._objects = f"{s}.cas_objects"
-        self._refs_table = f"{s}.cas_refs"
-        self.readonly = readonly
+        self._objects = actor.objects_table
+        self._refs_table = actor.refs_table
+        self.readonly = actor.readonly
         self.freshen_s = actor.freshen_s
         self._own_cache: str | None = None
         if cache_dir is None:
@@ -579,28 +554,23 @@ class PgCas:
         if self._actor.closed:
             raise ActorClosed("the CAS is closed")
 
-    async def _fetch(self, sql: str, *args: Any, what: str) -> list[Any]:
+    async def _fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         self._open()
-        try:
-            return cast("list[Any]", await self._pool.fetch(sql, *args))
-        except Exception as exc:
-            raise translate(exc, what) from exc
+        return await self._actor.fetch(sql, *args)
 
     async def _fetch_rows(self, oids: list[str]) -> dict[str, tuple[int, bytes]]:
         rows = await self._fetch(
             f"SELECT oid, kind, body FROM {self._objects} WHERE oid = ANY($1::bytea[])",
             [bytes.fromhex(o) for o in oids],
-            what="reading CAS objects",
         )
-        return {bytes(r["oid"]).hex(): (int(r["kind"]), bytes(r["body"])) for r in rows}
+        return {bytes(r[0]).hex(): (int(r[1]), bytes(r[2])) for r in rows}
 
     async def _page(self, after: bytes) -> list[tuple[str, int, bytes]]:
         rows = await self._fetch(
             f"SELECT oid, kind, body FROM {self._objects} WHERE oid > $1 ORDER BY oid LIMIT {_FETCH_ROWS}",
             after,
-            what="reading CAS objects",
         )
-        return [(bytes(r["oid"]).hex(), int(r["kind"]), bytes(r["body"])) for r in rows]
+        return [(bytes(r[0]).hex(), int(r[1]), bytes(r[2])) for r in rows]
 
     async def _put(self, objects: list[tuple[int, bytes]]) -> list[str]:
         if self.readonly:
@@ -619,10 +589,8 @@ class PgCas:
         ids = sorted({bytes.fromhex(o) for o in oids})
         if not ids:
             return {}
-        rows = await self._fetch(
-            f"SELECT oid, kind FROM {self._objects} WHERE oid = ANY($1::bytea[])", ids, what="reading CAS objects"
-        )
-        return {bytes(r["oid"]).hex(): int(r["kind"]) for r in rows}
+        rows = await self._fetch(f"SELECT oid, kind FROM {self._objects} WHERE oid = ANY($1::bytea[])", ids)
+        return {bytes(r[0]).hex(): int(r[1]) for r in rows}
 
     # -- blobs -------------------------------------------------------------------------------------
 
@@ -646,16 +614,12 @@ class PgCas:
             f"SELECT touched_at < now() - make_interval(secs => $2) AS stale FROM {self._objects} WHERE oid = $1",
             raw,
             self.freshen_s,
-            what="looking up a CAS object",
         )
         if not rows:
             return False
-        if rows[0]["stale"] and not self.readonly:
-            fresh = await self._fetch(
-                f"UPDATE {self._objects} SET touched_at = now() WHERE oid = $1 RETURNING 1",
-                raw,
-                what="freshening a CAS object",
-            )
+        if rows[0][0] and not self.readonly:
+            # Rare (only past freshen_s), so it may queue behind writes: the writer is the one that writes.
+            fresh = await self._actor.call(Touch([raw]))
             return bool(fresh)  # a gc deleted it meanwhile: it is gone
         return True
 
@@ -766,13 +730,13 @@ class PgCas:
 
     async def get_ref(self, name: str) -> str | None:
         target = _ref_target(validate_ref_name(name))
-        rows = await self._fetch(f"SELECT oid FROM {self._refs_table} WHERE name = $1", target, what="reading a ref")
-        return bytes(rows[0]["oid"]).hex() if rows else None
+        rows = await self._fetch(f"SELECT oid FROM {self._refs_table} WHERE name = $1", target)
+        return bytes(rows[0][0]).hex() if rows else None
 
     async def list_refs(self) -> dict[str, str]:
         """Every ref, by name."""
-        rows = await self._fetch(f"SELECT name, oid FROM {self._refs_table} ORDER BY name", what="reading refs")
-        return {str(r["name"]): bytes(r["oid"]).hex() for r in rows}
+        rows = await self._fetch(f"SELECT name, oid FROM {self._refs_table} ORDER BY name")
+        return {str(r[0]): bytes(r[1]).hex() for r in rows}
 
     # -- workspaces --------------------------------------------------------------------------------
 
@@ -837,9 +801,8 @@ class PgCas:
             rows = await self._fetch(
                 f"SELECT oid, size FROM {self._objects} WHERE oid = ANY($1::bytea[])",
                 sorted({bytes.fromhex(o) for o in order}),
-                what="reading CAS objects",
             )
-            sizes = {bytes(r["oid"]).hex(): int(r["size"]) for r in rows}
+            sizes = {bytes(r[0]).hex(): int(r[1]) for r in rows}
         view.plan(trees, order, sizes)
         await anyio.to_thread.run_sync(restore_tree, cast(ObjectDB, view), tree, target)
 
@@ -951,19 +914,16 @@ class PgCas:
             raise InvalidInput(f"dry_run must be a bool, not {type(dry_run).__name__}")
         if self.readonly and not dry_run:
             raise InvalidInput("the store is open read-only")
-        (now_row,) = await self._fetch(
-            "SELECT (extract(epoch from now()) * 1e6)::int8 AS now_us", what="reading the server's clock"
-        )
-        cutoff_us = int(now_row["now_us"]) - int(grace_s * 1e6)
+        (now_row,) = await self._fetch("SELECT (extract(epoch from now()) * 1e6)::int8 AS now_us")
+        cutoff_us = int(now_row[0]) - int(grace_s * 1e6)
         # The mark: the refs, the roots, and every young object; then everything they reach.
         rows = await self._fetch(
             f"""SELECT oid, kind, touched_at >= to_timestamp($1::float8 / 1e6) AS young FROM {self._objects}""",
             cutoff_us,
-            what="listing CAS objects",
         )
-        kinds = {bytes(r["oid"]): int(r["kind"]) for r in rows}
+        kinds = {bytes(r[0]): int(r[1]) for r in rows}
         marked: set[bytes] = set()
-        todo = [bytes(r["oid"]) for r in rows if r["young"]]
+        todo = [bytes(r[0]) for r in rows if r[2]]
         todo += [bytes.fromhex(o) for o in (await self.list_refs()).values()]
         todo += [bytes.fromhex(o) for o in roots]
         while todo:
@@ -999,10 +959,8 @@ class PgCas:
             dry_run=dry_run,
         )
 
-    async def aclose(self) -> None:
-        """Close the pool (the actor is closed by whoever started it); removes a private stat cache."""
-        with contextlib.suppress(Exception):
-            await self._pool.close()
+    def close_cache(self) -> None:
+        """Remove the private stat cache, if this CAS made one (the actor is closed by its owner)."""
         if self._own_cache is not None:
             import shutil
 
@@ -1027,34 +985,13 @@ async def open_pg_cas(
     cache_dir: Path | None = None,
     readonly: bool = False,
     freshen_s: float = 60.0,
-    create: bool = True,
+    **kwargs: Any,
 ) -> AsyncIterator[PgCas]:
-    """A ``PgCas`` on its own: its tables made if missing, its actor and read pool started, all
-    closed on exit. (Inside a store, the store starts the actor in its task group.)"""
-    import asyncpg
-
-    _ident(schema)
-    if (
-        not isinstance(freshen_s, (int, float))
-        or isinstance(freshen_s, bool)
-        or not 0 <= freshen_s <= 1e9
-        or freshen_s != freshen_s
-    ):
-        raise InvalidInput(f"freshen_s must be a number of seconds from 0 to 1e9, not {freshen_s!r}")
-    try:
-        if create and not readonly:
-            conn = await asyncpg.connect(dsn)
-            try:
-                await migrate(conn, schema, "cas", CAS_SCRIPTS, where=f"{_where(dsn)}: ")
-            finally:
-                await conn.close()
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
-    except PforgeError:
-        raise
-    except Exception as exc:
-        raise translate(exc, f"opening the CAS in schema {schema}") from exc
-    actor = PgCasActor(dsn, schema, readonly=readonly, freshen_s=float(freshen_s))
-    cas = PgCas(actor, pool, cache_dir=cache_dir, readonly=readonly)
+    """A ``PgCas`` on its own: its tables made or migrated if needed, its actor started, all closed on
+    exit. (Inside a store, the store starts the actor in its task group.) ``kwargs`` go to
+    :class:`.actor.PgActor`."""
+    actor = PgCasActor(dsn, schema=schema, readonly=readonly, freshen_s=freshen_s, **kwargs)
+    cas = PgCas(actor, cache_dir=cache_dir)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(actor.run)
@@ -1064,10 +1001,4 @@ async def open_pg_cas(
                 with anyio.CancelScope(shield=True):
                     await actor.aclose()
     finally:
-        with anyio.CancelScope(shield=True):
-            await cas.aclose()
-
-
-def _where(dsn: str) -> str:
-    """The server a DSN names, for messages: without its password."""
-    return re.sub(r":[^:@/]*@", ":***@", dsn)
+        cas.close_cache()
