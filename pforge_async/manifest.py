@@ -143,6 +143,25 @@ def _check_part(root: Path, part: str, why: str) -> None:
 
 def plan_root(root: Path, *, create: bool, readonly: bool) -> RootPlan:
     """Look at ``root`` and decide how to open it, refusing (with nothing created) what must not be."""
+    # Another process creating this store renames its manifest in between our look for the manifest
+    # and our listing of the root: the listing then shows it. Look again, and the manifest is read.
+    # A manifest never goes away once written, so a second look finds it.
+    for _ in range(_LOOKS - 1):
+        try:
+            return _plan_root(root, create=create, readonly=readonly)
+        except _ManifestAppeared:
+            continue
+    return _plan_root(root, create=create, readonly=readonly, last=True)
+
+
+_LOOKS = 3
+
+
+class _ManifestAppeared(Exception):
+    """The root's listing shows a manifest that was not there a moment before."""
+
+
+def _plan_root(root: Path, *, create: bool, readonly: bool, last: bool = False) -> RootPlan:
     try:
         st = root.stat()
     except FileNotFoundError:
@@ -181,6 +200,8 @@ def plan_root(root: Path, *, create: bool, readonly: bool) -> RootPlan:
     except OSError as exc:
         raise StorageError(f"cannot list store root {root}: {exc.strerror}") from exc
     names -= {name for name in names if name.startswith(_TEMP_PREFIX)}
+    if MANIFEST in names and damaged is None and not last:
+        raise _ManifestAppeared
     if damaged is None and not names & set(PARTS):
         if names - _SCAFFOLD:
             shown = ", ".join(sorted(names - _SCAFFOLD)[:3])

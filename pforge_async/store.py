@@ -10,6 +10,7 @@ the callers using it.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ from .cas.actor import CasActor
 from .cas.store import Cas, FsckReport
 from .cas.watch import Watcher, open_watcher
 from .errors import ActorClosed, IntegrityError, InvalidInput, StorageError
+from .fslock import FsLock
 from .ledgers.budget import BudgetActor, BudgetLedger
 from .ledgers.constellation import ConstellationActor, ConstellationMemory
 from .ledgers.nonces import NonceActor, NonceLedger
@@ -421,6 +423,21 @@ def _clean_manifest_temps(root: Path) -> None:
                 pass
 
 
+_PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+async def _connect_pg(dsn: str, **options: Any) -> Store:
+    """The same store on PostgreSQL (``pforge_async.postgres``), imported only when a DSN asks for it."""
+    try:
+        connect_pg = importlib.import_module(f"{__package__}.postgres.store").connect_pg
+    except ImportError as exc:
+        raise InvalidInput(
+            f"a PostgreSQL store needs the postgres extra (pip install 'pforge_async[postgres]'): {exc}"
+        ) from exc
+    store: Store = await connect_pg(dsn, **options)
+    return store
+
+
 async def _connect(
     root: object,
     *,
@@ -435,17 +452,30 @@ async def _connect(
     for name, flag in (("create", create), ("readonly", readonly), ("watch_workspaces", watch_workspaces)):
         if not isinstance(flag, bool):
             raise InvalidInput(f"{name} must be True or False, got {flag!r}")
+    if isinstance(root, str) and root.startswith(_PG_SCHEMES):
+        return await _connect_pg(
+            root,
+            durability=durability,
+            watch_workspaces=watch_workspaces,
+            max_payload_bytes=max_payload_bytes,
+            create=create,
+            readonly=readonly,
+        )
     path = _root_path(root)
-    plan = await anyio.to_thread.run_sync(lambda: _prepare(path, create=create, readonly=readonly))
-    store = Store(
-        path,
-        durability,  # type: ignore[arg-type]
-        plan,
-        watch_workspaces=watch_workspaces,
-        max_payload_bytes=max_payload_bytes,
-        readonly=readonly,
-    )
-    await store._launch()
+    prepare = partial(_prepare, path, create=create, readonly=readonly)
+    plan = await anyio.to_thread.run_sync(prepare)
+    options: dict[str, Any] = {"watch_workspaces": watch_workspaces, "max_payload_bytes": max_payload_bytes}
+    if readonly or not plan.needs_manifest:
+        store = Store(path, durability, plan, readonly=readonly, **options)  # type: ignore[arg-type]
+        await store._launch()
+        return store
+    # A store being created (or given its manifest): one process at a time makes its parts. Two
+    # processes making the same new databases at once race on SQLite's switch to WAL, which does not
+    # wait for a busy lock. The second looks again once the first is done, and finds a store.
+    async with FsLock(path / "locks" / "create.lock"):
+        plan = await anyio.to_thread.run_sync(prepare)
+        store = Store(path, durability, plan, readonly=readonly, **options)  # type: ignore[arg-type]
+        await store._launch()
     return store
 
 
@@ -497,6 +527,9 @@ def connect(
     ``watch_workspaces`` lets a repeated ``cas.snapshot`` of an unchanged directory answer from
     inotify events instead of a stat walk (see :mod:`pforge_async.cas.watch` for its limits).
     ``max_payload_bytes`` bounds one turn's payload.
+
+    A ``root`` that is a ``postgresql://`` (or ``postgres://``) DSN opens the store on PostgreSQL
+    (the ``postgres`` extra; without it, ``InvalidInput`` saying so).
     """
     options = {
         "durability": durability,

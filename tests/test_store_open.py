@@ -132,7 +132,7 @@ async def test_a_fixture_whose_setup_and_teardown_run_in_different_tasks(tmp_pat
     # teardown (second __anext__) each run in a task of their own. `async with open_store` failed here
     # with "exit cancel scope in a different task".
     agen = _store_fixture(tmp_path / "s")
-    store = await asyncio.get_running_loop().create_task(agen.__anext__())  # type: ignore[arg-type]
+    store = await asyncio.get_running_loop().create_task(agen.__anext__())  # type: ignore[arg-type,var-annotated]
     ctx = await store.turns.create_context()
     await store.turns.append_turn(ctx.context_id, "user", b"kept")
 
@@ -616,3 +616,111 @@ async def test_readonly_works_for_a_user_who_cannot_write_the_root(tmp_path: Pat
             if path.is_dir() and not path.is_symlink():
                 path.chmod(0o755)
         shutil.rmtree(base)
+
+
+# -- several processes creating one store at once -----------------------------------------------------
+
+_RACER = r"""
+import sys, time, traceback, anyio
+from pathlib import Path
+from pforge_async import connect
+
+async def main(base, rounds, t0, me):
+    failures = []
+    for r in range(rounds):
+        time.sleep(max(0.0, t0 + r * 0.3 - time.time()))  # every process starts round r at once
+        try:
+            store = await connect(Path(base) / f"r{r}", watch_workspaces=False)
+            try:
+                ctx = await store.turns.open_context("shared")
+                await store.turns.append_turn(ctx.context_id, "t", b"%d" % me)
+            finally:
+                await store.aclose()
+        except Exception:
+            failures.append(f"round {r}: {traceback.format_exc(limit=2)}")
+    print(repr(failures))
+
+anyio.run(main, sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]))
+"""
+
+
+async def test_a_manifest_renamed_in_between_the_look_and_the_listing_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race two creators run: this opener finds no manifest, the other creator renames its
+    manifest in, and this opener's listing of the root shows it. The opener looks again and opens
+    the store, instead of calling the directory foreign."""
+    import pforge_async.manifest as manifest
+
+    root = tmp_path / "s"
+    root.mkdir()
+    real = os.listdir
+
+    def listdir_after_another_creator(path: Any) -> list[str]:
+        if Path(path) == root and not (root / "pforge.json").exists():
+            manifest.write_manifest(root, [])  # the other creator's first step lands just now
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listdir_after_another_creator)  # the module manifest lists with
+    async with open_store(root, watch_workspaces=False) as store:
+        await store.turns.create_context(name="ok")
+    monkeypatch.undo()
+    assert len(json.loads((root / "pforge.json").read_text())["parts"]) == 5
+
+
+async def test_processes_creating_one_fresh_store_at_once_all_open_it(tmp_path: Path) -> None:
+    """Each round, every process connects to the same new root at the same instant: all of them
+    open it (none sees the other's half-made root as foreign), and the one store holds every
+    process's turn in one context."""
+    import time
+
+    from tests._procs import spawn
+
+    processes, rounds = 6, 20
+    t0 = time.time() + 3.0  # after every child has imported pforge_async
+    children = [spawn(_RACER, tmp_path, rounds, t0, me) for me in range(processes)]
+    outputs = [child.communicate(timeout=120) for child in children]
+    for child, (out, err) in zip(children, outputs, strict=True):
+        assert child.returncode == 0, err
+        assert out.strip() == "[]", out
+    for r in range(rounds):
+        async with open_store(tmp_path / f"r{r}", create=False, watch_workspaces=False) as store:
+            ctx = await store.turns.find_context("shared")
+            assert ctx is not None
+            got = sorted([t.payload async for t in store.turns.iter_turns(ctx.context_id)])
+            assert got == sorted(b"%d" % me for me in range(processes))
+            assert (await store.check()).problems == []
+
+
+# -- a PostgreSQL DSN goes to the PostgreSQL backend ---------------------------------------------------
+
+
+async def test_a_postgres_dsn_is_handed_to_connect_pg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+    sentinel = object()
+
+    async def connect_pg(dsn: str, **options: Any) -> object:
+        calls.append((dsn, options))
+        return sentinel
+
+    fake = types.ModuleType("pforge_async.postgres.store")
+    fake.connect_pg = connect_pg  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pforge_async.postgres.store", fake)
+    monkeypatch.chdir(tmp_path)
+    for dsn in ("postgresql://u@h/db", "postgres://u@h/db"):
+        assert await connect(dsn, readonly=True) is sentinel
+    assert [dsn for dsn, _ in calls] == ["postgresql://u@h/db", "postgres://u@h/db"]
+    assert calls[0][1]["readonly"] is True and calls[0][1]["durability"] == "full"
+    assert list(tmp_path.iterdir()) == []  # no directory named after the DSN
+
+
+async def test_a_postgres_dsn_without_the_backend_says_which_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pforge_async.postgres.store", None)  # import fails, as without it
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidInput, match=r"postgres.*extra|extra.*postgres"):
+        await connect("postgresql://u@h/db")
+    assert list(tmp_path.iterdir()) == []
