@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.parse
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -299,7 +299,14 @@ class SqliteActor(Actor[C]):
         try:
             # Read the version before any pragma can write to the file.
             version = self._check_version(conn)
+            if version == 0 and not conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+                # Only a database without tables can take it: free pages can then leave the file
+                # (see compact); an older one is converted there, once, if it is small.
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("PRAGMA journal_mode = WAL")
+            # Zero what a delete or update frees (cells, freelist pages), so erased bytes do not
+            # linger in free space: compact then takes them out of the WAL and the file's end.
+            conn.execute("PRAGMA secure_delete = ON")
             # Checkpoints run beside the writer (see _checkpoint), never inside a caller's commit.
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             sync = "FULL" if self.durability == "full" else "NORMAL"
@@ -697,6 +704,114 @@ class SqliteActor(Actor[C]):
             log.warning("checkpoint of %s failed; the next one will retry", self.path, exc_info=True)
         finally:
             done.set()
+
+    # -- space -------------------------------------------------------------------------------------
+
+    #: pages one ``incremental_vacuum`` slice gives back: one short write transaction under the lock
+    compact_slice_pages: ClassVar[int] = 256
+    #: a database made before ``auto_vacuum`` (mode NONE) up to this size is converted by one VACUUM
+    #: at its first compact (it holds the writers' lock while it rewrites the file); a larger one
+    #: keeps its free pages for later writes
+    compact_convert_limit: ClassVar[int] = 16 << 20
+    #: tries of the closing ``wal_checkpoint(TRUNCATE)``, each waiting at most ``compact_truncate_wait``
+    #: seconds for readers while it holds the writers' lock; writers run between tries
+    compact_truncate_attempts: ClassVar[int] = 20
+    compact_truncate_wait: ClassVar[float] = 0.05
+
+    def files_size(self) -> int:
+        """Bytes of the database file and its WAL on disk now."""
+        total = 0
+        for path in (self.path, self._wal_path):
+            try:
+                total += os.stat(path).st_size
+            except OSError:
+                pass
+        return total
+
+    async def compact(self) -> int:
+        """Give the space of deleted rows back to the file system; returns the bytes the database and
+        its WAL shrank by (0 if they did not).
+
+        Free pages leave the end of the file by ``incremental_vacuum`` in slices of
+        :attr:`compact_slice_pages` pages, each its own transaction under the lock every writer of the
+        database (of any process) takes, so writers wait at most a slice. A database made before
+        ``auto_vacuum`` is converted once if it is small (:attr:`compact_convert_limit`), else keeps
+        its free pages (zeroed: ``secure_delete``) for later writes. Then the WAL is checkpointed and
+        truncated (``wal_checkpoint(TRUNCATE)``, retried while readers hold it), so deleted and
+        erased bytes are in no file of the database. Safe beside readers and writers of other
+        processes; a compact cut short anywhere leaves a sound database (each step is a transaction
+        or a checkpoint)."""
+        if self.readonly:
+            raise InvalidInput(f"{self.path} is open read-only: compact needs a writable store")
+        before = self.files_size()
+        await self._on_writer(self._convert_to_incremental)
+        while await self._on_writer(self._vacuum_slice):
+            pass
+        for attempt in range(self.compact_truncate_attempts):
+            if await self._on_writer(self._truncate_wal):
+                break
+            if attempt + 1 < self.compact_truncate_attempts:
+                await anyio.sleep(self.compact_truncate_wait)
+        else:
+            log.info("compact of %s: readers kept the WAL from being truncated; the next compact retries", self.path)
+        return max(0, before - self.files_size())
+
+    async def _on_writer(self, step: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``step(conn)`` on the writer's thread (between batches), under the writers' lock."""
+        worker = self._worker
+        if worker is None:
+            raise ActorClosed(f"database {self.path} is closed")
+        try:
+            return await worker.run(self._locked_step, step)
+        except PforgeError:
+            raise
+        except Exception as exc:
+            raise translate(self.path, exc) from exc
+
+    def _locked_step(self, step: Callable[[sqlite3.Connection], Any]) -> Any:
+        conn = self._conn
+        if conn is None:
+            raise ActorClosed(f"database {self.path} is closed")
+        try:
+            self._lock.acquire(abandon=self._closing)
+        except LockTimeout as exc:
+            raise ActorClosed(f"database {self.path} closed while compact waited") from exc
+        try:
+            return step(conn)
+        finally:
+            self._lock.release()
+
+    def _convert_to_incremental(self, conn: sqlite3.Connection) -> None:
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 0:
+            return
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        size = pages * conn.execute("PRAGMA page_size").fetchone()[0]
+        if size > self.compact_convert_limit:
+            return
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
+
+    def _vacuum_slice(self, conn: sqlite3.Connection) -> bool:
+        """One slice of free pages off the end of the file; whether another slice may find more."""
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            return False
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        if not free:
+            return False
+        conn.execute(f"PRAGMA incremental_vacuum({int(self.compact_slice_pages)})").fetchall()
+        left = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return bool(0 < left < free)
+
+    def _truncate_wal(self, conn: sqlite3.Connection) -> bool:
+        """One try at checkpointing the whole WAL and truncating it to nothing; False if busy."""
+        conn.execute(f"PRAGMA busy_timeout = {int(self.compact_truncate_wait * 1000)}")
+        try:
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.OperationalError:
+            busy = 1  # SQLite's own locks stayed taken for the whole wait
+        finally:
+            conn.execute("PRAGMA busy_timeout = 10000")
+        return not busy
 
     # -- verification ------------------------------------------------------------------------------
 
