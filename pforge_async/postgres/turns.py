@@ -36,7 +36,15 @@ from typing import Any, ClassVar, Protocol
 import anyio
 
 from ..clock import now_ms
-from ..errors import Conflict, ContextNotFound, HeadConflict, IntegrityError, InvalidInput, TurnNotFound
+from ..errors import (
+    Conflict,
+    ContextNotFound,
+    HeadConflict,
+    IntegrityError,
+    InvalidInput,
+    ObjectNotFound,
+    TurnNotFound,
+)
 from ..turnstore.base import ContextKey, TurnStoreBase
 from ..turnstore.commands import (
     AppendTurn,
@@ -878,9 +886,12 @@ class BlobStore(Protocol):
 
 class PgTurnStore(TurnStoreBase):
     """``store.turns`` on PostgreSQL: writes group-committed through :class:`PgTurnActor`, reads on its
-    read pool, blobs, trees and refs checked in the store's CAS."""
+    read pool, blobs, trees and refs checked in the store's CAS. Without a CAS (``cas=None``) it takes
+    no ``fs_root``, ``refs`` or blobs (``ObjectNotFound`` / ``InvalidInput``)."""
 
-    def __init__(self, actor: PgTurnActor, cas: BlobStore, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(
+        self, actor: PgTurnActor, cas: BlobStore | None, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
+    ) -> None:
         super().__init__(max_payload_bytes=max_payload_bytes, trees=cas)
         self._actor = actor
         self._cas = cas
@@ -1232,7 +1243,11 @@ class PgTurnStore(TurnStoreBase):
         return bytes(rows[0][0]) if rows else None
 
     async def _put_blob(self, data: bytes) -> str:
+        if self._cas is None:
+            raise InvalidInput("this PostgreSQL turn store has no CAS to keep blobs in (give it cas=)")
         return await self._cas.write_blob(data)
 
     async def _get_blob(self, oid: str) -> bytes:
+        if self._cas is None:
+            raise ObjectNotFound(f"blob {oid}: this PostgreSQL turn store has no CAS (give it cas=)")
         return await self._cas.read_blob(oid)
