@@ -126,7 +126,7 @@ async def test_four_processes_append_to_shared_and_distinct_contexts(pg_dsn: str
     assert max(out["largest_batch"] for out in outs) > 1  # group commits did hold several callers
     async with opened(pg_dsn, pg_schema) as store:
         listed = await store.list_contexts(order="name", limit=1000)
-        names = [c.name for c in listed.contexts]
+        names = [c.name or "" for c in listed.contexts]
         assert sorted(names) == sorted(
             [f"shared/{s}" for s in range(2)] + [f"own/{m}/{n}" for m in range(4) for n in range(TASKS)]
         )
