@@ -23,6 +23,7 @@ object out from under a tree or commit written beside it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -35,6 +36,7 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 import msgspec
+from anyio.abc import TaskStatus
 
 from ..cas.gitrules import dotfile_blob_problem, dotfile_kind
 from ..cas.objects import (
@@ -81,6 +83,9 @@ _SNAPSHOT_FLUSH_BYTES = 32 << 20
 #: reads fetch objects in batches of at most this many bytes (restore, fsck, export).
 _FETCH_BYTES = 16 << 20
 _FETCH_ROWS = 512
+_EXPORT_PACK_BYTES = 64 << 20
+#: a gc's sweep keeps what trees and commits touched this long before its cutoff reach (see ``_gc``).
+_SWEEP_MARGIN_S = 300.0
 _HEAD_TARGET = "refs/heads/main"
 
 
@@ -353,16 +358,61 @@ class PgCasActor(PgActor[PgCasCommand]):
             shown = bytes(current).hex() if current is not None else "absent"
             raise RefConflict(f"ref {name} is {shown}, expected {expected}")
 
-    async def _gc(self, conn: PgConn, command: Gc) -> int:
-        # A row freshened or locked by a writer since the mark is re-checked under its lock and kept.
+    async def _gc(self, conn: PgConn, command: Gc) -> tuple[int, int]:
+        """Delete what the mark found unreachable, unless something made it reachable since: replies
+        ``(objects deleted, body bytes reclaimed)``.
+
+        The candidates are locked ``FOR UPDATE`` first, which waits for every writer whose batch
+        links to one of them (they hold it ``FOR KEY SHARE``): their trees and commits are committed
+        by then, young, and read below; a writer coming later waits for this transaction and then
+        finds the object gone (``ObjectNotFound``), never a dangling link. Then what every young tree
+        or commit reaches through candidates is kept, and so is every candidate freshened since the
+        mark (``touched_at`` re-checked under the lock)."""
+        candidates = set(command.oids)
+        if not candidates:
+            return 0, 0
+        cutoff = command.cutoff_us
+        await conn.fetch(
+            f"SELECT 1 FROM {self.objects_table} WHERE oid = ANY($1::bytea[]) ORDER BY oid FOR UPDATE",
+            sorted(candidates),
+        )
+        kept: set[bytes] = set()
+        frontier: set[bytes] = set()
+        # "Young" here reaches back _SWEEP_MARGIN_S further than the cutoff: a tree's touched_at is its
+        # transaction's start, so one that began before the mark and committed after it is young here.
+        young = f"""SELECT kind, body FROM {self.objects_table}
+                    WHERE touched_at >= to_timestamp($1::float8 / 1e6) AND kind IN ({TREE}, {COMMIT})"""
+        async for record in conn.raw.cursor(young, cutoff - int(_SWEEP_MARGIN_S * 1e6), prefetch=64):
+            frontier.update(raw for raw in _links(int(record[0]), bytes(record[1])) if raw in candidates)
+        while frontier:
+            kept |= frontier
+            rows = await conn.fetch(
+                f"SELECT kind, body FROM {self.objects_table} "
+                f"WHERE oid = ANY($1::bytea[]) AND kind IN ({TREE}, {COMMIT})",
+                sorted(frontier),
+            )
+            frontier = {raw for kind, body in rows for raw in _links(int(kind), bytes(body))}
+            frontier = (frontier & candidates) - kept
         done = await conn.fetch(
             f"""DELETE FROM {self.objects_table}
                 WHERE oid = ANY($1::bytea[]) AND touched_at < to_timestamp($2::float8 / 1e6)
                 RETURNING size""",
-            sorted(command.oids),
-            command.cutoff_us,
+            sorted(candidates - kept),
+            cutoff,
         )
-        return sum(int(r[0]) for r in done)
+        return len(done), sum(int(r[0]) for r in done)
+
+
+def _links(kind: int, body: bytes) -> list[bytes]:
+    """What a tree or commit links to; nothing if it is damaged (fsck names it; gc keeps its links)."""
+    try:
+        if kind == TREE:
+            return [raw for _name, _mode, raw in decode_tree(body)]
+        if kind == COMMIT:
+            return _commit_links(body)
+    except PforgeError:
+        pass
+    return []
 
 
 def _valid_oid(oid: object) -> bool:
@@ -472,6 +522,7 @@ class _RowView:
             self._page = {oid: (kind, body) for oid, kind, body in page}
             for oid, _kind, _body in page:
                 yield oid
+            self._page = {}
             after = bytes.fromhex(page[-1][0])
 
     def verify(self, oid: str) -> tuple[int, bytes | None]:
@@ -487,8 +538,10 @@ class _RowView:
 class _SnapshotSink:
     """Where a snapshot scan puts what it reads: staged in memory, sent to the writer in chunks."""
 
-    def __init__(self, cas: PgCas) -> None:
+    def __init__(self, cas: PgCas, present: set[bytes]) -> None:
         self._cas = cas
+        #: the stat cache's blobs found stored: a file it answers is not read again.
+        self.present = present
         self.staged: dict[bytes, tuple[int, bytes]] = {}
         self.size = 0
         self.sent: set[bytes] = set()
@@ -513,6 +566,11 @@ class _SnapshotSink:
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
         return self.add(BLOB, b"".join(chunks))
+
+    def freshen(self, raw: bytes) -> bool:
+        # Whether a file the stat cache answers may be named by its id. The final write links the
+        # trees to it, and the writer locks and freshens what trees link to in that transaction.
+        return raw in self.present
 
     def take(self) -> list[tuple[int, bytes]]:
         objects = list(self.staged.values())
@@ -566,11 +624,23 @@ class PgCas:
         return {bytes(r[0]).hex(): (int(r[1]), bytes(r[2])) for r in rows}
 
     async def _page(self, after: bytes) -> list[tuple[str, int, bytes]]:
-        rows = await self._fetch(
-            f"SELECT oid, kind, body FROM {self._objects} WHERE oid > $1 ORDER BY oid LIMIT {_FETCH_ROWS}",
-            after,
+        """The objects after ``after`` in id order: up to ``_FETCH_ROWS`` of them and about
+        ``_FETCH_BYTES`` (at least one), so a walk over the table holds one page in memory."""
+        sized = await self._fetch(
+            f"SELECT oid, size FROM {self._objects} WHERE oid > $1 ORDER BY oid LIMIT {_FETCH_ROWS}", after
         )
-        return [(bytes(r[0]).hex(), int(r[1]), bytes(r[2])) for r in rows]
+        total = 0
+        take: list[bytes] = []
+        for oid, size in sized:
+            if take and total + int(size) > _FETCH_BYTES:
+                break
+            take.append(bytes(oid))
+            total += int(size)
+        if not take:
+            return []
+        rows = await self._fetch_rows([raw.hex() for raw in take])
+        # A row deleted between the two reads (gc) is simply not there any more.
+        return [(raw.hex(), *rows[raw.hex()]) for raw in take if raw.hex() in rows]
 
     async def _put(self, objects: list[tuple[int, bytes]]) -> list[str]:
         if self.readonly:
@@ -771,7 +841,7 @@ class PgCas:
         if cached:
             types = await self._types(raw.hex() for raw in cached)
             view.present = {bytes.fromhex(o) for o, kind in types.items() if kind == BLOB}
-        sink = _SnapshotSink(self)
+        sink = _SnapshotSink(self, view.present)
 
         def scan() -> bytes:
             return plan.run(sink, cast(ObjectDB, view), None)
@@ -869,19 +939,23 @@ class PgCas:
         try:
             await anyio.to_thread.run_sync(odb.init)
             after = b""
+            objects: list[tuple[bytes, int, bytes]] = []
+            size = 0
             while True:
                 page = await self._page(after)
-                if not page:
-                    break
-                objects = []
                 for oid, kind, body in page:
                     type_num, body = _checked(oid, kind, body)
                     raw = bytes.fromhex(oid)
                     if not odb.known(raw):
                         objects.append((raw, type_num, body))
-                if objects:
+                        size += len(body)
+                # One pack per _EXPORT_PACK_BYTES: few packs, bounded memory.
+                if objects and (not page or size >= _EXPORT_PACK_BYTES):
                     await anyio.to_thread.run_sync(odb.write_pack, objects)
                     written += len(objects)
+                    objects, size = [], 0
+                if not page:
+                    break
                 after = bytes.fromhex(page[-1][0])
             refs = RefStore(target, fsync=True)
             for name, oid in (await self.list_refs()).items():
@@ -914,12 +988,26 @@ class PgCas:
             raise InvalidInput(f"dry_run must be a bool, not {type(dry_run).__name__}")
         if self.readonly and not dry_run:
             raise InvalidInput("the store is open read-only")
-        (now_row,) = await self._fetch("SELECT (extract(epoch from now()) * 1e6)::int8 AS now_us")
+        checked, unreachable, cutoff_us = await self._mark(roots, grace_s)
+        deleted = reclaimed = 0
+        if not dry_run and unreachable:
+            deleted, reclaimed = await self._sweep(unreachable, cutoff_us)
+        return GcReport(
+            checked=checked,
+            kept=checked - deleted,
+            unreachable=[raw.hex() for raw in unreachable],
+            deleted=deleted,
+            bytes_reclaimed=reclaimed,
+            dry_run=dry_run,
+        )
+
+    async def _mark(self, roots: list[str], grace_s: float) -> tuple[int, list[bytes], int]:
+        """How many objects there are, those unreachable from the refs, ``roots`` and every object
+        younger than ``grace_s`` (sorted), and the cutoff (server clock, µs) the sweep re-checks."""
+        (now_row,) = await self._fetch("SELECT (extract(epoch from now()) * 1e6)::int8")
         cutoff_us = int(now_row[0]) - int(grace_s * 1e6)
-        # The mark: the refs, the roots, and every young object; then everything they reach.
         rows = await self._fetch(
-            f"""SELECT oid, kind, touched_at >= to_timestamp($1::float8 / 1e6) AS young FROM {self._objects}""",
-            cutoff_us,
+            f"SELECT oid, kind, touched_at >= to_timestamp($1::float8 / 1e6) FROM {self._objects}", cutoff_us
         )
         kinds = {bytes(r[0]): int(r[1]) for r in rows}
         marked: set[bytes] = set()
@@ -932,32 +1020,15 @@ class PgCas:
             marked.update(fresh)
             walk = [raw for raw in fresh if kinds.get(raw) in (TREE, COMMIT)]
             for start in range(0, len(walk), _FETCH_ROWS):
-                chunk = walk[start : start + _FETCH_ROWS]
-                fetched = await self._fetch_rows([raw.hex() for raw in chunk])
-                for oid, (kind, body) in fetched.items():
-                    try:
-                        if kind == TREE:
-                            todo += [raw for _n, _m, raw in decode_tree(body, oid)]
-                        elif kind == COMMIT:
-                            todo += _commit_links(body)
-                    except PforgeError:
-                        continue  # damaged: fsck names it; what it would reach stays unmarked
-        unreachable = sorted(raw for raw in kinds if raw not in marked)
-        deleted = reclaimed = 0
-        if not dry_run:
-            for start in range(0, len(unreachable), 4096):
-                chunk = unreachable[start : start + 4096]
-                reclaimed += int(await self._actor.call(Gc(chunk, cutoff_us)))
-            remaining = await self._types(raw.hex() for raw in unreachable)
-            deleted = len(unreachable) - len(remaining)
-        return GcReport(
-            checked=len(kinds),
-            kept=len(kinds) - deleted,
-            unreachable=[raw.hex() for raw in unreachable],
-            deleted=deleted,
-            bytes_reclaimed=reclaimed,
-            dry_run=dry_run,
-        )
+                fetched = await self._fetch_rows([raw.hex() for raw in walk[start : start + _FETCH_ROWS]])
+                for kind, body in fetched.values():
+                    todo += _links(kind, body)
+        return len(kinds), sorted(raw for raw in kinds if raw not in marked), cutoff_us
+
+    async def _sweep(self, unreachable: list[bytes], cutoff_us: int) -> tuple[int, int]:
+        # One sweep, one transaction: its re-check of what young objects reach spans every candidate.
+        deleted, reclaimed = await self._actor.call(Gc(unreachable, cutoff_us))
+        return int(deleted), int(reclaimed)
 
     def close_cache(self) -> None:
         """Remove the private stat cache, if this CAS made one (the actor is closed by its owner)."""
@@ -965,6 +1036,16 @@ class PgCas:
             import shutil
 
             shutil.rmtree(self._own_cache, ignore_errors=True)
+
+
+class _Started:
+    """The ``task_status`` an actor reports its start to, outside a task group."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def started(self, value: object = None) -> None:
+        self.event.set()
 
 
 class _FsckShim:
@@ -992,13 +1073,26 @@ async def open_pg_cas(
     :class:`.actor.PgActor`."""
     actor = PgCasActor(dsn, schema=schema, readonly=readonly, freshen_s=freshen_s, **kwargs)
     cas = PgCas(actor, cache_dir=cache_dir)
+    # The actor runs as a task of its own, not in a task group around the caller's block: an error in
+    # the block reaches the caller as itself, not wrapped in an exception group.
+    started = _Started()
+    task = asyncio.get_running_loop().create_task(actor.run(task_status=cast("TaskStatus[None]", started)))
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(actor.run)
-            try:
-                yield cas
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await actor.aclose()
+        waiter = asyncio.ensure_future(started.event.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if task.done():
+            task.result()  # setup failed: its error, translated by the actor
+            raise ActorClosed(f"{actor.where} stopped while starting")
+        try:
+            yield cas
+        finally:
+            with anyio.CancelScope(shield=True):
+                await actor.aclose()
+                await asyncio.gather(task, return_exceptions=True)
     finally:
+        if not task.done():
+            task.cancel()
         cas.close_cache()
