@@ -378,10 +378,11 @@ async def bulk_contexts(root: Path, count: int) -> None:
     conn.execute("BEGIN")
     conn.executemany(
         "INSERT INTO contexts (context_id, head_turn_id, created_at_ms, name, base_turn_id, parent_context_id, "
-        "metadata, updated_at_ms) VALUES (?, 0, ?, ?, 0, 0, ?, ?)",
+        "metadata, updated_at_ms, updated_bucket) VALUES (?, 0, ?, ?, 0, 0, ?, ?, ?)",
         (
-            (i + 1, start + i, session_name(i), b'{"user":"u%05d"}' % (i // 100), start + i + rng.randrange(count))
+            (i + 1, start + i, session_name(i), b'{"user":"u%05d"}' % (i // 100), updated, updated >> 6)
             for i in range(count)
+            for updated in (start + i + rng.randrange(count),)
         ),
     )
     conn.execute("COMMIT")

@@ -32,6 +32,7 @@ from pforge_async import (
     open_store,
 )
 from pforge_async.sqlite import actor as sqlite_actor
+from pforge_async.turnstore import sqlite as turnstore_sqlite
 from pforge_async.turnstore.sqlite import SqliteTurnStore, name_successor
 
 from ._procs import ROOT, run_all, spawn, wait_for_line
@@ -40,6 +41,10 @@ pytestmark = pytest.mark.anyio
 
 #: the release before sessions: its turns.db is schema version 1
 OLD_COMMIT = "9757afc"
+#: the last commit whose turns.db is schema version 5 (before the "updated" index took 64 ms buckets)
+V5_COMMIT = "5b0e515"
+#: the schema version this tree writes
+SCHEMA_VERSION = 6
 
 
 def opened(root: Path) -> Any:
@@ -70,24 +75,34 @@ def spawn_ready(code: str, *args: object) -> subprocess.Popen[str]:
 # -- the upgrade from version 1 ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def old_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The package as commit 9757afc had it (its turns.db is version 1), from this repository's history."""
-    dest = tmp_path_factory.mktemp("old-release")
+def release(commit: str, dest: Path) -> Path:
+    """The package as ``commit`` had it, from this repository's history, extracted under ``dest``."""
     try:
         archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", "--format=tar", OLD_COMMIT, "pforge_async"],
+            ["git", "-C", str(ROOT), "archive", "--format=tar", commit, "pforge_async"],
             capture_output=True,
             check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"needs git and this repository's history (commit {OLD_COMMIT}): {exc}")
+        pytest.skip(f"needs git and this repository's history (commit {commit}): {exc}")
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         if hasattr(tarfile, "data_filter"):  # Python 3.10.12+, 3.11.4+
             tar.extractall(dest, filter="data")
         else:
             tar.extractall(dest)  # our own repository's archive
     return dest
+
+
+@pytest.fixture(scope="module")
+def old_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package as commit 9757afc had it (its turns.db is version 1)."""
+    return release(OLD_COMMIT, tmp_path_factory.mktemp("old-release"))
+
+
+@pytest.fixture(scope="module")
+def v5_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package as commit 5b0e515 had it (its turns.db is version 5)."""
+    return release(V5_COMMIT, tmp_path_factory.mktemp("v5-release"))
 
 
 OLD_WRITER = """
@@ -185,7 +200,7 @@ async def test_a_version_1_store_upgrades_in_place(tmp_path: Path, old_release: 
     assert len({out.strip() for out in run_all(procs)}) == 1
 
     with raw(root) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         migrated = schema(conn)
     async with opened(tmp_path / "fresh" / ".pforge"):
         pass
@@ -273,7 +288,91 @@ async def test_a_failed_migration_leaves_version_1_untouched(
         assert await store.turns.check() == []
         assert (await store.turns.open_context("after")).name == "after"
     with raw(root) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+# -- the upgrade from version 5 (the "updated" order's 64 ms buckets) ----------------------------------
+
+V5_WRITER = """
+import json, sys, time, anyio, pforge_async
+from pforge_async import NewTurn, open_store
+assert pforge_async.__file__.startswith(sys.argv[2]), pforge_async.__file__
+
+async def main():
+    async with open_store(sys.argv[1], durability="normal", watch_workspaces=False) as store:
+        t = store.turns
+        ids = []
+        for i in range(12):
+            ctx = await t.create_context(name=None if i % 3 == 0 else f"s/{i:02d}", idempotency_key=f"k{i}")
+            ids.append(ctx.context_id)
+        for round_ in range(3):
+            # One batch across several contexts: they share an updated_at_ms (ties go by id).
+            await t.append_turns([NewTurn(c, "t", b"%d" % round_) for c in ids[round_ :: 2]])
+            for c in ids[round_ :: 3]:
+                await t.append_turn(c, "t", b"one")
+            time.sleep(0.07)  # the next round in a later 64 ms bucket
+        await t.delete_context(ids[4])
+        page = await t.list_contexts(order="updated", limit=5)
+        listed = [c.context_id for c in (await t.list_contexts(order="updated", limit=100)).contexts]
+        print(json.dumps({"cursor": page.cursor, "listed": listed}), flush=True)
+
+anyio.run(main)
+"""
+
+
+async def test_a_version_5_store_upgrades_in_place(tmp_path: Path, v5_release: Path) -> None:
+    """A store the previous schema wrote gets its buckets at the first writable open: the same
+    contexts in the same "updated" order, page by page, and a cursor the old code handed out still
+    continues where it was."""
+    root = tmp_path / "v5" / ".pforge"
+    proc = subprocess.run(
+        [sys.executable, "-c", V5_WRITER, str(root), str(v5_release)],
+        env={"PYTHONPATH": str(v5_release), "PATH": "/usr/bin:/bin"},
+        cwd=v5_release,  # not this checkout: ``python -c`` looks in the working directory first
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    old = json.loads(proc.stdout)
+    with raw(root) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert "updated_bucket" not in [r[1] for r in conn.execute("PRAGMA table_info(contexts)")]
+
+    async with opened(root) as store:
+        turns: SqliteTurnStore = store.turns
+        assert await turns.check() == []
+        listed = [c.context_id for c in (await turns.list_contexts(order="updated", limit=100)).contexts]
+        assert listed == old["listed"]
+        paged = []
+        cursor = None
+        while True:
+            page = await turns.list_contexts(order="updated", limit=2, after=cursor)
+            paged += [c.context_id for c in page.contexts]
+            if page.cursor is None:
+                break
+            cursor = page.cursor
+        assert paged == listed
+        rest = await turns.list_contexts(order="updated", limit=100, after=old["cursor"])
+        assert [c.context_id for c in rest.contexts] == listed[5:]
+        # An old creation key still answers with its context (the writer's second: id 2).
+        assert (await turns.create_context(name="s/01", idempotency_key="k1")).context_id == 2
+        # New writes keep the bucket in step.
+        moved = await turns.append_turn(listed[-1], "t", b"new")
+        assert [c.context_id for c in (await turns.list_contexts(order="updated", limit=1)).contexts] == [
+            moved.context_id
+        ]
+        assert await turns.check() == []
+    with raw(root) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert (
+            conn.execute("SELECT count(*) FROM contexts WHERE updated_bucket != updated_at_ms >> 6").fetchone()[0] == 0
+        )
+        migrated = schema(conn)
+    async with opened(tmp_path / "fresh" / ".pforge"):
+        pass
+    with raw(tmp_path / "fresh" / ".pforge") as conn:
+        assert schema(conn) == migrated  # a migrated file is a fresh one
 
 
 # -- list_contexts: one index per order ----------------------------------------------------------------
@@ -285,8 +384,10 @@ def _plans(conn: sqlite3.Connection, queries: list[tuple[str, Any]]) -> list[lis
 
 async def test_list_contexts_walks_an_index_for_each_order(tmp_path: Path) -> None:
     """Unfiltered and by name prefix, a page is a range of one index (or of the table, by id) read in
-    its order and stopped at the limit, never sorted: O(limit + log n). By a prefix in a time order, the
-    prefix's range of the name index; by a parent, the parent index."""
+    its order and stopped at the limit, never sorted whole: O(limit + log n). The "updated" order walks
+    its 64 ms buckets newest first and sorts only within each (SQLite's "right part" sort, which stops
+    with the limit). By a prefix in a time order, the prefix's range of the name index; by a parent,
+    the parent index."""
     root = tmp_path / ".pforge"
     async with opened(root) as store:
         turns: SqliteTurnStore = store.turns
@@ -301,7 +402,11 @@ async def test_list_contexts_walks_an_index_for_each_order(tmp_path: Path) -> No
             return await fetchall(sql, params)
 
         turns._actor.fetchall = capture  # type: ignore[method-assign]
-        for order in ("updated", "created", "name"):
+        first = await turns.list_contexts(order="updated", limit=5)
+        await turns.list_contexts(order="updated", limit=5, after=first.cursor)
+        updated = list(seen)
+        seen.clear()
+        for order in ("created", "name"):
             first = await turns.list_contexts(order=order, limit=5)
             await turns.list_contexts(order=order, limit=5, after=first.cursor)
         first = await turns.list_contexts(order="name", prefix="n/", limit=5)
@@ -318,11 +423,132 @@ async def test_list_contexts_walks_an_index_for_each_order(tmp_path: Path) -> No
             text = " | ".join(plan)
             # Read in the index's (or the table's) own order and stopped at the limit: never sorted.
             assert "TEMP B-TREE" not in text, text
+        first_plan, after_plan = (" | ".join(p) for p in _plans(conn, updated))
+        assert "SCAN c USING INDEX contexts_updated" in first_plan
+        assert "SEARCH c USING INDEX contexts_updated (updated_bucket<?)" in after_plan
+        for text in (first_plan, after_plan):
+            # Sorted within a bucket only: a sort of the whole table would read "FOR ORDER BY".
+            assert "USE TEMP B-TREE FOR RIGHT PART OF ORDER BY" in text, text
+            assert "TEMP B-TREE FOR ORDER BY" not in text, text
         prefix_plan, parent_plan, parent_after = (" | ".join(p) for p in _plans(conn, filtered))
         assert "SEARCH c USING INDEX contexts_name (name>? AND name<?)" in prefix_plan
         assert "SEARCH c USING INDEX contexts_parent (parent_context_id=?)" in parent_plan
         assert "SEARCH c USING INDEX contexts_parent (parent_context_id=? AND rowid<?)" in parent_after
         assert "TEMP B-TREE" not in parent_plan + parent_after
+
+
+class Clock:
+    """The turn store's clock, set by the test: ``updated_at_ms`` values on both sides of 64 ms
+    bucket edges, and ties, without waiting."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, start: int) -> None:
+        self.now = start
+        monkeypatch.setattr(turnstore_sqlite, "now_ms", lambda: self.now)
+
+
+def expected_updated(contexts: list[Any]) -> list[int]:
+    return [c.context_id for c in sorted(contexts, key=lambda c: (c.updated_at_ms, c.context_id), reverse=True)]
+
+
+async def pages(turns: SqliteTurnStore, limit: int, **kwargs: Any) -> list[int]:
+    ids: list[int] = []
+    cursor = None
+    while True:
+        page = await turns.list_contexts(order="updated", limit=limit, after=cursor, **kwargs)
+        ids += [c.context_id for c in page.contexts]
+        assert len(page.contexts) <= limit
+        if page.cursor is None:
+            return ids
+        cursor = page.cursor
+
+
+async def test_the_updated_order_across_buckets_and_ties(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Newest first, ties by the higher id, whatever bucket each context's ``updated_at_ms`` fell in:
+    every page size, with a prefix and with a parent, gives the one order; a cursor is a position,
+    including one in the middle of a bucket and one inside a run of ties."""
+    clock = Clock(monkeypatch, 1_700_000_000_000 // 64 * 64 + 60)  # 4 ms before a bucket's edge
+    async with opened(tmp_path / ".pforge") as store:
+        turns: SqliteTurnStore = store.turns
+        root = await turns.open_context("g/root")
+        made = [
+            await turns.create_context(name=f"g/{i:02d}", parent_context_id=root.context_id if i % 2 else None)
+            for i in range(24)
+        ]
+        ids = [c.context_id for c in made]
+        rng = random.Random(7)
+        for step in range(40):
+            clock.now += rng.choice([0, 0, 1, 3, 63, 64, 65, 130])
+            chosen = rng.sample(ids, rng.randint(1, 6))
+            if step % 3 == 0:  # one batch: the contexts it changes tie at one updated_at_ms
+                await turns.append_turns([NewTurn(c, "t", b"%d" % step) for c in chosen])
+            elif step % 3 == 1:
+                for c in chosen:
+                    await turns.append_turn(c, "t", b"%d" % step)
+            else:
+                await turns.set_context_metadata(chosen[0], {"step": step})
+        await turns.delete_context(ids[5])
+        live = [await turns.get_context(c) for c in [root.context_id, *ids] if c != ids[5]]
+        updated = [c.updated_at_ms for c in live]
+        assert len(set(updated)) < len(updated), "the run made no ties"
+        assert len({u >> 6 for u in updated}) > 3, "the run stayed in too few buckets"
+        assert any((a >> 6) == (b >> 6) and a != b for a in updated for b in updated), (
+            "no bucket held two different times"
+        )
+        everything = expected_updated(live)
+        for limit in (1, 2, 3, 7, 100):
+            assert await pages(turns, limit) == everything, limit
+        named = [c for c in live if c.name is not None and c.name.startswith("g/1")]
+        assert await pages(turns, 2, prefix="g/1") == expected_updated(named)
+        children = [c for c in live if c.parent_context_id == root.context_id]
+        assert await pages(turns, 3, parent_context_id=root.context_id) == expected_updated(children)
+        # A cursor at each context: the rest of the order after it.
+        for at, context in enumerate(sorted(live, key=lambda c: (c.updated_at_ms, c.context_id), reverse=True)):
+            cursor = f"u.{context.updated_at_ms}.{context.context_id}"
+            rest = await turns.list_contexts(order="updated", after=cursor, limit=100)
+            assert [c.context_id for c in rest.contexts] == everything[at + 1 :]
+        assert await turns.check() == []
+    with raw(tmp_path / ".pforge") as conn:
+        assert (
+            conn.execute("SELECT count(*) FROM contexts WHERE updated_bucket != updated_at_ms >> 6").fetchone()[0] == 0
+        )
+
+
+async def test_a_change_moves_the_updated_index_only_when_its_bucket_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append (a head move, a metadata change) within the context's 64 ms bucket writes its row
+    but not ``updated_bucket``, so the "updated" index entry stays where it is; the first change in a
+    later bucket moves it. Also after a reopen, where the bucket is read back from the file."""
+    clock = Clock(monkeypatch, 1_700_000_000_000 // 64 * 64)
+    root = tmp_path / ".pforge"
+    statements: list[str] = []
+
+    def bucket_writes() -> int:
+        found = sum("updated_bucket" in sql for sql in statements if sql.startswith("UPDATE contexts"))
+        statements.clear()
+        return found
+
+    for reopen in range(2):
+        async with opened(root) as store:
+            turns: SqliteTurnStore = store.turns
+            ctx = await turns.open_context("busy")
+            assert turns._actor._conn is not None
+            turns._actor._conn.set_trace_callback(statements.append)
+            start = clock.now
+            for i in range(10):
+                clock.now = start + i * 6  # ten changes within one bucket
+                turn = await turns.append_turn(ctx.context_id, "t", b"%d" % i)
+            await turns.set_head(ctx.context_id, turn.parent_turn_id)
+            await turns.set_context_metadata(ctx.context_id, {"n": reopen})
+            # 10 appends and a head move write head and time; the metadata change its own row too
+            assert sum(sql.startswith("UPDATE contexts") for sql in statements) == 13
+            assert bucket_writes() == 0
+            clock.now = start + 64  # the next pass, reopened, starts in this bucket
+            await turns.append_turn(ctx.context_id, "t", b"next bucket")
+            assert bucket_writes() == 1
+            assert await turns.check() == []
+            listed = await turns.list_contexts(order="updated", limit=1)
+            assert [c.context_id for c in listed.contexts] == [ctx.context_id]
 
 
 def test_name_successor_bounds_every_name_with_the_prefix() -> None:

@@ -7,7 +7,10 @@ context keeps its row (its turns name it) without name, metadata or creation key
 absent. Version 4 (``turns_v4.sql``) adds ``turns.erased``: an erased turn's row keeps everything but its
 payload (``X''``), hash (``''``) and refs (NULL); the writer runs with ``PRAGMA secure_delete`` from its first erasure
 on, so the cells an erasure frees are zeroed, and ``gc`` takes the old bytes out of the WAL. Version 5
-(``turns_v5.sql``) adds ``turns.refs``: the CAS objects a turn keeps alive, space-separated.
+(``turns_v5.sql``) adds ``turns.refs``: the CAS objects a turn keeps alive, space-separated. Version 6
+(``turns_v6.sql``) indexes the "updated" order by ``updated_bucket`` (``updated_at_ms`` in 64 ms steps), which
+the writer sets only when the step changes, so an append no longer moves an index entry; and indexes
+``context_keys`` by context.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import anyio
 from ..cas.store import Cas
 from ..clock import now_ms
 from ..errors import Conflict, ContextNotFound, HeadConflict, IntegrityError, InvalidInput, TurnNotFound
-from ..sqlite.actor import SqliteActor
+from ..sqlite import actor as sqlite_actor
+from ..sqlite.actor import SqliteActor, split_statements
 from .base import ContextKey, TurnStoreBase
 from .commands import (
     AppendTurn,
@@ -106,17 +110,20 @@ class TurnActor(SqliteActor[ActorCommand]):
     command_type = ActorCommand
     name = "turns"
     schema_file = "turns_schema.sql"
-    schema_version = 5
+    schema_version = 6
+    #: the version ``schema_file`` creates: a fresh file then runs the migrations after it
+    schema_file_version: ClassVar[int] = 5
     migrations: ClassVar[dict[int, str]] = {
         2: "turns_v2.sql",
         3: "turns_v3.sql",
         4: "turns_v4.sql",
         5: "turns_v5.sql",
+        6: "turns_v6.sql",
     }
     savepoints = False
-    #: a commit here touches one page more than the actor's default assumes (the ``contexts_updated``
-    #: entry an append moves): fewer commits per lap keep a lap near 1000 pages, inside the WAL's reserve.
-    checkpoint_every_commits: ClassVar[int] = 200
+    #: ``updated_bucket = updated_at_ms >> UPDATED_SHIFT`` (turns_v6.sql): the "updated" order's index
+    #: key, which moves at most once per 64 ms however often a context changes.
+    UPDATED_SHIFT: ClassVar[int] = 6
     _CACHE_LIMIT = 100_000
     invariants = (
         (
@@ -187,12 +194,20 @@ class TurnActor(SqliteActor[ActorCommand]):
             "deleted contexts that still hold a name",
             "SELECT context_id FROM contexts WHERE deleted_at_ms IS NOT NULL AND name IS NOT NULL",
         ),
+        (
+            "contexts whose updated_bucket is not their updated_at_ms >> 6",
+            "SELECT context_id FROM contexts WHERE updated_bucket != updated_at_ms >> 6",
+        ),
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: context id -> (head, updated_at_ms), as the batch so far left them
         self._state: dict[int, tuple[int, int]] = {}
+        #: context id -> updated_bucket as stored (committed, or flushed in this batch): a flush sets
+        #: the column (and so moves the index entry) only when it changes. Dropped with ``_state``;
+        #: a context missing here gets the column written, which is always right.
+        self._buckets: dict[int, int] = {}
         self._nodes: dict[int, Node] = {}
         self._next_turn = 0
         self._next_context = 0
@@ -205,28 +220,53 @@ class TurnActor(SqliteActor[ActorCommand]):
         self._moved: set[int] = set()
         self._new_metadata: dict[int, bytes] = {}
 
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """As :class:`SqliteActor`'s (one transaction, under the writers' lock its caller holds), but a
+        fresh file runs ``turns_schema.sql`` (version :attr:`schema_file_version`) and then the
+        migrations after it, so a fresh file and a migrated one are made by the same statements."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Read again under the lock: another process may have migrated meanwhile.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            scripts = [self.schema_file] if version == 0 else []
+            start = self.schema_file_version if version == 0 else version
+            scripts += [self.migrations[v] for v in range(start + 1, self.schema_version + 1)]
+            for name in scripts:
+                for statement in split_statements(sqlite_actor.load_script(name)):
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {int(self.schema_version)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
     # -- the batch's life --------------------------------------------------------------------------
 
     def begin(self, conn: sqlite3.Connection, changed_elsewhere: bool) -> None:
         if changed_elsewhere or not self._next_turn or len(self._nodes) > self._CACHE_LIMIT:
             self._state.clear()
+            self._buckets.clear()
             self._nodes.clear()
             self._next_turn = conn.execute("SELECT COALESCE(MAX(turn_id), 0) + 1 FROM turns").fetchone()[0]
             self._next_context = conn.execute("SELECT COALESCE(MAX(context_id), 0) + 1 FROM contexts").fetchone()[0]
         elif len(self._state) > self._CACHE_LIMIT:
             self._state.clear()
+            self._buckets.clear()
 
     def flush(self, conn: sqlite3.Connection) -> None:
         new = self._new_contexts
+        shift = self.UPDATED_SHIFT
+        buckets = self._buckets
         if new:
             rows = []
             for context_id, (name, base, parent, metadata, created) in new.items():
                 head, updated = self._state[context_id]
                 metadata = self._new_metadata.pop(context_id, metadata)
-                rows.append((context_id, head, created, name, base, parent, metadata, updated))
+                buckets[context_id] = bucket = updated >> shift
+                rows.append((context_id, head, created, name, base, parent, metadata, updated, bucket))
             conn.executemany(
                 "INSERT INTO contexts (context_id, head_turn_id, created_at_ms, name, base_turn_id, "
-                "parent_context_id, metadata, updated_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "parent_context_id, metadata, updated_at_ms, updated_bucket) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
         if self._new_context_keys:
@@ -243,10 +283,26 @@ class TurnActor(SqliteActor[ActorCommand]):
             )
         if self._moved:
             state = self._state
-            conn.executemany(
-                "UPDATE contexts SET head_turn_id = ?, updated_at_ms = ? WHERE context_id = ?",
-                [(*state[context_id], context_id) for context_id in self._moved if context_id not in new],
-            )
+            same: list[tuple[int, int, int]] = []
+            moved: list[tuple[int, int, int, int]] = []
+            for context_id in self._moved:
+                if context_id in new:
+                    continue
+                head, updated = state[context_id]
+                bucket = updated >> shift
+                if buckets.get(context_id) == bucket:
+                    same.append((head, updated, context_id))
+                else:
+                    buckets[context_id] = bucket
+                    moved.append((head, updated, bucket, context_id))
+            # Without updated_bucket in its SET, an UPDATE leaves the contexts_updated entry alone.
+            if same:
+                conn.executemany("UPDATE contexts SET head_turn_id = ?, updated_at_ms = ? WHERE context_id = ?", same)
+            if moved:
+                conn.executemany(
+                    "UPDATE contexts SET head_turn_id = ?, updated_at_ms = ?, updated_bucket = ? WHERE context_id = ?",
+                    moved,
+                )
         if self._new_metadata:
             conn.executemany(
                 "UPDATE contexts SET metadata = ? WHERE context_id = ?",
@@ -257,6 +313,7 @@ class TurnActor(SqliteActor[ActorCommand]):
     def abort(self) -> None:
         self._forget_pending()
         self._state.clear()
+        self._buckets.clear()
         self._nodes.clear()
         self._next_turn = self._next_context = 0
 
@@ -272,12 +329,14 @@ class TurnActor(SqliteActor[ActorCommand]):
         state = self._state.get(context_id)
         if state is None:
             row = conn.execute(
-                "SELECT head_turn_id, updated_at_ms FROM contexts WHERE context_id = ? AND deleted_at_ms IS NULL",
+                "SELECT head_turn_id, updated_at_ms, updated_bucket FROM contexts "
+                "WHERE context_id = ? AND deleted_at_ms IS NULL",
                 (context_id,),
             ).fetchone()
             if row is None:
                 raise ContextNotFound(f"no context {context_id}{what}")
             state = self._state[context_id] = (row[0], row[1])
+            self._buckets[context_id] = row[2]
         return state
 
     def _node(self, conn: sqlite3.Connection, turn_id: int, what: str = "") -> Node:
@@ -362,6 +421,7 @@ class TurnActor(SqliteActor[ActorCommand]):
                 )
                 conn.execute("DELETE FROM context_keys WHERE context_id = ?", (context_id,))
                 del self._state[context_id]
+                self._buckets.pop(context_id, None)
                 return None
             case EraseTurns():
                 return self._erase(conn, command)
@@ -668,7 +728,8 @@ _INFO = (
 )
 _INFO_SELECT = _INFO.format(hint="")
 _ORDER_BY: dict[str, str] = {
-    "updated": "c.updated_at_ms DESC, c.context_id DESC",
+    # the bucket first: the index's own order, so only each bucket's rows are sorted
+    "updated": "c.updated_bucket DESC, c.updated_at_ms DESC, c.context_id DESC",
     "created": "c.context_id DESC",
     "name": "c.name",
 }
@@ -743,7 +804,10 @@ class SqliteTurnStore(TurnStoreBase):
         """One query down one index: the order's own (updated: ``contexts_updated``, created: the
         primary key, name: ``contexts_name``), so a page costs O(limit + log n); with a filter that
         is not the order's own, down the filter's index (``contexts_parent``, or the name range of
-        ``prefix``) and sorted, so it costs what passes the filter."""
+        ``prefix``) and sorted, so it costs what passes the filter. ``contexts_updated`` holds
+        ``updated_at_ms`` in 64 ms buckets (see ``turns_v6.sql``): the walk goes down the buckets,
+        newest first, and sorts within each, so a page also reads the rest of its last bucket (the
+        contexts changed in the same 64 ms)."""
         where: list[str] = ["c.deleted_at_ms IS NULL"]
         params: dict[str, Any] = {"want": limit + 1}
         hint = ""
@@ -763,10 +827,17 @@ class SqliteTurnStore(TurnStoreBase):
                 where.append("c.name IS NOT NULL")
             if not hint:
                 hint = "INDEXED BY contexts_name "
+        if order == "updated" and not hint:
+            hint = "INDEXED BY contexts_updated "
         if after is not None:
             if order == "updated":
-                where.append("c.updated_at_ms <= :at AND (c.updated_at_ms < :at OR c.context_id < :id)")
+                # The bucket bound is the index's range; the rest places the cursor within its bucket.
+                where.append(
+                    "c.updated_bucket <= :bucket "
+                    "AND (c.updated_at_ms < :at OR (c.updated_at_ms = :at AND c.context_id < :id))"
+                )
                 params["at"], params["id"] = after[0], after[1]  # type: ignore[misc]
+                params["bucket"] = params["at"] >> TurnActor.UPDATED_SHIFT
             elif order == "created":
                 where.append("c.context_id < :id")
                 params["id"] = after[0]
