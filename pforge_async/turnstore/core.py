@@ -16,7 +16,7 @@ leaves damaged contexts out; ``check`` names all of it. Everything else serves a
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import msgspec
@@ -58,7 +58,7 @@ from .rules import (
 from .sortedkeys import SortedKeys
 from .types import ContextHead, ContextInfo, ContextOrder, TurnRecord
 
-__all__ = ["Record", "TurnCore", "erased_record"]
+__all__ = ["KEPT_PER_RECORD", "Record", "TurnCore", "erased_record"]
 
 
 def erased_record(record: TurnRecord) -> TurnRecord:
@@ -133,7 +133,57 @@ class BlobRec(msgspec.Struct, frozen=True, tag="blob"):
     data: bytes
 
 
-Record = ContextRec | TurnRec | BatchRec | HeadRec | MetaRec | DeleteRec | EraseRec | BundleRec | AttachRec | BlobRec
+# What a compacted log holds (``TurnCore.compacted``): the state itself, not the history that made it.
+
+
+class MarksRec(msgspec.Struct, frozen=True, tag="marks"):
+    """The highest turn and context ids ever given, so none is given again after a compaction."""
+
+    last_turn: int
+    last_context: int
+
+
+class KeptTurnsRec(msgspec.Struct, frozen=True, tag="kept_turns"):
+    """Turns as they are now (erased ones erased), ascending ids: loaded without moving any head."""
+
+    records: list[TurnRecord]
+
+
+class LiveContextRec(msgspec.Struct, frozen=True, tag="live_context"):
+    """A live context as it is now, with its creation key and its turns' keys; after its turns."""
+
+    context_id: int
+    head_turn_id: int
+    base_turn_id: int
+    name: str | None
+    parent_context_id: int
+    metadata: bytes
+    created_at_ms: int
+    updated_at_ms: int
+    creation_key: str | None
+    fingerprint: str | None
+    #: (key, turn id) of its turns that carry one
+    turn_keys: list[tuple[str, int]]
+
+
+Record = (
+    ContextRec
+    | TurnRec
+    | BatchRec
+    | HeadRec
+    | MetaRec
+    | DeleteRec
+    | EraseRec
+    | BundleRec
+    | AttachRec
+    | BlobRec
+    | MarksRec
+    | KeptTurnsRec
+    | LiveContextRec
+)
+
+#: turns per ``KeptTurnsRec`` of a compacted log (one frame each)
+KEPT_PER_RECORD = 1024
 
 
 class Index(msgspec.Struct, frozen=True, array_like=True):
@@ -171,7 +221,15 @@ def index_of(rec: Record) -> Index:
             return Index(turns=[(turn_id, 0, None)])
         case EraseRec(turn_ids=turn_ids):
             return Index(turns=[(turn_id, 0, None) for turn_id in turn_ids])
-    return Index()  # a blob: checked against its id on every read
+        case KeptTurnsRec(records=records):
+            return Index(turns=[(r.turn_id, 0, None) for r in records])
+        case LiveContextRec(context_id=context_id, name=name, creation_key=key):
+            return Index(
+                contexts=[context_id],
+                names=[] if name is None else [(context_id, name)],
+                context_keys=[] if key is None else [(context_id, key)],
+            )
+    return Index()  # a blob (checked against its id on every read), or the id marks
 
 
 class _InfoOf(NamedTuple):
@@ -449,6 +507,55 @@ class TurnCore:
                     self.turns[turn_id] = (msgspec.structs.replace(old, fs_root=fs_root), skip, skip_depth)
             case BlobRec(oid=oid, data=data):
                 self.blobs[oid] = data
+            case MarksRec(last_turn=last_turn, last_context=last_context):
+                self.last_turn = max(self.last_turn, last_turn)
+                self.last_context = max(self.last_context, last_context)
+            case KeptTurnsRec(records=records):
+                for record in records:
+                    self._load_kept_turn(record)
+            case LiveContextRec():
+                self._load_live_context(rec)
+
+    def _load_kept_turn(self, record: TurnRecord) -> None:
+        """A turn of a compacted log: its parent (a lower id) is loaded already; no head moves."""
+        turn_id, parent_id = record.turn_id, record.parent_turn_id
+        self.last_turn = max(self.last_turn, turn_id)
+        jump = (0, 0)
+        parent_entry = self.turns.get(parent_id) if parent_id else None
+        if parent_id and (parent_entry is None or parent_id in self.damaged_turns):
+            self.damaged_turns.setdefault(parent_id, f"turn {parent_id} was lost from the log")
+        elif parent_entry is not None:
+            parent, parent_jump, parent_jump_depth = parent_entry
+            if parent.depth + 1 != record.depth:
+                self.damaged_turns[turn_id] = f"turn {turn_id} is damaged: its depth does not follow its parent's"
+            grand = self.turns.get(parent_jump) if parent_jump else None
+            jump = jump_for(
+                parent.turn_id, parent.depth, parent_jump_depth, grand[1] if grand else 0, grand[2] if grand else 0
+            )
+        self.turns[turn_id] = (record, *jump)
+
+    def _load_live_context(self, rec: LiveContextRec) -> None:
+        context_id = rec.context_id
+        self._load_context(
+            ContextRec(
+                context_id,
+                rec.base_turn_id,
+                rec.name,
+                rec.parent_context_id,
+                rec.metadata,
+                rec.created_at_ms,
+                rec.creation_key,
+                rec.fingerprint,
+            )
+        )
+        ctx = self.contexts[context_id]
+        ctx.head = rec.head_turn_id
+        if rec.head_turn_id and rec.head_turn_id not in self.turns:
+            self.damaged_turns.setdefault(rec.head_turn_id, f"turn {rec.head_turn_id} was lost from the log")
+        self._set_updated(context_id, ctx, rec.updated_at_ms)
+        for key, turn_id in rec.turn_keys:
+            self.keys[(context_id, key)] = turn_id
+            ctx.turn_keys.append(key)
 
     def _load_turn(self, record: TurnRecord) -> bool:
         """Load one turn and move its context's head; False if it changed no context.
@@ -563,6 +670,94 @@ class TurnCore:
             del self.damaged_contexts[context_id]  # what was damaged is gone
         else:
             self._updated.remove((ctx.updated, context_id))
+
+    # -- garbage collection ----------------------------------------------------------------------------
+
+    def collectable(self, cutoff_ms: int) -> list[int]:
+        """The turns no live context reaches (through heads, bases and parents), created at or before
+        ``cutoff_ms``, highest id first. (Unlike SQLite, which keeps the highest turn so its next id
+        stays above it, a core keeps its id marks apart from its turns: ``MarksRec``.)"""
+        turns = self.turns
+        stack: list[int] = []
+        for ctx in self.contexts.values():
+            stack += (ctx.head, ctx.base)
+        stack += [turn_id for turn_id, entry in turns.items() if entry[0].created_at_ms > cutoff_ms]
+        kept: set[int] = set()
+        while stack:
+            turn_id = stack.pop()
+            while turn_id and turn_id not in kept and turn_id in turns:
+                kept.add(turn_id)
+                turn_id = turns[turn_id][0].parent_turn_id
+        return sorted((turn_id for turn_id in turns if turn_id not in kept), reverse=True)
+
+    def reclaim(self, turn_ids: Iterable[int]) -> int:
+        """Forget ``turn_ids`` (from :meth:`collectable`: nothing live stands on them) and the keys that
+        name them; returns their payload bytes."""
+        freed = 0
+        unkeyed: dict[int, set[str]] = {}
+        for turn_id in turn_ids:
+            entry = self.turns.pop(turn_id, None)
+            if entry is None:
+                continue
+            record = entry[0]
+            freed += len(record.payload)
+            key = record.idempotency_key
+            if key is not None and self.keys.get((record.context_id, key)) == turn_id:
+                del self.keys[(record.context_id, key)]
+                unkeyed.setdefault(record.context_id, set()).add(key)
+        for context_id, keys in unkeyed.items():
+            ctx = self.contexts.get(context_id)
+            if ctx is not None:
+                ctx.turn_keys = [key for key in ctx.turn_keys if key not in keys]
+        return freed
+
+    @property
+    def damaged(self) -> bool:
+        """Whether anything read from the log was damaged (``check`` says what)."""
+        return bool(self.problems or self.damaged_turns or self.damaged_contexts or self.damaged_bundles)
+
+    def compacted(self, leave_out: set[int]) -> Iterator[Record]:
+        """The records of a log that rebuilds this state (less the turns ``leave_out``) when loaded
+        into an empty core: the id marks, the turns (ascending, as they are now), bundles, blobs, then
+        the live contexts. Nothing deleted, erased or reclaimed is in them."""
+        yield MarksRec(self.last_turn, self.last_context)
+        kept: list[TurnRecord] = []
+        for turn_id in sorted(self.turns):
+            if turn_id in leave_out:
+                continue
+            kept.append(self.turns[turn_id][0])
+            if len(kept) == KEPT_PER_RECORD:
+                yield KeptTurnsRec(kept)
+                kept = []
+        if kept:
+            yield KeptTurnsRec(kept)
+        for bundle_id, data in self.bundles.items():
+            yield BundleRec(bundle_id, data)
+        for oid, blob in self.blobs.items():
+            yield BlobRec(oid, blob)
+        for context_id in sorted(self.contexts):
+            ctx = self.contexts[context_id]
+            fingerprint = None
+            if ctx.creation_key is not None:
+                fingerprint = self.context_keys.get(ctx.creation_key, (0, None))[1]
+            turn_keys = [
+                (key, self.keys[(context_id, key)])
+                for key in ctx.turn_keys
+                if self.keys.get((context_id, key), 0) not in leave_out and (context_id, key) in self.keys
+            ]
+            yield LiveContextRec(
+                context_id,
+                ctx.head,
+                ctx.base,
+                ctx.name,
+                ctx.parent,
+                ctx.metadata,
+                ctx.created,
+                ctx.updated,
+                ctx.creation_key if fingerprint is not None else None,
+                fingerprint,
+                turn_keys,
+            )
 
     # -- damage ----------------------------------------------------------------------------------------
 

@@ -32,6 +32,15 @@ with its key is on disk whole or not at all. At open the log is replayed into me
 
 Writes go through an actor, so concurrent appends are group-committed: one write and one fsync per
 batch. One process at a time may open a directory (a file lock says so).
+
+``gc`` reclaims the turns no live context reaches (as the SQLite backend does) and then compacts the
+log: the state as it is now (id marks, turns, bundles, blobs, live contexts; see
+``TurnCore.compacted``) is written to ``turns.log.compact``, fsynced, and renamed over ``turns.log``
+(then the directory is fsynced), so erased payloads and deleted contexts are in no file any more. A
+crash leaves the old log or the new one, never half of one: a leftover ``turns.log.compact`` is
+removed at the next open. It runs as one command of the actor, between batches: writers wait for it
+(the rewrite costs the size of the live state), readers do not. A log that holds damage is not
+rewritten (``gc`` raises ``IntegrityError``): what the damage lost stays reported at every open.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import msgspec
@@ -55,13 +64,15 @@ from ..errors import ActorClosed, IntegrityError, InvalidInput, LockTimeout, Pfo
 from ..fslock import FsLock
 from .base import TreeSource
 from .commands import TurnCommand
-from .core import BatchRec, Index, Record, TurnCore, TurnRec, index_of
+from .core import BatchRec, Index, KeptTurnsRec, Record, TurnCore, TurnRec, index_of
 from .incore import InCoreStore
 from .rules import DEFAULT_MAX_PAYLOAD, MAX_ID
 
-__all__ = ["FsTurnStore", "replay"]
+__all__ = ["COMPACT_NAME", "CompactLog", "FsTurnStore", "replay"]
 
 MAGIC = b"pforge-turns v1\n"
+#: where a compaction writes the new log before it renames it over the old one
+COMPACT_NAME = "turns.log.compact"
 #: a frame without an index (what logs held before sessions): size, record crc, crc of those 8 bytes
 _FRAME = struct.Struct("<III")
 #: an indexed frame: size | _INDEXED, record crc, index part size, crc of those 12 bytes
@@ -209,7 +220,7 @@ def _ids_in_range(record: Record) -> bool:
     """Whether the turn ids a damaged record names could be real (else it holds nothing to keep)."""
     if isinstance(record, TurnRec):
         records = [record.record]
-    elif isinstance(record, BatchRec):
+    elif isinstance(record, (BatchRec, KeptTurnsRec)):
         records = record.records
     else:
         return True
@@ -237,22 +248,47 @@ def frame(record: Record) -> bytes:
     return head + _U32.pack(zlib.crc32(head)) + index_part + body
 
 
-class _LogActor(Actor[TurnCommand]):
-    command_type = TurnCommand
+class CompactLog(msgspec.Struct, frozen=True, tag="compact_log"):
+    """Reclaim the unreachable turns created more than ``grace_ms`` ago, then rewrite the log. The
+    reply is ``(turns, payload bytes, log bytes before, after, True)``."""
+
+    grace_ms: Annotated[int, msgspec.Meta(ge=0, le=10**12)]
+
+
+LogCommand = TurnCommand | CompactLog
+
+#: bytes of frames a compaction buffers before it writes them out
+_COMPACT_CHUNK = 1 << 20
+
+
+class _LogActor(Actor[LogCommand]):
+    command_type = LogCommand
     name = "fs-turn-log"
 
-    def __init__(self, core: TurnCore, fd: int, fsync: bool) -> None:
+    def __init__(self, core: TurnCore, fd: int, fsync: bool, path: Path) -> None:
         super().__init__(mailbox_size=256, max_batch=256)
         self.core = core
         self.fd = fd
         self.fsync = fsync
+        self.path = path
         self._limiter = anyio.CapacityLimiter(1)
 
-    async def handle_batch(self, commands: Sequence[TurnCommand]) -> list[Any]:
+    async def handle_batch(self, commands: Sequence[LogCommand]) -> list[Any]:
         outcomes: list[Any] = []
         frames: list[bytes] = []
         core = self.core
         for command in commands:
+            if isinstance(command, CompactLog):
+                # What the batch decided so far goes to the old log first: the new one is written
+                # from memory, and the frames after this command go to the new one.
+                if frames:
+                    await anyio.to_thread.run_sync(self._write, b"".join(frames), limiter=self._limiter)
+                    frames = []
+                try:
+                    outcomes.append(await self._compact(command.grace_ms))
+                except PforgeError as exc:
+                    outcomes.append(Failed(exc))
+                continue
             try:
                 result, record = core.decide(command)
                 if record is not None:
@@ -270,13 +306,70 @@ class _LogActor(Actor[TurnCommand]):
 
     def _write(self, data: bytes) -> None:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.fd, view) :]
+            _write_all(self.fd, data)
             if self.fsync:
                 os.fsync(self.fd)
         except OSError as exc:
             raise StorageError(f"cannot append to the turn log: {exc.strerror}") from exc
+
+    async def _compact(self, grace_ms: int) -> tuple[int, int, int, int, bool]:
+        """Reclaim, then rewrite the log from memory. Runs inside the actor, so no write lands
+        meanwhile; readers keep reading memory, which changes only once the new log is in place."""
+        core = self.core
+        if core.damaged:
+            raise IntegrityError(
+                f"turn log {self.path} holds damage (see check()): gc does not rewrite it, so the damage stays reported"
+            )
+        doomed = await anyio.to_thread.run_sync(core.collectable, core.clock() - grace_ms, limiter=self._limiter)
+        before = os.fstat(self.fd).st_size
+        fd = await anyio.to_thread.run_sync(self._rewrite, set(doomed), limiter=self._limiter)
+        old, self.fd = self.fd, fd
+        os.close(old)
+        payload = core.reclaim(doomed)
+        return len(doomed), payload, before, os.fstat(fd).st_size, True
+
+    def _rewrite(self, leave_out: set[int]) -> int:
+        """Write the compacted log beside the old one, sync it, rename it over the old one, sync the
+        directory; the descriptor to append to it from then on. Opened for appending before the
+        rename, so once the rename is done nothing can keep the writer on the old file."""
+        tmp = self.path.with_name(COMPACT_NAME)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot create {tmp} to compact the turn log: {exc.strerror}") from exc
+        try:
+            pending = [MAGIC]
+            size = len(MAGIC)
+            for record in self.core.compacted(leave_out):
+                data = frame(record)
+                pending.append(data)
+                size += len(data)
+                if size >= _COMPACT_CHUNK:
+                    _write_all(fd, b"".join(pending))
+                    pending, size = [], 0
+            _write_all(fd, b"".join(pending))
+            os.fsync(fd)
+            os.rename(tmp, self.path)
+        except BaseException as exc:
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if isinstance(exc, OSError):
+                raise StorageError(f"cannot compact the turn log {self.path}: {exc.strerror}") from exc
+            raise
+        try:
+            fsync_dir(str(self.path.parent))
+        except OSError:
+            log.warning("compacted %s, but its directory could not be synced", self.path, exc_info=True)
+        return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class FsTurnStore(InCoreStore):
@@ -318,6 +411,7 @@ class FsTurnStore(InCoreStore):
         return self
 
     def _open(self, stack: AsyncExitStack) -> None:
+        self._actor = None
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -328,18 +422,29 @@ class FsTurnStore(InCoreStore):
         except LockTimeout as exc:
             raise StorageError(f"{self.directory} is open in another process") from exc
         stack.callback(lock.release)
+        try:
+            # A compaction that did not reach its rename: the old log is the whole truth.
+            os.unlink(self.directory / COMPACT_NAME)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"cannot remove {self.directory / COMPACT_NAME}: {exc.strerror}") from exc
         replay(self.path, self._core)
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StorageError(f"cannot open turn log {self.path}: {exc.strerror}") from exc
-        stack.callback(os.close, fd)
+        stack.callback(self._close_log, fd)
         if os.fstat(fd).st_size == 0:
             os.write(fd, MAGIC)
             if self.durability == "full":
                 os.fsync(fd)
                 fsync_dir(str(self.directory))
-        self._actor = _LogActor(self._core, fd, fsync=self.durability == "full")
+        self._actor = _LogActor(self._core, fd, fsync=self.durability == "full", path=self.path)
+
+    def _close_log(self, opened: int) -> None:
+        # A compaction replaces the descriptor the log was opened with: close the one in use.
+        os.close(self._actor.fd if self._actor is not None else opened)
 
     def _actor_or_fail(self) -> _LogActor:
         if self._actor is None:
@@ -362,3 +467,7 @@ class FsTurnStore(InCoreStore):
 
     def _core_for_read(self) -> TurnCore:
         return self._readable()
+
+    async def _collect(self, grace_ms: int) -> tuple[int, int, int, int, bool]:
+        turns, payload, before, after, rewritten = await self._actor_or_fail().call(CompactLog(grace_ms))
+        return int(turns), int(payload), int(before), int(after), bool(rewritten)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from abc import abstractmethod
 
 from ..errors import IntegrityError, InvalidInput
 from .base import ContextKey, TurnStoreBase
 from .core import TurnCore
+from .gc import TurnGcReport
 from .types import ContextHead, ContextInfo, ContextOrder, TurnRecord
 
 __all__ = ["InCoreStore"]
@@ -75,3 +77,32 @@ class InCoreStore(TurnStoreBase):
 
     async def check(self) -> list[str]:
         return self._core_for_read().check()
+
+    async def gc(self, *, grace_s: float = 3600.0, drop_deleted_rows: bool = False) -> TurnGcReport:
+        """Reclaim the turns no live context reaches (through heads, bases and parents), leaving
+        everything created in the last ``grace_s`` seconds and the highest turn (as the SQLite
+        backend's gc: the same turns go). A deleted context leaves no row behind here, so
+        ``drop_deleted_rows`` (accepted for the SQLite signature) has nothing to drop. Keys of
+        reclaimed turns go with them. The filesystem backend then rewrites its log (see
+        ``FsTurnStore``)."""
+        if isinstance(grace_s, bool) or not isinstance(grace_s, (int, float)) or not 0 <= grace_s < 10**9:
+            raise InvalidInput(f"grace_s must be a number of seconds from 0, got {grace_s!r}")
+        if not isinstance(drop_deleted_rows, bool):
+            raise InvalidInput(f"drop_deleted_rows must be a bool, got {drop_deleted_rows!r}")
+        started = time.monotonic()
+        turns, payload, before, after, rewritten = await self._collect(int(grace_s * 1000))
+        return TurnGcReport(
+            turns_reclaimed=turns,
+            payload_bytes_reclaimed=payload,
+            contexts_reclaimed=0,
+            slices=1,
+            wal_truncated=rewritten,
+            bytes_before=before,
+            bytes_after=after,
+            seconds=time.monotonic() - started,
+        )
+
+    @abstractmethod
+    async def _collect(self, grace_ms: int) -> tuple[int, int, int, int, bool]:
+        """Reclaim what is unreachable and older than ``grace_ms``: (turns, payload bytes, file bytes
+        before, after, whether the backend's file was rewritten)."""

@@ -33,3 +33,8 @@ class MemoryTurnStore(InCoreStore):
 
     def _core_for_read(self) -> TurnCore:
         return self._core
+
+    async def _collect(self, grace_ms: int) -> tuple[int, int, int, int, bool]:
+        core = self._core
+        doomed = core.collectable(core.clock() - grace_ms)
+        return len(doomed), core.reclaim(doomed), 0, 0, False
