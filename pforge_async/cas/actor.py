@@ -20,7 +20,7 @@ from ..errors import InvalidInput, ObjectNotFound, PforgeError, StorageError
 from ..fslock import FsLock
 from ..owner import OwnerThread
 from .objects import BLOB, COMMIT, TREE, decode_tree, hash_object, validate_oid
-from .odb import ObjectDB
+from .odb import FreshSession, ObjectDB
 from .refs import RefStore, validate_ref_name
 from .snapshot import SnapshotPlan
 from .watch import Watcher
@@ -57,22 +57,31 @@ CasCommand = PutObjects | Snapshot | UpdateRef
 
 
 class _Batch:
-    """Objects a batch has staged but not yet written: they count as present for link checks."""
+    """Objects a batch has staged but not yet written: they count as present for link checks.
+
+    Every existing object the batch relies on (a deduplicated write, a tree entry or commit link, a
+    snapshot's stat-cache hit) is freshened through the batch's :class:`FreshSession`, so a gc
+    running meanwhile keeps it (see :mod:`.gate`)."""
 
     def __init__(self, odb: ObjectDB) -> None:
         self.odb = odb
+        self.session = FreshSession(odb)
         self.staged: dict[bytes, tuple[int, bytes]] = {}
         self.size = 0
         odb.refresh()  # once per batch: packs other processes wrote count for deduplication
 
     def has(self, raw: bytes) -> bool:
-        return raw in self.staged or self.odb.has(raw)
+        return raw in self.staged or self.session.freshen(raw)
+
+    def freshen(self, raw: bytes) -> bool:
+        """Whether an existing object is present, made young again (a snapshot's stat-cache hit)."""
+        return self.has(raw)
 
     def add(self, type_num: int, body: bytes, raw: bytes | None = None) -> bytes:
         if raw is None:
             raw = hash_object(type_num, body)
         # A duplicate that slips through (say, a loose copy) costs space, never correctness.
-        if raw not in self.staged and not self.odb.known(raw):
+        if raw not in self.staged and not self.session.freshen(raw, look_further=False):
             self.staged[raw] = (type_num, body)
             self.size += len(body)
             if self.size >= _PACK_FLUSH_BYTES:
@@ -80,13 +89,16 @@ class _Batch:
         return raw
 
     def add_large_file(self, fd: int, shown: str) -> bytes:
-        return self.odb.write_fd_blob(fd, shown)[0]
+        return self.odb.write_fd_blob(fd, shown, self.session)[0]
 
     def flush(self) -> None:
         objects = [(raw, type_num, body) for raw, (type_num, body) in self.staged.items()]
         self.staged = {}
         self.size = 0
-        self.odb.write_pack(objects)
+        self.odb.write_pack(objects, self.session)
+
+    def close(self) -> None:
+        self.session.release()
 
 
 class CasActor(Actor[CasCommand]):
@@ -107,7 +119,7 @@ class CasActor(Actor[CasCommand]):
         self.watcher = watcher
         #: open an existing repository without creating or changing anything; every write command fails.
         self.readonly = readonly
-        self.odb = ObjectDB(gitdir, fsync=fsync, compression=compression, readonly=readonly)
+        self.odb = ObjectDB(gitdir, fsync=fsync, compression=compression, readonly=readonly, lock_dir=lock_path.parent)
         self.refs = RefStore(gitdir, fsync=fsync)
         self.lock_path = lock_path
         self._owner: OwnerThread | None = None
@@ -136,6 +148,12 @@ class CasActor(Actor[CasCommand]):
         if self.readonly:
             return [Failed(InvalidInput("the store is open read-only")) for _ in commands]
         batch = _Batch(self.odb)
+        try:
+            return self._apply_batch(batch, commands)
+        finally:
+            batch.close()
+
+    def _apply_batch(self, batch: _Batch, commands: Sequence[CasCommand]) -> list[Any]:
         outcomes: list[Any] = [None] * len(commands)
         refs: list[int] = []
         snapshots: list[SnapshotPlan] = []
@@ -206,7 +224,7 @@ class CasActor(Actor[CasCommand]):
                     new = validate_oid(command.new)
                     if command.expected is not None:
                         validate_oid(command.expected, "expected ref value")
-                    if not self.odb.has(bytes.fromhex(new)):
+                    if not self.odb.freshen_one(bytes.fromhex(new)):
                         raise ObjectNotFound(f"cannot point ref {name} at missing object {new}")
                     self.refs.update(name, new, command.expected)
                 except Exception as exc:

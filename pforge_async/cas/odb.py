@@ -24,15 +24,19 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import IntegrityError, InvalidInput, ObjectNotFound, StorageError
+from ..fslock import FsLock
+from .gate import GcGate
 from .objects import BLOB, TYPE_NAMES, TYPE_NUMBERS, object_header, validate_oid
 from .pack import PackEntry, PackIndex, PackReader, fsync_dir, write_all, write_idx, write_pack, zlib_stream
+from .retired import JOURNAL, finish, read_journal
 
-__all__ = ["ObjectDB"]
+__all__ = ["FreshSession", "ObjectDB"]
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +50,14 @@ _CONFIG = """[core]
 \tauto = 0
 \tpruneExpire = never
 """
-_TEMP_RE = re.compile(r"tmp_(?:obj|pack)_(\d+)_[0-9a-f]+(?:\.pack|\.idx)?")
+_TEMP_RE = re.compile(r"tmp_(?:obj|pack|gc)_(\d+)_[0-9a-f]+(?:\.pack|\.idx|\.mtimes)?")
 _CHUNK = 1 << 20
 #: how long an orphaned pack (renamed, its .idx never was) may be a live writer's, not a crash's.
 _ORPHAN_AGE_S = 60.0
 #: how many REF_DELTA bases deep a read may go (git's own bound on a delta chain).
 _MAX_REF_DEPTH = 4095
+#: how often a read looks whether packs went away (another process's gc), so their space is freed.
+_STALE_CHECK_S = 2.0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -69,7 +75,15 @@ def _pid_alive(pid: int) -> bool:
 class ObjectDB:
     """A git object store (loose objects and packs) at ``gitdir``."""
 
-    def __init__(self, gitdir: Path, *, fsync: bool, compression: int = 0, readonly: bool = False) -> None:
+    def __init__(
+        self,
+        gitdir: Path,
+        *,
+        fsync: bool,
+        compression: int = 0,
+        readonly: bool = False,
+        lock_dir: Path | None = None,
+    ) -> None:
         self.gitdir = gitdir
         self.objects = str(gitdir / "objects")
         self.pack_dir = str(gitdir / "objects" / "pack")
@@ -82,7 +96,17 @@ class ObjectDB:
         # Re-entrant: re-indexing a damaged pack reads delta bases, and a read may refresh.
         self._refresh_lock = threading.RLock()
         self._packs: dict[str, PackReader | None] = {}
+        #: per loaded pack, its objects' offsets: what ``_where`` is rebuilt from when packs go away.
+        self._offsets: dict[str, dict[bytes, int]] = {}
         self._where: dict[bytes, tuple[PackReader, int]] = {}
+        #: gc's gate (see :mod:`.gate`); None when read-only (nothing is freshened or published).
+        self.gate = GcGate(lock_dir) if lock_dir is not None and not readonly else None
+        #: what gc's journal retires: pack base name -> inode of its .pack; loose hex id -> inode.
+        self._retired_key: tuple[int, int, int] | None = None
+        self._retired_packs: dict[str, int] = {}
+        self._retired_loose: dict[str, int] = {}
+        self._stale_at = 0.0
+        self._pack_dir_mtime = 0
         #: objects a damaged pack held that could not be recovered: raw id -> why.
         self._lost: dict[bytes, str] = {}
         #: packs found damaged and not repaired: idx name -> what is wrong.
@@ -114,6 +138,7 @@ class ObjectDB:
                 tmp.write_text(_CONFIG)
                 os.replace(tmp, config)
             self.clean_temp()
+            self.finish_retired()
         except OSError as exc:
             raise StorageError(f"cannot open the CAS at {self.gitdir}: {exc}") from exc
         self.refresh()
@@ -152,13 +177,33 @@ class ObjectDB:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(directory, name))
         now = time.time()
-        for name in os.listdir(self.pack_dir):
-            if name.startswith("pack-") and name.endswith(".pack"):
-                path = os.path.join(self.pack_dir, name)
-                if not os.path.exists(path[:-5] + ".idx"):
+        names = set(os.listdir(self.pack_dir))
+        for name in sorted(names):
+            if not name.startswith("pack-"):
+                continue
+            path = os.path.join(self.pack_dir, name)
+            base = name.rsplit(".", 1)[0]
+            if name.endswith(".pack"):
+                if base + ".idx" not in names:
                     with contextlib.suppress(FileNotFoundError):
                         if now - os.stat(path).st_mtime > _ORPHAN_AGE_S:
                             self._adopt_orphan(path)
+            elif name.endswith(".idx") and base + ".pack" not in names:
+                # gc unlinks a retired pack before its index: an index alone is a leftover of one.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            elif name.endswith(".mtimes") and base + ".pack" not in names:
+                # gc renames a cruft pack's .mtimes first: alone and old, it outlived its pack.
+                with contextlib.suppress(FileNotFoundError):
+                    if now - os.stat(path).st_mtime > _ORPHAN_AGE_S:
+                        os.unlink(path)
+
+    def finish_retired(self) -> int:
+        """Unlink what a gc that did not finish retired (see :mod:`.retired`); returns how many files."""
+        if self.gate is None or not os.path.exists(os.path.join(self.gitdir, JOURNAL)):
+            return 0
+        gate = self.gate
+        return finish(str(self.gitdir), self.objects, gate.exclusive)
 
     def _adopt_orphan(self, path: str) -> None:
         """A pack without its index: a writer died between the two renames, or the index was lost.
@@ -207,16 +252,108 @@ class ObjectDB:
         return f"tmp_{kind}_{os.getpid()}_{secrets.token_hex(8)}"
 
     def refresh(self) -> None:
-        """Load the index of every pack not yet known (another process may have written some)."""
+        """Load the index of every pack not yet known (another process may have written some), and
+        forget packs that are gone or that gc retired (their objects are in the packs that replaced
+        them; a read under way on a forgotten pack still finishes, its map lives while it is used)."""
         with self._refresh_lock:
+            self._load_retired()
             try:
                 names = os.listdir(self.pack_dir)
+                self._pack_dir_mtime = os.stat(self.pack_dir).st_mtime_ns
             except OSError as exc:
                 raise StorageError(f"cannot list {self.pack_dir}: {exc.strerror or exc!r}") from exc
+            self._stale_at = time.monotonic() + _STALE_CHECK_S
+            present = set(names)
+            gone = [
+                name
+                for name, reader in self._packs.items()
+                if name not in present or (reader is not None and self._reader_retired(reader))
+            ]
+            if gone:
+                self._forget(gone)
             for name in sorted(names):
                 if not (name.startswith("pack-") and name.endswith(".idx")) or name in self._packs:
                     continue
+                retired_ino = self._retired_packs.get(name[:-4])
+                if retired_ino is not None:
+                    try:
+                        if os.stat(os.path.join(self.pack_dir, name[:-4] + ".pack")).st_ino == retired_ino:
+                            continue
+                    except FileNotFoundError:
+                        continue
                 self._load_pack(name)
+
+    def _forget(self, names: list[str]) -> None:
+        for name in names:
+            self._packs.pop(name, None)
+            self._offsets.pop(name, None)
+        where: dict[bytes, tuple[PackReader, int]] = {}
+        for name, offsets in self._offsets.items():
+            reader = self._packs.get(name)
+            if reader is None:
+                continue
+            for raw, offset in offsets.items():
+                where.setdefault(raw, (reader, offset))
+        # Swapped whole: a reader on another thread sees the old table or the new one.
+        self._where = where
+
+    def _load_retired(self) -> bool:
+        """Reload gc's journal if it changed; whether it did."""
+        path = os.path.join(self.gitdir, JOURNAL)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            if self._retired_key is None:
+                return False
+            self._retired_key = None
+            self._retired_packs, self._retired_loose = {}, {}
+            return True
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key == self._retired_key:
+            return False
+        retired = read_journal(str(self.gitdir))
+        packs: dict[str, int] = {}
+        loose: dict[str, int] = {}
+        for rel, ino in retired.files if retired is not None else []:
+            if rel.startswith("pack/") and rel.endswith(".pack"):
+                packs[rel[5:-5]] = ino
+            elif len(rel) == 65 and rel[2] == "/":
+                loose[rel[:2] + rel[3:]] = ino
+        self._retired_key = key
+        self._retired_packs, self._retired_loose = packs, loose
+        return True
+
+    def _reader_retired(self, reader: PackReader) -> bool:
+        base = os.path.basename(reader.path)[:-5]
+        return self._retired_packs.get(base) == reader.ino
+
+    def _loose_retired(self, hex_oid: str) -> bool:
+        """Whether the loose file of ``hex_oid`` is one gc retired (call only if it exists)."""
+        ino = self._retired_loose.get(hex_oid)
+        if ino is None:
+            return False
+        try:
+            return os.stat(self.loose_path(hex_oid)).st_ino == ino
+        except FileNotFoundError:
+            return True
+
+    def sync_retired(self) -> None:
+        """Take in a gc decision made since the last look (a writer does at each hold of the gate)."""
+        with self._refresh_lock:
+            if self._load_retired():
+                self.refresh()
+
+    def _maybe_stale(self) -> None:
+        """Every few seconds, one stat: if packs came or went, refresh (frees retired packs' maps)."""
+        if time.monotonic() < self._stale_at:
+            return
+        self._stale_at = time.monotonic() + _STALE_CHECK_S
+        try:
+            changed = os.stat(self.pack_dir).st_mtime_ns != self._pack_dir_mtime
+        except OSError:
+            return
+        if changed:
+            self.refresh()
 
     def _load_pack(self, name: str) -> None:
         """Load one pack and its index; a damaged one is recovered as far as it can be, never fatal."""
@@ -235,7 +372,7 @@ class ObjectDB:
         if reader.problems:
             # The objects are found through the index and re-hashed on every read: serve them.
             self._damaged[name] = "; ".join(reader.problems) + " (its objects are read through its index)"
-        self._add_pack(name, reader, index.offsets.items())
+        self._add_pack(name, reader, index.offsets)
 
     def _recover(self, name: str, base: str, reader: PackReader | None, error: Exception) -> None:
         """Re-index a pack from its own data after its index (or the pack) failed to load."""
@@ -249,7 +386,7 @@ class ObjectDB:
         listed = PackIndex.listed(base + ".idx")
         found = {entry.raw for entry in entries}
         if reader is not None:
-            self._add_pack(name, reader, [(entry.raw, entry.offset) for entry in entries])
+            self._add_pack(name, reader, {entry.raw: entry.offset for entry in entries})
         if reader is not None and not problems:
             # Only the index was damaged: the pack is whole and every object in it re-hashed.
             log.warning("pack index %s.idx was damaged (%s); rebuilding it from its pack", base, why)
@@ -260,9 +397,8 @@ class ObjectDB:
         log.error("pack %s.pack is damaged: %s", base, "; ".join(problems))
         for raw in lost:
             self._lost[raw] = f"object {raw.hex()} was in the damaged pack {base}.pack and cannot be recovered"
-        self._damaged[name] = (
-            f"{'; '.join(problems)} ({len(entries)} objects recovered from it"
-            + (f", {len(lost)} that its index lists are lost)" if listed else ")")
+        self._damaged[name] = f"{'; '.join(problems)} ({len(entries)} objects recovered from it" + (
+            f", {len(lost)} that its index lists are lost)" if listed else ")"
         )
 
     def _write_index(self, base: str, entries: list[PackEntry], trailer: bytes) -> bool:
@@ -286,15 +422,28 @@ class ObjectDB:
             return False
         return True
 
-    def _add_pack(self, name: str, reader: PackReader, offsets: Iterable[tuple[bytes, int]]) -> None:
+    def _add_pack(self, name: str, reader: PackReader, offsets: dict[bytes, int]) -> None:
         self._packs[name] = reader
+        self._offsets[name] = offsets
         where = self._where
-        for raw, offset in offsets:
+        for raw, offset in offsets.items():
             where.setdefault(raw, (reader, offset))
             self._lost.pop(raw, None)
 
-    def close(self) -> None:
+    def pack_table(self) -> list[tuple[str, PackReader, dict[bytes, int]]]:
+        """Every pack loaded, with its objects' offsets (what gc inventories)."""
         with self._refresh_lock:
+            return [(name, reader, self._offsets[name]) for name, reader in self._packs.items() if reader is not None]
+
+    def read_at(self, reader: PackReader, offset: int) -> tuple[int, bytes]:
+        """The object at ``offset`` of ``reader`` (deltas applied; not re-hashed: the caller does)."""
+        return reader.read(offset, self._resolver(0))
+
+    def close(self) -> None:
+        if self.gate is not None:
+            self.gate.close()
+        with self._refresh_lock:
+            self._offsets.clear()
             self._where.clear()
             self._lost.clear()
             for reader in self._packs.values():
@@ -308,20 +457,73 @@ class ObjectDB:
         return os.path.join(self.objects, hex_oid[:2], hex_oid[2:])
 
     def known(self, raw: bytes) -> bool:
-        """Whether a pack already loaded holds the object: no I/O, for deduplicating writes."""
+        """Whether a pack already loaded holds the object: no I/O."""
         return raw in self._where
 
     def has(self, raw: bytes) -> bool:
+        """Whether the object is present (not freshened: see :meth:`freshen_one` for a writer)."""
+        self._maybe_stale()
         if raw in self._where:
             return True
-        if os.path.exists(self.loose_path(raw.hex())):
+        hex_oid = raw.hex()
+        if os.path.exists(self.loose_path(hex_oid)) and not self._loose_retired(hex_oid):
             return True
         self.refresh()
         return raw in self._where
 
+    def freshen(self, raw: bytes, touched: set[str], *, look_further: bool = True) -> bool:
+        """Whether the object is present, making it young again if so (git's freshening): the file
+        holding it gets a new mtime, so a gc deciding later keeps it. The caller holds the gate shared
+        (a :class:`FreshSession`); ``touched`` names the files already touched during that hold.
+        Without ``look_further`` (a deduplicating write) only loaded packs are looked in: a miss then
+        costs a duplicate, never a listing."""
+        hex_oid = raw.hex()
+        for attempt in (0, 1):
+            found = self._where.get(raw)
+            if found is not None:
+                reader = found[0]
+                path = reader.path
+                if path in touched:
+                    return True
+                if not self._reader_retired(reader):
+                    try:
+                        os.utime(path)
+                    except FileNotFoundError:
+                        pass
+                    else:
+                        touched.add(path)
+                        return True
+            if not look_further:
+                return False
+            loose = self.loose_path(hex_oid)
+            if loose in touched:
+                return True
+            try:
+                os.utime(loose)
+            except FileNotFoundError:
+                pass
+            else:
+                if not self._loose_retired(hex_oid):
+                    touched.add(loose)
+                    return True
+            if attempt == 0:
+                self.refresh()
+        return False
+
+    def freshen_one(self, raw: bytes) -> bool:
+        """:meth:`freshen` of one object under a hold of its own (``Cas.has``); read-only: :meth:`has`."""
+        if self.gate is None:
+            return self.has(raw)
+        session = FreshSession(self)
+        try:
+            return session.freshen(raw)
+        finally:
+            session.release()
+
     def read(self, oid: str) -> tuple[int, bytes]:
         """``(type, body)`` of an object; ``ObjectNotFound`` or ``IntegrityError`` otherwise."""
         validate_oid(oid)
+        self._maybe_stale()
         raw = bytes.fromhex(oid)
         type_num, body = self._read_raw(raw)
         if hashlib.sha256(object_header(type_num, len(body)) + body).digest() != raw:
@@ -447,27 +649,35 @@ class ObjectDB:
         return type_num, body
 
     def iter_oids(self) -> Iterator[str]:
-        """Every object id present, loose and packed (each once)."""
+        """Every object id present, loose and packed (each once); what gc retired is not."""
         self.refresh()
         seen: set[bytes] = set(self._where) | set(self._lost)
         yield from (raw.hex() for raw in seen)
         for prefix in sorted(os.listdir(self.objects)):
             if len(prefix) != 2:
                 continue
-            for rest in os.listdir(os.path.join(self.objects, prefix)):
+            try:
+                names = os.listdir(os.path.join(self.objects, prefix))
+            except FileNotFoundError:
+                continue  # an empty directory gc removed
+            for rest in names:
                 oid = prefix + rest
                 if len(oid) == 64 and not rest.startswith("tmp_"):
                     raw = bytes.fromhex(oid)
-                    if raw not in seen:
+                    if raw not in seen and not self._loose_retired(oid):
                         seen.add(raw)
                         yield oid
 
     # -- writes (the CAS actor's thread only) ----------------------------------------------------
 
-    def write_pack(self, objects: list[tuple[bytes, int, bytes]]) -> None:
-        """Store ``(raw oid, type, body)`` objects (all new) as one pack."""
+    def write_pack(self, objects: list[tuple[bytes, int, bytes]], session: FreshSession | None = None) -> None:
+        """Store ``(raw oid, type, body)`` objects (all new) as one pack, renamed into place under
+        gc's gate (``session``'s hold, or one of its own)."""
         if not objects:
             return
+        if session is not None:
+            session.release()  # not held while the pack is written: only around its renames
+        publish = self._publishing(session)
         try:
             name, offsets = write_pack(
                 self.pack_dir,
@@ -476,14 +686,22 @@ class ObjectDB:
                 level=self.compression,
                 fsync=self.fsync,
                 temp_prefix=self._temp_name("pack"),
+                publish=publish,
             )
             reader = PackReader(os.path.join(self.pack_dir, f"pack-{name}.pack"))
         except OSError as exc:
             raise StorageError(f"cannot write a pack in {self.pack_dir}: {exc}") from exc
         with self._refresh_lock:
-            self._add_pack(f"pack-{name}.idx", reader, offsets)
+            self._add_pack(f"pack-{name}.idx", reader, dict(offsets))
 
-    def write_file_blob(self, path: str) -> tuple[bytes, os.stat_result] | None:
+    def _publishing(self, session: FreshSession | None) -> AbstractContextManager[object]:
+        if session is not None:
+            return session.publishing()
+        if self.gate is not None:
+            return self.gate.shared()
+        return contextlib.nullcontext()
+
+    def write_file_blob(self, path: str, session: FreshSession | None = None) -> tuple[bytes, os.stat_result] | None:
         """Stream a (large) regular file into a loose blob without holding it in memory.
 
         Returns the raw oid and the file's ``fstat`` after reading, or None if the file vanished.
@@ -492,23 +710,25 @@ class ObjectDB:
         if fd is None:
             return None
         try:
-            return self.write_fd_blob(fd, path)
+            return self.write_fd_blob(fd, path, session)
         finally:
             os.close(fd)
 
-    def write_fd_blob(self, fd: int, path: str) -> tuple[bytes, os.stat_result]:
+    def write_fd_blob(self, fd: int, path: str, session: FreshSession | None = None) -> tuple[bytes, os.stat_result]:
         """Stream the regular file open on ``fd`` (``path`` names it in errors) into a loose blob."""
+        if session is not None:
+            session.release()  # not held while a large file streams: only around its rename
         for _attempt in range(3):
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):
                 raise InvalidInput(f"{path} is not a regular file")
-            result = self._stream_loose(fd, before.st_size, path)
+            result = self._stream_loose(fd, before.st_size, path, session)
             after = os.fstat(fd)
             if result is not None and after.st_mtime_ns == before.st_mtime_ns:
                 return result, after
         raise StorageError(f"{path} kept changing while it was read")
 
-    def _stream_loose(self, fd: int, size: int, path: str) -> bytes | None:
+    def _stream_loose(self, fd: int, size: int, path: str, session: FreshSession | None) -> bytes | None:
         header = object_header(BLOB, size)
         digest = hashlib.sha256(header)
         temp = os.path.join(self.objects, self._temp_name("obj"))
@@ -558,7 +778,8 @@ class ObjectDB:
                 if self.fsync:
                     os.fsync(out.fileno())
             raw = digest.digest()
-            self._publish_loose(temp, raw.hex())
+            with self._publishing(session):
+                self._publish_loose(temp, raw.hex())
             temp = ""
             return raw
         except OSError as exc:
@@ -619,3 +840,48 @@ def zlib_stream_blocks(data: bytes, *, final: bool) -> list[bytes]:
         last_header = parts[-2]
         parts[-2] = bytes([0]) + last_header[1:]
     return parts
+
+
+class FreshSession:
+    """A writer's hold of gc's gate (shared), taken at the first freshening or publication and kept
+    for a batch's run of them, at most ``HOLD_S`` at a time (gc waits for it; newcomers wait for gc).
+    While held, no gc decides, so a file touched once stays touched: each is touched once per hold."""
+
+    HOLD_S = 0.02
+
+    def __init__(self, odb: ObjectDB) -> None:
+        self.odb = odb
+        self._lock: FsLock | None = None
+        self._since = 0.0
+        self._touched: set[str] = set()
+
+    def _enter(self) -> None:
+        gate = self.odb.gate
+        assert gate is not None
+        if self._lock is not None and time.monotonic() - self._since > self.HOLD_S:
+            self.release()
+        if self._lock is None:
+            self._lock = gate.acquire_shared()
+            self._since = time.monotonic()
+            self._touched = set()
+            self.odb.sync_retired()
+
+    def freshen(self, raw: bytes, *, look_further: bool = True) -> bool:
+        """See :meth:`ObjectDB.freshen`; read-only stores only look (:meth:`ObjectDB.has`)."""
+        if self.odb.gate is None:
+            return self.odb.known(raw) if not look_further else self.odb.has(raw)
+        self._enter()
+        return self.odb.freshen(raw, self._touched, look_further=look_further)
+
+    @contextlib.contextmanager
+    def publishing(self) -> Iterator[None]:
+        if self.odb.gate is None:
+            yield
+            return
+        self._enter()
+        yield
+
+    def release(self) -> None:
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            GcGate.release(lock)

@@ -8,13 +8,15 @@ rewrote is still readable.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import mmap
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import NamedTuple
 
 from ..errors import IntegrityError, PforgeError
@@ -27,8 +29,10 @@ __all__ = [
     "PackScan",
     "apply_delta",
     "fsync_dir",
+    "read_mtimes",
     "write_all",
     "write_idx",
+    "write_mtimes",
     "write_pack",
     "zlib_stream",
 ]
@@ -82,10 +86,18 @@ def write_pack(
     level: int,
     fsync: bool,
     temp_prefix: str,
+    publish: AbstractContextManager[object] | None = None,
+    before_publish: Callable[[str, str], bool] | None = None,
+    version: int = 2,
 ) -> tuple[str, list[tuple[bytes, int]]]:
     """Write ``count`` objects ``(raw oid, type, body)`` as ``pack-<hash>.pack`` + ``.idx`` in
     ``directory``. The ``.idx`` is renamed into place last, so a reader sees the pack whole or not at
-    all. Returns the pack's hex name and ``(raw oid, offset)`` per object."""
+    all. Returns the pack's hex name and ``(raw oid, offset)`` per object.
+
+    ``publish`` is held around the two renames (gc's gate: a collection never decides while a pack is
+    half published); ``before_publish(name, pack_temp_path)`` runs first (a cruft pack's ``.mtimes``)
+    and may say not to publish at all (the temp files are removed). gc writes ``version`` 3, which git
+    reads as it reads 2: its packs then never share a name (the checksum) with a writer's."""
     pack_tmp = os.path.join(directory, f"{temp_prefix}.pack")
     idx_tmp = os.path.join(directory, f"{temp_prefix}.idx")
     offsets: list[tuple[bytes, int, int]] = []  # raw oid, offset, crc32
@@ -93,7 +105,7 @@ def write_pack(
     try:
         fd = os.open(pack_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         try:
-            pending = [b"PACK" + struct.pack(">II", 2, count)]
+            pending = [b"PACK" + struct.pack(">II", version, count)]
             position = len(pending[0])
             crc32, adler32, block_header = zlib.crc32, zlib.adler32, struct.Struct("<BHH").pack
             for raw, type_num, body in objects:
@@ -130,8 +142,13 @@ def write_pack(
             os.close(fd)
         name = trailer.hex()
         write_idx(idx_tmp, offsets, trailer, fsync)
-        os.rename(pack_tmp, os.path.join(directory, f"pack-{name}.pack"))
-        os.rename(idx_tmp, os.path.join(directory, f"pack-{name}.idx"))
+        if before_publish is None or before_publish(name, pack_tmp):
+            with publish if publish is not None else contextlib.nullcontext():
+                os.rename(pack_tmp, os.path.join(directory, f"pack-{name}.pack"))
+                os.rename(idx_tmp, os.path.join(directory, f"pack-{name}.idx"))
+        else:
+            for leftover in (pack_tmp, idx_tmp):
+                os.unlink(leftover)
     except BaseException:
         for leftover in (pack_tmp, idx_tmp):
             try:
@@ -184,6 +201,38 @@ def write_idx(path: str, offsets: Iterable[tuple[bytes, int, int]], pack_hash: b
         f.write(body + hashlib.sha256(body).digest())
         if fsync:
             os.fsync(f.fileno())
+
+
+_MTIMES_MAGIC = b"MTME"
+
+
+def write_mtimes(path: str, mtimes: Sequence[int], pack_hash: bytes, fsync: bool) -> None:
+    """Write git's ``.mtimes`` of a cruft pack: one 32-bit mtime per object, in index (sorted id) order."""
+    body = b"".join([_MTIMES_MAGIC, struct.pack(">II", 1, 2), struct.pack(f">{len(mtimes)}I", *mtimes), pack_hash])
+    with open(path, "xb", buffering=0) as f:
+        f.write(body + hashlib.sha256(body).digest())
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def read_mtimes(path: str, count: int, pack_hash: bytes) -> list[int] | None:
+    """The mtimes of a cruft pack's ``.mtimes`` (index order), or None if it is missing, damaged or
+    another pack's: its objects then count as old as the pack file's mtime, never older."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    size = 12 + 4 * count + 2 * _RAW
+    if (
+        len(data) != size
+        or data[:4] != _MTIMES_MAGIC
+        or data[4:12] != struct.pack(">II", 1, 2)
+        or data[-2 * _RAW : -_RAW] != pack_hash
+        or hashlib.sha256(data[:-_RAW]).digest() != data[-_RAW:]
+    ):
+        return None
+    return list(struct.unpack(f">{count}I", data[12 : 12 + 4 * count]))
 
 
 def fsync_dir(directory: str) -> None:
@@ -284,7 +333,10 @@ class PackReader:
     def __init__(self, path: str) -> None:
         self.path = path
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            #: which file this is: gc's journal names retired packs by name and inode.
+            self.ino = st.st_ino
             if size < _PACK_HEADER + _RAW:
                 raise IntegrityError(f"pack {path} is too short to be a pack ({size} bytes)")
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -337,6 +389,10 @@ class PackReader:
             if not _PACK_HEADER <= base < offset:
                 raise IntegrityError(f"pack {self.path}: delta at {offset} names a base outside the pack")
         return type_num, size, pos, base
+
+    def entry_type(self, offset: int) -> int:
+        """The type of the entry at ``offset`` as its header says (a delta's is OFS_DELTA/REF_DELTA)."""
+        return self._entry_header(offset)[0]
 
     def read(self, offset: int, resolve_ref: Callable[[bytes], tuple[int, bytes]]) -> tuple[int, bytes]:
         """The ``(type, body)`` at ``offset``, with deltas applied."""

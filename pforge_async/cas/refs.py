@@ -90,6 +90,42 @@ class RefStore:
                 return validate_oid(oid, f"value of ref {name}")
         return None
 
+    def iter_refs(self) -> list[tuple[str, str]]:
+        """Every ref with the oid it holds (loose files under ``refs/``, then ``packed-refs`` entries
+        no loose file overrides, then a detached ``HEAD``): what gc keeps alive. Lock files and
+        files that do not hold an oid are skipped."""
+        out: dict[str, str] = {}
+        refs_dir = self.gitdir / "refs"
+        for directory, _dirs, files in os.walk(refs_dir):
+            for file in files:
+                if file.endswith(".lock"):
+                    continue
+                path = Path(directory) / file
+                try:
+                    text = path.read_text().strip()
+                    oid = validate_oid(text)
+                except (OSError, UnicodeError, InvalidInput):
+                    continue
+                out[str(path.relative_to(self.gitdir))] = oid
+        try:
+            lines = (self.gitdir / "packed-refs").read_text().splitlines()
+        except (OSError, UnicodeError):
+            lines = []
+        for line in lines:
+            oid, _, ref = line.partition(" ")
+            if line.startswith("^"):
+                oid, ref = line[1:], f"{ref}^peeled-{len(out)}"
+            try:
+                out.setdefault(ref or f"packed-{len(out)}", validate_oid(oid))
+            except InvalidInput:
+                continue
+        try:
+            head = (self.gitdir / "HEAD").read_text().strip()
+            out["HEAD"] = validate_oid(head)
+        except (OSError, UnicodeError, InvalidInput):
+            pass
+        return sorted(out.items())
+
     def update(self, name: str, new: str, expected: str | None) -> None:
         """Set ``name`` to ``new``. The caller holds the refs lock. ``expected`` None means no check;
         the null oid means the ref must not exist yet."""

@@ -67,6 +67,8 @@ class Sink(Protocol):
 
     def add_large_file(self, fd: int, shown: str) -> bytes: ...
 
+    def freshen(self, raw: bytes) -> bool: ...
+
 
 class _Dir:
     """A directory being scanned: its descriptor, its watch, and the subdirectories it listed still to scan."""
@@ -193,7 +195,8 @@ class SnapshotPlan:
                 raise StorageError(f"cannot stat {shown_path(self.root, rel)}: {exc.strerror or exc!r}") from exc
             if hit is not None:
                 key = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-                if hit[:5] == key and odb.has(raw := bytes.fromhex(hit[5])):
+                # Freshened: the tree this snapshot builds names it, so a gc must keep it.
+                if hit[:5] == key and sink.freshen(raw := bytes.fromhex(hit[5])):
                     level.append((name, _git_mode(st.st_mode), raw))
                     self.seen[rel] = hit
                     continue

@@ -13,6 +13,7 @@ import msgspec
 
 from ..errors import ActorClosed, IntegrityError, InvalidInput, NotFound, ObjectNotFound, PforgeError
 from .actor import CasActor, PutObjects, Snapshot, UpdateRef
+from .gc import CasGcReport, collect, validate_gc_args
 from .gitrules import (
     GITLINK_MODE,
     LINK_MODE,
@@ -45,7 +46,7 @@ from .odb import ObjectDB
 from .refs import validate_ref_name
 from .snapshot import cache_file, restore_tree
 
-__all__ = ["Cas", "FsckReport"]
+__all__ = ["Cas", "CasGcReport", "FsckReport"]
 
 
 class FsckReport(msgspec.Struct, frozen=True):
@@ -100,8 +101,11 @@ class Cas:
         return await anyio.to_thread.run_sync(self._odb_open().read_blob, oid)
 
     async def has(self, oid: str) -> bool:
+        """Whether the object is stored. A caller about to reference it (a turn's ``refs``) may rely
+        on it: a present object is freshened (made young again), so a gc running now or within the
+        grace keeps it (see :meth:`gc`)."""
         validate_oid(oid)
-        return await anyio.to_thread.run_sync(self._odb_open().has, bytes.fromhex(oid))
+        return await anyio.to_thread.run_sync(self._odb_open().freshen_one, bytes.fromhex(oid))
 
     # -- trees -------------------------------------------------------------------------------------
 
@@ -224,7 +228,8 @@ class Cas:
             watcher = self._watcher
             if watcher is not None:
                 tree = watcher.unchanged_tree(root)
-                if tree is not None and self._odb.known(bytes.fromhex(tree)):
+                # Freshened: the caller is about to reference it, and a gc must keep it.
+                if tree is not None and await anyio.to_thread.run_sync(self._odb.freshen_one, bytes.fromhex(tree)):
                     self.snapshots_unchanged += 1
                     return tree
             self.snapshots_scanned += 1
@@ -245,6 +250,47 @@ class Cas:
         target = _local_path(directory, "restore directory")
         await anyio.to_thread.run_sync(restore_tree, self._odb_open(), tree, target)
 
+    # -- garbage collection --------------------------------------------------------------------------
+
+    async def gc(
+        self,
+        roots: Iterable[str],
+        *,
+        grace_s: float = 3600.0,
+        dry_run: bool = False,
+        roots_taken_at: float | None = None,
+    ) -> CasGcReport:
+        """Drop the objects nothing reaches and consolidate the packs, beside live writers.
+
+        Kept: what ``roots`` (oids of commits, trees, blobs: the caller's, e.g. live turns' ``fs_root``
+        and ``refs``) and every ref reach, and, for ``grace_s`` seconds, every object younger than that
+        and what it reaches (another process may be about to reference it). An object a writer
+        freshened (stored again, named by a new tree or commit, or checked with :meth:`has`) counts as
+        new from then on, also while this gc runs. ``roots_taken_at`` (``time.time()``) is when the
+        caller began to gather its roots: objects freshened since then are kept whatever the grace.
+        Kept objects go into one new pack, young unreachable ones into a cruft pack with their own
+        ages; every old pack and loose object (large loose ones that are kept excepted) is removed.
+        Crash-safe at any point (see :mod:`.gc`). ``dry_run`` only counts. A read-only store refuses
+        (``InvalidInput``), as does a malformed root, before anything is done."""
+        root_list = validate_gc_args(roots, grace_s, dry_run, roots_taken_at)
+        odb = self._odb_open()
+        if self._actor.readonly or odb.gate is None:
+            raise InvalidInput("the store is open read-only: gc needs a writable store")
+        gate = odb.gate
+        report = await anyio.to_thread.run_sync(
+            lambda: collect(
+                odb.gitdir,
+                gate,
+                root_list,
+                grace_s=float(grace_s),
+                dry_run=dry_run,
+                roots_taken_at=roots_taken_at,
+            )
+        )
+        # This process's own view drops the retired packs now (other processes do at their next look).
+        await anyio.to_thread.run_sync(odb.sync_retired)
+        return report
+
     # -- verification ------------------------------------------------------------------------------
 
     async def fsck(self) -> FsckReport:
@@ -262,6 +308,8 @@ class Cas:
         for oid in self._odb.iter_oids():
             try:
                 type_num, body = self._odb.verify(oid)
+            except ObjectNotFound:
+                continue  # listed, then gone: a gc retired it meanwhile
             except (IntegrityError, NotFound):
                 corrupt.append(oid)
                 continue
@@ -298,7 +346,13 @@ class Cas:
                 why = dotfile_blob_problem(kind, data)
                 if why:
                     invalid.append(f"{target}: blob read as .{kind} by tree {referrer}: {why}")
-        missing = sorted(set(links) - types.keys() - set(corrupt))
+        missing = sorted(
+            target
+            for target in set(links) - types.keys() - set(corrupt)
+            # A gc running meanwhile retires a doomed object and its doomed referrers alike: a link
+            # counts as missing only if some referrer is still there.
+            if any(self._odb.has(bytes.fromhex(referrer)) for referrer, _, _ in links[target])
+        )
         return FsckReport(checked=len(types) + len(corrupt), corrupt=sorted(corrupt), missing=missing, invalid=invalid)
 
 

@@ -1,0 +1,110 @@
+"""gc's journal of retired files: ``<cas>/gc-retired``.
+
+Once gc has decided (under the gate, see :mod:`.gate`) which pack and loose files it retires, it
+writes their names and inodes here, durably, before it unlinks any of them. From that instant every
+process treats them as gone: refresh drops retired packs from its view and freshening never counts an
+object found only in a retired file. So the deletions that follow may run in slices, and a gc killed
+among them leaves files that are already dead to every reader and writer; whoever finds the journal
+(the next gc, the next writable open) finishes the deletions. A file is unlinked only if its inode is
+still the one recorded: a writer that renamed a new file onto a retired name keeps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import msgspec
+
+from .pack import fsync_dir
+
+__all__ = ["JOURNAL", "Retired", "finish", "read_journal", "write_journal"]
+
+log = logging.getLogger(__name__)
+
+JOURNAL = "gc-retired"
+#: unlinks per hold of the gate: each slice keeps writers waiting only that long.
+SLICE = 256
+
+
+class Retired(msgspec.Struct, frozen=True):
+    """Files relative to ``objects/`` (``pack/pack-<h>.pack`` before its ``.idx``, ``ab/cdef...``),
+    each with the inode it had when gc retired it."""
+
+    files: list[tuple[str, int]]
+
+
+_decoder = msgspec.msgpack.Decoder(Retired)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def read_journal(gitdir: str) -> Retired | None:
+    """The journal, or None if there is none (or it is unreadable: then it retires nothing)."""
+    try:
+        with open(os.path.join(gitdir, JOURNAL), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        log.warning("%s/%s is damaged; nothing is retired by it", gitdir, JOURNAL)
+        return None
+
+
+def write_journal(gitdir: str, retired: Retired, temp_name: str) -> None:
+    """Write the journal durably (temp file, fsync, rename, fsync of the directory)."""
+    temp = os.path.join(gitdir, temp_name)
+    try:
+        with open(temp, "xb", buffering=0) as f:
+            f.write(_encoder.encode(retired))
+            os.fsync(f.fileno())
+        os.rename(temp, os.path.join(gitdir, JOURNAL))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    fsync_dir(gitdir)
+
+
+def finish(gitdir: str, objects: str, exclusive: Callable[[], AbstractContextManager[object]]) -> int:
+    """Unlink what the journal retires (slice by slice, each under ``exclusive()``), then the journal.
+    Returns how many files were unlinked."""
+    retired = read_journal(gitdir)
+    journal = os.path.join(gitdir, JOURNAL)
+    if retired is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(journal)  # a damaged one retires nothing
+        return 0
+    removed = 0
+    dirs: set[str] = set()
+    files = retired.files
+    for start in range(0, len(files), SLICE):
+        with exclusive():
+            for rel, ino in files[start : start + SLICE]:
+                path = os.path.join(objects, rel)
+                try:
+                    if os.lstat(path).st_ino != ino:
+                        continue  # a new file under the retired name: a writer's, kept
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                removed += 1
+                dirs.add(os.path.dirname(path))
+    with exclusive():
+        # Empty loose directories go too (a writer creates its directory under the gate).
+        for directory in sorted(dirs):
+            if os.path.basename(directory) != "pack":
+                with contextlib.suppress(OSError):
+                    os.rmdir(directory)
+    for directory in sorted(dirs):
+        with contextlib.suppress(FileNotFoundError):
+            fsync_dir(directory)
+    with contextlib.suppress(FileNotFoundError):
+        fsync_dir(objects)
+    os.unlink(journal)
+    fsync_dir(gitdir)
+    return removed
