@@ -332,6 +332,16 @@ class TestContract:
         assert all(oid in text for oid in planted), text
         assert blob not in text and tree not in text
 
+    async def test_fsck_names_links_to_missing_objects(self, backend: Backend) -> None:
+        blob = await backend.cas.write_blob(b"here")
+        absent = "ab" * 32
+        tree = await backend.plant(b"tree", b"100644 a\0" + bytes.fromhex(blob) + b"100644 b\0" + bytes.fromhex(absent))
+        report = await backend.cas.fsck()
+        assert report.missing == [absent] and not report.corrupt and not report.invalid, report
+        assert report.checked == 2
+        with pytest.raises(ObjectNotFound, match=absent):
+            await backend.cas.restore(tree, backend.tmp_path / "out")
+
     async def test_non_utf8_names_round_trip_byte_exact(self, backend: Backend) -> None:
         raw_names = [b"caf\xe9.txt", b"\xff\xfe", "zoë".encode(), b"d\x80ir"]
         work = backend.tmp_path / "work"

@@ -65,7 +65,6 @@ from ..errors import (
     ActorClosed,
     IntegrityError,
     InvalidInput,
-    NotFound,
     ObjectNotFound,
     PforgeError,
     RefConflict,
@@ -508,8 +507,10 @@ class _RowView:
         write_all(fd, self.read_blob(oid))
 
     def has(self, raw: bytes) -> bool:
-        # The snapshot's stat cache: its ids were looked up (and locked in by the final write) before.
-        return raw in self.present
+        # The snapshot's stat cache hits were looked up at once before the scan; anything else asks.
+        if raw in self.present:
+            return True
+        return bool(anyio.from_thread.run(self._cas._types, [raw.hex()]))
 
     # -- fsck's walk
 
@@ -530,7 +531,7 @@ class _RowView:
         if row is None:
             row = self._fetch([oid]).get(oid)
             if row is None:
-                raise NotFound(f"object {oid} vanished")
+                raise ObjectNotFound(f"object {oid} vanished")  # a gc deleted it meanwhile
         type_num, body = _checked(oid, *row)
         return type_num, None if type_num == BLOB else body
 
