@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from pforge_async import ActorClosed, InvalidInput, NonceReplayed, open_store
+from pforge_async import ActorClosed, InvalidInput, NewTurn, NonceReplayed, open_store
 from pforge_async.sqlite.actor import SqliteActor
 
 from ._procs import spawn
@@ -235,4 +235,36 @@ async def test_compact_refuses_a_read_only_store_and_a_closed_one(tmp_path: Path
             await _actor(store).compact()
     async with open_store(root, watch_workspaces=False) as store:
         await store.nonces.consume(nonce, "s")  # nothing was lost on the way
+        assert (await store.check()).ok
+
+
+async def test_turns_db_gives_back_deleted_turns_and_keeps_no_erased_payload(tmp_path: Path) -> None:
+    """The turn store's database: after delete + gc the file shrinks; after erase + compact the
+    payload is in no file of the store (secure_delete zeroed the cells, the WAL is truncated)."""
+    root = tmp_path / ".pforge"
+    async with open_store(root, watch_workspaces=False) as store:
+        turns = store.turns
+        actor = turns._actor  # type: ignore[attr-defined]
+        assert isinstance(actor, SqliteActor)
+        assert (await actor.fetchone("PRAGMA auto_vacuum"))[0] == 2
+        keep = await turns.create_context(name="keep")
+        kept = [await turns.append_turn(keep.context_id, "t", b"kept %d" % i) for i in range(5)]
+        erased = await turns.create_context(name="erased")
+        await turns.append_turn(erased.context_id, "t", SECRET.encode() + b"erased payload")
+        await turns.append_turn(erased.context_id, "t", b"after")
+        doomed = []
+        for n in range(40):
+            ctx = await turns.create_context(name=f"doomed-{n}")
+            await turns.append_turns([NewTurn(ctx.context_id, "t", os.urandom(4000)) for _ in range(50)])
+            doomed.append(ctx.context_id)
+        for context_id in doomed:
+            await turns.delete_context(context_id)
+        await turns.erase_turns(erased.context_id)
+        assert await actor.compact() > 0  # the WAL, at least
+        assert _holds(root, SECRET.encode()) == []
+        grown = actor.files_size()
+        await turns.gc(grace_s=0)  # type: ignore[attr-defined]
+        await actor.compact()
+        assert actor.files_size() < grown // 4
+        assert [t.payload for t in await turns.list_turns(keep.context_id)] == [t.payload for t in kept]
         assert (await store.check()).ok
