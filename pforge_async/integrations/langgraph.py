@@ -68,7 +68,7 @@ import msgspec
 from ..errors import Conflict, ContextNotFound, HeadConflict, InvalidInput
 from ..store import DEFAULT_ROOT
 from ..turnstore.base import TurnStoreBase
-from ..turnstore.rules import MAX_BATCH_BYTES, MAX_BATCH_TURNS, MAX_LIST_LIMIT
+from ..turnstore.rules import MAX_LIST_LIMIT, split_batches
 from ..turnstore.types import ContextInfo, NewTurn, TurnRecord
 from . import _lglog as log
 from ._blobs import BlobCache, ChunkMemo, Ref, ValueCodec, refs_of
@@ -666,7 +666,9 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
                 "alone cannot rebuild; it was not pruned"
             )
         writes = log.pending(
-            w for e in entries if isinstance(e, log.WritesEntry) and e.checkpoint_id == latest.checkpoint_id
+            w
+            for e in entries
+            if isinstance(e, log.WritesEntry) and e.checkpoint_id == latest.checkpoint_id
             for w in e.writes
         )
         kept: list[log.Entry] = [latest]
@@ -693,10 +695,7 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
                         gone.add(entry.checkpoint_id)
             if not gone:
                 return None
-            return [
-                entry for entry in entries
-                if entry.checkpoint_id not in gone
-            ]
+            return [entry for entry in entries if entry.checkpoint_id not in gone]
 
         for info in await self._contexts(f"{self.prefix}/"):
             if info.name is not None and info.head_turn_id:
@@ -746,7 +745,7 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
             await turns.set_head(context_id, 0, expected_head=head)
             return 0
         new = [_new_turn(context_id, entry, first=i == 0) for i, entry in enumerate(entries)]
-        batches = _batches(new)
+        batches = split_batches(new)
         if len(batches) == 1:
             records = await turns.append_turns(new, expected_heads={context_id: head})
             return records[-1].turn_id
@@ -910,19 +909,6 @@ def _new_turn(context_id: int, entry: log.Entry, *, first: bool) -> NewTurn:
     else:
         type_id, refs = log.WRITES, refs_of(w.value for w in entry.writes)
     return NewTurn(context_id, type_id, log.encode(entry), parent_turn_id=0 if first else None, refs=refs)
-
-
-def _batches(turns: list[NewTurn]) -> list[list[NewTurn]]:
-    """The turns cut into batches the store takes at once (turns and payload bytes)."""
-    batches: list[list[NewTurn]] = [[]]
-    size = 0
-    for turn in turns:
-        if batches[-1] and (len(batches[-1]) >= MAX_BATCH_TURNS or size + len(turn.payload) > MAX_BATCH_BYTES):
-            batches.append([])
-            size = 0
-        batches[-1].append(turn)
-        size += len(turn.payload)
-    return batches
 
 
 def _matches(metadata: Any, filter: dict[str, Any]) -> bool:

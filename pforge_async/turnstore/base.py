@@ -60,7 +60,9 @@ ContextKey = tuple[int, int] | tuple[int] | tuple[str]
 
 class TreeSource(Protocol):
     """Where ``fs_root`` oids are checked: anything with the CAS's ``read_tree`` (``store.cas`` is one).
-    It raises ``ObjectNotFound`` for a missing object and ``InvalidInput`` for one that is not a tree."""
+    It raises ``ObjectNotFound`` for a missing object and ``InvalidInput`` for one that is not a tree.
+    One that also has ``async has_many(oids) -> list[bool]`` (a flag per oid, in order) gets a turn's
+    refs checked in one call."""
 
     async def read_tree(self, oid: str) -> object: ...
 
@@ -325,8 +327,7 @@ class TurnStoreBase(ABC):
         validate_append(command, self.max_payload_bytes)
         if fs_root is not None:
             await self._check_tree(fs_root)
-        for oid in command.refs:
-            await self._check_ref(oid)
+        await self._check_refs(command.refs)
         record = await self._write(command)
         assert isinstance(record, TurnRecord)
         if record.payload != payload:
@@ -390,8 +391,7 @@ class TurnStoreBase(ABC):
                 heads[context_id] = validate_id(head, f"expected head of context {context_id}", allow_zero=True)
         for oid in sorted(trees):
             await self._check_tree(oid)
-        for oid in sorted(refs):
-            await self._check_ref(oid)
+        await self._check_refs(sorted(refs))
         records = await self._write(AppendTurns(commands, heads))
         assert isinstance(records, list)
         for record, command in zip(records, commands, strict=True):
@@ -525,6 +525,25 @@ class TurnStoreBase(ABC):
             raise ObjectNotFound(f"fs_root {oid} is not in the CAS") from exc
         except InvalidInput as exc:
             raise InvalidInput(f"fs_root {oid} is not a tree: {exc}") from exc
+
+    async def _check_refs(self, oids: Sequence[str]) -> None:
+        """``ObjectNotFound`` naming the first of ``oids`` (valid oids) that is not in the CAS.
+
+        A turn of a growing chat names every chunk of its history, so checking one ref per await
+        (a hop to a worker thread each) cost the LangGraph adapter more than its own code: a CAS
+        with ``has_many`` answers for all of them in one hop. A backend that checks refs its own way
+        (overriding ``_check_ref``) is asked once per ref."""
+        if not oids:
+            return
+        many = getattr(self._trees, "has_many", None)
+        if len(oids) == 1 or many is None or type(self)._check_ref is not TurnStoreBase._check_ref:
+            for oid in oids:
+                await self._check_ref(oid)
+            return
+        present = await many(oids)
+        for oid, found in zip(oids, present, strict=True):
+            if not found:
+                raise ObjectNotFound(f"ref {oid} is not in the CAS")
 
     async def _check_ref(self, oid: str) -> None:
         """``ObjectNotFound`` unless ``oid`` (already a valid oid) is in the CAS."""

@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -45,6 +46,7 @@ __all__ = [
     "name_successor",
     "next_updated",
     "payload_hash",
+    "split_batches",
     "validate_append",
     "validate_bundle",
     "validate_id",
@@ -115,6 +117,29 @@ def validate_append(command: AppendTurn, max_payload: int) -> None:
         validate_id(command.expected_head, "expected_head", allow_zero=True)
     if command.fs_root is not None:
         validate_oid(command.fs_root, "fs_root")
+
+
+class _HasPayload(Protocol):
+    @property
+    def payload(self) -> bytes: ...
+
+
+_Turn = TypeVar("_Turn", bound=_HasPayload)
+
+
+def split_batches(turns: Sequence[_Turn]) -> list[list[_Turn]]:
+    """``turns`` cut, in order, into batches ``append_turns`` takes at once (at most
+    ``MAX_BATCH_TURNS`` turns and ``MAX_BATCH_BYTES`` of payload each, or a single turn over that).
+    Always at least one batch: ``[[]]`` for no turns."""
+    batches: list[list[_Turn]] = [[]]
+    size = 0
+    for turn in turns:
+        if batches[-1] and (len(batches[-1]) >= MAX_BATCH_TURNS or size + len(turn.payload) > MAX_BATCH_BYTES):
+            batches.append([])
+            size = 0
+        batches[-1].append(turn)
+        size += len(turn.payload)
+    return batches
 
 
 def validate_refs(refs: object) -> tuple[str, ...]:
