@@ -8,8 +8,11 @@ while it runs."""
 from __future__ import annotations
 
 import os
+import random
+import signal
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import anyio
@@ -18,7 +21,7 @@ import pytest
 from pforge_async import ActorClosed, InvalidInput, NewTurn, NonceReplayed, open_store
 from pforge_async.sqlite.actor import SqliteActor
 
-from ._procs import spawn
+from ._procs import spawn, wait_for_line
 
 pytestmark = pytest.mark.anyio
 
@@ -267,4 +270,58 @@ async def test_turns_db_gives_back_deleted_turns_and_keeps_no_erased_payload(tmp
         await actor.compact()
         assert actor.files_size() < grown // 4
         assert [t.payload for t in await turns.list_turns(keep.context_id)] == [t.payload for t in kept]
+        assert (await store.check()).ok
+
+
+#: The child keeps making garbage in nonces.db, purging it and compacting, until it is killed.
+COMPACTER = r"""
+import sys, anyio
+from pforge_async import open_store
+
+async def main(root):
+    async with open_store(root, durability="normal", watch_workspaces=False) as store:
+        actor = store.nonces._actor
+        actor.compact_slice_pages = 16  # many slices: more places for the kill to land
+        print("ready", flush=True)
+        while True:
+            async with anyio.create_task_group() as tg:
+                for _ in range(500):
+                    tg.start_soon(store.nonces.issue, "g" * 1000, 0.001)
+            await anyio.sleep(0.002)
+            await store.nonces.purge_expired()
+            await actor.compact()
+
+anyio.run(main, sys.argv[1])
+"""
+
+
+async def test_a_compact_killed_anywhere_leaves_a_sound_database(tmp_path: Path) -> None:
+    rng = random.Random(1313)
+    root = tmp_path / ".pforge"
+    async with open_store(root, watch_workspaces=False) as store:
+        live = await _fill(store, 20, "live", 3600)
+    # Made as before compact existed, so the first run's kill may land in the conversion's VACUUM.
+    conn = sqlite3.connect(root / "nonces.db", isolation_level=None)
+    conn.execute("PRAGMA auto_vacuum = NONE")
+    conn.execute("VACUUM")
+    conn.close()
+    for _ in range(6):
+        child = spawn(COMPACTER, root)
+        try:
+            wait_for_line(child, "ready", timeout=60)
+            time.sleep(rng.uniform(0.05, 1.0))
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.communicate(timeout=30)
+        async with open_store(root, watch_workspaces=False) as store:
+            problems = (await store.check()).problems
+            assert problems == [], problems
+            rows = await _actor(store).fetchall("SELECT nonce FROM nonces WHERE subject = 'live'")
+            assert sorted(row[0] for row in rows) == sorted(live)
+    async with open_store(root, watch_workspaces=False) as store:
+        assert (await _actor(store).fetchone("PRAGMA auto_vacuum"))[0] == 2
+        for nonce in live:
+            await store.nonces.consume(nonce, "live")
+        await store.nonces.purge_expired()
+        await _actor(store).compact()
         assert (await store.check()).ok
