@@ -455,9 +455,13 @@ class PgActor(Actor[C]):
         outcomes: list[Any] = []
         committing = False
         try:
-            await conn.execute("BEGIN; SAVEPOINT command" if self.savepoints else "BEGIN")
+            await conn.execute("BEGIN")
             try:
                 await self.begin(conn, commands)
+                if self.savepoints:
+                    # After begin(): rolling a command back must not undo the batch's row locks
+                    # (a lock taken inside a savepoint is released when it is rolled back).
+                    await conn.execute("SAVEPOINT command")
             except Exception as exc:
                 raise _BatchFailed(exc, retry=self._retryable(exc, conn)) from exc
             for i, command in enumerate(commands):
