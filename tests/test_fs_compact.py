@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from pforge_async import IntegrityError, InvalidInput, NewTurn, TurnNotFound
 from pforge_async.turnstore import FsTurnStore, MemoryTurnStore
 from pforge_async.turnstore.base import TurnStoreBase
 from pforge_async.turnstore.core import TurnCore
-from pforge_async.turnstore.fs import COMPACT_NAME
+from pforge_async.turnstore.fs import COMPACT_NAME, MAGIC
 
 from ._procs import spawn, wait_for_line
 from .test_turnstore import BACKENDS, open_backend
@@ -332,3 +333,25 @@ async def test_a_gc_killed_anywhere_leaves_the_old_log_or_the_new_one(tmp_path: 
             assert dump(store._core) == state
     assert _files_holding(directory, SECRET) == []
     print(json.dumps({"runs": RUNS, "kills_during_a_rewrite": compactions_seen}))
+
+
+async def test_a_damaged_id_mark_still_keeps_new_ids_above_the_reclaimed_ones(tmp_path: Path) -> None:
+    directory = tmp_path / "fs"
+    async with FsTurnStore(directory) as store:
+        keep = await store.create_context(name="keep")
+        kept = await store.append_turn(keep.context_id, "t", b"kept")
+        doomed = await store.create_context(name="doomed")
+        last = [await store.append_turn(doomed.context_id, "t", b"d%d" % i) for i in range(5)][-1]
+        await store.delete_context(doomed.context_id)
+        assert (await store.gc(grace_s=0)).turns_reclaimed == 5
+    log = directory / "turns.log"
+    data = bytearray(log.read_bytes())
+    start = len(MAGIC)  # the first frame is the id marks
+    _, _, index_size, _ = struct.unpack_from("<IIII", data, start)
+    data[start + 16 + index_size] ^= 0xFF  # its record, not its index
+    log.write_bytes(bytes(data))
+    async with FsTurnStore(directory) as store:
+        assert any("checksum" in problem for problem in await store.check())
+        assert (await store.get_turn(kept.turn_id)).payload == b"kept"
+        assert (await store.append_turn(keep.context_id, "t", b"new")).turn_id > last.turn_id
+        assert (await store.create_context()).context_id > doomed.context_id

@@ -199,6 +199,9 @@ class Index(msgspec.Struct, frozen=True, array_like=True):
     names: list[tuple[int, str]] = []
     context_keys: list[tuple[int, str]] = []
     bundles: list[str] = []
+    #: the id marks of a compacted log (last turn id, last context id): a damaged ``MarksRec`` still
+    #: keeps new ids above every id given before the compaction
+    marks: list[int] = []
 
 
 def index_of(rec: Record) -> Index:
@@ -229,7 +232,9 @@ def index_of(rec: Record) -> Index:
                 names=[] if name is None else [(context_id, name)],
                 context_keys=[] if key is None else [(context_id, key)],
             )
-    return Index()  # a blob (checked against its id on every read), or the id marks
+        case MarksRec(last_turn=last_turn, last_context=last_context):
+            return Index(marks=[last_turn, last_context])
+    return Index()  # a blob: checked against its id on every read
 
 
 class _InfoOf(NamedTuple):
@@ -785,6 +790,14 @@ class TurnCore:
                     self.damaged_turns[turn_id] = f"turn {turn_id}'s erasure is damaged: {why}"
             case BlobRec():
                 pass  # blobs are checked against their id on every read: a lost one is ObjectNotFound
+            # A compacted log is written with indexed frames only (see damage_index); these are for
+            # completeness.
+            case KeptTurnsRec(records=records):
+                self._damage_turns(records, why)
+            case LiveContextRec(context_id=context_id):
+                self._damage_context(context_id, why)
+            case MarksRec(last_turn=last_turn, last_context=last_context):
+                self.damage_index(Index(marks=[last_turn, last_context]), where)
 
     def damage_index(self, index: Index, where: str) -> None:
         """A record that could not be read, whose index could: mark what it changed damaged."""
@@ -809,6 +822,9 @@ class TurnCore:
             self._damage_context(context_id, why)
         for bundle_id in index.bundles:
             self.damaged_bundles[bundle_id] = f"registry bundle {bundle_id!r} is damaged: {why}"
+        if len(index.marks) == 2:
+            self.last_turn = max(self.last_turn, index.marks[0])
+            self.last_context = max(self.last_context, index.marks[1])
 
     def _damage_turns(self, records: Iterable[TurnRecord], why: str) -> None:
         for record in records:
