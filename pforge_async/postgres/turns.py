@@ -141,11 +141,32 @@ class _Context:
 
 # -- SQL ----------------------------------------------------------------------------------------------
 
-_LOCK_CONTEXTS = (
-    "SELECT context_id, head_turn_id, updated_at_ms, name, base_turn_id, parent_context_id, metadata, "
-    "created_at_ms FROM contexts WHERE context_id = ANY($1::bigint[]) AND deleted_at_ms IS NULL "
-    "ORDER BY context_id FOR UPDATE"
+#: ``updated_bucket = updated_at_ms >> UPDATED_SHIFT``: the "updated" order's index key, which moves at
+#: most once per 64 ms however often a context changes; an update that leaves every indexed column as
+#: it was is a HOT update (no index entry written), so appends to a busy context cost one heap tuple.
+UPDATED_SHIFT = 6
+
+#: The statement every batch begins with: the row locks of the contexts it names, in id order (see the
+#: module docstring); their heads' nodes and skip-link chains; and the ids its turns and contexts may
+#: take. One round trip. The turns are read in the statement's snapshot, which a lock wait may leave
+#: behind the locked rows: a head committed meanwhile is then missing here, and looked up on its own.
+_BEGIN = """
+WITH RECURSIVE locked AS MATERIALIZED (
+    SELECT context_id, head_turn_id, updated_at_ms, name, base_turn_id, parent_context_id, metadata, created_at_ms
+    FROM contexts WHERE context_id = ANY($1::bigint[]) AND deleted_at_ms IS NULL ORDER BY context_id FOR UPDATE
+), chain AS (
+    SELECT t.turn_id, t.depth, t.jump_turn_id, t.jump_depth, t.context_id
+    FROM locked l CROSS JOIN LATERAL (SELECT * FROM turns WHERE turn_id = l.head_turn_id LIMIT 1) t
+    UNION
+    SELECT t.turn_id, t.depth, t.jump_turn_id, t.jump_depth, t.context_id
+    FROM chain c CROSS JOIN LATERAL (SELECT * FROM turns WHERE turn_id = c.jump_turn_id LIMIT 1) t
 )
+SELECT 0, context_id, head_turn_id, updated_at_ms, base_turn_id, parent_context_id, created_at_ms, name, metadata
+FROM locked
+UNION ALL SELECT 1, turn_id, depth, jump_turn_id, jump_depth, context_id, NULL, NULL, NULL FROM chain
+UNION ALL SELECT 2, nextval('turn_ids'), NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM generate_series(1, $2::int)
+UNION ALL SELECT 3, nextval('context_ids'), NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM generate_series(1, $3::int)
+"""
 _ADVISORY = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS u(k)"
 _NAMES_AND_KEYS = (
     "SELECT 0, name, context_id, NULL FROM contexts WHERE name = ANY($1::text[]) "
@@ -166,33 +187,33 @@ WITH RECURSIVE locked AS MATERIALIZED (
     SELECT turn_id, depth, jump_turn_id, jump_depth, context_id FROM locked
     UNION
     SELECT t.turn_id, t.depth, t.jump_turn_id, t.jump_depth, t.context_id
-    FROM chain c JOIN turns t ON t.turn_id = c.jump_turn_id
+    FROM chain c CROSS JOIN LATERAL (
+        -- LIMIT 1: one index probe per row, never a hash join over the whole table
+        SELECT turn_id, depth, jump_turn_id, jump_depth, context_id FROM turns WHERE turn_id = c.jump_turn_id LIMIT 1
+    ) t
 )
 SELECT turn_id, depth, jump_turn_id, jump_depth, context_id FROM chain
 """
-_IDS = (
-    "SELECT ARRAY(SELECT nextval('turn_ids') FROM generate_series(1, $1::int)), "
-    "ARRAY(SELECT nextval('context_ids') FROM generate_series(1, $2::int))"
-)
 _INSERT_CONTEXTS = (
     "INSERT INTO contexts (context_id, head_turn_id, created_at_ms, name, base_turn_id, parent_context_id, "
-    "metadata, updated_at_ms) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], "
-    "$5::bigint[], $6::bigint[], $7::text[], $8::bigint[])"
+    "metadata, updated_at_ms, updated_bucket) SELECT *, u.updated >> {shift} FROM unnest({}::bigint[], "
+    "{}::bigint[], {}::bigint[], {}::text[], {}::bigint[], {}::bigint[], {}::text[], {}::bigint[]) "
+    "AS u(id, head, created, name, base, parent, metadata, updated)"
 )
 _INSERT_CONTEXT_KEYS = (
     "INSERT INTO context_keys (idempotency_key, context_id, fingerprint) "
-    "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])"
+    "SELECT * FROM unnest({}::text[], {}::bigint[], {}::text[])"
 )
 _INSERT_TURNS = (
     "INSERT INTO turns (turn_id, context_id, parent_turn_id, depth, jump_turn_id, jump_depth, type_id, "
     "type_version, payload, payload_hash, idempotency_key, created_at_ms, fs_root, refs) "
-    "SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], "
-    "$7::text[], $8::bigint[], $9::bytea[], $10::text[], $11::text[], $12::bigint[], $13::text[], $14::text[])"
+    "SELECT * FROM unnest({}::bigint[], {}::bigint[], {}::bigint[], {}::bigint[], {}::bigint[], {}::bigint[], "
+    "{}::text[], {}::bigint[], {}::bytea[], {}::text[], {}::text[], {}::bigint[], {}::text[], {}::text[])"
 )
 _UPDATE_CONTEXTS = (
-    "UPDATE contexts c SET head_turn_id = u.head, updated_at_ms = u.updated, metadata = u.metadata "
-    "FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[]) AS u(id, head, updated, metadata) "
-    "WHERE c.context_id = u.id"
+    "UPDATE contexts c SET head_turn_id = u.head, updated_at_ms = u.updated, updated_bucket = u.updated >> {shift}, "
+    "metadata = u.metadata FROM unnest({}::bigint[], {}::bigint[], {}::bigint[], {}::text[]) "
+    "AS u(id, head, updated, metadata) WHERE c.context_id = u.id"
 )
 _DELETE_CONTEXT = (
     "WITH k AS (DELETE FROM context_keys WHERE context_id = $1) "
@@ -200,13 +221,19 @@ _DELETE_CONTEXT = (
     "WHERE context_id = $1"
 )
 
+# Every recursive walk below probes turns through a LATERAL subquery with LIMIT 1: the planner then
+# cannot turn a step into a hash join over the whole table (which it picks for a work table it thinks
+# large), so each step is one primary-key probe and a walk costs its length, not the table's size.
+
 _ANCESTOR_AT = """
 WITH RECURSIVE walk (turn_id, depth, parent, jump, jump_depth) AS (
     SELECT turn_id, depth, parent_turn_id, jump_turn_id, jump_depth FROM turns WHERE turn_id = $1::bigint
     UNION ALL
     SELECT t.turn_id, t.depth, t.parent_turn_id, t.jump_turn_id, t.jump_depth
-    FROM walk w JOIN turns t
-      ON t.turn_id = (CASE WHEN w.jump_depth >= $2::bigint THEN w.jump ELSE w.parent END)
+    FROM walk w CROSS JOIN LATERAL (
+        SELECT * FROM turns WHERE turn_id = (CASE WHEN w.jump_depth >= $2::bigint THEN w.jump ELSE w.parent END)
+        LIMIT 1
+    ) t
     WHERE w.depth > $2::bigint
 )
 SELECT turn_id FROM walk WHERE depth = $2::bigint
@@ -217,7 +244,8 @@ _ERASE_CHAIN = """
 WITH RECURSIVE down (turn_id, parent) AS (
     SELECT turn_id, parent_turn_id FROM turns WHERE turn_id = $1::bigint AND NOT erased
     UNION ALL
-    SELECT p.turn_id, p.parent_turn_id FROM down d JOIN turns p ON p.turn_id = d.parent WHERE NOT p.erased
+    SELECT p.turn_id, p.parent_turn_id
+    FROM down d CROSS JOIN LATERAL (SELECT * FROM turns WHERE turn_id = d.parent LIMIT 1) p WHERE NOT p.erased
 )
 SELECT turn_id FROM down
 """
@@ -231,11 +259,12 @@ _CHAIN_FROM = """
 WITH RECURSIVE chain (turn_id, n) AS (
     {seed}
     UNION ALL
-    SELECT t.parent_turn_id, c.n + 1 FROM chain c JOIN turns t ON t.turn_id = c.turn_id
+    SELECT t.parent_turn_id, c.n + 1
+    FROM chain c CROSS JOIN LATERAL (SELECT * FROM turns WHERE turn_id = c.turn_id LIMIT 1) t
     WHERE c.n < $2::bigint AND t.parent_turn_id <> 0
 )
 SELECT {columns}
-FROM chain c JOIN turns t ON t.turn_id = c.turn_id ORDER BY c.n DESC
+FROM chain c CROSS JOIN LATERAL (SELECT * FROM turns WHERE turn_id = c.turn_id LIMIT 1) t ORDER BY c.n DESC
 """
 #: the ``$2`` turns that end at ``$1``
 _CHAIN = _CHAIN_FROM.format(seed="SELECT $1::bigint, 1::bigint", columns=_COLUMNS_OF_T)
@@ -252,18 +281,21 @@ WITH RECURSIVE walk (turn_id, depth, parent, jump, jump_depth) AS (
     SELECT turn_id, depth, parent_turn_id, jump_turn_id, jump_depth FROM turns WHERE turn_id = $1::bigint
     UNION ALL
     SELECT t.turn_id, t.depth, t.parent_turn_id, t.jump_turn_id, t.jump_depth
-    FROM walk w JOIN turns t
-      ON t.turn_id = (CASE WHEN w.jump_depth >= $2::bigint THEN w.jump ELSE w.parent END)
+    FROM walk w CROSS JOIN LATERAL (
+        SELECT * FROM turns WHERE turn_id = (CASE WHEN w.jump_depth >= $2::bigint THEN w.jump ELSE w.parent END)
+        LIMIT 1
+    ) t
     WHERE w.depth > $2::bigint
 ),
 chain (turn_id, n) AS (
     SELECT turn_id, 1::bigint FROM walk WHERE depth = $2::bigint
     UNION ALL
-    SELECT t.parent_turn_id, c.n + 1 FROM chain c JOIN turns t ON t.turn_id = c.turn_id
+    SELECT t.parent_turn_id, c.n + 1
+    FROM chain c CROSS JOIN LATERAL (SELECT * FROM turns WHERE turn_id = c.turn_id LIMIT 1) t
     WHERE c.n < $3::bigint AND t.parent_turn_id <> 0
 )
 SELECT {_COLUMNS_OF_T}
-FROM chain c JOIN turns t ON t.turn_id = c.turn_id ORDER BY c.n DESC
+FROM chain c CROSS JOIN LATERAL (SELECT * FROM turns WHERE turn_id = c.turn_id LIMIT 1) t ORDER BY c.n DESC
 """
 
 #: a context's row as ContextInfo takes it: the head's depth joined in
@@ -273,7 +305,8 @@ _INFO = (
     "LEFT JOIN turns t ON t.turn_id = c.head_turn_id"
 )
 _ORDER_BY: dict[str, str] = {
-    "updated": "c.updated_at_ms DESC, c.context_id DESC",
+    # the bucket first: the index's own order, so only each bucket's rows are sorted
+    "updated": "c.updated_bucket DESC, c.updated_at_ms DESC, c.context_id DESC",
     "created": "c.context_id DESC",
     "name": "c.name",
 }
@@ -357,12 +390,23 @@ class _Batch:
                 case SetContextMetadata() | DeleteContext() | EraseTurns():
                     context_ids.add(command.context_id)
         conn = self.conn
-        if context_ids:
-            for row in await conn.fetch(_LOCK_CONTEXTS, sorted(context_ids)):
-                context_id, head, updated, name, base, parent, metadata, created = row
-                self.contexts[context_id] = _Context(context_id, head, updated, name, base, parent, metadata, created)
-                if head:
-                    turns.add(head)
+        if context_ids or n_turns or n_contexts:
+            turn_ids: list[int] = []
+            new_context_ids: list[int] = []
+            for kind, a, b, c, d, e, f, name, metadata in await conn.fetch(
+                _BEGIN, sorted(context_ids), n_turns, n_contexts
+            ):
+                if kind == 0:
+                    self.contexts[a] = _Context(a, b, c, name, d, e, metadata, f)
+                elif kind == 1:
+                    self.nodes[a] = (b, c, d, e)
+                elif kind == 2:
+                    turn_ids.append(a)
+                else:
+                    new_context_ids.append(a)
+            # Popped from the end: lowest first, so turns get increasing ids in the batch's order.
+            self.turn_ids = sorted(turn_ids, reverse=True)
+            self.context_ids = sorted(new_context_ids, reverse=True)
         if names or creation_keys:
             locks = {advisory_key("pforge-turns-name", self.schema, name) for name in names}
             locks.update(advisory_key("pforge-turns-key", self.schema, key) for key in creation_keys)
@@ -383,14 +427,11 @@ class _Batch:
                 record = _record(row)
                 assert record.idempotency_key is not None
                 self.keys[(record.context_id, record.idempotency_key)] = record
-        if turns:
-            await self._fetch_nodes(turns)
-        if n_turns or n_contexts:
-            drawn = await conn.fetchrow(_IDS, n_turns, n_contexts)
-            assert drawn is not None
-            # Popped from the end: lowest first, so turns get increasing ids in the batch's order.
-            self.turn_ids = sorted(drawn[0], reverse=True)
-            self.context_ids = sorted(drawn[1], reverse=True)
+        # The heads of the contexts locked above (and their chains) need no turn lock: gc keeps a live
+        # head. Any other turn the batch builds on is locked against gc here.
+        others = turns - self.nodes.keys()
+        if others:
+            await self._fetch_nodes(others)
 
     async def _fetch_nodes(self, turn_ids: Iterable[int]) -> None:
         wanted = sorted(set(turn_ids))
@@ -731,43 +772,60 @@ class _Batch:
     # -- writing what was decided ------------------------------------------------------------------
 
     async def flush(self) -> None:
-        conn = self.conn
+        """Write what the batch decided since the last flush: one statement, whose parts run as
+        data-modifying CTEs (new contexts, creation keys, turns) around the heads' UPDATE."""
+        params: list[Any] = []
+
+        def bind(template: str, *columns: list[Any]) -> str:
+            marks = []
+            for column in columns:
+                params.append(column)
+                marks.append(f"${len(params)}")
+            return template.format(*marks, shift=UPDATED_SHIFT)
+
+        parts: list[str] = []
         new = [ctx for ctx in self.contexts.values() if ctx.new]
+        dirty = [ctx for ctx in self.contexts.values() if ctx.dirty and not ctx.new]
         if new:
-            await conn.execute(
-                _INSERT_CONTEXTS,
-                [c.context_id for c in new],
-                [c.head for c in new],
-                [c.created for c in new],
-                [c.name for c in new],
-                [c.base for c in new],
-                [c.parent for c in new],
-                [c.metadata for c in new],
-                [c.updated for c in new],
+            parts.append(
+                bind(
+                    _INSERT_CONTEXTS,
+                    [c.context_id for c in new],
+                    [c.head for c in new],
+                    [c.created for c in new],
+                    [c.name for c in new],
+                    [c.base for c in new],
+                    [c.parent for c in new],
+                    [c.metadata for c in new],
+                    [c.updated for c in new],
+                )
             )
-            for ctx in new:
-                ctx.new = ctx.dirty = False
         if self.new_context_keys:
             items = list(self.new_context_keys.items())
-            await conn.execute(
-                _INSERT_CONTEXT_KEYS, [k for k, _ in items], [v[0] for _, v in items], [v[1] for _, v in items]
+            parts.append(
+                bind(_INSERT_CONTEXT_KEYS, [k for k, _ in items], [v[0] for _, v in items], [v[1] for _, v in items])
             )
-            self.new_context_keys = {}
         if self.new_turns:
-            columns = [list(column) for column in zip(*self.new_turns, strict=True)]
-            await conn.execute(_INSERT_TURNS, *columns)
-            self.new_turns = []
-        dirty = [ctx for ctx in self.contexts.values() if ctx.dirty]
+            parts.append(bind(_INSERT_TURNS, *[list(column) for column in zip(*self.new_turns, strict=True)]))
         if dirty:
-            await conn.execute(
+            main = bind(
                 _UPDATE_CONTEXTS,
                 [c.context_id for c in dirty],
                 [c.head for c in dirty],
                 [c.updated for c in dirty],
                 [c.metadata for c in dirty],
             )
-            for ctx in dirty:
-                ctx.dirty = False
+        elif parts:
+            main = parts.pop()
+        else:
+            return
+        if parts:
+            main = "WITH " + ", ".join(f"w{i} AS ({part})" for i, part in enumerate(parts)) + " " + main
+        await self.conn.execute(main, *params)
+        for ctx in new + dirty:
+            ctx.new = ctx.dirty = False
+        self.new_context_keys = {}
+        self.new_turns = []
 
 
 # -- the actor ----------------------------------------------------------------------------------------
@@ -822,6 +880,10 @@ class PgTurnActor(PgActor[TurnCommand]):
             "contexts whose parent context is missing",
             "SELECT c.context_id FROM contexts c LEFT JOIN contexts p ON p.context_id = c.parent_context_id "
             "WHERE c.parent_context_id <> 0 AND p.context_id IS NULL",
+        ),
+        (
+            "contexts whose updated_bucket is not their updated_at_ms >> 6",
+            f"SELECT context_id FROM contexts WHERE updated_bucket <> updated_at_ms >> {UPDATED_SHIFT}",
         ),
         (
             "contexts changed before they were created",
@@ -956,7 +1018,11 @@ class PgTurnStore(TurnStoreBase):
         if after is not None:
             if order == "updated":
                 at, context_id = after  # type: ignore[misc]
-                where.append(f"(c.updated_at_ms, c.context_id) < ({param(at)}::bigint, {param(context_id)}::bigint)")
+                # The bucket bound is the index's range; the rest places the cursor within its bucket.
+                where.append(
+                    f"c.updated_bucket <= {param(at >> UPDATED_SHIFT)}::bigint AND "
+                    f"(c.updated_at_ms, c.context_id) < ({param(at)}::bigint, {param(context_id)}::bigint)"
+                )
             elif order == "created":
                 where.append(f"c.context_id < {param(after[0])}::bigint")
             else:
