@@ -90,6 +90,9 @@ class PgStore(Store):
             **self._actor_options,
         }
 
+    async def __aenter__(self) -> PgStore:
+        return self
+
     async def _start(self) -> None:
         options = self._options()
         cas_actor = PgCasActor(self._dsn, **options)
