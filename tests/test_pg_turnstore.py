@@ -9,15 +9,15 @@ import itertools
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import anyio
 import asyncpg
 import pytest
 
-from pforge_async import ContextNotFound, HeadConflict, IntegrityError, open_store
+from pforge_async import ContextNotFound, HeadConflict, IntegrityError
 from pforge_async.cas import Cas
+from pforge_async.postgres.cas import open_pg_cas
 from pforge_async.postgres.turns import PgTurnActor, PgTurnStore
 
 from . import test_lifecycle as lifecycle
@@ -42,10 +42,11 @@ async def open_pg_turns(
 
 
 @pytest.fixture
-async def cas(tmp_path: Path) -> AsyncIterator[Cas]:
-    """The CAS the turn store checks fs_root and refs in, and keeps its blobs in."""
-    async with open_store(tmp_path / "cas-store", watch_workspaces=False) as cas_store:
-        yield cas_store.cas
+async def cas(pg_dsn: str, pg_schema: str) -> AsyncIterator[Cas]:
+    """The CAS the turn store checks fs_root and refs in, and keeps its blobs in: the PostgreSQL one,
+    in the same schema, as a PostgreSQL store has it."""
+    async with open_pg_cas(pg_dsn, schema=pg_schema) as pg_cas:
+        yield pg_cas  # type: ignore[misc]  # Cas's API (the conformance classes are typed for Cas)
 
 
 @pytest.fixture
