@@ -67,7 +67,7 @@ async def test_bad_arguments_to_connect_pg_are_invalid_input(pg_dsn: str, pg_sch
     for dsn in ("", "sqlite:///x", "/tmp/x", 5):
         with pytest.raises(InvalidInput, match="postgresql://"):
             await connect_pg(dsn, schema=pg_schema)  # type: ignore[arg-type]
-    for schema in ("", "1abc", "a-b", 'x"; DROP', "pg_catalog", "a" * 64, None, "é"):
+    for schema in ("", "1abc", "a-b", 'x"; DROP', "pg_catalog", "a" * 64, 5, "é"):
         with pytest.raises(InvalidInput, match="schema"):
             await connect_pg(pg_dsn, schema=schema)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="durability"):
@@ -128,6 +128,20 @@ async def test_a_closed_store_refuses_every_call(pg_dsn: str, pg_schema: str) ->
 
 
 # -- schemas ----------------------------------------------------------------------------------------
+
+
+async def test_open_store_takes_a_dsn_and_its_schema_parameter(pg_dsn: str, pg_schema: str) -> None:
+    from pforge_async import open_store
+
+    async with open_store(f"{pg_dsn}?schema={pg_schema}") as store:
+        assert isinstance(store, PgStore) and store.schema == pg_schema
+        await store.budget.set_budget("v", tokens=3)
+    async with await connect_pg(pg_dsn, schema=pg_schema, create=False) as again:
+        await again.budget.reserve("v", tokens=3)
+    with pytest.raises(InvalidInput, match="name it once"):
+        await connect_pg(f"{pg_dsn}?schema=other", schema=pg_schema)
+    with pytest.raises(InvalidInput, match="schema"):
+        await connect_pg(f"{pg_dsn}?schema=bad-name")
 
 
 async def test_two_schemas_are_two_stores(pg_dsn: str, pg_schema: str) -> None:

@@ -13,6 +13,7 @@ The runner task, closing from any task and ``async with`` are the embedded store
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,20 @@ class PgStore(Store):
         return StoreCheck(problems, cas)
 
 
+def _split_schema(dsn: str) -> tuple[str, str | None]:
+    """``dsn`` without its ``schema`` query parameter (asyncpg would send it to the server as a
+    setting), and that parameter's value."""
+    parts = urllib.parse.urlsplit(dsn)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    named = [value for key, value in query if key == "schema"]
+    if not named:
+        return dsn, None
+    if len(named) > 1:
+        raise InvalidInput("the dsn names its schema more than once")
+    rest = urllib.parse.urlencode([(key, value) for key, value in query if key != "schema"])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), named[0]
+
+
 async def _schema_exists(dsn: str, schema: str, connect_kwargs: dict[str, Any]) -> bool:
     kwargs = {k: v for k, v in connect_kwargs.items() if k != "server_settings"}
     try:
@@ -156,7 +171,7 @@ async def _schema_exists(dsn: str, schema: str, connect_kwargs: dict[str, Any]) 
 async def connect_pg(
     dsn: str,
     *,
-    schema: str = "pforge",
+    schema: str | None = None,
     durability: Durability = "full",
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
     create: bool = True,
@@ -168,7 +183,8 @@ async def connect_pg(
     """Open the store in ``schema`` of the PostgreSQL database ``dsn`` (``postgresql://user@host/db``):
     ``store = await connect_pg(dsn)`` ... ``await store.aclose()``, or ``async with await
     connect_pg(dsn) as store:``. Its tables are created or migrated if needed (safe from many processes
-    at once).
+    at once). The schema is ``schema=``, or the DSN's ``schema`` query parameter (so
+    ``open_store("postgresql://host/db?schema=team_a")`` names it too), or ``pforge``.
 
     ``durability="full"`` waits for the server to flush each commit (the server's own
     ``synchronous_commit``); ``"normal"`` does not (``synchronous_commit=off`` for the store's writes:
@@ -183,7 +199,10 @@ async def connect_pg(
     """
     if not is_pg_dsn(dsn):
         raise InvalidInput(f"dsn must be a postgresql:// URL, got {dsn!r:.80}")
-    schema = check_schema_name(schema)
+    dsn, named = _split_schema(dsn)
+    if schema is not None and named is not None and schema != named:
+        raise InvalidInput(f"the dsn names schema {named!r} and schema= says {schema!r}: name it once")
+    schema = check_schema_name(schema if schema is not None else named if named is not None else "pforge")
     if durability not in ("full", "normal"):
         raise InvalidInput(f"durability must be 'full' or 'normal', got {durability!r}")
     for name, flag in (("create", create), ("readonly", readonly), ("watch_workspaces", watch_workspaces)):
