@@ -544,44 +544,52 @@ class TestPgCas:
         assert len(errors) == 4 and len(good) == 20
         assert (await pg.cas.fsck()).checked == 20
 
-    async def test_gc_reclaims_the_unreachable_past_grace_and_freshening_keeps(
-        self, tmp_path: Path, pg_dsn: str, pg_schema: str
-    ) -> None:
-        async with open_pg_cas(pg_dsn, schema=pg_schema, freshen_s=0) as cas:
-            keep = await cas.write_blob(b"kept by a ref")
-            tree = await cas.write_tree([("k", FILE, keep)])
-            commit = await cas.write_commit(tree, message="c", timestamp=0)
-            await cas.update_ref("refs/heads/main", commit)
-            rooted = await cas.write_blob(b"kept by a root")
-            junk = [await cas.write_blob(b"junk %d" % i) for i in range(5)]
-            young = await cas.write_tree([])
+    async def test_gc_reclaims_the_unreachable_past_grace_and_freshening_keeps(self, pg: Backend) -> None:
+        cas = pg.cas
+        keep = await cas.write_blob(b"kept by a ref")
+        tree = await cas.write_tree([("k", FILE, keep)])
+        commit = await cas.write_commit(tree, message="c", timestamp=0)
+        await cas.update_ref("refs/heads/main", commit)
+        rooted = await cas.write_blob(b"kept by a root")
+        reached = await cas.write_blob(b"kept: a young tree reaches it")
+        junk = [await cas.write_blob(b"junk %d" % i) for i in range(5)]
+        for bad in ({"grace_s": -1}, {"grace_s": float("nan")}, {"grace_s": 10}, {"dry_run": 1}):
             with pytest.raises(InvalidInput):
-                await cas.gc([], grace_s=-1)
-            # Age everything but `young` by an hour.
-            conn_rows = f"UPDATE \"{pg_schema}\".cas_objects SET touched_at = now() - interval '1 hour' WHERE oid <> $1"
-            import asyncpg
-
-            conn = await asyncpg.connect(pg_dsn)
-            try:
-                await conn.execute(conn_rows, bytes.fromhex(young))
-                # has() of an old object freshens it: it survives this gc.
-                assert await cas.has(junk[0])
-                dry = await cas.gc([rooted], grace_s=60, dry_run=True)
-                assert sorted(dry.unreachable) == sorted(junk[1:]) and dry.deleted == 0
-                report = await cas.gc([rooted], grace_s=60)
-                assert report.deleted == 4 and report.bytes_reclaimed == sum(len(b"junk %d" % i) for i in range(1, 5))
-                for oid in junk[1:]:
-                    assert not await cas.has(oid)
-                for oid in (keep, tree, commit, rooted, young, junk[0]):
-                    assert await cas.has(oid)
-                # A re-put of an old object freshens it too.
-                await conn.execute(conn_rows, bytes.fromhex(young))
-                await cas.write_blob(b"junk 0")
-                report = await cas.gc([], grace_s=60)
-                assert rooted in report.unreachable and junk[0] not in report.unreachable
-                assert (await cas.fsck()).ok
-            finally:
-                await conn.close()
+                await cas.gc([], **{"grace_s": 3600, **bad})
+        with pytest.raises(InvalidInput):
+            await cas.gc(["zz"], grace_s=3600)
+        with pytest.raises(InvalidInput):
+            await cas.gc(rooted, grace_s=3600)
+        await _age(pg.dsn, pg.schema, 7200)
+        young = await cas.write_tree([("r", FILE, reached)])  # after the aging: young, and so is what it reaches
+        # has() of an old object freshens it: it survives.
+        assert await cas.has(junk[0])
+        dry = await cas.gc([rooted], grace_s=3600, dry_run=True)
+        assert (dry.objects_before, dry.objects_kept, dry.objects_young, dry.objects_reclaimed) == (11, 4, 3, 4)
+        assert dry.bytes_freed == sum(len(b"junk %d" % i) for i in range(1, 5)) and dry.missing == []
+        assert (await pg.sql(f'SELECT count(*) FROM "{pg.schema}".cas_objects'))[0][0] == 11  # dry: nothing gone
+        report = await cas.gc([rooted, "cd" * 32], grace_s=3600)
+        assert report.objects_reclaimed == 4 and report.bytes_freed == dry.bytes_freed
+        assert report.missing == ["cd" * 32] and report.slices == 1
+        assert await cas.has_many(junk) == [True, False, False, False, False]
+        assert all(await cas.has_many([keep, tree, commit, rooted, young, reached]))
+        # A re-put of an old object freshens it too; an old root no longer given goes.
+        await _age(pg.dsn, pg.schema, 7200)
+        await cas.write_blob(b"junk 0")
+        report = await cas.gc([], grace_s=3600)
+        assert await cas.has_many([rooted, junk[0], young, reached, keep]) == [False, True, False, False, True]
+        await _age(pg.dsn, pg.schema, 7200)
+        await cas.gc([], grace_s=3600)
+        assert await cas.has_many([junk[0], keep]) == [False, True]
+        # roots_taken_at: an object freshened since the caller began gathering its roots stays.
+        late = await cas.write_blob(b"freshened 30 minutes ago")
+        await _age(pg.dsn, pg.schema, 1800)
+        began = time.time() - 2400  # the caller began 40 minutes ago
+        assert (await cas.gc([], grace_s=60, roots_taken_at=began, dry_run=True)).objects_reclaimed == 0
+        assert (await cas.gc([], grace_s=60, dry_run=True)).objects_reclaimed == 1
+        await cas.gc([], grace_s=60, roots_taken_at=began)
+        assert await cas.has_many([late, keep]) == [True, True]
+        assert (await cas.fsck()).ok
 
 
 class TestPgCasFaults:
@@ -597,13 +605,11 @@ class TestPgCasFaults:
                 lambda: ro.write_tree([("f", FILE, blob)]),
                 lambda: ro.update_ref("refs/heads/main", blob),
                 lambda: ro.snapshot(work),
-                lambda: ro.gc([], grace_s=60),
+                lambda: ro.gc([], grace_s=3600),
+                lambda: ro.gc([], grace_s=3600, dry_run=True),
             ):
                 with pytest.raises(InvalidInput, match="read-only"):
                     await call()
-            assert (await ro.gc([], grace_s=60, dry_run=True)).unreachable == []  # young
-            await _age(pg.dsn, pg.schema, 3600)
-            assert (await ro.gc([], grace_s=60, dry_run=True)).unreachable == [blob]
         assert (await pg.cas.fsck()).checked == 1
         with pytest.raises(StorageError, match="schema version 0"):
             async with open_pg_cas(pg.dsn, schema=pg.schema + "_none", readonly=True):
@@ -696,7 +702,7 @@ class TestPgCasFaults:
                     sweeps.append(await cas.gc([], grace_s=0))
                     await _age(pg_dsn, pg_schema, 3600)
                 stop.set()
-            assert sum(s.deleted for s in sweeps) > 0 and written
+            assert sum(s.objects_reclaimed for s in sweeps) > 0 and written
             report = await cas.fsck()
             assert report.ok, report
             # One more sweep with nothing written beside it takes everything (no ref, no root, all old).
@@ -715,13 +721,13 @@ class TestPgCasFaults:
             junk = await cas.write_blob(b"junk")
             await _age(pg_dsn, pg_schema, 3600)
             # The mark: everything is old and unreachable.
-            _count, unreachable, cutoff = await cas._mark([], 0)
-            assert {raw.hex() for raw in unreachable} == {blob, inner, sub, touched, junk}
+            mark = await cas._mark([], 0)
+            assert {raw.hex() for raw in mark.doomed} == {blob, inner, sub, touched, junk}
             # Between the mark and the sweep: a new tree links to `sub` (and through it to `inner` and
             # `blob`, which it does not name), and `touched` is looked at.
             top = await cas.write_tree([("s", DIR, sub)])
             assert await cas.has(touched)
-            deleted, reclaimed = await cas._sweep(unreachable, cutoff)
+            deleted, reclaimed = await cas._sweep(mark.doomed, mark.cutoff_us)
             assert (deleted, reclaimed) == (1, len(b"junk"))
             assert not await cas.has(junk)
             report = await cas.fsck()

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -38,6 +39,7 @@ import anyio.to_thread
 import msgspec
 from anyio.abc import TaskStatus
 
+from ..cas.gc import CasGcReport, validate_gc_args
 from ..cas.gitrules import dotfile_blob_problem, dotfile_kind
 from ..cas.objects import (
     BLOB,
@@ -73,7 +75,7 @@ from ..errors import (
 from .actor import PgActor, PgConn
 from .migrate import quote_ident
 
-__all__ = ["CAS_SCRIPTS", "GcReport", "PgCas", "PgCasActor", "open_pg_cas"]
+__all__ = ["CAS_SCRIPTS", "PgCas", "PgCasActor", "open_pg_cas"]
 
 #: PostgreSQL's bytea holds at most 1 GiB; an object body must leave room for the row around it.
 MAX_OBJECT_BYTES = (1 << 30) - (1 << 20)
@@ -282,7 +284,13 @@ class PgCasActor(PgActor[PgCasCommand]):
             case Gc():
                 return await self._gc(conn, command)
             case Touch(oids=oids):
-                return await self._touch(conn, oids)
+                # Asked for because they were old: touched whatever another writer did since; the
+                # reply is those still there (a gc may have deleted one meanwhile).
+                found = await conn.fetch(
+                    f"UPDATE {self.objects_table} SET touched_at = now() WHERE oid = ANY($1::bytea[]) RETURNING oid",
+                    sorted(oids),
+                )
+                return [bytes(r[0]) for r in found]
 
     async def flush(self, conn: PgConn) -> None:
         rows = self._plan.rows
@@ -313,14 +321,13 @@ class PgCasActor(PgActor[PgCasCommand]):
         await self._touch(conn, ids)
         return {bytes(r[0]) for r in found}
 
-    async def _touch(self, conn: PgConn, oids: list[bytes]) -> list[bytes]:
-        found = await conn.fetch(
+    async def _touch(self, conn: PgConn, oids: list[bytes]) -> None:
+        await conn.execute(
             f"""UPDATE {self.objects_table} SET touched_at = now()
-                WHERE oid = ANY($1::bytea[]) AND touched_at < now() - make_interval(secs => $2) RETURNING oid""",
+                WHERE oid = ANY($1::bytea[]) AND touched_at < now() - make_interval(secs => $2)""",
             sorted(oids),
             self.freshen_s,
         )
-        return [bytes(r[0]) for r in found]
 
     async def _update_ref(self, conn: PgConn, command: UpdateRef) -> None:
         name = _ref_target(validate_ref_name(command.name))
@@ -434,18 +441,6 @@ def _checked(oid: str, kind: int, body: bytes) -> tuple[int, bytes]:
     if digest.hexdigest() != oid:
         raise IntegrityError(f"object {oid} does not match its id: the stored bytes are corrupt")
     return kind, body
-
-
-class GcReport(msgspec.Struct, frozen=True):
-    """What :meth:`PgCas.gc` found: ``unreachable`` objects past their grace, of which ``deleted``
-    were removed (none with ``dry_run``), ``bytes_reclaimed`` their body bytes."""
-
-    checked: int
-    kept: int
-    unreachable: list[str]
-    deleted: int
-    bytes_reclaimed: int
-    dry_run: bool
 
 
 class _RowView:
@@ -618,10 +613,15 @@ class PgCas:
         return await self._actor.fetch(sql, *args)
 
     async def _fetch_rows(self, oids: list[str]) -> dict[str, tuple[int, bytes]]:
-        rows = await self._fetch(
-            f"SELECT oid, kind, body FROM {self._objects} WHERE oid = ANY($1::bytea[])",
-            [bytes.fromhex(o) for o in oids],
-        )
+        if len(oids) == 1:  # the common read: a plain index lookup plans and runs faster than = ANY
+            rows = await self._fetch(
+                f"SELECT oid, kind, body FROM {self._objects} WHERE oid = $1", bytes.fromhex(oids[0])
+            )
+        else:
+            rows = await self._fetch(
+                f"SELECT oid, kind, body FROM {self._objects} WHERE oid = ANY($1::bytea[])",
+                [bytes.fromhex(o) for o in oids],
+            )
         return {bytes(r[0]).hex(): (int(r[1]), bytes(r[2])) for r in rows}
 
     async def _page(self, after: bytes) -> list[tuple[str, int, bytes]]:
@@ -678,21 +678,37 @@ class PgCas:
         return body
 
     async def has(self, oid: str) -> bool:
-        """Whether the object is stored; one found older than ``freshen_s`` is freshened (a gc keeps it)."""
+        """Whether the object is stored. A caller about to reference it (a turn's ``refs``) may rely
+        on it: one found older than ``freshen_s`` is freshened, so a gc within the grace keeps it."""
         validate_oid(oid)
-        raw = bytes.fromhex(oid)
+        return (await self._present([oid]))[0]
+
+    async def has_many(self, oids: Sequence[str]) -> list[bool]:
+        """:meth:`has` for each of ``oids``, in order, in one query (and one write for the old ones)."""
+        if isinstance(oids, (str, bytes)) or not isinstance(oids, Sequence):
+            raise InvalidInput(f"has_many takes a sequence of object ids, not {type(oids).__name__}")
+        for oid in oids:
+            validate_oid(oid)
+        return await self._present(list(oids))
+
+    async def _present(self, oids: list[str]) -> list[bool]:
+        if not oids:
+            return []
+        ids = sorted({bytes.fromhex(o) for o in oids})
         rows = await self._fetch(
-            f"SELECT touched_at < now() - make_interval(secs => $2) AS stale FROM {self._objects} WHERE oid = $1",
-            raw,
+            f"""SELECT oid, touched_at < now() - make_interval(secs => $2) FROM {self._objects}
+                WHERE oid = ANY($1::bytea[])""",
+            ids,
             self.freshen_s,
         )
-        if not rows:
-            return False
-        if rows[0][0] and not self.readonly:
+        found = {bytes(r[0]) for r in rows}
+        stale = [bytes(r[0]) for r in rows if r[1]]
+        if stale and not self.readonly:
             # Rare (only past freshen_s), so it may queue behind writes: the writer is the one that writes.
-            fresh = await self._actor.call(Touch([raw]))
-            return bool(fresh)  # a gc deleted it meanwhile: it is gone
-        return True
+            # One a gc deleted meanwhile is gone.
+            touched = set(await self._actor.call(Touch(stale)))
+            found -= set(stale) - touched
+        return [bytes.fromhex(o) in found for o in oids]
 
     # -- trees -------------------------------------------------------------------------------------
 
@@ -969,66 +985,125 @@ class PgCas:
 
     # -- gc ----------------------------------------------------------------------------------------
 
-    async def gc(self, roots: Iterable[str] = (), *, grace_s: float, dry_run: bool = False) -> GcReport:
-        """Delete every object unreachable from ``roots``, the refs and every object younger than
-        ``grace_s`` (and not freshened since), as ``git prune --expire`` does. ``grace_s`` must be at
-        least ``freshen_s``: then a tree or commit written during the gc keeps what it links to."""
-        if isinstance(roots, (str, bytes)) or not isinstance(roots, Iterable):
-            raise InvalidInput(f"roots must be an iterable of object ids, not {type(roots).__name__}")
-        roots = [validate_oid(r, "gc root") for r in roots]
-        if (
-            not isinstance(grace_s, (int, float))
-            or isinstance(grace_s, bool)
-            or not 0 <= grace_s <= 1e9
-            or grace_s != grace_s
-        ):
-            raise InvalidInput(f"grace_s must be a number of seconds from 0 to 1e9, not {grace_s!r}")
+    async def gc(
+        self,
+        roots: Iterable[str],
+        *,
+        grace_s: float = 3600.0,
+        dry_run: bool = False,
+        roots_taken_at: float | None = None,
+    ) -> CasGcReport:
+        """Delete the objects nothing reaches, beside live writers (the file CAS's semantics, git's model).
+
+        Kept: what ``roots`` and every ref reach, and, for ``grace_s`` seconds, every object younger than
+        that and what it reaches. An object a writer freshened (stored again, named by a new tree or
+        commit, or found by :meth:`has`) counts as new from then on, also while this gc runs: the sweep
+        re-checks under row locks (see :meth:`PgCasActor._gc`). ``roots_taken_at`` (``time.time()``)
+        is when the caller began to gather its roots: objects freshened since then are kept whatever
+        the grace. A freshening touches only an object older than ``freshen_s``, so ``grace_s`` below
+        ``freshen_s`` could take an object a caller was just told is there: refused (``InvalidInput``),
+        as are malformed arguments and a read-only store, before anything is done.
+
+        The report's byte counts are object body bytes (the table's ``size`` column); it has no packs
+        or loose files (those counts are 0), one slice, and ``gate_held_s`` is how long the sweep's
+        transaction held its row locks."""
+        root_list = validate_gc_args(roots, grace_s, dry_run, roots_taken_at)
         if grace_s < self.freshen_s:
-            raise InvalidInput(f"grace_s {grace_s} is below this store's freshen_s {self.freshen_s}")
-        if not isinstance(dry_run, bool):
-            raise InvalidInput(f"dry_run must be a bool, not {type(dry_run).__name__}")
-        if self.readonly and not dry_run:
-            raise InvalidInput("the store is open read-only")
-        checked, unreachable, cutoff_us = await self._mark(roots, grace_s)
+            raise InvalidInput(
+                f"gc grace_s {grace_s} is below this CAS's freshen_s {self.freshen_s}: an object looked "
+                "at that recently may be about to be referenced (open it with a smaller freshen_s)"
+            )
+        if self.readonly:
+            raise InvalidInput("the store is open read-only: gc needs a writable store")
+        started = time.monotonic()
+        mark = await self._mark(root_list, float(grace_s), roots_taken_at)
         deleted = reclaimed = 0
-        if not dry_run and unreachable:
-            deleted, reclaimed = await self._sweep(unreachable, cutoff_us)
-        return GcReport(
-            checked=checked,
-            kept=checked - deleted,
-            unreachable=[raw.hex() for raw in unreachable],
-            deleted=deleted,
-            bytes_reclaimed=reclaimed,
+        held = 0.0
+        if not dry_run and mark.doomed:
+            t0 = time.monotonic()
+            deleted, reclaimed = await self._sweep(mark.doomed, mark.cutoff_us)
+            held = time.monotonic() - t0
+        rescued = 0 if dry_run else len(mark.doomed) - deleted
+        freed = sum(mark.sizes[raw] for raw in mark.doomed) if dry_run else reclaimed
+        return CasGcReport(
             dry_run=dry_run,
+            objects_before=len(mark.sizes),
+            objects_kept=len(mark.kept),
+            objects_young=len(mark.young),
+            objects_rescued=rescued,
+            objects_reclaimed=len(mark.doomed) if dry_run else deleted,
+            bytes_before=mark.bytes_before,
+            bytes_after=mark.bytes_before - freed,
+            bytes_freed=freed,
+            packs_before=0,
+            packs_after=0,
+            loose_before=0,
+            loose_after=0,
+            files_retired=0,
+            slices=0 if dry_run or not mark.doomed else 1,
+            gate_held_s=held,
+            seconds=time.monotonic() - started,
+            missing=mark.missing,
+            unreadable=mark.unreadable,
         )
 
-    async def _mark(self, roots: list[str], grace_s: float) -> tuple[int, list[bytes], int]:
-        """How many objects there are, those unreachable from the refs, ``roots`` and every object
-        younger than ``grace_s`` (sorted), and the cutoff (server clock, µs) the sweep re-checks."""
-        (now_row,) = await self._fetch("SELECT (extract(epoch from now()) * 1e6)::int8")
-        cutoff_us = int(now_row[0]) - int(grace_s * 1e6)
+    async def _mark(self, roots: list[str], grace_s: float, roots_taken_at: float | None = None) -> _Mark:
+        """What the refs and ``roots`` reach (kept), what objects younger than the cutoff reach beyond
+        that (young), and the rest (doomed, in id order), with the cutoff (server clock, µs) the sweep
+        re-checks. The cutoff is the server's now less ``grace_s``, or ``roots_taken_at`` (moved onto
+        the server's clock) less ``grace_s`` if that is earlier."""
+        asked_at = time.time()
+        (now_row,) = await self._fetch("SELECT (extract(epoch from clock_timestamp()) * 1e6)::int8")
+        server_now_us = int(now_row[0])
+        cutoff_us = server_now_us - int(grace_s * 1e6)
+        if roots_taken_at is not None:
+            skew_us = server_now_us - int(asked_at * 1e6)
+            cutoff_us = min(cutoff_us, int(roots_taken_at * 1e6) + skew_us - int(grace_s * 1e6))
         rows = await self._fetch(
-            f"SELECT oid, kind, touched_at >= to_timestamp($1::float8 / 1e6) FROM {self._objects}", cutoff_us
+            f"SELECT oid, kind, size, touched_at >= to_timestamp($1::float8 / 1e6) FROM {self._objects}", cutoff_us
         )
+        mark = _Mark(cutoff_us)
         kinds = {bytes(r[0]): int(r[1]) for r in rows}
-        marked: set[bytes] = set()
-        todo = [bytes(r[0]) for r in rows if r[2]]
-        todo += [bytes.fromhex(o) for o in (await self.list_refs()).values()]
-        todo += [bytes.fromhex(o) for o in roots]
-        while todo:
-            fresh = [raw for raw in dict.fromkeys(todo) if raw not in marked]
-            todo = []
-            marked.update(fresh)
-            walk = [raw for raw in fresh if kinds.get(raw) in (TREE, COMMIT)]
-            for start in range(0, len(walk), _FETCH_ROWS):
-                fetched = await self._fetch_rows([raw.hex() for raw in walk[start : start + _FETCH_ROWS]])
-                for kind, body in fetched.values():
-                    todo += _links(kind, body)
-        return len(kinds), sorted(raw for raw in kinds if raw not in marked), cutoff_us
+        mark.sizes = {bytes(r[0]): int(r[2]) for r in rows}
+        mark.bytes_before = sum(mark.sizes.values())
+        refs = [bytes.fromhex(o) for o in (await self.list_refs()).values()]
+        starts = refs + [bytes.fromhex(o) for o in roots]
+        mark.missing = sorted({raw.hex() for raw in starts if raw not in kinds})
+        mark.kept = await self._reach(starts, kinds, set(), mark.unreadable)
+        young = [bytes(r[0]) for r in rows if r[3] and bytes(r[0]) not in mark.kept]
+        mark.young = await self._reach(young, kinds, mark.kept, mark.unreadable)
+        mark.doomed = sorted(raw for raw in kinds if raw not in mark.kept and raw not in mark.young)
+        return mark
 
-    async def _sweep(self, unreachable: list[bytes], cutoff_us: int) -> tuple[int, int]:
+    async def _reach(
+        self, starts: list[bytes], kinds: dict[bytes, int], stop: set[bytes], unreadable: list[str]
+    ) -> set[bytes]:
+        """Every stored object ``starts`` reach (themselves included), not going into ``stop``."""
+        reached: set[bytes] = set()
+        todo = starts
+        while todo:
+            fresh = [raw for raw in dict.fromkeys(todo) if raw in kinds and raw not in reached and raw not in stop]
+            todo = []
+            reached.update(fresh)
+            walk = [raw for raw in fresh if kinds[raw] in (TREE, COMMIT)]
+            for start in range(0, len(walk), _FETCH_ROWS):
+                chunk = [raw.hex() for raw in walk[start : start + _FETCH_ROWS]]
+                fetched = await self._fetch_rows(chunk)
+                for oid in chunk:
+                    row = fetched.get(oid)
+                    if row is None:
+                        continue  # deleted meanwhile
+                    try:
+                        kind, body = _checked(oid, *row)
+                    except IntegrityError:
+                        unreadable.append(oid)  # kept, as what it may reach is unknown; fsck names it
+                        continue
+                    todo += _links(kind, body)
+        return reached
+
+    async def _sweep(self, doomed: list[bytes], cutoff_us: int) -> tuple[int, int]:
         # One sweep, one transaction: its re-check of what young objects reach spans every candidate.
-        deleted, reclaimed = await self._actor.call(Gc(unreachable, cutoff_us))
+        deleted, reclaimed = await self._actor.call(Gc(doomed, cutoff_us))
         return int(deleted), int(reclaimed)
 
     def close_cache(self) -> None:
@@ -1037,6 +1112,20 @@ class PgCas:
             import shutil
 
             shutil.rmtree(self._own_cache, ignore_errors=True)
+
+
+class _Mark:
+    """What a gc's mark found (see :meth:`PgCas._mark`)."""
+
+    def __init__(self, cutoff_us: int) -> None:
+        self.cutoff_us = cutoff_us
+        self.sizes: dict[bytes, int] = {}
+        self.bytes_before = 0
+        self.kept: set[bytes] = set()
+        self.young: set[bytes] = set()
+        self.doomed: list[bytes] = []
+        self.missing: list[str] = []
+        self.unreadable: list[str] = []
 
 
 class _Started:
