@@ -148,6 +148,13 @@ async def test_erased_and_deleted_bytes_leave_every_file_and_the_state_survives_
         assert report.wal_truncated and report.bytes_after < report.bytes_before
         assert _files_holding(directory, SECRET) == []  # payloads and the deleted context's metadata
         assert sorted(os.listdir(directory)) == ["turns.lock", "turns.log"]
+        # Nothing logged since: a second gc finds the log compact and leaves the file as it is.
+        stat = (directory / "turns.log").stat()
+        await anyio.sleep(0.01)
+        again = await store.gc(grace_s=0)
+        assert again.turns_reclaimed == 0 and again.bytes_after == report.bytes_after
+        now = (directory / "turns.log").stat()
+        assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
         after = dump(store._core)
         # Contexts as they were, less the key of the reclaimed turn; ids as high as they were.
         expected = {cid: (*ctx[:-1], [k for k in ctx[-1] if k != "gone"]) for cid, ctx in before["contexts"].items()}

@@ -272,6 +272,8 @@ class _LogActor(Actor[LogCommand]):
         self.fsync = fsync
         self.path = path
         self._limiter = anyio.CapacityLimiter(1)
+        #: the log's size right after this actor's last rewrite (-1: none yet)
+        self._compacted_size = -1
 
     async def handle_batch(self, commands: Sequence[LogCommand]) -> list[Any]:
         outcomes: list[Any] = []
@@ -322,11 +324,14 @@ class _LogActor(Actor[LogCommand]):
             )
         doomed = await anyio.to_thread.run_sync(core.collectable, core.clock() - grace_ms, limiter=self._limiter)
         before = os.fstat(self.fd).st_size
+        if not doomed and before == self._compacted_size:
+            return 0, 0, before, before, True  # nothing logged since the last rewrite: it is compact
         fd = await anyio.to_thread.run_sync(self._rewrite, set(doomed), limiter=self._limiter)
         old, self.fd = self.fd, fd
         os.close(old)
         payload = core.reclaim(doomed)
-        return len(doomed), payload, before, os.fstat(fd).st_size, True
+        self._compacted_size = os.fstat(fd).st_size
+        return len(doomed), payload, before, self._compacted_size, True
 
     def _rewrite(self, leave_out: set[int]) -> int:
         """Write the compacted log beside the old one, sync it, rename it over the old one, sync the
