@@ -16,7 +16,11 @@ in 0 ms. Three parts:
    LangGraph: 4 ``AsyncSqliteSaver.aput`` of a checkpoint holding the record), and a write per step
    (pforge: the 4 hooks in one ``recorder.batch()``; the peers: one ``add_items`` of the 4 items, one
    ``aput`` of a checkpoint holding them: the step's messages, not the growing history). pforge
-   uses durability ``"full"``; the peers run with their own defaults. Throughput ratios at each C.
+   uses durability ``"full"``; the peers run with their own defaults (both sync every commit).
+   Each C runs ``--runs`` times (contenders alternating, so noise hits all); the throughput ratios
+   are given as min / median / max of the runs' own ratios, beside two ceilings measured in the
+   same runs: the pforge loop with durability ``"normal"`` (no fsync) and on a ``MemoryTurnStore``
+   (no I/O at all). ``--parts`` picks what runs.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -41,7 +46,7 @@ sys.path.insert(0, str(HERE.parent / "examples"))
 import demo  # noqa: E402
 from _bench import describe  # noqa: E402
 
-from pforge_async import Store, ToolCall, Usage, open_store  # noqa: E402
+from pforge_async import MemoryTurnStore, Store, ToolCall, Usage, open_store  # noqa: E402
 from pforge_async.agent import SessionRecorder  # noqa: E402
 
 HOOKS = {
@@ -187,32 +192,50 @@ async def drive(subagents: int, loop: Callable[[int], Awaitable[None]]) -> float
 
 
 async def plain_pforge(
-    work: Path, subagents: int, steps: int, latencies: list[float], *, batched: bool = False
+    work: Path,
+    subagents: int,
+    steps: int,
+    latencies: list[float],
+    *,
+    batched: bool = False,
+    durability: str = "full",
+    memory: bool = False,
 ) -> float:
     """Each subagent a forked session; its 4 hooks per step awaited one by one, or (``batched``)
-    written as one ``recorder.batch()``: one durable write per step, as the peers make."""
-    async with open_store(work / ".pforge", durability="full") as store:
-        orchestrator = await SessionRecorder.start(store, "plain")
-        await orchestrator.session_start()
+    written as one ``recorder.batch()``: one durable write per step, as the peers make. The
+    ceilings: ``durability="normal"`` (no fsync: what the loop reaches when the disk's sync costs
+    nothing) and ``memory`` (a ``MemoryTurnStore``: no I/O at all, only the recorder's and the turn
+    store's own work)."""
+    if memory:
+        return await plain_pforge_on(MemoryTurnStore(), subagents, steps, latencies, batched)
+    async with open_store(work / ".pforge", durability=durability) as store:  # type: ignore[arg-type]
+        return await plain_pforge_on(store, subagents, steps, latencies, batched)
 
-        async def loop(agent: int) -> None:
-            child = await orchestrator.spawn_subagent(f"a{agent}")
-            hooks = Timed(child, [] if batched else latencies)
-            for step in range(steps):
-                text, call, output, usage = step_items(agent, step)
-                start = time.perf_counter()
-                async with child.batch() if batched else nullcontext():
-                    await hooks.assistant_turn(text, tool_calls=[call], usage=usage)
-                    await hooks.tool_call_start(call.call_id, call.name, call.arguments)
-                    await hooks.tool_call_end(call.call_id, output)
-                    await hooks.tool_results([(call.call_id, output)])
-                if batched:
-                    latencies.append(time.perf_counter() - start)
-            await child.close()
 
-        elapsed = await drive(subagents, loop)
-        assert not orchestrator.failures
-        return elapsed
+async def plain_pforge_on(
+    target: Store | MemoryTurnStore, subagents: int, steps: int, latencies: list[float], batched: bool
+) -> float:
+    orchestrator = await SessionRecorder.start(target, "plain")
+    await orchestrator.session_start()
+
+    async def loop(agent: int) -> None:
+        child = await orchestrator.spawn_subagent(f"a{agent}")
+        hooks = Timed(child, [] if batched else latencies)
+        for step in range(steps):
+            text, call, output, usage = step_items(agent, step)
+            start = time.perf_counter()
+            async with child.batch() if batched else nullcontext():
+                await hooks.assistant_turn(text, tool_calls=[call], usage=usage)
+                await hooks.tool_call_start(call.call_id, call.name, call.arguments)
+                await hooks.tool_call_end(call.call_id, output)
+                await hooks.tool_results([(call.call_id, output)])
+            if batched:
+                latencies.append(time.perf_counter() - start)
+        await child.close()
+
+    elapsed = await drive(subagents, loop)
+    assert not orchestrator.failures, orchestrator.failures[:1]
+    return elapsed
 
 
 def items_of(agent: int, step: int) -> list[Any]:
@@ -276,65 +299,108 @@ async def plain_langgraph(
 
 
 Run = Callable[[Path, int, int, list[float]], Awaitable[float]]
-#: contenders that make a durable write per record, and those that make one per step
+#: contenders that make a durable write per record, and those that make one per step; the pforge
+#: rows after the first are ceilings (no fsync; no I/O at all), not contenders
 PER_RECORD: dict[str, Run] = {
     "pforge": plain_pforge,
     "openai-agents": plain_openai,
     "langgraph": plain_langgraph,
+    "pforge no-fsync": lambda *args: plain_pforge(*args, durability="normal"),
+    "pforge memory": lambda *args: plain_pforge(*args, memory=True),
 }
 PER_STEP: dict[str, Run] = {
     "pforge": lambda *args: plain_pforge(*args, batched=True),
     "openai-agents": lambda *args: plain_openai(*args, per_step=True),
     "langgraph": lambda *args: plain_langgraph(*args, per_step=True),
+    "pforge no-fsync": lambda *args: plain_pforge(*args, batched=True, durability="normal"),
+    "pforge memory": lambda *args: plain_pforge(*args, batched=True, memory=True),
 }
+PEERS = ("openai-agents", "langgraph")
+CEILINGS = ("pforge no-fsync", "pforge memory")
+#: issue 11's target at 64 subagents: pforge's steps/s over each peer's
+TARGET = 10
 
 
-async def main(args: argparse.Namespace) -> None:
-    print(describe("openai-agents", "langgraph-checkpoint", "langgraph-checkpoint-sqlite"))
-    await off_mode(args.off_calls)
-    with tempfile.TemporaryDirectory(prefix="pforge-bench-", dir=args.dir) as tmp:
-        base = Path(tmp)
-        print(f"\n## the demo's workload: C subagents x {args.steps} steps, durability {args.durability!r}, model 0 ms")
-        print(f"{'C':>3} {'recorder':>9} {'steps/s':>8} {'hooks':>6} {'p50 ms':>7} {'p99 ms':>7} {'in hooks':>9}")
+def spread(values: list[float]) -> str:
+    """min / median / max of the runs' values."""
+    return f"{min(values):5.1f}x / {statistics.median(values):5.1f}x / {max(values):5.1f}x"
+
+
+async def demo_part(base: Path, args: argparse.Namespace) -> None:
+    print(f"\n## the demo's workload: C subagents x {args.steps} steps, durability {args.durability!r}, model 0 ms")
+    print(f"{'C':>3} {'recorder':>9} {'steps/s':>8} {'hooks':>6} {'p50 ms':>7} {'p99 ms':>7} {'in hooks':>9}")
+    for subagents in args.subagents:
+        gc.collect()
+        on = await demo_workload(base, subagents, args.steps, "best_effort", args.durability)
+        gc.collect()
+        off = await demo_workload(base, subagents, args.steps, "off", args.durability)
+        for label, row in (("on", on), ("off", off)):
+            print(
+                f"{subagents:>3} {label:>9} {row['steps_s']:>8.0f} {row['hooks']:>6.0f} {row['p50']:>7.2f} "
+                f"{row['p99']:>7.2f} {row['share']:>8.0%}"
+            )
+        print(f"    C={subagents}: the recorder on takes {on['elapsed'] / off['elapsed']:.2f}x the loop's time off")
+
+
+async def plain_part(base: Path, args: argparse.Namespace) -> None:
+    for label, contenders in (("a write per record (4 per step)", PER_RECORD), ("a write per step", PER_STEP)):
+        print(f"\n## the plain loop, {label}: C subagents x {args.steps} steps of 4 records, {args.runs} runs")
+        print(
+            f"{'C':>3} {'run':>3} {'contender':>16} {'steps/s':>8} {'cpu ms':>7} {'writes':>7} {'p50 ms':>7} "
+            f"{'p99 ms':>7}"
+        )
         for subagents in args.subagents:
-            gc.collect()
-            on = await demo_workload(base, subagents, args.steps, "best_effort", args.durability)
-            gc.collect()
-            off = await demo_workload(base, subagents, args.steps, "off", args.durability)
-            for label, row in (("on", on), ("off", off)):
-                print(
-                    f"{subagents:>3} {label:>9} {row['steps_s']:>8.0f} {row['hooks']:>6.0f} {row['p50']:>7.2f} "
-                    f"{row['p99']:>7.2f} {row['share']:>8.0%}"
-                )
-            print(f"    C={subagents}: the recorder on takes {on['elapsed'] / off['elapsed']:.2f}x the loop's time off")
-
-        for label, contenders in (("a write per record (4 per step)", PER_RECORD), ("a write per step", PER_STEP)):
-            print(f"\n## the plain loop, {label}: C subagents x {args.steps} steps of 4 records")
-            print(f"{'C':>3} {'contender':>14} {'steps/s':>8} {'writes':>7} {'p50 ms':>7} {'p99 ms':>7}")
-            for subagents in args.subagents:
+            runs: list[dict[str, float]] = []
+            for run_no in range(args.runs):
                 rates: dict[str, float] = {}
                 for name, run in contenders.items():
                     work = Path(tempfile.mkdtemp(dir=base))
                     os.sync()
                     gc.collect()  # the garbage of the runs before is collected now, not during this one
                     latencies: list[float] = []
+                    cpu = time.process_time()
                     elapsed = await run(work, subagents, args.steps, latencies)
+                    cpu = time.process_time() - cpu
                     rates[name] = subagents * args.steps / elapsed
                     print(
-                        f"{subagents:>3} {name:>14} {rates[name]:>8.0f} {len(latencies):>7} "
+                        f"{subagents:>3} {run_no + 1:>3} {name:>16} {rates[name]:>8.0f} "
+                        f"{cpu / (subagents * args.steps) * 1e3:>7.2f} {len(latencies):>7} "
                         f"{pct(latencies, 0.5):>7.2f} {pct(latencies, 0.99):>7.2f}"
                     )
-                print(
-                    f"    C={subagents}: pforge {rates['pforge'] / rates['openai-agents']:.1f}x openai-agents, "
-                    f"{rates['pforge'] / rates['langgraph']:.1f}x langgraph (steps/s)"
-                )
+                runs.append(rates)
+            print(f"    C={subagents}: steps/s over each peer's, min / median / max of the runs' ratios:")
+            for peer in PEERS:
+                ours = [rates["pforge"] / rates[peer] for rates in runs]
+                line = f"      over {peer:<14} pforge {spread(ours)}"
+                for ceiling in CEILINGS:
+                    line += f"; ceiling ({ceiling}) {spread([rates[ceiling] / rates[peer] for rates in runs])}"
+                print(line + (f"   (target {TARGET}x)" if subagents == 64 else ""))
+    print("(cpu ms: CPU time of the whole process, every thread, per step; pforge no-fsync and pforge memory are")
+    print(" ceilings: the same loop with durability 'normal', and on a MemoryTurnStore, with no I/O at all)")
+
+
+async def main(args: argparse.Namespace) -> None:
+    print(describe("openai-agents", "langgraph-checkpoint", "langgraph-checkpoint-sqlite"))
+    if "off" in args.parts:
+        await off_mode(args.off_calls)
+    with tempfile.TemporaryDirectory(prefix="pforge-bench-", dir=args.dir) as tmp:
+        base = Path(tmp)
+        if "demo" in args.parts:
+            await demo_part(base, args)
+        if "plain" in args.parts:
+            await plain_part(base, args)
+    print("\n(the machine is shared and noisy: the spread between runs is part of the figure)")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--subagents", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3, help="of the plain loop (each contender, alternating)")
     parser.add_argument("--off-calls", type=int, default=200_000)
     parser.add_argument("--durability", choices=["full", "normal"], default="full", help="of the demo's workload")
     parser.add_argument("--dir", default=None, help="where the stores go (default: the system temp dir)")
+    parser.add_argument(
+        "--parts", nargs="+", choices=["off", "demo", "plain"], default=["off", "demo", "plain"], help="what to run"
+    )
     anyio.run(main, parser.parse_args())
