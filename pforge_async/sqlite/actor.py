@@ -710,9 +710,9 @@ class SqliteActor(Actor[C]):
     #: pages one ``incremental_vacuum`` slice gives back: one short write transaction under the lock
     compact_slice_pages: ClassVar[int] = 256
     #: a database made before ``auto_vacuum`` (mode NONE) up to this size is converted by one VACUUM
-    #: at its first compact (it holds the writers' lock while it rewrites the file); a larger one
-    #: keeps its free pages for later writes
-    compact_convert_limit: ClassVar[int] = 16 << 20
+    #: at its first compact; it holds the writers' lock while it rewrites the file (here about 0.05 s
+    #: a MiB), so a larger one keeps its free pages (zeroed) for later writes instead
+    compact_convert_limit: ClassVar[int] = 8 << 20
     #: tries of the closing ``wal_checkpoint(TRUNCATE)``, each waiting at most ``compact_truncate_wait``
     #: seconds for readers while it holds the writers' lock; writers run between tries
     compact_truncate_attempts: ClassVar[int] = 20
