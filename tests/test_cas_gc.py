@@ -182,6 +182,28 @@ async def test_freshening_keeps_old_unreachable_objects(tmp_path: Path) -> None:
     git_fsck(root / "cas")
 
 
+async def test_freshening_one_object_of_a_cruft_pack_keeps_only_it(tmp_path: Path) -> None:
+    """Unreachable young objects wait in a cruft pack with their own ages. Freshening one of them
+    logs it, and does not touch the pack (which would make all of them young again)."""
+    root = tmp_path / "s"
+    async with open_store(root, watch_workspaces=False) as store:
+        cas = store.cas
+        blobs = [await cas.write_blob(b"young %d" % i) for i in range(6)]
+        report = await cas.gc([], grace_s=HOUR)
+        assert report.objects_young == 6 and report.packs_after == 1
+        (pack,) = (root / "cas" / "objects" / "pack").glob("*.mtimes")
+        mtime = pack.with_suffix(".pack").stat().st_mtime_ns
+        time.sleep(2.1)
+        assert await cas.write_blob(b"young 0") == blobs[0]
+        assert await cas.has(blobs[1])
+        assert pack.with_suffix(".pack").stat().st_mtime_ns == mtime
+        report = await cas.gc([], grace_s=1.0)
+        assert report.objects_reclaimed == 4 and report.objects_young == 2
+        assert [await cas.has(oid) for oid in blobs] == [True, True, False, False, False, False]
+        assert (await store.check()).problems == []
+    git_fsck(root / "cas")
+
+
 async def test_an_object_freshened_while_gc_runs_is_rescued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A writer freshens an old unreachable tree after gc's mark: gc's look before it decides finds the
     touched file and keeps the tree and everything it reaches (written anew)."""
@@ -278,8 +300,8 @@ async def main(root, name, seconds):
                 await cas.write_blob(b"garbage %s %d" % (name.encode(), n))
                 shared = await cas.write_blob(b"shared %d" % rng.randrange(20))
                 tree = await cas.write_tree([(f"f{i}", "100644", b) for i, b in enumerate([*blobs, shared])])
-                await cas.update_ref(f"refs/heads/{name}", tree)
-                got = await cas.read_tree(await cas.get_ref(f"refs/heads/{name}"), recursive=True)
+                await cas.update_ref(f"refs/tags/{name}", tree)
+                got = await cas.read_tree(await cas.get_ref(f"refs/tags/{name}"), recursive=True)
                 assert [await cas.read_blob(e.oid) for e in got][:5] == [
                     b"%s %d %d" % (name.encode(), n, i) for i in range(5)
                 ]
@@ -331,7 +353,7 @@ async def test_gc_in_a_loop_beside_writers_and_readers_here_and_in_another_proce
                 try:
                     (work / f"f{n % 7}").write_bytes(b"version %d" % n)
                     tree = await cas.snapshot(work)
-                    await cas.update_ref("refs/heads/work", tree)
+                    await cas.update_ref("refs/tags/work", tree)
                     files = {e.name: await cas.read_blob(e.oid) for e in await cas.read_tree(tree, recursive=True)}
                     assert files[f"f{n % 7}"] == b"version %d" % n
                     n += 1
@@ -368,7 +390,7 @@ async def test_gc_in_a_loop_beside_writers_and_readers_here_and_in_another_proce
         for name in ("task0", "task1", "task2"):
             commit = await cas.read_commit(await cas.get_ref(f"refs/heads/{name}") or "")
             assert len(await cas.read_tree(commit.tree)) == 3
-        got = await cas.read_tree(await cas.get_ref("refs/heads/other") or "", recursive=True)
+        got = await cas.read_tree(await cas.get_ref("refs/tags/other") or "", recursive=True)
         assert [await cas.read_blob(e.oid) for e in got][:5] == [b"other %d %d" % (other_n - 1, i) for i in range(5)]
         assert report.packs_after <= 2
         assert (await store.check()).problems == []

@@ -180,6 +180,8 @@ class CasActor(Actor[CasCommand]):
             return [Failed(error) for _ in commands]
         for plan in snapshots:
             plan.save_cache()  # only now: what it records is durable (and a failure to is only logged)
+        # Never a hold of gc's gate inside another (a gc waiting at the turnstile would wait for it).
+        batch.close()
         if refs:
             self._update_refs(commands, refs, outcomes)
         return outcomes

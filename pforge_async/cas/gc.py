@@ -44,7 +44,7 @@ from .objects import BLOB, COMMIT, TAG, TREE, TYPE_NUMBERS, object_header, valid
 from .odb import ObjectDB
 from .pack import OFS_DELTA, REF_DELTA, PackReader, read_mtimes, write_mtimes, write_pack
 from .refs import RefStore
-from .retired import Retired, finish, write_journal
+from .retired import FRESH_LOG, Retired, finish, read_fresh_log, write_journal
 
 __all__ = ["CasGcReport", "collect", "validate_gc_args"]
 
@@ -148,6 +148,8 @@ class _Collector:
         self.gate_held = 0.0
         self.slices = 0
         self.outputs: set[str] = set()  # pack base names gc wrote
+        self.log_offset = 0  # how much of the freshening log the mark read
+        self.exclusive_depth = 0
 
     # -- mark ---------------------------------------------------------------------------------------
 
@@ -204,6 +206,14 @@ class _Collector:
                 index = len(inv.files)
                 inv.files.append(_File(f"{prefix}/{rest}", path, st.st_ino, st.st_mtime_ns, st.st_size))
                 inv.add(raw, index, -1, st.st_mtime_ns / 1e9)
+
+    def read_fresh_log(self) -> None:
+        """Objects of cruft packs freshened one by one: as young as their latest freshening."""
+        fresh, self.log_offset = read_fresh_log(str(self.gitdir))
+        age = self.inv.age
+        for raw, at in fresh.items():
+            if raw in age and at > age[raw]:
+                age[raw] = at
 
     def read_object(self, raw: bytes) -> tuple[int, bytes] | None:
         """The object's type and body from any of its copies, re-hashed; None if none reads."""
@@ -375,6 +385,8 @@ class _Collector:
         reaches among them, and every ref target among them; move it from ``unsafe`` to ``rescued``."""
         seeds = [raw for i in changed for raw in self.inv.files[i].objects if raw in unsafe]
         seeds += [raw for raw in self.ref_targets() if raw in unsafe]
+        fresh, self.log_offset = read_fresh_log(str(self.gitdir), self.log_offset)
+        seeds += [raw for raw in fresh if raw in unsafe]
         found: set[bytes] = set()
         self.closure(seeds, unsafe, found)
         if not found:
@@ -423,23 +435,31 @@ class _Collector:
 
 
 class _Timed(contextlib.AbstractContextManager[object]):
-    """The gate held exclusively, timed (the report's ``gate_held_s``) and counted (``slices``)."""
+    """The gate held exclusively, timed (the report's ``gate_held_s``) and counted (``slices``).
+    Re-entrant: a rescue under the decision's hold may reuse a pack, which holds it too."""
 
     def __init__(self, collector: _Collector) -> None:
         self.collector = collector
-        self._cm = collector.gate.exclusive()
+        self._cm: contextlib.AbstractContextManager[float] | None = None
         self._start = 0.0
 
     def __enter__(self) -> object:
-        self._cm.__enter__()
-        self._start = time.monotonic()
+        c = self.collector
+        if c.exclusive_depth == 0:
+            self._cm = c.gate.exclusive()
+            self._cm.__enter__()
+            self._start = time.monotonic()
+        c.exclusive_depth += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
-        held = time.monotonic() - self._start
-        self.collector.gate_held = max(self.collector.gate_held, held)
-        self.collector.slices += 1
-        self._cm.__exit__(None, None, None)
+        c = self.collector
+        c.exclusive_depth -= 1
+        if self._cm is not None:
+            c.gate_held = max(c.gate_held, time.monotonic() - self._start)
+            c.slices += 1
+            cm, self._cm = self._cm, None
+            cm.__exit__(None, None, None)
 
 
 def collect(
@@ -462,6 +482,7 @@ def collect(
                 finish(str(gitdir), c.objects, c.exclusive)  # what a gc killed earlier left
             bytes_before, packs_before, loose_before = c.object_bytes()
             c.inventory()
+            c.read_fresh_log()
             c.mark_links()
             inv = c.inv
             present = set(inv.where)
@@ -543,6 +564,9 @@ def collect(
                 c.rescue(c.changed_files(seen), unsafe, rescued)
                 retired = c.retired_files(movable)
                 write_journal(str(gitdir), Retired(retired), f"tmp_gc_{os.getpid()}_{secrets.token_hex(8)}")
+                # Every freshening logged is in the ages just written, or rescued: start afresh.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(gitdir, FRESH_LOG))
             finish(str(gitdir), c.objects, c.exclusive)
             doomed &= unsafe
             bytes_after, packs_after, loose_after = c.object_bytes()

@@ -34,7 +34,7 @@ from ..fslock import FsLock
 from .gate import GcGate
 from .objects import BLOB, TYPE_NAMES, TYPE_NUMBERS, object_header, validate_oid
 from .pack import PackEntry, PackIndex, PackReader, fsync_dir, write_all, write_idx, write_pack, zlib_stream
-from .retired import JOURNAL, finish, read_journal
+from .retired import FRESH_LOG, JOURNAL, finish, read_journal
 
 __all__ = ["FreshSession", "ObjectDB"]
 
@@ -486,13 +486,17 @@ class ObjectDB:
                 if path in touched:
                     return True
                 if not self._reader_retired(reader):
-                    try:
-                        os.utime(path)
-                    except FileNotFoundError:
-                        pass
+                    if reader.cruft:
+                        if self._log_fresh(raw, path, touched):
+                            return True
                     else:
-                        touched.add(path)
-                        return True
+                        try:
+                            os.utime(path)
+                        except FileNotFoundError:
+                            pass
+                        else:
+                            touched.add(path)
+                            return True
             if not look_further:
                 return False
             loose = self.loose_path(hex_oid)
@@ -509,6 +513,22 @@ class ObjectDB:
             if attempt == 0:
                 self.refresh()
         return False
+
+    def _log_fresh(self, raw: bytes, pack: str, touched: set[str]) -> bool:
+        """Freshen one object of a cruft pack: a line in gc's freshening log (``O_APPEND``: whole
+        lines from any number of writers), which the next gc reads as that object's age."""
+        key = "log:" + raw.hex()
+        if key in touched:
+            return True
+        if not os.path.exists(pack):
+            return False
+        fd = os.open(os.path.join(self.gitdir, FRESH_LOG), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, f"{raw.hex()} {time.time():.3f}\n".encode())
+        finally:
+            os.close(fd)
+        touched.add(key)
+        return True
 
     def freshen_one(self, raw: bytes) -> bool:
         """:meth:`freshen` of one object under a hold of its own (``Cas.has``); read-only: :meth:`has`."""

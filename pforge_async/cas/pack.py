@@ -343,6 +343,9 @@ class PackReader:
         self._limit = len(self._map) - _RAW  # entry data ends where the trailer starts
         self.trailer = bytes(self._map[-_RAW:])
         self.problems: list[str] = []
+        #: a cruft pack (gc's, with a ``.mtimes``): its objects are freshened one by one, never by
+        #: touching it (which would make every object in it young).
+        self.cruft = os.path.exists(path[:-5] + ".mtimes")
         version, self.count = struct.unpack(">II", self._map[4:12])
         if self._map[:4] != b"PACK" or version not in (2, 3):
             self.problems.append(f"pack {path} has a damaged header")

@@ -21,11 +21,13 @@ import msgspec
 
 from .pack import fsync_dir
 
-__all__ = ["JOURNAL", "Retired", "finish", "read_journal", "write_journal"]
+__all__ = ["FRESH_LOG", "JOURNAL", "Retired", "finish", "read_fresh_log", "read_journal", "write_journal"]
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "gc-retired"
+#: "<hex id> <unix time>" lines: objects of cruft packs freshened since the last gc (see odb.freshen).
+FRESH_LOG = "gc-fresh"
 #: unlinks per hold of the gate: each slice keeps writers waiting only that long.
 SLICE = 256
 
@@ -53,6 +55,29 @@ def read_journal(gitdir: str) -> Retired | None:
     except (msgspec.DecodeError, msgspec.ValidationError):
         log.warning("%s/%s is damaged; nothing is retired by it", gitdir, JOURNAL)
         return None
+
+
+def read_fresh_log(gitdir: str, start: int = 0) -> tuple[dict[bytes, float], int]:
+    """The freshening log from byte ``start``: raw id -> latest time, and the offset it ends at (a
+    line still being written is left for later)."""
+    try:
+        with open(os.path.join(gitdir, FRESH_LOG), "rb") as f:
+            f.seek(start)
+            data = f.read()
+    except FileNotFoundError:
+        return {}, 0
+    end = data.rfind(b"\n") + 1
+    out: dict[bytes, float] = {}
+    for line in data[:end].splitlines():
+        hex_oid, _, when = line.partition(b" ")
+        try:
+            raw = bytes.fromhex(hex_oid.decode("ascii"))
+            at = float(when)
+        except (ValueError, UnicodeError):
+            continue
+        if len(raw) == 32 and at > out.get(raw, 0.0):
+            out[raw] = at
+    return out, start + end
 
 
 def write_journal(gitdir: str, retired: Retired, temp_name: str) -> None:
