@@ -185,6 +185,10 @@ def safe_dsn(dsn: str) -> str:
 def _connection_lost(exc: BaseException, raw: Any = None) -> bool:
     if isinstance(exc, _CONNECTION_ERRORS):
         return True
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # The client's protocol state is confused (seen after a server restart: "cannot switch to
+        # state 12; another operation is in progress"): only a new connection is safe.
+        return True
     if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
         return True
     return raw is not None and bool(raw.is_closed())
@@ -325,10 +329,7 @@ class PgActor(Actor[C]):
                         "open the store writable once to create or upgrade it"
                     )
             else:
-                raw = await self._connect(writer=True)
-                self.connects += 1
-                self._conn = PgConn(raw)
-                await migrate(raw, self.schema, self.part, self.scripts, where=f"{safe_dsn(self.dsn)}: ")
+                await self._open_writer()
             self._pool = await asyncpg.create_pool(
                 self.dsn,
                 min_size=0,
@@ -341,6 +342,23 @@ class PgActor(Actor[C]):
             if isinstance(exc, Exception) and not isinstance(exc, PforgeError):
                 raise translate(self.where, exc) from exc
             raise
+
+    async def _open_writer(self) -> None:
+        """Connect the writer and create or migrate the part's tables. A server that goes away
+        meanwhile (a restart) is waited for, up to ``reconnect_wait`` seconds; the migration is one
+        transaction, so a try cut short left nothing behind."""
+        deadline = time.monotonic() + self.reconnect_wait
+        while True:
+            try:
+                conn = await self._writer(deadline)
+                await migrate(conn.raw, self.schema, self.part, self.scripts, where=f"{safe_dsn(self.dsn)}: ")
+                return
+            except Exception as exc:
+                cause = exc.__cause__ if isinstance(exc, StorageError) and exc.__cause__ is not None else exc
+                if not _connection_lost(cause) or time.monotonic() >= deadline:
+                    raise
+                self._drop_writer()
+                await anyio.sleep(0.1)
 
     async def teardown(self) -> None:
         self._closing = True
@@ -566,7 +584,13 @@ class PgActor(Actor[C]):
         while True:
             pool = self._read_pool()
             try:
-                records = await pool.fetch(sql, *params)
+                async with pool.acquire() as raw:
+                    try:
+                        records = await raw.fetch(sql, *params)
+                    except BaseException as exc:
+                        if _connection_lost(exc, raw):
+                            raw.terminate()  # the pool replaces it: never hand a confused one out again
+                        raise
                 return [_row(r) for r in records]
             except Exception as exc:
                 if _connection_lost(exc) and time.monotonic() < deadline and not self._closing:
