@@ -93,8 +93,10 @@ _HEAD_TARGET = "refs/heads/main"
 #: the CAS's part of a store's schema, as :func:`.migrate.migrate` runs it (script i: version i-1 -> i;
 #: tables unqualified, created in the store's schema).
 CAS_SCRIPTS = [
+    # Idempotent (IF NOT EXISTS): a script that runs twice, say after a version read from a stale
+    # catalog cache, changes nothing the second time.
     """
-    CREATE TABLE cas_objects (
+    CREATE TABLE IF NOT EXISTS cas_objects (
         oid bytea PRIMARY KEY CHECK (length(oid) = 32),
         kind smallint NOT NULL,
         size bigint NOT NULL,
@@ -106,8 +108,7 @@ CAS_SCRIPTS = [
     DO $$ BEGIN
         ALTER TABLE cas_objects ALTER COLUMN body SET COMPRESSION lz4;
     EXCEPTION WHEN others THEN NULL; END $$;
-    CREATE INDEX cas_objects_touched ON cas_objects (touched_at);
-    CREATE TABLE cas_refs (
+    CREATE TABLE IF NOT EXISTS cas_refs (
         name text PRIMARY KEY,
         oid bytea NOT NULL CHECK (length(oid) = 32),
         updated_at timestamptz NOT NULL DEFAULT now()
