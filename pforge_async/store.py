@@ -34,6 +34,7 @@ from .fslock import FsLock
 from .ledgers.budget import BudgetActor, BudgetLedger
 from .ledgers.constellation import ConstellationActor, ConstellationMemory
 from .ledgers.nonces import NonceActor, NonceLedger
+from .lifecycle import GcReport, collect_store, validate_gc
 from .manifest import PARTS, RootKind, RootPlan, create_root, plan_root, quarantined, write_manifest
 from .turnstore.rules import DEFAULT_MAX_PAYLOAD
 from .turnstore.sqlite import SqliteTurnStore, TurnActor
@@ -41,7 +42,7 @@ from .turnstore.sqlite import SqliteTurnStore, TurnActor
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found]
 
-__all__ = ["Durability", "Store", "StoreCheck", "connect", "open_store"]
+__all__ = ["Durability", "GcReport", "Store", "StoreCheck", "connect", "open_store"]
 
 Durability = Literal["full", "normal"]
 DEFAULT_ROOT = ".pforge"
@@ -260,6 +261,27 @@ class Store:
             except IntegrityError as exc:  # damage the check itself runs into is a finding too
                 problems.append(f"{file}: {exc}")
         return StoreCheck(problems, cas)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def gc(self, *, grace_s: float = 3600.0, dry_run: bool = False) -> GcReport:
+        """Collect the whole store beside live writers of any process: the turns no live context
+        reaches, then the CAS objects no remaining turn (``fs_root``, ``refs``, pipeline checkpoints,
+        agent tool outputs), no ref and nothing young reaches (packs consolidated), expired nonces
+        and never-committed reservations, then each database gives its free pages back and
+        truncates its WAL. Nothing created, freshened or expired in the last ``grace_s`` seconds
+        is reclaimed: another process may be about to name it, so ``grace_s`` must exceed the
+        longest time a writer takes from checking an object to committing the turn that names it
+        (``grace_s=0`` is for a store no one else is writing). Crash-safe at any point: the next
+        gc finishes what a killed one began.
+
+        ``dry_run`` only counts what would go. A read-only store refuses (``InvalidInput``), as
+        does a store with a part too damaged to open (``IntegrityError``: what it names cannot be
+        known). See :mod:`pforge_async.lifecycle` for the order and why it is safe."""
+        grace = validate_gc(grace_s, dry_run)
+        if self.readonly:
+            raise InvalidInput(f"store {self.root} is open read-only: gc needs a writable store")
+        return await collect_store(self, grace_s=grace, dry_run=dry_run)
 
     # -- layout ------------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""``check``, ``stats`` and ``init``: the store as a whole."""
+"""``check``, ``stats``, ``init`` and ``gc``: the store as a whole."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 
 from ..cas.pack import PackIndex
-from ..errors import IntegrityError, PforgeError, StorageError
+from ..errors import IntegrityError, InvalidInput, PforgeError, StorageError
 from ..manifest import MANIFEST
+from ..turnstore.gc import validate_grace
 from .app import Cli, one_line
 from .term import Progress, safe, size_text
 
@@ -27,6 +29,24 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=stats)
     p = commands.add_parser("init", parents=[common], help="create a store at the root (the only command that does)")
     p.set_defaults(func=init)
+    p = commands.add_parser(
+        "gc",
+        parents=[common],
+        help="reclaim turns, objects, nonces and reservations nothing live needs, and give the space back",
+        description="Garbage-collect the store beside its live writers: turns no live context reaches, CAS "
+        "objects no remaining turn, ref or pipeline checkpoint reaches, expired nonces and never-committed "
+        "reservations; then the databases give their free pages back. Nothing younger than --grace is "
+        "reclaimed: another process may be about to name it.",
+    )
+    p.add_argument(
+        "--grace",
+        type=_seconds,
+        default=3600.0,
+        metavar="SECONDS",
+        help="leave what was made or used in the last SECONDS (default 3600; 0 only when nothing else writes)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only count what would be reclaimed; change nothing")
+    p.set_defaults(func=gc)
 
 
 # -- check ----------------------------------------------------------------------------------------
@@ -220,4 +240,46 @@ async def init(cli: Cli, args: argparse.Namespace) -> int:
         cli.out.document({"root": str(root), "created": not existed})
     else:
         cli.out.line(safe(f"{'a store was already at' if existed else 'created a store at'} {root}"))
+    return 0
+
+
+# -- gc -------------------------------------------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    try:
+        return validate_grace(value)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+async def gc(cli: Cli, args: argparse.Namespace) -> int:
+    out = cli.out
+    async with cli.store(write=True) as store:  # an existing store only: gc never creates one
+        async with Progress("gc").running():
+            report = await store.gc(grace_s=args.grace, dry_run=args.dry_run)
+    if out.json:
+        out.document({"root": str(cli.root_path), **msgspec.to_builtins(report)})
+        return 0
+    verb = "would reclaim" if report.dry_run else "reclaimed"
+    out.line(
+        f"{verb} {report.turns_reclaimed:,} turns, {report.objects_reclaimed:,} objects, "
+        f"{report.nonces_purged:,} nonces, {report.reservations_purged:,} reservations "
+        f"(grace {report.grace_s:g} s)"
+    )
+    freed = (
+        f"would free {size_text(report.bytes_freed)}" if report.dry_run else f"freed {size_text(report.bytes_freed)}"
+    )
+    out.line(
+        safe(
+            f"store {cli.root_path}: {size_text(report.bytes_before)} -> {size_text(report.bytes_after)} "
+            f"on disk, {freed}, in {report.seconds:.2f} s"
+        )
+    )
+    if report.cas.missing:
+        out.note(f"{len(report.cas.missing)} object(s) named by turns or refs are missing: run `pforge check`")
     return 0

@@ -21,6 +21,13 @@ Mark, then sweep in slices, beside live writers in this and other processes:
 - The grace period: what was created (or deleted) in the last ``grace_s`` seconds is left alone;
   ``grace_s=0`` leaves only what is younger than the gc itself.
 
+:func:`collect` is the driver (``SqliteTurnStore.gc`` and ``Store.gc`` run it). Beside live writers it
+keeps its own cost off theirs: the mark is one recursive query on a connection of its own in a worker
+thread (SQLite walks the parents in C, with the GIL released, instead of Python holding it for a walk
+over every turn), and the sweep sizes its slices to a time budget (:data:`SLICE_TARGET_S`: halved
+when a slice overran it, doubled up to :data:`SLICE` when well under) and rests as long as each slice
+took before sending the next, so the writers' own batches always get the actor in between.
+
 The writer runs with ``PRAGMA secure_delete`` during a sweep, so a deleted row's bytes are zeroed in
 the file; at the end the WAL is checkpointed and truncated (``wal_checkpoint(TRUNCATE)``, retried while
 readers hold it), so erased and deleted payloads are left in no file of the turn store. Free pages stay
@@ -33,11 +40,23 @@ import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import anyio
 import msgspec
+
+from ..clock import now_ms
+from ..errors import InvalidInput
+
+if TYPE_CHECKING:
+    from .sqlite import SqliteTurnStore
 
 __all__ = [
     "SLICE",
+    "SLICE_TARGET_S",
+    "collect",
+    "mark",
+    "validate_grace",
     "CollectContexts",
     "CollectTurns",
     "TurnGcReport",
@@ -48,8 +67,12 @@ __all__ = [
     "unreachable",
 ]
 
-#: turns deleted per slice (one transaction of the turns actor)
+#: at most this many turns per slice (one transaction of the turns actor)
 SLICE = 256
+#: the sweep's first slice, and the least it shrinks to
+SLICE_MIN = 32
+#: what one slice may take, from sending it to its reply: writers queued behind it wait that long
+SLICE_TARGET_S = 0.008
 
 
 class TurnGcReport(msgspec.Struct, frozen=True):
@@ -195,6 +218,12 @@ def truncate_wal(path: Path, *, attempts: int = 20, wait_s: float = 0.05) -> boo
     each attempt waits at most 50 ms (writers wait no longer), and writers run between attempts."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=0.05)
     try:
+        # Most of the WAL first, beside the writers (a passive checkpoint takes no writers' lock), so
+        # the truncating one, which holds that lock, has only the last frames left to copy.
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.OperationalError:
+            pass  # another checkpoint is running: the truncating one waits for it below
         for _ in range(attempts):
             try:
                 busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
@@ -216,3 +245,161 @@ def files_size(path: Path) -> int:
         except FileNotFoundError:
             pass
     return total
+
+
+def validate_grace(grace_s: object) -> float:
+    if isinstance(grace_s, bool) or not isinstance(grace_s, (int, float)) or not 0 <= grace_s < 10**9:
+        raise InvalidInput(f"grace_s must be a number of seconds from 0, got {grace_s!r}")
+    return float(grace_s)
+
+
+#: Every turn no live context's head or base, no turn younger than the cutoff and not the highest
+#: turn reaches through parents: (turn id, parent, payload bytes), highest id first. One statement,
+#: so one snapshot of roots and turns alike.
+_MARK = """
+WITH RECURSIVE
+  roots(id) AS (
+    SELECT head_turn_id FROM contexts WHERE deleted_at_ms IS NULL AND head_turn_id != 0
+    UNION SELECT base_turn_id FROM contexts WHERE deleted_at_ms IS NULL AND base_turn_id != 0
+    UNION SELECT turn_id FROM turns WHERE created_at_ms > :cutoff
+    UNION SELECT MAX(turn_id) FROM turns
+  ),
+  live(id) AS (
+    SELECT id FROM roots WHERE id IS NOT NULL
+    UNION SELECT t.parent_turn_id FROM turns t JOIN live ON t.turn_id = live.id WHERE t.parent_turn_id != 0
+  )
+SELECT turn_id, parent_turn_id, length(payload) FROM turns
+WHERE turn_id NOT IN (SELECT id FROM live) ORDER BY turn_id DESC
+"""
+
+
+def mark(path: Path, cutoff_ms: int) -> tuple[list[tuple[int, int, int]], int]:
+    """The candidates (:data:`_MARK`) and the highest turn id, read in one read transaction on a
+    connection of its own (blocking: run it in a worker thread)."""
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None, timeout=10)
+    try:
+        conn.execute("BEGIN")
+        top = conn.execute("SELECT COALESCE(MAX(turn_id), 0) FROM turns").fetchone()[0]
+        rows = [(row[0], row[1], row[2]) for row in conn.execute(_MARK, {"cutoff": cutoff_ms})]
+        conn.execute("COMMIT")
+        return rows, int(top)
+    finally:
+        conn.close()
+
+
+async def collect(
+    turns: SqliteTurnStore, *, grace_s: float, drop_deleted_rows: bool = False, dry_run: bool = False
+) -> TurnGcReport:
+    """Reclaim the turns of ``turns.db`` no live context reaches (see the module docstring); with
+    ``dry_run``, only say what would go. Arguments are checked by the caller."""
+    actor = turns._actor
+    started = time.monotonic()
+    before = files_size(turns.path)
+    cutoff = now_ms() - int(grace_s * 1000)
+    candidates, marked_top = await anyio.to_thread.run_sync(mark, turns.path, cutoff)
+    if dry_run:
+        return TurnGcReport(
+            turns_reclaimed=len(candidates),
+            payload_bytes_reclaimed=sum(size for _, _, size in candidates),
+            contexts_reclaimed=0,
+            slices=0,
+            wal_truncated=False,
+            bytes_before=before,
+            bytes_after=before,
+            seconds=time.monotonic() - started,
+        )
+    parents = {turn_id: parent for turn_id, parent, _ in candidates}
+    reclaimed = payload = slices = 0
+    kept: set[int] = set()
+
+    def keep(turn_ids: Iterable[int]) -> None:
+        for turn_id in turn_ids:  # made live again: so are its ancestors, in later slices
+            while turn_id in parents and turn_id not in kept:
+                kept.add(turn_id)
+                turn_id = parents[turn_id]
+
+    # The turns appended since the mark are read here, each once, as the sweep goes: a slice then
+    # looks only at those made since this read (above ``seen_top``) for children of its candidates.
+    # Left to the slices, each would read every turn made since the mark, under the writers' lock:
+    # a cost that grows as long as writers keep appending during the gc.
+    newer = _Newer(turns.path, marked_top)
+    try:
+        size = SLICE_MIN
+        i = 0
+        while i < len(candidates):
+            keep(parent for parent in await anyio.to_thread.run_sync(newer.parents) if parent in parents)
+            chunk = [row[0] for row in candidates[i : i + size] if row[0] not in kept]
+            i += size
+            if not chunk:
+                continue
+            sent = time.monotonic()
+            deleted, freed, kept_now = await actor.call(CollectTurns(chunk, cutoff, newer.seen_top))
+            took = time.monotonic() - sent
+            reclaimed += len(deleted)
+            payload += freed
+            slices += 1
+            keep(kept_now)
+            if took > SLICE_TARGET_S:
+                size = max(SLICE_MIN, size // 2)
+            elif took < SLICE_TARGET_S / 2:
+                size = min(SLICE, size * 2)
+            # Rest as long as the slice took: the writers' batches waiting behind it run before the next.
+            await anyio.sleep(min(took, 0.05))
+    finally:
+        newer.close()
+    contexts = 0
+    if drop_deleted_rows:
+        contexts = await _collect_contexts(turns, cutoff, marked_top)
+        slices += 1
+    truncated = await anyio.to_thread.run_sync(truncate_wal, turns.path)
+    return TurnGcReport(
+        turns_reclaimed=reclaimed,
+        payload_bytes_reclaimed=payload,
+        contexts_reclaimed=contexts,
+        slices=slices,
+        wal_truncated=truncated,
+        bytes_before=before,
+        bytes_after=files_size(turns.path),
+        seconds=time.monotonic() - started,
+    )
+
+
+class _Newer:
+    """Reads the turns appended since the mark, in id order, a batch at a time (blocking calls)."""
+
+    def __init__(self, path: Path, marked_top: int) -> None:
+        self._path = path
+        self._conn: sqlite3.Connection | None = None
+        #: every turn up to this id has been read (ids are given in commit order, under the lock)
+        self.seen_top = marked_top
+
+    def parents(self) -> list[int]:
+        """The parents of the turns appended since the last call."""
+        if self._conn is None:
+            uri = f"{self._path.as_uri()}?mode=ro"
+            self._conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10, check_same_thread=False)
+        rows = self._conn.execute(
+            "SELECT turn_id, parent_turn_id FROM turns WHERE turn_id > ? ORDER BY turn_id", (self.seen_top,)
+        ).fetchall()
+        if rows:
+            self.seen_top = rows[-1][0]
+        return [row[1] for row in rows]
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+async def _collect_contexts(turns: SqliteTurnStore, cutoff: int, marked_top: int) -> int:
+    """Drop the rows of contexts deleted before ``cutoff`` that no turn names any more."""
+    actor = turns._actor
+    # Read after the sweep: a turn made since names its (live) context, never a deleted one, and
+    # the command re-checks turns above marked_top anyway.
+    named = {row[0] for row in await actor.fetchall("SELECT DISTINCT context_id FROM turns")}
+    deleted = await actor.fetchall(
+        "SELECT context_id FROM contexts WHERE deleted_at_ms IS NOT NULL AND deleted_at_ms <= ?", (cutoff,)
+    )
+    bare = [row[0] for row in deleted if row[0] not in named]
+    count: int = await actor.call(CollectContexts(bare, cutoff, marked_top))
+    return count
