@@ -736,6 +736,35 @@ class TestPgCasFaults:
             await cas.restore(top, out)
             assert (out / "s" / "i" / "b").read_bytes() == b"deep blob"
 
+    async def test_a_sweep_in_the_same_batch_as_a_write_keeps_what_the_write_names(
+        self, tmp_path: Path, pg_dsn: str, pg_schema: str
+    ) -> None:
+        from pforge_async.cas.objects import TREE, encode_tree
+        from pforge_async.postgres.cas import Gc, PutObjects
+
+        async with open_pg_cas(pg_dsn, schema=pg_schema, freshen_s=0) as cas:
+            blob = await cas.write_blob(b"deep")
+            sub = await cas.write_tree([("b", FILE, blob)])
+            await _age(pg_dsn, pg_schema, 3600)
+            mark = await cas._mark([], 0)
+            top_body = encode_tree([(b"s", DIR, bytes.fromhex(sub))])
+            before = cas._actor.batches
+            replies: dict[str, Any] = {}
+
+            async def put() -> None:
+                replies["put"] = await cas._actor.call(PutObjects([(TREE, top_body)]))
+
+            async def sweep() -> None:
+                replies["gc"] = await cas._actor.call(Gc(mark.doomed, mark.cutoff_us))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(put)
+                tg.start_soon(sweep)
+            assert cas._actor.batches == before + 1  # one batch, one transaction
+            assert tuple(replies["gc"]) == (0, 0)
+            report = await cas.fsck()
+            assert report.ok and report.checked == 3, report
+
 
 async def _age(dsn: str, schema: str, seconds: int) -> None:
     """Make every object look written ``seconds`` ago (past any grace and the sweep's margin)."""

@@ -183,7 +183,11 @@ class _Prepared:
                 raise InvalidInput(f"a {TYPE_NAMES[type_num]} of {len(body)} bytes is larger than PostgreSQL can hold")
             raw = hash_object(type_num, body)
             if type_num == TREE:
-                links.update(target for _name, _mode, target in decode_tree(body, raw.hex()))
+                try:
+                    entries = decode_tree(body, raw.hex())
+                except IntegrityError as exc:  # not stored data: input
+                    raise InvalidInput(str(exc)) from exc
+                links.update(target for _name, _mode, target in entries)
             elif type_num == COMMIT:
                 links.update(_commit_links(body))
             self.rows[raw] = (type_num, body)
@@ -384,7 +388,9 @@ class PgCasActor(PgActor[PgCasCommand]):
             sorted(candidates),
         )
         kept: set[bytes] = set()
-        frontier: set[bytes] = set()
+        # What this very batch stores, links to or points a ref at is not in the table yet (or not
+        # as such): kept, with what it reaches.
+        frontier = self._plan.available & candidates
         # "Young" here reaches back _SWEEP_MARGIN_S further than the cutoff: a tree's touched_at is its
         # transaction's start, so one that began before the mark and committed after it is young here.
         young = f"""SELECT kind, body FROM {self.objects_table}
