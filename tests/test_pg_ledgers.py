@@ -574,3 +574,38 @@ async def test_four_processes_record_each_keyed_transition_once(target: str) -> 
         assert sum(s.count for s in stats) == 40
         report = await store.check()
         assert report.ok, report.problems
+
+
+RACER = (
+    OPEN
+    + """
+from pforge_async import BudgetExceeded
+async def main():
+    won = 0
+    async with await open_target(sys.argv[1]) as store:
+        async def task():
+            nonlocal won
+            while True:
+                try:
+                    await store.budget.reserve("scarce", tokens=1, ttl_s=600)
+                except BudgetExceeded:
+                    return
+                won += 1
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(task)
+    print(won)
+anyio.run(main)
+"""
+)
+
+
+async def test_processes_racing_for_the_last_tokens_get_exactly_the_limit(target: str) -> None:
+    """Every reservation takes one token of 300, from 4 processes x 8 tasks at once, until refused:
+    exactly 300 are granted (a check-then-insert without the vendor's lock grants more)."""
+    async with await open_target(target) as store:
+        await store.budget.set_budget("scarce", tokens=300)
+    outs = run_all([spawn(RACER, target) for _ in range(4)], timeout=300)
+    assert sum(int(out) for out in outs) == 300
+    async with await open_target(target) as store:
+        assert (await store.budget.totals("scarce")).reserved_tokens == 300
