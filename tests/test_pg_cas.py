@@ -21,7 +21,15 @@ from typing import Any
 import anyio
 import pytest
 
-from pforge_async import IntegrityError, InvalidInput, ObjectNotFound, RefConflict, StorageError, open_store
+from pforge_async import (
+    ActorClosed,
+    IntegrityError,
+    InvalidInput,
+    ObjectNotFound,
+    RefConflict,
+    StorageError,
+    open_store,
+)
 from pforge_async.cas import EMPTY_TREE, TreeEntry
 from pforge_async.postgres.cas import PgCas, open_pg_cas
 
@@ -39,6 +47,7 @@ from .test_cas_git import (
     foreign_objects,
     git_fsck_named,
 )
+from .test_cas_workspace import CALL_BOUND_S, RACE_S, Racer, blobs_of, make_outside, outside_state
 
 pytestmark = pytest.mark.anyio
 
@@ -764,6 +773,118 @@ class TestPgCasFaults:
             assert tuple(replies["gc"]) == (0, 0)
             report = await cas.fsck()
             assert report.ok and report.checked == 3, report
+
+
+class TestPgWorkspaceBoundary:
+    """tests/test_cas_workspace.py's racing processes against PgCas: the same scan and restore code,
+    reading and writing the table instead of packs, with the same guarantees."""
+
+    async def test_directories_swapped_for_symlinks_never_leak_outside_files(self, pg: Backend) -> None:
+        outside, marker = make_outside(pg.tmp_path)
+        work = pg.tmp_path / "work"
+        names = [f"sub{i}" for i in range(8)]
+        for name in names:
+            (work / name / "inner").mkdir(parents=True)
+            for j in range(10):
+                (work / name / f"f{j}.txt").write_text(f"{name} file {j}\n")
+            (work / name / "inner" / "deep.txt").write_text(f"{name} deep\n")
+        trees: set[str] = set()
+        racer = Racer("dirs", work, outside, names)
+        try:
+            end = time.monotonic() + RACE_S
+            while time.monotonic() < end:
+                with anyio.fail_after(CALL_BOUND_S):
+                    trees.add(await pg.cas.snapshot(work))
+        finally:
+            swaps = racer.stop()
+        assert swaps > 100, f"the racer made only {swaps} swaps"
+        seen: set[str] = set()
+        for tree in trees:
+            for path, data in await blobs_of(pg.cas, tree, seen):
+                assert marker not in data, f"snapshot {tree} holds {path}, read from outside the workspace"
+        final = await pg.cas.snapshot(work)
+        paths = {e.name for e in await pg.cas.read_tree(final, recursive=True)}
+        assert {f"{n}/f{j}.txt" for n in names for j in range(10)} <= paths
+        assert len(trees) > 1
+
+    async def test_files_swapped_for_fifos_never_block(self, pg: Backend) -> None:
+        outside, _marker = make_outside(pg.tmp_path)
+        work = pg.tmp_path / "work"
+        (work / "d").mkdir(parents=True)
+        names = ["f0.txt", "d/g0.txt", "big.bin"]
+        for name in [*names, "f1.txt"]:
+            (work / name).write_bytes(name.encode() * 100)
+        (work / "big.bin").write_bytes(os.urandom((1 << 20) + 5))
+        os.mkfifo(work / "static-fifo")
+        count = 0
+        racer = Racer("fifos", work, outside, names)
+        try:
+            end = time.monotonic() + RACE_S
+            while time.monotonic() < end:
+                with anyio.fail_after(CALL_BOUND_S):
+                    tree = await pg.cas.snapshot(work)
+                count += 1
+        finally:
+            swaps = racer.stop()
+        assert swaps > 100 and count > 3
+        assert "static-fifo" not in {e.name for e in await pg.cas.read_tree(tree, recursive=True)}
+        final = {e.name for e in await pg.cas.read_tree(await pg.cas.snapshot(work), recursive=True)}
+        assert {*names, "f1.txt"} <= final
+
+    async def test_target_directories_swapped_for_symlinks_never_send_writes_outside(self, pg: Backend) -> None:
+        outside, _marker = make_outside(pg.tmp_path)
+        before = outside_state(outside)
+        source = pg.tmp_path / "source"
+        expected: dict[str, bytes] = {}
+        for i in range(4):
+            for j in range(3):
+                for k in range(8):
+                    rel = f"d{i}/s{j}/f{k}.txt"
+                    expected[f"f{k}.txt"] = f"file {k}\n".encode() * 50
+                    (source / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (source / rel).write_bytes(expected[f"f{k}.txt"])
+            (source / f"d{i}" / "link").symlink_to("../elsewhere")
+        base = pg.tmp_path / "targets"
+        base.mkdir()
+        restored = failed = 0
+        tree = await pg.cas.snapshot(source)
+        racer = Racer("restore", base, outside)
+        try:
+            end = time.monotonic() + RACE_S
+            while time.monotonic() < end:
+                target = base / f"t{restored + failed}"
+                try:
+                    with anyio.fail_after(CALL_BOUND_S):
+                        await pg.cas.restore(tree, target)
+                    restored += 1
+                except StorageError:
+                    failed += 1
+        finally:
+            swaps = racer.stop()
+        assert swaps > 20, f"the racer made only {swaps} swaps"
+        assert outside_state(outside) == before, "a restore wrote outside its target"
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                path = Path(dirpath) / name
+                if path.is_symlink():
+                    continue
+                assert not name.startswith(".pforge-restore-"), f"temp file {path} left behind"
+                assert path.read_bytes() == expected[name], f"{path} is partly written"
+        assert restored + failed > 3
+
+    async def test_calls_after_close_raise_actor_closed(self, tmp_path: Path, pg_dsn: str, pg_schema: str) -> None:
+        async with open_pg_cas(pg_dsn, schema=pg_schema) as cas:
+            blob = await cas.write_blob(b"x")
+        for call in (
+            lambda: cas.write_blob(b"y"),
+            lambda: cas.read_blob(blob),
+            lambda: cas.has(blob),
+            lambda: cas.fsck(),
+            lambda: cas.snapshot(tmp_path),
+            lambda: cas.get_ref("refs/heads/main"),
+        ):
+            with pytest.raises(ActorClosed):
+                await call()
 
 
 async def _age(dsn: str, schema: str, seconds: int) -> None:
