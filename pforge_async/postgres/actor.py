@@ -301,7 +301,8 @@ class PgActor(Actor[C]):
         kwargs = dict(self._connect_kwargs)
         settings = dict(kwargs.pop("server_settings", None) or {})
         settings["search_path"] = quote_ident(self.schema)
-        settings.setdefault("application_name", f"pforge-{self.part}")
+        # Which store and part a session serves, for pg_stat_activity (at most 63 bytes are kept).
+        settings.setdefault("application_name", f"pforge-{self.part}-{self.schema}"[:63])
         if writer and self.durability != "full":
             # "normal": an acknowledged write survives a killed client; a server crash may lose the
             # last commits (the server's own WAL flush is not awaited).
