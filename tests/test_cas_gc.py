@@ -455,7 +455,7 @@ async def test_gc_killed_at_random_points(tmp_path: Path) -> None:
     async with open_store(root, watch_workspaces=False) as store:
         report = await store.cas.gc([], grace_s=0)
         assert report.packs_after == 1 and report.loose_after == 0
-        assert report.objects_before - report.objects_reclaimed == 40 + 1 + 1 + 10 + 1
+        assert report.objects_before - report.objects_reclaimed == 40 + 2 + 1 + 10 + 2  # blobs, trees, commit
         await assert_tree(store, kept_tree, kept)
         assert (await store.check()).problems == []
     git_fsck(root / "cas")

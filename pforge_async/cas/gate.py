@@ -74,9 +74,9 @@ class GcGate:
         with FsLock(self.turnstile_path), FsLock(self.gate_path):
             yield time.monotonic() - started
 
-    def run_lock(self) -> FsLock:
+    def run_lock(self, timeout: float | None = None) -> FsLock:
         """The lock one whole gc holds, so two collections (any processes) never overlap."""
-        return FsLock(self.run_path)
+        return FsLock(self.run_path, timeout=timeout)
 
     def close(self) -> None:
         with self._keep_lock:

@@ -29,7 +29,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import IntegrityError, InvalidInput, ObjectNotFound, StorageError
+from ..errors import IntegrityError, InvalidInput, LockTimeout, ObjectNotFound, StorageError
 from ..fslock import FsLock
 from .gate import GcGate
 from .objects import BLOB, TYPE_NAMES, TYPE_NUMBERS, object_header, validate_oid
@@ -202,8 +202,16 @@ class ObjectDB:
         """Unlink what a gc that did not finish retired (see :mod:`.retired`); returns how many files."""
         if self.gate is None or not os.path.exists(os.path.join(self.gitdir, JOURNAL)):
             return 0
-        gate = self.gate
-        return finish(str(self.gitdir), self.objects, gate.exclusive)
+        # Only while no gc runs: a running one finishes its journal itself, and may write the next.
+        run = self.gate.run_lock(timeout=0)
+        try:
+            run.acquire()
+        except LockTimeout:
+            return 0
+        try:
+            return finish(str(self.gitdir), self.objects, self.gate.exclusive)
+        finally:
+            run.release()
 
     def _adopt_orphan(self, path: str) -> None:
         """A pack without its index: a writer died between the two renames, or the index was lost.

@@ -130,6 +130,7 @@ def finish(gitdir: str, objects: str, exclusive: Callable[[], AbstractContextMan
             fsync_dir(directory)
     with contextlib.suppress(FileNotFoundError):
         fsync_dir(objects)
-    os.unlink(journal)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(journal)
     fsync_dir(gitdir)
     return removed
