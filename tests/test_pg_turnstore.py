@@ -318,3 +318,23 @@ async def test_a_server_restart_mid_load_loses_nothing_acknowledged(
             assert len(chain) >= 60
         assert await store.check() == []
         assert store.actor.connects >= 2  # it did reconnect
+
+
+async def test_two_actors_on_one_context_make_one_chain(pg_dsn: str, pg_schema: str) -> None:
+    """Two writers of one schema (as two processes have) appending to one context: each batch waits
+    for the other's lock and then builds on the head the other left (read after the wait, not from the
+    snapshot its locking statement began with), so the turns form one chain, every depth right."""
+    async with open_pg_turns(pg_dsn, pg_schema, None) as one, open_pg_turns(pg_dsn, pg_schema, None) as two:  # type: ignore[arg-type]
+        ctx = await one.create_context()
+
+        async def writer(store: PgTurnStore, n: int) -> None:
+            for i in range(100):
+                await store.append_turn(ctx.context_id, "t", b"%d-%d" % (n, i))
+
+        async with anyio.create_task_group() as tg:
+            for n in range(8):
+                tg.start_soon(writer, one if n % 2 else two, n)
+        chain = [t async for t in one.iter_turns(ctx.context_id)]
+        assert len(chain) == 800 and [t.depth for t in chain] == list(range(1, 801))
+        assert all(b.parent_turn_id == a.turn_id for a, b in itertools.pairwise(chain))
+        assert await two.check() == []
