@@ -18,7 +18,7 @@ from pforge_async import open_store
 from pforge_async.cas import gc as cas_gc
 from pforge_async.cas.objects import BLOB, hash_object
 from pforge_async.cas.retired import JOURNAL
-from pforge_async.errors import InvalidInput, ObjectNotFound
+from pforge_async.errors import IntegrityError, InvalidInput, ObjectNotFound
 from pforge_async.store import Store
 
 from ._procs import spawn, wait_for_line
@@ -462,6 +462,60 @@ async def test_gc_killed_at_random_points(tmp_path: Path) -> None:
     assert found["journal"] + found["temp"] + found["new packs beside old"] >= 3, found
 
 
+async def test_an_unreadable_kept_object_stays_where_it_is(tmp_path: Path) -> None:
+    """gc cannot copy a damaged object: the pack holding it stays (and what it reaches), the damage is
+    reported as before, nothing else is lost, and the rest is consolidated."""
+    root = tmp_path / "s"
+    async with open_store(root, watch_workspaces=False) as store:
+        tree, contents = await write_files(store, "k", 6)
+        for i in range(20):
+            await store.cas.write_blob(b"garbage %d" % i)
+        victim = blob_id(contents["k/3.txt"])
+    pack = next(
+        p
+        for p in (root / "cas" / "objects" / "pack").glob("*.pack")
+        if contents["k/3.txt"] in p.read_bytes() and p.stat().st_size < 400
+    )
+    data = bytearray(pack.read_bytes())
+    at = bytes(data).index(contents["k/3.txt"])
+    data[at] ^= 0xFF
+    pack.chmod(0o644)
+    pack.write_bytes(bytes(data))
+    age_everything(root, 2 * HOUR)
+    async with open_store(root, watch_workspaces=False) as store:
+        report = await store.cas.gc([tree], grace_s=HOUR)
+        assert report.unreadable == [victim]
+        assert report.objects_reclaimed == 20 and report.packs_after == 2
+        assert pack.exists()
+        for path, blob in contents.items():
+            if path != "k/3.txt":
+                assert await store.cas.read_blob(blob_id(blob)) == blob
+        with pytest.raises(IntegrityError):
+            await store.cas.read_blob(victim)
+        assert (await store.cas.fsck()).corrupt == [victim]
+
+
+async def test_two_collections_at_once_take_turns(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    async with open_store(root, watch_workspaces=False) as store:
+        tree, contents = await write_files(store, "k", 10)
+        for i in range(30):
+            await store.cas.write_blob(b"garbage %d" % i)
+        age_everything(root, 2 * HOUR)
+        reports = []
+
+        async def gc() -> None:
+            reports.append(await store.cas.gc([tree], grace_s=HOUR))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(gc)
+            tg.start_soon(gc)
+        assert sorted(r.objects_reclaimed for r in reports) == [0, 30]
+        await assert_tree(store, tree, contents)
+        assert (await store.check()).problems == []
+    git_fsck(root / "cas")
+
+
 async def test_bad_input_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     root = tmp_path / "s"
     async with open_store(root, watch_workspaces=False) as store:
@@ -481,10 +535,17 @@ async def test_bad_input_is_refused_and_changes_nothing(tmp_path: Path) -> None:
         for args in bad_calls:
             with pytest.raises(InvalidInput):
                 await cas.gc(*args, grace_s=0)  # type: ignore[arg-type]
-        for kwargs in ({"grace_s": -1}, {"grace_s": math.nan}, {"grace_s": math.inf}, {"grace_s": True}):
-            with pytest.raises(InvalidInput):
-                await cas.gc([tree], **kwargs)  # type: ignore[arg-type]
-        for kwargs in ({"dry_run": 1}, {"roots_taken_at": "now"}, {"grace_s": "0"}):
+        bad_options: list[dict[str, object]] = [
+            {"grace_s": -1},
+            {"grace_s": math.nan},
+            {"grace_s": math.inf},
+            {"grace_s": True},
+            {"grace_s": "0"},
+            {"dry_run": 1},
+            {"roots_taken_at": "now"},
+            {"roots_taken_at": -5.0},
+        ]
+        for kwargs in bad_options:
             with pytest.raises(InvalidInput):
                 await cas.gc([tree], **kwargs)  # type: ignore[arg-type]
         assert object_files(root) == before
