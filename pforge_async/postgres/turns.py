@@ -428,8 +428,9 @@ class _Batch:
                 assert record.idempotency_key is not None
                 self.keys[(record.context_id, record.idempotency_key)] = record
         # The heads of the contexts locked above (and their chains) need no turn lock: gc keeps a live
-        # head. Any other turn the batch builds on is locked against gc here.
-        others = turns - self.nodes.keys()
+        # head. Any other turn the batch builds on is locked against gc here, and so is a head the
+        # locking statement's snapshot did not show yet (committed while it waited for the lock).
+        others = (turns | {ctx.head for ctx in self.contexts.values() if ctx.head}) - self.nodes.keys()
         if others:
             await self._fetch_nodes(others)
 
