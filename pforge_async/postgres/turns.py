@@ -3,24 +3,32 @@ compare-and-set heads, idempotency, atomic batches, delete, erase, refs, gc) as 
 implements it, for many processes on many machines sharing one server.
 
 Writes go through :class:`PgTurnActor`, one per process, which group-commits each batch in ONE
-transaction (see :mod:`.actor`). A batch begins by taking every lock it needs, in a fixed order:
+transaction (see :mod:`.actor`): ``BEGIN``, one statement that takes the batch's locks and reads
+what it needs, the commands decided in memory, one statement that writes, ``COMMIT``. Locks, always
+in this order:
 
 1. ``SELECT ... FROM contexts WHERE context_id = ANY(...) ORDER BY context_id FOR UPDATE``: the row of
    every context the batch names (appends, head moves, metadata, deletes, erasures, parents of new
    contexts). Every batch of every process locks contexts in id order, in one statement, before any
-   other lock, so two batches never wait on each other in a cycle.
+   other lock, so two batches never wait on each other in a cycle. The same statement reads the
+   heads' skip-link chains and draws the ids the batch may use from the sequences (after the lock
+   wait, so a new turn's id is above every turn it can build on).
 2. ``pg_advisory_xact_lock`` on each name and creation key the batch's new contexts use, sorted: so
    a get-or-create by name, and a keyed fork, is decided by one process at a time per name or key,
    and the one that waited sees the other's commit (the unique indexes stay the backstop).
-3. ``FOR KEY SHARE`` on the turns the batch builds on (parents, bases, head targets), sorted, with
-   their skip-link chains: a ``gc`` slice cannot delete them under the batch (it takes ``FOR UPDATE
-   SKIP LOCKED`` and keeps what it could not lock).
+3. ``FOR KEY SHARE`` on the other turns the batch builds on (explicit parents, bases, head targets),
+   sorted: a ``gc`` slice cannot delete them under the batch (it takes ``FOR UPDATE SKIP LOCKED`` and
+   keeps what it could not lock). The heads of the contexts locked in 1 need no such lock: a slice
+   keeps every live head, re-read inside its own transaction.
 
-With those held, the batch decides every command in memory, as the SQLite actor does: the head,
-idempotency key and expected head of each append are checked against the locked rows, ids are drawn
-from the sequences, and only :meth:`PgTurnActor.flush` writes, with one ``INSERT ... SELECT FROM
-unnest(...)`` per table and one ``UPDATE ... FROM unnest(...)`` for the heads. A command that fails
-has written nothing, so no savepoints are needed, and an ``append_turns`` is all or nothing.
+Idempotency keys are looked up after 1, so a twin committed by a batch that held the lock first is
+seen (the unique index on ``(context_id, idempotency_key)`` is the backstop). Then every command is
+decided in memory, as the SQLite actor does: head, key and expected head of each append checked
+against the locked rows; only :meth:`PgTurnActor.flush` writes, one statement whose parts (new
+contexts, creation keys, turns: ``INSERT ... SELECT FROM unnest(...)``) run as data-modifying CTEs
+around the heads' ``UPDATE ... FROM unnest(...)``. A command that fails has written nothing, so no
+savepoints are needed, and an ``append_turns`` is all or nothing. Deletes, erasures, ``attach_fs``
+and registry bundles flush what came before them and then write at once.
 
 Reads run on the actor's read pool and see every write whose call returned. Ids of turns and
 contexts come from sequences: increasing, never reused, with gaps.
@@ -149,7 +157,8 @@ UPDATED_SHIFT = 6
 #: The statement every batch begins with: the row locks of the contexts it names, in id order (see the
 #: module docstring); their heads' nodes and skip-link chains; and the ids its turns and contexts may
 #: take. One round trip. The turns are read in the statement's snapshot, which a lock wait may leave
-#: behind the locked rows: a head committed meanwhile is then missing here, and looked up on its own.
+#: behind the locked rows: a head committed meanwhile is then missing here, and looked up right after
+#: (with the batch's other turns). The ids are drawn after the locks, in the Append's last branches.
 _BEGIN = """
 WITH RECURSIVE locked AS MATERIALIZED (
     SELECT context_id, head_turn_id, updated_at_ms, name, base_turn_id, parent_context_id, metadata, created_at_ms
