@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import pytest
 
-from pforge_async import InvalidInput, TurnNotFound
+from pforge_async import InvalidInput, NewTurn, TurnNotFound
 from pforge_async.postgres.turns import PgTurnActor, PgTurnStore
 from pforge_async.turnstore.gc import unreachable
 
@@ -256,3 +258,90 @@ async def test_gc_refuses_a_readonly_store(pg_dsn: str, pg_schema: str) -> None:
             assert await store.check() == []
         finally:
             await actor.aclose()
+
+
+RUNS = 12
+GARBAGE = 12 * 400
+
+#: The child makes garbage (contexts whose chains it then deletes), says "ready", and collects until
+#: it is killed; it says "slice" after each slice of a sweep committed, so a kill can aim inside one.
+GC_CHILD = r"""
+seed = int(sys.argv[3])
+collect = PgTurnStore._collect_turns
+async def said(self, *args):
+    result = await collect(self, *args)
+    print("slice", flush=True)
+    return result
+PgTurnStore._collect_turns = said
+async def main():
+    async with pg_turns(dsn, schema) as turns:
+        doomed = []
+        for c in range(12):
+            ctx = await turns.create_context(name=f"garbage-{seed}-{c}")
+            for _ in range(4):
+                await turns.append_turns([NewTurn(ctx.context_id, "t", b"g%d" % i) for i in range(100)])
+            doomed.append(ctx.context_id)
+        for context_id in doomed:
+            await turns.delete_context(context_id)
+        print("ready", flush=True)
+        while True:
+            await turns.gc(grace_s=0)
+anyio.run(main)
+"""
+
+
+async def reachable(turns: PgTurnStore, names: list[str]) -> dict[str, list[tuple[int, bytes]]]:
+    out = {}
+    for name in names:
+        info = await turns.find_context(name)
+        assert info is not None, name
+        out[name] = [(t.turn_id, t.payload) async for t in turns.iter_turns(info.context_id)]
+    return out
+
+
+async def test_gc_killed_at_random_points(pg_dsn: str, pg_schema: str) -> None:
+    """SIGKILL of a process running gc, at random points: every run is followed by check(), a
+    comparison of everything reachable with what was written, and another gc."""
+    names = [f"kept-{i}" for i in range(6)]
+    async with open_pg_turns(pg_dsn, pg_schema, None) as turns:  # type: ignore[arg-type]
+        base = await turns.create_context(name="base-gone")
+        batch = await turns.append_turns([NewTurn(base.context_id, "t", b"b%d" % i) for i in range(50)])
+        ids = [t.turn_id for t in batch]
+        for i, name in enumerate(names):
+            ctx = await turns.fork_context(ids[i * 8], name=name)
+            await turns.append_turns([NewTurn(ctx.context_id, "t", b"%s-%d" % (name.encode(), j)) for j in range(20)])
+        await turns.delete_context(base.context_id)
+        expected = await reachable(turns, names)
+
+    async def count() -> int:
+        async with raw(pg_dsn, pg_schema) as conn:
+            return int(await conn.fetchval("SELECT count(*) FROM turns"))
+
+    rng = random.Random(13)
+    before = await count()
+    mid_sweep = 0
+    for run in range(RUNS):
+        child = spawn(PRELUDE + GC_CHILD, pg_dsn, pg_schema, run)
+        wait_for_line(child, "ready", timeout=120)
+        if run % 2:  # anywhere: in the mark, a slice, the vacuum, or a later gc
+            await anyio.sleep(rng.uniform(0, 0.15))
+        else:  # after a few slices of the first sweep committed, with more to come
+            for _ in range(rng.randint(1, 4)):
+                wait_for_line(child, "slice", timeout=120)
+        child.send_signal(signal.SIGKILL)
+        child.communicate(timeout=30)
+        left = await count()
+        mid_sweep += before < left < before + GARBAGE
+        async with open_pg_turns(pg_dsn, pg_schema, None) as turns:  # type: ignore[arg-type]
+            assert await turns.check() == [], f"run {run}"
+            assert await reachable(turns, names) == expected, f"run {run}"
+            await turns.gc(grace_s=0)  # the next run's garbage is counted from here
+        before = await count()
+    print(f"{mid_sweep} of {RUNS} kills landed inside a sweep")
+    assert mid_sweep >= RUNS // 2, f"only {mid_sweep} of {RUNS} kills landed inside a sweep"
+    async with open_pg_turns(pg_dsn, pg_schema, None) as turns:  # type: ignore[arg-type]
+        await turns.gc(grace_s=0)
+        assert await turns.check() == []
+        assert await reachable(turns, names) == expected
+    # What is left: the kept chains and the chain of the highest turn id (never reclaimed).
+    assert await count() <= len(ids) + 20 * len(names) + 400
