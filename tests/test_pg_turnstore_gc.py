@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from pforge_async import InvalidInput, NewTurn, TurnNotFound
+from pforge_async.postgres.cas import open_pg_cas
 from pforge_async.postgres.turns import PgTurnActor, PgTurnStore
 from pforge_async.turnstore.gc import unreachable
 
@@ -345,3 +346,34 @@ async def test_gc_killed_at_random_points(pg_dsn: str, pg_schema: str) -> None:
         assert await reachable(turns, names) == expected
     # What is left: the kept chains and the chain of the highest turn id (never reclaimed).
     assert await count() <= len(ids) + 20 * len(names) + 400
+
+
+async def test_dry_run_candidates_and_cas_roots(pg_dsn: str, pg_schema: str) -> None:
+    """What a PostgreSQL store's gc needs of its turn store: a dry run that counts and changes
+    nothing, the candidates it would take, and the CAS objects the turns that stay name."""
+    async with open_pg_cas(pg_dsn, schema=pg_schema) as cas:
+        async with open_pg_turns(pg_dsn, pg_schema, cas) as turns:  # type: ignore[arg-type]
+            blob = await cas.write_blob(b"kept blob")
+            gone_blob = await cas.write_blob(b"blob of a doomed turn")
+            tree = await cas.write_tree([("f", "100644", blob)])
+            keep = await turns.create_context(name="keep")
+            kept = await turns.append_turn(keep.context_id, "t", b"k", fs_root=tree, refs=[blob])
+            doomed = await turns.create_context(name="doomed")
+            lost = [
+                (await turns.append_turn(doomed.context_id, "t", b"d%d" % i, refs=[gone_blob])).turn_id
+                for i in range(3)
+            ]
+            await turns.delete_context(doomed.context_id)
+            await turns.append_turn(keep.context_id, "t", b"the highest id")
+            report = await turns.gc(grace_s=0, dry_run=True)
+            assert (report.turns_reclaimed, report.payload_bytes_reclaimed, report.slices) == (3, 6, 0)
+            assert sorted(await turns.gc_candidates(grace_s=0)) == lost
+            assert await turns.gc_candidates(grace_s=3600) == []
+            assert await turns.cas_roots() == {tree, blob, gone_blob}
+            assert await turns.cas_roots(leave_out=lost) == {tree, blob}
+            assert (await turns.get_turn(lost[0])).payload == b"d0"  # the dry run changed nothing
+            assert (await turns.gc(grace_s=0)).turns_reclaimed == 3
+            assert await turns.cas_roots() == {tree, blob}
+            assert (await turns.get_turn(kept.turn_id)).fs_root == tree
+            with pytest.raises(InvalidInput, match="dry_run"):
+                await turns.gc(dry_run="yes")  # type: ignore[arg-type]

@@ -53,6 +53,7 @@ from ..errors import (
     ObjectNotFound,
     TurnNotFound,
 )
+from ..lifecycle import _PAYLOAD_OIDS, payload_oids
 from ..turnstore.base import ContextKey, TurnStoreBase
 from ..turnstore.commands import (
     AppendTurn,
@@ -67,7 +68,7 @@ from ..turnstore.commands import (
     SetHead,
     TurnCommand,
 )
-from ..turnstore.gc import SLICE, TurnGcReport, unreachable
+from ..turnstore.gc import SLICE, TurnGcReport, unreachable, validate_grace
 from ..turnstore.rules import (
     DEFAULT_MAX_PAYLOAD,
     check_creation_retry,
@@ -1156,12 +1157,15 @@ class PgTurnStore(TurnStoreBase):
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    async def gc(self, *, grace_s: float = 3600.0, drop_deleted_rows: bool = False) -> TurnGcReport:
+    async def gc(
+        self, *, grace_s: float = 3600.0, drop_deleted_rows: bool = False, dry_run: bool = False
+    ) -> TurnGcReport:
         """Reclaim the turns no live context reaches (through heads, bases and parents), leaving
         everything created in the last ``grace_s`` seconds; with ``drop_deleted_rows``, also the rows
         of contexts deleted before the grace period that nothing names any more. Beside live writers
         of any process, crash-safe at any point (see ``turnstore.gc``: mark on a reader, sweep in
-        slices of one short transaction each).
+        slices of one short transaction each). With ``dry_run``, only count the turns and payload
+        bytes that would go (no slice, no vacuum).
 
         A slice takes ``FOR UPDATE SKIP LOCKED`` on its candidates and keeps (with their ancestors)
         what it could not lock: a batch building on one of them holds ``FOR KEY SHARE`` on it, so it
@@ -1169,35 +1173,28 @@ class PgTurnStore(TurnStoreBase):
         vacuumed, so the space is reused (``wal_truncated`` says the vacuum ran). Erased and deleted
         payloads leave the table's live rows at once; PostgreSQL's own WAL and free space are recycled
         by the server (see the design notes)."""
-        if isinstance(grace_s, bool) or not isinstance(grace_s, (int, float)) or not 0 <= grace_s < 10**9:
-            raise InvalidInput(f"grace_s must be a number of seconds from 0, got {grace_s!r}")
+        grace_s = validate_grace(grace_s)
         if not isinstance(drop_deleted_rows, bool):
             raise InvalidInput(f"drop_deleted_rows must be a bool, got {drop_deleted_rows!r}")
+        if not isinstance(dry_run, bool):
+            raise InvalidInput(f"dry_run must be a bool, got {dry_run!r}")
         if self._actor.readonly:
             raise InvalidInput(f"{self._actor.where} is open read-only: gc needs a writable store")
         started = time.monotonic()
         before = await self._size()
         cutoff = now_ms() - int(grace_s * 1000)
-        roots: list[int] = []
-        for head, base in await self._actor.fetch(
-            "SELECT head_turn_id, base_turn_id FROM contexts WHERE deleted_at_ms IS NULL"
-        ):
-            roots += (head, base)
-        rows: list[tuple[int, int, int, int]] = []
-        after = 0
-        while page := await self._actor.fetch(
-            "SELECT turn_id, parent_turn_id, created_at_ms, context_id FROM turns WHERE turn_id > $1 "
-            "ORDER BY turn_id LIMIT 10000",
-            after,
-        ):
-            rows += [(row[0], row[1], row[2], row[3]) for row in page]
-            after = page[-1][0]
-        # Roots read before the turns: a head moved meanwhile points at a turn the pages include, or
-        # at one a slice's own re-check keeps. In a worker thread: the mark's Python work would
-        # otherwise hold this event loop.
-        candidates, parents = await anyio.to_thread.run_sync(unreachable, rows, roots, cutoff)
-        context_of = {row[0]: row[3] for row in rows} if drop_deleted_rows else {}
-        del rows
+        candidates, parents, context_of = await self._mark(cutoff, with_contexts=drop_deleted_rows)
+        if dry_run:
+            return TurnGcReport(
+                turns_reclaimed=len(candidates),
+                payload_bytes_reclaimed=await self._payload_bytes(candidates),
+                contexts_reclaimed=0,
+                slices=0,
+                wal_truncated=False,
+                bytes_before=before,
+                bytes_after=before,
+                seconds=time.monotonic() - started,
+            )
         turns = payload = slices = 0
         kept: set[int] = set()
         gone: set[int] = set()
@@ -1236,6 +1233,75 @@ class PgTurnStore(TurnStoreBase):
             bytes_after=await self._size(),
             seconds=time.monotonic() - started,
         )
+
+    async def gc_candidates(self, *, grace_s: float = 3600.0) -> list[int]:
+        """The turns a ``gc(grace_s=...)`` would reclaim now, highest first (what a store's dry run
+        leaves out of the CAS roots)."""
+        grace_s = validate_grace(grace_s)
+        candidates, _, _ = await self._mark(now_ms() - int(grace_s * 1000), with_contexts=False)
+        return candidates
+
+    async def cas_roots(self, leave_out: Iterable[int] = ()) -> set[str]:
+        """Every CAS object a turn present names (``fs_root``, ``refs``, and the blobs pipeline
+        checkpoints and agent tool outputs name in their payloads: see ``lifecycle.payload_oids``),
+        but those of the turns ``leave_out``: the roots a store's CAS gc keeps. Pages down the
+        primary key, each page its own statement."""
+        skip = set(leave_out)
+        types = sorted(_PAYLOAD_OIDS)
+        roots: set[str] = set()
+        after = 0
+        while rows := await self._actor.fetch(
+            "SELECT turn_id, fs_root, refs, type_id, CASE WHEN type_id = ANY($2::text[]) THEN payload END "
+            "FROM turns WHERE turn_id > $1 AND (fs_root IS NOT NULL OR refs IS NOT NULL OR type_id = ANY($2::text[])) "
+            "ORDER BY turn_id LIMIT 5000",
+            after,
+            types,
+        ):
+            for turn_id, fs_root, refs, type_id, payload in rows:
+                if turn_id in skip:
+                    continue
+                if fs_root:
+                    roots.add(fs_root)
+                if refs:
+                    roots.update(refs.split(" "))
+                if payload is not None:
+                    roots.update(payload_oids(type_id, bytes(payload)))
+            after = rows[-1][0]
+        return roots
+
+    async def _mark(self, cutoff: int, *, with_contexts: bool) -> tuple[list[int], dict[int, int], dict[int, int]]:
+        """The candidates (highest first), every turn's parent, and (``with_contexts``) every turn's
+        context: what no live head or base and no turn younger than ``cutoff`` reaches."""
+        roots: list[int] = []
+        for head, base in await self._actor.fetch(
+            "SELECT head_turn_id, base_turn_id FROM contexts WHERE deleted_at_ms IS NULL"
+        ):
+            roots += (head, base)
+        rows: list[tuple[int, int, int, int]] = []
+        after = 0
+        while page := await self._actor.fetch(
+            "SELECT turn_id, parent_turn_id, created_at_ms, context_id FROM turns WHERE turn_id > $1 "
+            "ORDER BY turn_id LIMIT 10000",
+            after,
+        ):
+            rows += [(row[0], row[1], row[2], row[3]) for row in page]
+            after = page[-1][0]
+        # Roots read before the turns: a head moved meanwhile points at a turn the pages include, or
+        # at one a slice's own re-check keeps. In a worker thread: the mark's Python work would
+        # otherwise hold this event loop.
+        candidates, parents = await anyio.to_thread.run_sync(unreachable, rows, roots, cutoff)
+        context_of = {row[0]: row[3] for row in rows} if with_contexts else {}
+        return candidates, parents, context_of
+
+    async def _payload_bytes(self, turn_ids: list[int]) -> int:
+        total = 0
+        for i in range(0, len(turn_ids), 10_000):
+            rows = await self._actor.fetch(
+                "SELECT COALESCE(sum(octet_length(payload)), 0) FROM turns WHERE turn_id = ANY($1::bigint[])",
+                turn_ids[i : i + 10_000],
+            )
+            total += int(rows[0][0])
+        return total
 
     async def _collect_turns(self, turn_ids: list[int], cutoff: int) -> tuple[list[int], int, list[int]]:
         """One slice, in a transaction of its own on a read-pool connection (see :meth:`gc`):
