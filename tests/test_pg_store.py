@@ -460,3 +460,37 @@ async def test_durability_normal_and_full_both_store(pg_dsn: str, pg_schema: str
             with pytest.raises(BudgetExceeded):
                 await store.budget.reserve(durability, tokens=1)
             await store.budget.commit((await store.budget.list_reservations(durability))[0], Usage(1, 0, 0))
+
+
+async def test_a_twin_committed_meanwhile_is_found_through_the_unique_index(store: PgStore, pg_dsn: str) -> None:
+    """Another process's uncommitted reservation holds the key when ours inserts: our insert waits for
+    it, meets the unique index, and the batch runs again and finds the twin: the key was used for
+    other values, IdempotencyConflict (not a bare constraint error), and the ledger serves on."""
+    await store.budget.set_budget("v", tokens=100)
+    conn = await _raw(pg_dsn)
+    try:
+        await conn.execute(f'SET search_path TO "{store.schema}"')
+        await conn.execute("BEGIN")
+        await conn.execute(
+            "INSERT INTO reservations (reservation_id, vendor, model, tokens, cost, created_at_ms, expires_at_ms, "
+            "state, idempotency_key) VALUES ($1, 'x', '', 1, 0, 0, 9000000000000, 'held', 'step-1')",
+            "f" * 32,
+        )
+        outcome: list[BaseException] = []
+
+        async def reserve() -> None:
+            try:
+                await store.budget.reserve("v", tokens=5, idempotency_key="step-1")
+            except BaseException as exc:
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reserve)
+            await anyio.sleep(0.5)
+            assert not outcome  # waiting on the other transaction's key
+            await conn.execute("COMMIT")
+    finally:
+        await conn.close()
+    assert len(outcome) == 1 and type(outcome[0]).__name__ == "IdempotencyConflict", outcome
+    assert (await store.budget.totals("v")).reserved_tokens == 0
+    await store.budget.reserve("v", tokens=5, idempotency_key="step-2")

@@ -427,6 +427,7 @@ class PgActor(Actor[C]):
         todo = list(range(len(commands)))
         deadline = time.monotonic() + self.reconnect_wait
         conflicts = 0
+        twins: set[int] = set()
         while todo:
             try:
                 conn = await self._writer(deadline)
@@ -454,6 +455,12 @@ class PgActor(Actor[C]):
                     self._drop_writer()
                 error = translate(self.where, failed.cause)
                 if failed.culprit is not None:
+                    culprit = todo[failed.culprit]
+                    if isinstance(failed.cause, asyncpg.exceptions.UniqueViolationError) and culprit not in twins:
+                        # The unique index caught a twin another process committed meanwhile (the
+                        # idempotency backstop): run the batch again, the command now finds it.
+                        twins.add(culprit)
+                        continue
                     outcomes[todo.pop(failed.culprit)] = Failed(self._command_error(failed.cause, error))
                     continue
                 if len(todo) > 1 and not _is_storage_failure(error):

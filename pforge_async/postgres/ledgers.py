@@ -116,6 +116,8 @@ class PgConstellationActor(PgActor[RecordTransition]):
     command_type = RecordTransition
     name = "memory"
     part = "memory"
+    # Every PforgeError a command raises comes before its first write: no savepoint needed.
+    savepoints: ClassVar[bool] = False
     scripts: ClassVar[tuple[str, ...]] = (MEMORY_V1,)
     invariants = (
         (
@@ -216,6 +218,8 @@ class PgNonceActor(PgActor[NonceCommand]):
     command_type = NonceCommand
     name = "nonces"
     part = "nonces"
+    # Every PforgeError a command raises comes before its first write: no savepoint needed.
+    savepoints: ClassVar[bool] = False
     scripts: ClassVar[tuple[str, ...]] = (NONCES_V1,)
     invariants = (
         (
@@ -349,12 +353,33 @@ _RESERVATION_COLUMNS = (
     "reservation_id, vendor, model, tokens, cost, expires_at_ms, state, idempotency_key, created_at_ms"
 )
 _Standing = tuple[str, int, int, int, int, int | None, int | None]
+# $1 vendor, $2 now, $3 the start of the rolling day. 'total': spend_totals and every held
+# reservation; 'day': spend and reservations made within the day.
+_STANDING = """
+SELECT b."window", b.token_limit, b.cost_limit,
+    CASE WHEN b."window" = 'total' THEN COALESCE((SELECT tokens FROM spend_totals WHERE vendor = $1), 0)
+         ELSE (SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM spend
+               WHERE vendor = $1 AND recorded_at_ms > $3::bigint) END,
+    CASE WHEN b."window" = 'total' THEN COALESCE((SELECT cost FROM spend_totals WHERE vendor = $1), 0)
+         ELSE (SELECT COALESCE(SUM(cost), 0) FROM spend WHERE vendor = $1 AND recorded_at_ms > $3::bigint) END,
+    h.tokens, h.cost
+FROM budgets b
+CROSS JOIN LATERAL (
+    SELECT COALESCE(SUM(r.tokens), 0) AS tokens, COALESCE(SUM(r.cost), 0) AS cost FROM reservations r
+    WHERE r.vendor = $1 AND r.state = 'held' AND r.expires_at_ms > $2::bigint
+      AND r.created_at_ms > CASE WHEN b."window" = 'total' THEN 0::bigint ELSE $3::bigint END
+) h
+WHERE b.vendor = $1
+ORDER BY b."window"
+"""
 
 
 class PgBudgetActor(PgActor[BudgetCommand]):
     command_type = BudgetCommand
     name = "budget"
     part = "budget"
+    # Every PforgeError a command raises comes before its first write: no savepoint needed.
+    savepoints: ClassVar[bool] = False
     scripts: ClassVar[tuple[str, ...]] = (BUDGET_V1,)
     invariants = (
         (
@@ -570,36 +595,10 @@ class PgBudgetActor(PgActor[BudgetCommand]):
         return msgspec.structs.replace(current, expires_at_ms=expires, state="held")
 
     async def _standing(self, conn: PgConn, vendor: str, now: int) -> list[_Standing]:
-        """For each budget of ``vendor``: its window, what is spent and held in it, and its limits."""
-        standing: list[_Standing] = []
-        budgets = await conn.fetch(
-            'SELECT "window", token_limit, cost_limit FROM budgets WHERE vendor = $1 ORDER BY "window"', vendor
-        )
-        for window, token_limit, cost_limit in budgets:
-            if window == "total":
-                row = await conn.fetchrow("SELECT tokens, cost FROM spend_totals WHERE vendor = $1", vendor)
-                spent_tokens, spent_cost = row if row is not None else (0, 0)
-                since = 0
-            else:
-                since = now - DAY_MS
-                spent = await conn.fetchrow(
-                    "SELECT COALESCE(SUM(input_tokens + output_tokens), 0), COALESCE(SUM(cost), 0) FROM spend "
-                    "WHERE vendor = $1 AND recorded_at_ms > $2",
-                    vendor,
-                    since,
-                )
-                assert spent is not None
-                spent_tokens, spent_cost = spent
-            held = await conn.fetchrow(
-                "SELECT COALESCE(SUM(tokens), 0), COALESCE(SUM(cost), 0) FROM reservations "
-                "WHERE vendor = $1 AND state = 'held' AND expires_at_ms > $2 AND created_at_ms > $3",
-                vendor,
-                now,
-                since,
-            )
-            assert held is not None
-            standing.append((window, spent_tokens, spent_cost, held[0], held[1], token_limit, cost_limit))
-        return standing
+        """For each budget of ``vendor``: its window, what is spent and held in it, and its limits (the
+        SQLite ledger's sums, in one statement)."""
+        rows = await conn.fetch(_STANDING, vendor, now, now - DAY_MS)
+        return [(w, st, sc, ht, hc, tl, cl) for w, tl, cl, st, sc, ht, hc in rows]
 
     async def _check(self, conn: PgConn, vendor: str, tokens: int, cost: int, now: int) -> None:
         standing = await self._standing(conn, vendor, now)
