@@ -44,7 +44,7 @@ from .objects import BLOB, COMMIT, TAG, TREE, TYPE_NUMBERS, object_header, valid
 from .odb import ObjectDB
 from .pack import OFS_DELTA, REF_DELTA, PackReader, read_mtimes, write_mtimes, write_pack
 from .refs import RefStore
-from .retired import FRESH_LOG, Retired, finish, read_fresh_log, write_journal
+from .retired import FRESH_LOG, Retired, discard, finish, prepare_journal, publish_journal, read_fresh_log
 
 __all__ = ["CasGcReport", "collect", "validate_gc_args"]
 
@@ -409,6 +409,10 @@ class _Collector:
             out += f.companions
         return out
 
+    @staticmethod
+    def temp_name() -> str:
+        return f"tmp_gc_{os.getpid()}_{secrets.token_hex(8)}"
+
     def exclusive(self) -> contextlib.AbstractContextManager[object]:
         return _Timed(self)
 
@@ -560,13 +564,23 @@ def collect(
                     with contextlib.suppress(FileNotFoundError):
                         st = os.stat(f.path)
                         f.ino, f.mtime_ns = st.st_ino, st.st_mtime_ns
-            with c.exclusive():
-                c.rescue(c.changed_files(seen), unsafe, rescued)
-                retired = c.retired_files(movable)
-                write_journal(str(gitdir), Retired(retired), f"tmp_gc_{os.getpid()}_{secrets.token_hex(8)}")
-                # Every freshening logged is in the ages just written, or rescued: start afresh.
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(gitdir, FRESH_LOG))
+            # The journal is written (and fsynced) before the hold; under it, only what changed since.
+            retired = c.retired_files(movable)
+            journal = prepare_journal(str(gitdir), Retired(retired), c.temp_name())
+            try:
+                with c.exclusive():
+                    c.rescue(c.changed_files(seen), unsafe, rescued)
+                    now_retired = c.retired_files(movable)
+                    if now_retired != retired:  # a file replaced or removed meanwhile
+                        discard(journal)
+                        retired = now_retired
+                        journal = prepare_journal(str(gitdir), Retired(retired), c.temp_name())
+                    publish_journal(str(gitdir), journal)
+                    # Every freshening logged is in the ages just written, or rescued: start afresh.
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(gitdir, FRESH_LOG))
+            finally:
+                discard(journal)  # published: gone already; otherwise a temp file
             finish(str(gitdir), c.objects, c.exclusive)
             doomed &= unsafe
             bytes_after, packs_after, loose_after = c.object_bytes()

@@ -168,7 +168,7 @@ class ObjectDB:
 
     def clean_temp(self) -> None:
         """Remove temp files whose writing process is gone; never another live writer's."""
-        dirs = [self.objects, self.pack_dir]
+        dirs = [str(self.gitdir), self.objects, self.pack_dir]
         dirs += [os.path.join(self.objects, d) for d in os.listdir(self.objects) if len(d) == 2]
         for directory in dirs:
             for name in os.listdir(directory):
@@ -705,7 +705,10 @@ class ObjectDB:
             return
         if session is not None:
             session.release()  # not held while the pack is written: only around its renames
-        publish = self._publishing(session)
+
+        def publish(name: str) -> AbstractContextManager[object]:
+            return self._publishing(session, lambda: f"pack-{name}" in self._retired_packs)
+
         try:
             name, offsets = write_pack(
                 self.pack_dir,
@@ -722,12 +725,28 @@ class ObjectDB:
         with self._refresh_lock:
             self._add_pack(f"pack-{name}.idx", reader, dict(offsets))
 
-    def _publishing(self, session: FreshSession | None) -> AbstractContextManager[object]:
-        if session is not None:
-            return session.publishing()
-        if self.gate is not None:
-            return self.gate.shared()
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _publishing(self, session: FreshSession | None, retired_name: Callable[[], bool]) -> Iterator[None]:
+        """Hold gc's gate (``session``'s hold, or one of its own) around a rename into place. A name
+        gc retired and has not unlinked yet (a batch that is byte for byte a retired pack, a large
+        blob gc dropped) waits until it is gone: gc unlinks retired names without the gate, so no
+        writer may rename onto one meanwhile. A journal whose gc died is finished here."""
+        if self.gate is None:
+            yield
+            return
+        own = session if session is not None else FreshSession(self)
+        try:
+            while True:
+                own.hold()
+                if not retired_name():
+                    break
+                own.release()
+                if not self.finish_retired():
+                    time.sleep(0.01)  # the gc that retired it is deleting: soon gone
+            yield
+        finally:
+            if session is None:
+                own.release()
 
     def write_file_blob(self, path: str, session: FreshSession | None = None) -> tuple[bytes, os.stat_result] | None:
         """Stream a (large) regular file into a loose blob without holding it in memory.
@@ -806,8 +825,9 @@ class ObjectDB:
                 if self.fsync:
                     os.fsync(out.fileno())
             raw = digest.digest()
-            with self._publishing(session):
-                self._publish_loose(temp, raw.hex())
+            hex_oid = raw.hex()
+            with self._publishing(session, lambda: hex_oid in self._retired_loose):
+                self._publish_loose(temp, hex_oid)
             temp = ""
             return raw
         except OSError as exc:
@@ -901,13 +921,10 @@ class FreshSession:
         self._enter()
         return self.odb.freshen(raw, self._touched, look_further=look_further)
 
-    @contextlib.contextmanager
-    def publishing(self) -> Iterator[None]:
-        if self.odb.gate is None:
-            yield
-            return
-        self._enter()
-        yield
+    def hold(self) -> None:
+        """Hold the gate (shared), with gc's latest decision taken in."""
+        if self.odb.gate is not None:
+            self._enter()
 
     def release(self) -> None:
         if self._lock is not None:

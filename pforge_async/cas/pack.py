@@ -86,7 +86,7 @@ def write_pack(
     level: int,
     fsync: bool,
     temp_prefix: str,
-    publish: AbstractContextManager[object] | None = None,
+    publish: Callable[[str], AbstractContextManager[object]] | None = None,
     before_publish: Callable[[str, str], bool] | None = None,
     version: int = 2,
 ) -> tuple[str, list[tuple[bytes, int]]]:
@@ -94,10 +94,11 @@ def write_pack(
     ``directory``. The ``.idx`` is renamed into place last, so a reader sees the pack whole or not at
     all. Returns the pack's hex name and ``(raw oid, offset)`` per object.
 
-    ``publish`` is held around the two renames (gc's gate: a collection never decides while a pack is
-    half published); ``before_publish(name, pack_temp_path)`` runs first (a cruft pack's ``.mtimes``)
-    and may say not to publish at all (the temp files are removed). gc writes ``version`` 3, which git
-    reads as it reads 2: its packs then never share a name (the checksum) with a writer's."""
+    ``publish(name)`` is held around the two renames (gc's gate: a collection never decides while a
+    pack is half published, and no retired name is reused while gc deletes it). ``before_publish(name,
+    pack_temp_path)`` runs first (a cruft pack's ``.mtimes``) and may say not to publish at all (the
+    temp files are removed). gc writes ``version`` 3, which git reads as it reads 2: its packs then
+    never share a name (the checksum) with a writer's."""
     pack_tmp = os.path.join(directory, f"{temp_prefix}.pack")
     idx_tmp = os.path.join(directory, f"{temp_prefix}.idx")
     offsets: list[tuple[bytes, int, int]] = []  # raw oid, offset, crc32
@@ -143,7 +144,7 @@ def write_pack(
         name = trailer.hex()
         write_idx(idx_tmp, offsets, trailer, fsync)
         if before_publish is None or before_publish(name, pack_tmp):
-            with publish if publish is not None else contextlib.nullcontext():
+            with publish(name) if publish is not None else contextlib.nullcontext():
                 os.rename(pack_tmp, os.path.join(directory, f"pack-{name}.pack"))
                 os.rename(idx_tmp, os.path.join(directory, f"pack-{name}.idx"))
         else:

@@ -21,15 +21,23 @@ import msgspec
 
 from .pack import fsync_dir
 
-__all__ = ["FRESH_LOG", "JOURNAL", "Retired", "finish", "read_fresh_log", "read_journal", "write_journal"]
+__all__ = [
+    "FRESH_LOG",
+    "JOURNAL",
+    "Retired",
+    "discard",
+    "finish",
+    "prepare_journal",
+    "publish_journal",
+    "read_fresh_log",
+    "read_journal",
+]
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "gc-retired"
 #: "<hex id> <unix time>" lines: objects of cruft packs freshened since the last gc (see odb.freshen).
 FRESH_LOG = "gc-fresh"
-#: unlinks per hold of the gate: each slice keeps writers waiting only that long.
-SLICE = 256
 
 
 class Retired(msgspec.Struct, frozen=True):
@@ -80,13 +88,23 @@ def read_fresh_log(gitdir: str, start: int = 0) -> tuple[dict[bytes, float], int
     return out, start + end
 
 
-def write_journal(gitdir: str, retired: Retired, temp_name: str) -> None:
-    """Write the journal durably (temp file, fsync, rename, fsync of the directory)."""
+def prepare_journal(gitdir: str, retired: Retired, temp_name: str) -> str:
+    """Write the journal to a temp file, fsynced; :func:`publish_journal` renames it into place."""
     temp = os.path.join(gitdir, temp_name)
     try:
         with open(temp, "xb", buffering=0) as f:
             f.write(_encoder.encode(retired))
             os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    return temp
+
+
+def publish_journal(gitdir: str, temp: str) -> None:
+    """Rename a prepared journal into place, durably: from here its files are retired."""
+    try:
         os.rename(temp, os.path.join(gitdir, JOURNAL))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -95,9 +113,18 @@ def write_journal(gitdir: str, retired: Retired, temp_name: str) -> None:
     fsync_dir(gitdir)
 
 
+def discard(temp: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp)
+
+
 def finish(gitdir: str, objects: str, exclusive: Callable[[], AbstractContextManager[object]]) -> int:
-    """Unlink what the journal retires (slice by slice, each under ``exclusive()``), then the journal.
-    Returns how many files were unlinked."""
+    """Unlink what the journal retires, then the journal; returns how many files were unlinked.
+
+    Without the gate: no writer renames onto a retired name while the journal stands (see
+    ``ObjectDB._publishing``), and the inode check keeps a file that is not the one retired. Only
+    removing emptied loose directories takes ``exclusive()`` (a writer creates its directory, then
+    renames into it, under the gate)."""
     retired = read_journal(gitdir)
     journal = os.path.join(gitdir, JOURNAL)
     if retired is None:
@@ -107,18 +134,16 @@ def finish(gitdir: str, objects: str, exclusive: Callable[[], AbstractContextMan
     removed = 0
     dirs: set[str] = set()
     files = retired.files
-    for start in range(0, len(files), SLICE):
-        with exclusive():
-            for rel, ino in files[start : start + SLICE]:
-                path = os.path.join(objects, rel)
-                try:
-                    if os.lstat(path).st_ino != ino:
-                        continue  # a new file under the retired name: a writer's, kept
-                    os.unlink(path)
-                except FileNotFoundError:
-                    continue
-                removed += 1
-                dirs.add(os.path.dirname(path))
+    for rel, ino in files:
+        path = os.path.join(objects, rel)
+        try:
+            if os.lstat(path).st_ino != ino:
+                continue  # not the file retired
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        removed += 1
+        dirs.add(os.path.dirname(path))
     with exclusive():
         # Empty loose directories go too (a writer creates its directory under the gate).
         for directory in sorted(dirs):
