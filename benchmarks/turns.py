@@ -19,6 +19,7 @@ import json
 import os
 import random
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -77,7 +78,7 @@ async def run_langgraph(work: Path, writers: int, per_writer: int, data: list[by
 
     async with AsyncSqliteSaver.from_conn_string(str(work / "langgraph.db")) as saver:
         await saver.setup()
-        configs: dict[int, dict[str, Any]] = {
+        configs: dict[int, Any] = {  # RunnableConfig dicts
             w: {"configurable": {"thread_id": f"t{w}", "checkpoint_ns": ""}} for w in range(writers)
         }
 
@@ -244,29 +245,34 @@ async def throughput(args: argparse.Namespace, base: Path, data: list[bytes]) ->
 
 
 async def against_baseline(args: argparse.Namespace, base: Path, writers: int, per_writer: int) -> None:
-    """This tree and the baseline revision, each in a child process, taken in turn ``--repeat`` times
-    (the best of each counts): a regression is their ratio, measured in one stretch of the run."""
+    """This tree and the baseline revision, each in a child process, taken in turn ``--repeat`` times:
+    a regression is their ratio, measured in one stretch of the run. Printed as the best of each and as
+    the median of the pairs' ratios (each pair ran back to back, so a disk or a neighbour that slows a
+    stretch of the run falls on both of its runs); the pairs' spread says how far either can be trusted."""
     trees = {"this tree": Path(__file__).resolve().parent.parent, args.baseline: args.baseline_tree}
-    best: dict[str, float] = {}
-    least_cpu: dict[str, float] = {}
+    rates: dict[str, list[float]] = {label: [] for label in trees}
+    cpus: dict[str, list[float]] = {label: [] for label in trees}
     for _ in range(args.repeat):
         for label, tree in trees.items():
             work = Path(tempfile.mkdtemp(dir=base))
             os.sync()
             elapsed, latencies, cpu = run_pforge_in_child(tree, work, writers, per_writer)
             rate = len(latencies) / elapsed
-            best[label] = max(best.get(label, 0.0), rate)
             per_append = cpu / len(latencies) * 1e6
-            least_cpu[label] = min(least_cpu.get(label, float("inf")), per_append)
+            rates[label].append(rate)
+            cpus[label].append(per_append)
             print(
                 f"{writers:>3} {'pforge@' + label[:7]:>14} {len(latencies):>8} {rate:>10.0f} "
                 f"{pct(latencies, 0.5):>8.2f} {pct(latencies, 0.99):>8.2f}  CPU {per_append:.1f} us/append"
             )
-    ratio = best["this tree"] / best[args.baseline]
-    cpu_ratio = least_cpu["this tree"] / least_cpu[args.baseline]
+    mine, theirs = rates["this tree"], rates[args.baseline]
+    pairs = sorted(a / b for a, b in zip(mine, theirs, strict=True))
+    cpu_pairs = sorted(a / b for a, b in zip(cpus["this tree"], cpus[args.baseline], strict=True))
     print(
-        f"    C={writers}: this tree / {args.baseline}: appends/s {ratio:.2f}, CPU per append {cpu_ratio:.2f} "
-        f"(best of {args.repeat} each)"
+        f"    C={writers}: this tree / {args.baseline}: appends/s {max(mine) / max(theirs):.2f}, CPU per append "
+        f"{min(cpus['this tree']) / min(cpus[args.baseline]):.2f} (best of {args.repeat} each); "
+        f"median of the pairs: appends/s {statistics.median(pairs):.2f} (pairs {pairs[0]:.2f} to {pairs[-1]:.2f}), "
+        f"CPU per append {statistics.median(cpu_pairs):.2f}"
     )
 
 
