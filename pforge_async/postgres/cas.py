@@ -29,7 +29,7 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -77,8 +77,12 @@ from .migrate import quote_ident
 
 __all__ = ["CAS_SCRIPTS", "PgCas", "PgCasActor", "open_pg_cas"]
 
-#: PostgreSQL's bytea holds at most 1 GiB; an object body must leave room for the row around it.
+#: PostgreSQL's bytea holds at most 1 GiB; a tree or commit must fit in one (a blob is chunked).
 MAX_OBJECT_BYTES = (1 << 30) - (1 << 20)
+#: a blob larger than this is stored in chunks of ``CHUNK_BYTES`` (``cas_chunks``), written and read
+#: one chunk at a time: any size, in bounded memory (the snapshot of a large file, restore, fsck, export).
+CHUNKED_ABOVE = 32 << 20
+CHUNK_BYTES = 8 << 20
 #: a snapshot sends what it read to the writer in commands of about this size, bounding its memory.
 _SNAPSHOT_FLUSH_BYTES = 32 << 20
 #: reads fetch objects in batches of at most this many bytes (restore, fsck, export).
@@ -113,7 +117,24 @@ CAS_SCRIPTS = [
         oid bytea NOT NULL CHECK (length(oid) = 32),
         updated_at timestamptz NOT NULL DEFAULT now()
     );
+    """,
+    # 2: large blobs in chunks. An object row with ``chunked`` has an empty body; its bytes are the
+    # chunks' in ``seq`` order. Chunks are written before their object row (which is written only once
+    # they are all there), so chunks without an object row are an upload in progress or a crash's
+    # leftovers: gc deletes them past the grace.
     """
+    ALTER TABLE cas_objects ADD COLUMN IF NOT EXISTS chunked boolean NOT NULL DEFAULT false;
+    CREATE TABLE IF NOT EXISTS cas_chunks (
+        oid bytea NOT NULL CHECK (length(oid) = 32),
+        seq integer NOT NULL CHECK (seq >= 0),
+        data bytea NOT NULL,
+        touched_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (oid, seq)
+    );
+    DO $$ BEGIN
+        ALTER TABLE cas_chunks ALTER COLUMN data SET COMPRESSION lz4;
+    EXCEPTION WHEN others THEN NULL; END $$;
+    """,
 ]
 
 
@@ -146,7 +167,23 @@ class Touch(msgspec.Struct, frozen=True, tag="pg_touch"):
     oids: list[bytes]
 
 
-PgCasCommand = PutObjects | UpdateRef | Gc | Touch
+class PutChunk(msgspec.Struct, frozen=True, tag="pg_put_chunk"):
+    """One chunk of a large blob being uploaded (before its :class:`SealChunked`)."""
+
+    oid: bytes
+    seq: int
+    data: bytes
+
+
+class SealChunked(msgspec.Struct, frozen=True, tag="pg_seal_chunked"):
+    """Store the large blob ``oid`` of ``size`` bytes from its chunks (all there, adding up); replies
+    with its hex id. The id is the uploader's (which hashed the bytes it sent): every read re-hashes."""
+
+    oid: bytes
+    size: int
+
+
+PgCasCommand = PutObjects | UpdateRef | Gc | Touch | PutChunk | SealChunked
 
 
 def _ref_target(name: str) -> str:
@@ -222,7 +259,12 @@ class PgCasActor(PgActor[PgCasCommand]):
     invariants = (
         (
             "objects whose size column is not their body's",
-            "SELECT encode(oid, 'hex') FROM cas_objects WHERE size <> length(body)",
+            "SELECT encode(oid, 'hex') FROM cas_objects WHERE NOT chunked AND size <> length(body)",
+        ),
+        (
+            "chunked blobs whose chunks do not add up to their size",
+            "SELECT encode(o.oid, 'hex') FROM cas_objects o WHERE chunked AND size <> "
+            "(SELECT coalesce(sum(length(c.data)), 0) FROM cas_chunks c WHERE c.oid = o.oid)",
         ),
         (
             "refs to missing objects",
@@ -245,6 +287,7 @@ class PgCasActor(PgActor[PgCasCommand]):
         s = quote_ident(self.schema)
         self.objects_table = f"{s}.cas_objects"
         self.refs_table = f"{s}.cas_refs"
+        self.chunks_table = f"{s}.cas_chunks"
         self._plan = _Plan()
 
     def abort(self) -> None:
@@ -288,6 +331,10 @@ class PgCasActor(PgActor[PgCasCommand]):
                 return await self._update_ref(conn, command)
             case Gc():
                 return await self._gc(conn, command)
+            case PutChunk():
+                return await self._put_chunk(conn, command)
+            case SealChunked():
+                return await self._seal(conn, command)
             case Touch(oids=oids):
                 # Asked for because they were old: touched whatever another writer did since; the
                 # reply is those still there (a gc may have deleted one meanwhile).
@@ -313,6 +360,47 @@ class PgCasActor(PgActor[PgCasCommand]):
             [rows[r][1] for r in oids],
             self.freshen_s,
         )
+
+    async def _put_chunk(self, conn: PgConn, command: PutChunk) -> None:
+        if len(command.oid) != 32 or not 0 <= command.seq < 2**31 - 1 or not 0 < len(command.data) <= CHUNK_BYTES:
+            raise InvalidInput("a chunk needs a 32-byte id, a sequence number and 1 to CHUNK_BYTES bytes")
+        # Touched again if already there: an upload in progress stays young for gc.
+        await conn.execute(
+            f"""INSERT INTO {self.chunks_table} (oid, seq, data) VALUES ($1, $2, $3)
+                ON CONFLICT (oid, seq) DO UPDATE SET touched_at = now()""",
+            command.oid,
+            command.seq,
+            command.data,
+        )
+
+    async def _seal(self, conn: PgConn, command: SealChunked) -> str:
+        oid, size = command.oid, command.size
+        if len(oid) != 32 or not CHUNKED_ABOVE < size < 2**62:
+            raise InvalidInput(f"a chunked blob needs a 32-byte id and more than {CHUNKED_ABOVE} bytes")
+        chunks = -(-size // CHUNK_BYTES)
+        # Touched, not only counted: a gc deleting chunks no object claims waits for this transaction,
+        # then finds them young and leaves them.
+        lengths = await conn.fetch(
+            f"""UPDATE {self.chunks_table} SET touched_at = now() WHERE oid = $1 AND seq < $2
+                RETURNING length(data)""",
+            oid,
+            chunks,
+        )
+        count, total = len(lengths), sum(int(r[0]) for r in lengths)
+        if (int(count), int(total)) != (chunks, size):
+            raise StorageError(
+                f"large blob {oid.hex()}: {count} of {chunks} chunks ({total} of {size} bytes) are stored; "
+                "an upload was cut short or a gc took them: write it again"
+            )
+        await conn.execute(
+            f"""INSERT INTO {self.objects_table} AS o (oid, kind, size, body, chunked) VALUES ($1, {BLOB}, $2, '', true)
+                ON CONFLICT (oid) DO UPDATE SET touched_at = now()
+                WHERE o.touched_at < now() - make_interval(secs => $3)""",
+            oid,
+            size,
+            self.freshen_s,
+        )
+        return oid.hex()
 
     async def _lock_present(self, conn: PgConn, wanted: set[bytes]) -> set[bytes]:
         """Which of ``wanted`` exist, locked against a concurrent gc's delete until this batch commits,
@@ -380,9 +468,10 @@ class PgCasActor(PgActor[PgCasCommand]):
         or commit reaches through candidates is kept, and so is every candidate freshened since the
         mark (``touched_at`` re-checked under the lock)."""
         candidates = set(command.oids)
-        if not candidates:
-            return 0, 0
         cutoff = command.cutoff_us
+        if not candidates:
+            await self._drop_chunks(conn, [], cutoff)
+            return 0, 0
         await conn.fetch(
             f"SELECT 1 FROM {self.objects_table} WHERE oid = ANY($1::bytea[]) ORDER BY oid FOR UPDATE",
             sorted(candidates),
@@ -409,11 +498,24 @@ class PgCasActor(PgActor[PgCasCommand]):
         done = await conn.fetch(
             f"""DELETE FROM {self.objects_table}
                 WHERE oid = ANY($1::bytea[]) AND touched_at < to_timestamp($2::float8 / 1e6)
-                RETURNING size""",
+                RETURNING oid, size""",
             sorted(candidates - kept),
             cutoff,
         )
-        return len(done), sum(int(r[0]) for r in done)
+        await self._drop_chunks(conn, [bytes(r[0]) for r in done], cutoff)
+        return len(done), sum(int(r[1]) for r in done)
+
+    async def _drop_chunks(self, conn: PgConn, deleted: list[bytes], cutoff: int) -> None:
+        """The chunks of deleted blobs, and chunks no object row claims (an upload cut short), each only
+        if untouched since the cutoff: an upload of the same bytes running now touches its chunks."""
+        await conn.execute(
+            f"""DELETE FROM {self.chunks_table} c
+                WHERE c.touched_at < to_timestamp($2::float8 / 1e6)
+                  AND (c.oid = ANY($1::bytea[])
+                       OR NOT EXISTS (SELECT 1 FROM {self.objects_table} o WHERE o.oid = c.oid))""",
+            sorted(deleted),
+            cutoff,
+        )
 
 
 def _links(kind: int, body: bytes) -> list[bytes]:
@@ -462,18 +564,23 @@ class _RowView:
         self._ahead_at: dict[str, int] = {}
         self._ahead_next = 0
         self._sizes: dict[str, int] = {}
+        #: large blobs (in chunks): streamed, never fetched ahead
+        self._chunked: set[str] = set()
         self.present: set[bytes] = set()
-        #: for fsck: the page being verified
-        self._page: dict[str, tuple[int, bytes]] = {}
+        #: for fsck: the page being verified (a chunked blob's body is None: it is streamed)
+        self._page: dict[str, tuple[int, bytes | None]] = {}
 
-    def _fetch(self, oids: list[str]) -> dict[str, tuple[int, bytes]]:
-        return anyio.from_thread.run(self._cas._fetch_rows, oids)
+    def _fetch(self, oids: list[str], *, whole: bool = True) -> dict[str, tuple[int, bytes]]:
+        return anyio.from_thread.run(lambda: self._cas._fetch_rows(oids, whole=whole))
 
-    def plan(self, trees: dict[str, tuple[int, bytes]], order: list[str], sizes: dict[str, int]) -> None:
+    def plan(
+        self, trees: dict[str, tuple[int, bytes]], order: list[str], sizes: dict[str, int], chunked: set[str]
+    ) -> None:
         self._cache.update(trees)
         self._ahead = order
         self._ahead_at = {oid: i for i, oid in reversed(list(enumerate(order)))}
         self._sizes = sizes
+        self._chunked = chunked
 
     def read(self, oid: str) -> tuple[int, bytes]:
         validate_oid(oid)
@@ -490,7 +597,9 @@ class _RowView:
                     end += 1
                 batch = list(dict.fromkeys(self._ahead[at:end]))
                 self._ahead_next = end
-            fetched = self._fetch(batch)
+            fetched = self._fetch(batch, whole=False)
+            if oid not in fetched:
+                fetched = self._fetch([oid])  # a large blob, read whole (restore streams it instead)
             if oid not in fetched:
                 raise ObjectNotFound(f"object {oid} not found")
             self._cache.update(fetched)
@@ -506,7 +615,32 @@ class _RowView:
         return body
 
     def copy_blob(self, oid: str, fd: int) -> None:
-        write_all(fd, self.read_blob(oid))
+        if oid in self._chunked:
+            self.stream_chunked(oid, lambda data: write_all(fd, data))
+        else:
+            write_all(fd, self.read_blob(oid))
+
+    def stream_chunked(self, oid: str, out: Callable[[bytes], object]) -> None:
+        """Hand a large blob's chunks to ``out`` in order, one in memory at a time; ``IntegrityError``
+        (after the last) unless they hash to ``oid``, or if one is missing."""
+        raw = bytes.fromhex(oid)
+        row = anyio.from_thread.run(self._cas._chunked_size, raw)
+        if row is None:
+            raise ObjectNotFound(f"object {oid} not found")
+        kind, size = row
+        if kind != BLOB:
+            raise IntegrityError(f"object {oid} is corrupt: a chunked object of type {kind}")
+        digest = hashlib.sha256(object_header(BLOB, size))
+        done = 0
+        for seq in range(-(-size // CHUNK_BYTES)):
+            data = anyio.from_thread.run(self._cas._chunk, raw, seq)
+            if data is None:
+                raise IntegrityError(f"object {oid} is corrupt: its chunk {seq} is missing")
+            digest.update(data)
+            done += len(data)
+            out(data)
+        if done != size or digest.digest() != raw:
+            raise IntegrityError(f"object {oid} does not match its id: the stored bytes are corrupt")
 
     def has(self, raw: bytes) -> bool:
         # The snapshot's stat cache hits were looked up at once before the scan; anything else asks.
@@ -531,10 +665,16 @@ class _RowView:
     def verify(self, oid: str) -> tuple[int, bytes | None]:
         row = self._page.get(oid)
         if row is None:
-            row = self._fetch([oid]).get(oid)
+            row = self._fetch([oid], whole=False).get(oid)
             if row is None:
-                raise ObjectNotFound(f"object {oid} vanished")  # a gc deleted it meanwhile
-        type_num, body = _checked(oid, *row)
+                if anyio.from_thread.run(self._cas._chunked_size, bytes.fromhex(oid)) is None:
+                    raise ObjectNotFound(f"object {oid} vanished")  # a gc deleted it meanwhile
+                row = (BLOB, None)
+        kind, body = row
+        if body is None:
+            self.stream_chunked(oid, lambda data: None)
+            return BLOB, None
+        type_num, body = _checked(oid, kind, body)
         return type_num, None if type_num == BLOB else body
 
 
@@ -563,12 +703,12 @@ class _SnapshotSink:
 
     def add_large_file(self, fd: int, shown: str) -> bytes:
         st = os.fstat(fd)
-        if st.st_size > MAX_OBJECT_BYTES:
-            raise InvalidInput(f"cannot snapshot {shown}: {st.st_size} bytes is larger than PostgreSQL can hold")
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return self.add(BLOB, b"".join(chunks))
+        if st.st_size <= CHUNKED_ABOVE:
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            return self.add(BLOB, b"".join(chunks))
+        return _upload_chunked(self._cas, fd, shown)
 
     def freshen(self, raw: bytes) -> bool:
         # Whether a file the stat cache answers may be named by its id. The final write links the
@@ -619,36 +759,76 @@ class PgCas:
         self._open()
         return await self._actor.fetch(sql, *args)
 
-    async def _fetch_rows(self, oids: list[str]) -> dict[str, tuple[int, bytes]]:
+    async def _fetch_rows(self, oids: list[str], *, whole: bool = True) -> dict[str, tuple[int, bytes]]:
+        """``(type, body)`` of each id found, as stored (not re-hashed). A large blob's body is read
+        from its chunks, or, without ``whole``, left out."""
         if len(oids) == 1:  # the common read: a plain index lookup plans and runs faster than = ANY
             rows = await self._fetch(
-                f"SELECT oid, kind, body FROM {self._objects} WHERE oid = $1", bytes.fromhex(oids[0])
+                f"SELECT oid, kind, body, chunked, size FROM {self._objects} WHERE oid = $1", bytes.fromhex(oids[0])
             )
         else:
             rows = await self._fetch(
-                f"SELECT oid, kind, body FROM {self._objects} WHERE oid = ANY($1::bytea[])",
+                f"SELECT oid, kind, body, chunked, size FROM {self._objects} WHERE oid = ANY($1::bytea[])",
                 [bytes.fromhex(o) for o in oids],
             )
-        return {bytes(r[0]).hex(): (int(r[1]), bytes(r[2])) for r in rows}
+        out = {}
+        for oid, kind, body, chunked, size in rows:
+            if chunked:
+                if not whole:
+                    continue
+                body = await self._assemble(bytes(oid), int(size))
+            out[bytes(oid).hex()] = (int(kind), bytes(body))
+        return out
 
-    async def _page(self, after: bytes) -> list[tuple[str, int, bytes]]:
+    async def _assemble(self, raw: bytes, size: int) -> bytes:
+        """A large blob's bytes from its chunks (whatever they hold: the caller re-hashes)."""
+        parts = []
+        for seq in range(-(-size // CHUNK_BYTES)):
+            data = await self._chunk(raw, seq)
+            if data is None:
+                raise IntegrityError(f"object {raw.hex()} is corrupt: its chunk {seq} is missing")
+            parts.append(data)
+        return b"".join(parts)
+
+    async def _chunk(self, raw: bytes, seq: int) -> bytes | None:
+        rows = await self._fetch(f"SELECT data FROM {self._actor.chunks_table} WHERE oid = $1 AND seq = $2", raw, seq)
+        return bytes(rows[0][0]) if rows else None
+
+    async def _chunked_size(self, raw: bytes) -> tuple[int, int] | None:
+        """``(type, size)`` of a chunked object, or None if there is no such object."""
+        rows = await self._fetch(f"SELECT kind, size FROM {self._objects} WHERE oid = $1 AND chunked", raw)
+        return (int(rows[0][0]), int(rows[0][1])) if rows else None
+
+    async def _put_chunk(self, raw: bytes, seq: int, data: bytes) -> None:
+        await self._actor.call(PutChunk(raw, seq, data))
+
+    async def _seal(self, raw: bytes, size: int) -> str:
+        return cast("str", await self._actor.call(SealChunked(raw, size)))
+
+    async def _page(self, after: bytes) -> list[tuple[str, int, bytes | None]]:
         """The objects after ``after`` in id order: up to ``_FETCH_ROWS`` of them and about
-        ``_FETCH_BYTES`` (at least one), so a walk over the table holds one page in memory."""
+        ``_FETCH_BYTES`` (at least one), so a walk over the table holds one page in memory. A large
+        blob's body is None: its chunks are streamed by whoever walks."""
         sized = await self._fetch(
-            f"SELECT oid, size FROM {self._objects} WHERE oid > $1 ORDER BY oid LIMIT {_FETCH_ROWS}", after
+            f"SELECT oid, size, chunked, kind FROM {self._objects} WHERE oid > $1 ORDER BY oid LIMIT {_FETCH_ROWS}",
+            after,
         )
         total = 0
-        take: list[bytes] = []
-        for oid, size in sized:
-            if take and total + int(size) > _FETCH_BYTES:
+        take: list[tuple[bytes, bool, int]] = []
+        for oid, size, chunked, kind in sized:
+            if take and not chunked and total + int(size) > _FETCH_BYTES:
                 break
-            take.append(bytes(oid))
-            total += int(size)
-        if not take:
-            return []
-        rows = await self._fetch_rows([raw.hex() for raw in take])
-        # A row deleted between the two reads (gc) is simply not there any more.
-        return [(raw.hex(), *rows[raw.hex()]) for raw in take if raw.hex() in rows]
+            take.append((bytes(oid), bool(chunked), int(kind)))
+            total += 0 if chunked else int(size)
+        small = [raw.hex() for raw, chunked, _kind in take if not chunked]
+        rows = await self._fetch_rows(small, whole=False) if small else {}
+        page: list[tuple[str, int, bytes | None]] = []
+        for raw, chunked, kind in take:
+            if chunked:
+                page.append((raw.hex(), kind, None))
+            elif raw.hex() in rows:  # one deleted between the two reads (gc) is simply not there
+                page.append((raw.hex(), *rows[raw.hex()]))
+        return page
 
     async def _put(self, objects: list[tuple[int, bytes]]) -> list[str]:
         if self.readonly:
@@ -675,8 +855,21 @@ class PgCas:
     async def write_blob(self, data: bytes) -> str:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidInput(f"write_blob takes bytes, not {type(data).__name__}")
+        if len(data) > CHUNKED_ABOVE:
+            return await self._write_chunked(bytes(data))
         (oid,) = await self._put([(BLOB, bytes(data))])
         return oid
+
+    async def _write_chunked(self, data: bytes) -> str:
+        """A large blob, in chunks: each chunk its own command, then the object row."""
+        if self.readonly:
+            raise InvalidInput("the store is open read-only")
+        raw = hash_object(BLOB, data)
+        if (await self._present([raw.hex()]))[0]:
+            return raw.hex()  # stored already (and freshened)
+        for seq, offset in enumerate(range(0, len(data), CHUNK_BYTES)):
+            await self._put_chunk(raw, seq, data[offset : offset + CHUNK_BYTES])
+        return await self._seal(raw, len(data))
 
     async def read_blob(self, oid: str) -> bytes:
         type_num, body = await self._read(oid)
@@ -891,13 +1084,16 @@ class PgCas:
         view = _RowView(self)
         trees, order = await self._walk_for_restore(tree)
         sizes: dict[str, int] = {}
+        chunked: set[str] = set()
         if order:
             rows = await self._fetch(
-                f"SELECT oid, size FROM {self._objects} WHERE oid = ANY($1::bytea[])",
+                f"SELECT oid, size, chunked FROM {self._objects} WHERE oid = ANY($1::bytea[])",
                 sorted({bytes.fromhex(o) for o in order}),
             )
             sizes = {bytes(r[0]).hex(): int(r[1]) for r in rows}
-        view.plan(trees, order, sizes)
+            chunked = {bytes(r[0]).hex() for r in rows if r[2]}
+            order = [oid for oid in order if oid not in chunked]  # streamed, not fetched ahead
+        view.plan(trees, order, sizes, chunked)
         await anyio.to_thread.run_sync(restore_tree, cast(ObjectDB, view), tree, target)
 
     async def _walk_for_restore(self, tree: str) -> tuple[dict[str, tuple[int, bytes]], list[str]]:
@@ -967,12 +1163,17 @@ class PgCas:
             size = 0
             while True:
                 page = await self._page(after)
-                for oid, kind, body in page:
-                    type_num, body = _checked(oid, kind, body)
+                for oid, kind, stored in page:
                     raw = bytes.fromhex(oid)
-                    if not odb.known(raw):
-                        objects.append((raw, type_num, body))
-                        size += len(body)
+                    if odb.known(raw):
+                        continue
+                    if stored is None:  # a large blob: streamed into a loose object
+                        await anyio.to_thread.run_sync(self._export_chunked, odb, oid)
+                        written += 1
+                        continue
+                    type_num, body = _checked(oid, kind, stored)
+                    objects.append((raw, type_num, body))
+                    size += len(body)
                 # One pack per _EXPORT_PACK_BYTES: few packs, bounded memory.
                 if objects and (not page or size >= _EXPORT_PACK_BYTES):
                     await anyio.to_thread.run_sync(odb.write_pack, objects)
@@ -989,6 +1190,21 @@ class PgCas:
         finally:
             odb.close()
         return written
+
+    def _export_chunked(self, odb: ObjectDB, oid: str) -> None:
+        """(Worker thread.) A large blob into ``odb`` as a loose object, through a temp file beside it,
+        one chunk in memory at a time; the chunks are re-hashed on the way."""
+        fd, temp = tempfile.mkstemp(prefix="tmp_export_", dir=odb.objects)
+        try:
+            _RowView(self).stream_chunked(oid, lambda data: write_all(fd, data))
+            os.lseek(fd, 0, os.SEEK_SET)
+            raw, _st = odb.write_fd_blob(fd, temp)
+            if raw.hex() != oid:
+                raise IntegrityError(f"object {oid} changed while it was exported")
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
 
     # -- gc ----------------------------------------------------------------------------------------
 
@@ -1026,7 +1242,7 @@ class PgCas:
         mark = await self._mark(root_list, float(grace_s), roots_taken_at)
         deleted = reclaimed = 0
         held = 0.0
-        if not dry_run and mark.doomed:
+        if not dry_run:  # also with nothing doomed: chunks of uploads cut short go
             t0 = time.monotonic()
             deleted, reclaimed = await self._sweep(mark.doomed, mark.cutoff_us)
             held = time.monotonic() - t0
@@ -1047,7 +1263,7 @@ class PgCas:
             loose_before=0,
             loose_after=0,
             files_retired=0,
-            slices=0 if dry_run or not mark.doomed else 1,
+            slices=0 if dry_run else 1,
             gate_held_s=held,
             seconds=time.monotonic() - started,
             missing=mark.missing,
@@ -1119,6 +1335,41 @@ class PgCas:
             import shutil
 
             shutil.rmtree(self._own_cache, ignore_errors=True)
+
+
+def _upload_chunked(cas: PgCas, fd: int, shown: str) -> bytes:
+    """(Worker thread.) The large regular file open on ``fd`` as a chunked blob, in bounded memory:
+    one pass hashes it (and finds it stored already, the usual case for a large file that did not
+    change), a second sends it a chunk at a time, re-hashing what it sends; a file that changed
+    meanwhile is read again, up to three times, then ``StorageError``."""
+    for _attempt in range(3):
+        before = os.fstat(fd)
+        size = before.st_size
+        digest = hashlib.sha256(object_header(BLOB, size))
+        offset = 0
+        while offset < size and (data := os.pread(fd, min(CHUNK_BYTES, size - offset), offset)):
+            digest.update(data)
+            offset += len(data)
+        if offset != size or os.pread(fd, 1, size):
+            continue  # shorter or longer than its size said: changed
+        raw = digest.digest()
+        if anyio.from_thread.run(cas._types, [raw.hex()]).get(raw.hex()) == BLOB:
+            if os.fstat(fd).st_mtime_ns == before.st_mtime_ns:
+                return raw  # the snapshot's trees link to it: that write locks and freshens it
+            continue
+        sent = hashlib.sha256(object_header(BLOB, size))
+        offset = 0
+        for seq in range(-(-size // CHUNK_BYTES)):
+            data = os.pread(fd, min(CHUNK_BYTES, size - offset), offset)
+            if not data:
+                break
+            sent.update(data)
+            anyio.from_thread.run(cas._put_chunk, raw, seq, data)
+            offset += len(data)
+        if offset == size and sent.digest() == raw and os.fstat(fd).st_mtime_ns == before.st_mtime_ns:
+            anyio.from_thread.run(cas._seal, raw, size)
+            return raw
+    raise StorageError(f"{shown} kept changing while it was read")
 
 
 class _Mark:
