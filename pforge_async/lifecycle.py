@@ -34,6 +34,7 @@ from .clock import now_ms
 from .errors import IntegrityError, InvalidInput
 from .turnstore import gc as turn_gc
 from .turnstore.gc import TurnGcReport
+from .turnstore.sqlite import SqliteTurnStore
 
 if TYPE_CHECKING:
     from .store import Store
@@ -165,6 +166,8 @@ async def collect_store(store: Store, *, grace_s: float, dry_run: bool) -> GcRep
             f"store {store.root}: gc refuses a store with a part it cannot open ({parts}): what that part "
             "names cannot be known, so gc could reclaim what it still needs"
         )
+    if not isinstance(store.turns, SqliteTurnStore):  # another backend's store brings its own gc
+        raise InvalidInput(f"{type(store).__name__} does not implement gc")
     started = time.monotonic()
     root = store.root
     before = await anyio.to_thread.run_sync(store_bytes, root)

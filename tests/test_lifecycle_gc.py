@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pforge_async import InvalidInput, TurnNotFound, open_store
+from pforge_async import InvalidInput, NewTurn, TurnNotFound, open_store
 from pforge_async.turnstore.gc import CollectTurns, unreachable
 from pforge_async.turnstore.sqlite import SqliteTurnStore
 
@@ -154,3 +154,41 @@ async def test_erased_payloads_leave_every_file(tmp_path: Path) -> None:
         assert files_holding(root, needle) == []
     async with open_store(root, watch_workspaces=False) as store:
         assert [t.erased for t in await store.turns.list_turns(ctx.context_id)] == [True] * 52 + [False]
+
+
+async def test_the_sweep_keeps_a_candidate_a_writer_appends_to_between_slices(
+    turns: SqliteTurnStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver (``turnstore.gc.collect``) reads the turns appended since the mark as it sweeps:
+    a writer that, between two slices, appends to an old turn of a deleted context keeps that turn
+    and its ancestors; the rest of the deleted chain goes, in slices, highest first."""
+    import types
+
+    import anyio
+
+    from pforge_async.turnstore import gc as turn_gc
+
+    doomed = await turns.create_context()
+    ids = [
+        t.turn_id for t in await turns.append_turns([NewTurn(doomed.context_id, "t", b"%d" % i) for i in range(600)])
+    ]
+    other = await turns.create_context()
+    await turns.append_turn(other.context_id, "t", b"other")  # holds the highest id
+    await turns.delete_context(doomed.context_id)
+    written: list[int] = []
+
+    async def sleep_then_append(seconds: float) -> None:
+        if not written:  # after the first slice: the top of the deleted chain is gone already
+            assert not await turns._actor.fetchall("SELECT 1 FROM turns WHERE turn_id = ?", (ids[-1],))
+            record = await turns.append_turn(other.context_id, "t", b"on an old turn", parent_turn_id=ids[99])
+            written.append(record.turn_id)
+        await anyio.sleep(seconds)
+
+    monkeypatch.setattr(turn_gc, "anyio", types.SimpleNamespace(sleep=sleep_then_append, to_thread=anyio.to_thread))
+    report = await turn_gc.collect(turns, grace_s=0)
+    monkeypatch.undo()
+    assert written and report.turns_reclaimed == 500 and report.slices > 2
+    chain = [t.turn_id for t in await turns.list_turns(other.context_id, limit=200)]
+    assert chain == [*ids[:100], written[0]]
+    assert await turns.check() == []
+    assert (await turns.gc(grace_s=0)).turns_reclaimed == 1  # "other", now off the chain
