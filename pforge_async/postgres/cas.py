@@ -4,21 +4,26 @@ Objects are rows of one table keyed by their raw SHA-256 id in git's format (``s
 + body)``): the type, the body as git hashes it, and ``touched_at`` for gc. A row is written once
 (``ON CONFLICT``: an object already stored is never rewritten, only its ``touched_at`` freshened).
 Every read re-hashes what it returns, so a damaged row is ``IntegrityError`` naming its id, never wrong
-bytes. Refs are rows of a second table, updated compare-and-set in one statement each.
+bytes. A blob over ``CHUNKED_ABOVE`` is stored in chunks (``cas_chunks``), written before its row and
+read one at a time, so any size passes in bounded memory. Refs are rows of a second table, updated
+compare-and-set in one statement each; ``HEAD`` is ``refs/heads/main``, as in the file CAS.
 
-Writes go through one actor per process: a batch of commands is one transaction (objects inserted with
-one ``unnest`` statement, links checked with one ``FOR KEY SHARE`` lookup). Reads go through a small
-pool beside it and see every write whose call returned.
+Writes go through one actor per process (:class:`PgCasActor` on the shared :class:`.actor.PgActor`): a
+batch of commands is one transaction (objects inserted with one ``unnest`` statement in id order,
+links looked up and locked with one ``FOR KEY SHARE`` statement). Reads go through the actor's pool
+and see every write whose call returned.
 
-The git rules, tree and commit encoding, the workspace scan (``SnapshotPlan``) and ``restore_tree``
-are the file CAS's own, called here on adapters: what the file CAS accepts and refuses, this one does
-too, with the same workspace boundary guarantees (descriptor-relative scan and restore).
+The git rules, tree and commit encoding, the workspace scan (``SnapshotPlan``), ``restore_tree`` and
+the fsck walk are the file CAS's own, called here on adapters: what the file CAS accepts and refuses,
+this one does too, with the same workspace boundary guarantees (descriptor-relative scan and restore).
+``export_git`` writes everything into a bare repository ``git fsck --strict`` accepts.
 
-gc and freshening (git's rule, ``git prune``'s): an object younger than ``grace_s`` is kept, and so is
+gc (git's rule, ``git prune``'s, as the file CAS's): an object younger than ``grace_s`` is kept, and so is
 everything reachable from it, from the refs and from the roots given. A write that stores an object
-again, links to it (a tree entry, a commit's tree or parent), or ``has()`` that finds it freshens its
-``touched_at`` if it is older than ``freshen_s``; so with ``grace_s >= freshen_s`` a gc never takes an
-object out from under a tree or commit written beside it.
+again, links to it (a tree entry, a commit's tree or parent), or ``has()`` that finds it, freshens its
+``touched_at`` if it is older than ``freshen_s`` (so most reads write nothing); hence gc requires
+``grace_s >= freshen_s``. The sweep locks what it is about to delete and re-checks it (see
+:meth:`PgCasActor._gc`), so a tree or commit written beside a gc never loses what it links to.
 """
 
 from __future__ import annotations
