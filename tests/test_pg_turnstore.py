@@ -15,7 +15,7 @@ import anyio
 import asyncpg
 import pytest
 
-from pforge_async import ContextNotFound, HeadConflict, IntegrityError, StorageError
+from pforge_async import ContextNotFound, HeadConflict, IntegrityError, NewTurn, StorageError
 from pforge_async.cas import Cas
 from pforge_async.postgres.cas import open_pg_cas
 from pforge_async.postgres.turns import PgTurnActor, PgTurnStore
@@ -338,3 +338,34 @@ async def test_two_actors_on_one_context_make_one_chain(pg_dsn: str, pg_schema: 
         assert len(chain) == 800 and [t.depth for t in chain] == list(range(1, 801))
         assert all(b.parent_turn_id == a.turn_id for a, b in itertools.pairwise(chain))
         assert await two.check() == []
+
+
+async def test_erasures_of_shared_chains_from_two_writers(pg_dsn: str, pg_schema: str) -> None:
+    """Two writers erase forks that share most of their history, at once and again and again, while
+    appends go on: no deadlock, and every turn is counted by exactly one erasure."""
+    async with open_pg_turns(pg_dsn, pg_schema, None) as one, open_pg_turns(pg_dsn, pg_schema, None) as two:  # type: ignore[arg-type]
+        main = await one.create_context()
+        ids = [
+            t.turn_id for t in await one.append_turns([NewTurn(main.context_id, "t", b"%d" % i) for i in range(300)])
+        ]
+        forks = [await one.fork_context(ids[k]) for k in (299, 250, 200, 150, 100, 50)]
+        for fork in forks:
+            await one.append_turn(fork.context_id, "t", b"own")
+        counts: list[int] = []
+
+        async def erase(store: PgTurnStore, fork: Any) -> None:
+            counts.append(await store.erase_turns(fork.context_id))
+
+        async def append(store: PgTurnStore) -> None:
+            for i in range(20):
+                await store.append_turn(main.context_id, "t", b"more %d" % i)
+
+        async with anyio.create_task_group() as tg:
+            for n, fork in enumerate(forks):
+                tg.start_soon(erase, one if n % 2 else two, fork)
+            tg.start_soon(append, one)
+            tg.start_soon(append, two)
+        # 300 shared turns and one of each fork's own: each erased once, whoever got there first.
+        assert sum(counts) == 300 + len(forks)
+        assert all(t.erased for t in await one.list_turns(main.context_id, before_turn_id=ids[-1], limit=300))
+        assert await one.check() == []
