@@ -157,27 +157,28 @@ async def test_large_loose_objects_stay_loose_when_kept_and_go_when_not(tmp_path
 
 
 async def test_freshening_keeps_old_unreachable_objects(tmp_path: Path) -> None:
-    """An old unreachable object stored again, checked with has(), named by a new tree, or named by a
-    ref update becomes young again and survives; an untouched one does not."""
+    """An old unreachable object stored again, checked with has() or has_many(), named by a new tree,
+    or named by a ref update becomes young again and survives; an untouched one does not."""
     root = tmp_path / "s"
     async with open_store(root, watch_workspaces=False) as store:
         cas = store.cas
-        blobs = [await cas.write_blob(b"old blob %d" % i) for i in range(5)]
+        blobs = [await cas.write_blob(b"old blob %d" % i) for i in range(6)]
         age_everything(root, 2 * HOUR)
         assert await cas.write_blob(b"old blob 0") == blobs[0]  # a deduplicated write
         assert await cas.has(blobs[1])
         tree = await cas.write_tree([("f", "100644", blobs[2])])  # a new tree names it
         await cas.update_ref("refs/tags/t", blobs[3])
+        assert await cas.has_many([blobs[4], "ab" * 32]) == [True, False]  # a turn's refs, checked at once
         report = await cas.gc([], grace_s=HOUR)
         assert report.objects_reclaimed == 1
-        for oid in (*blobs[:4], tree):
+        for oid in (*blobs[:5], tree):
             assert await cas.has(oid), oid
-        assert not await cas.has(blobs[4])
+        assert not await cas.has(blobs[5])
         # Each freshening lasts one grace: once it is over, only what the ref holds is left.
         time.sleep(2.1)
         report = await cas.gc([], grace_s=1.0)
-        assert report.objects_reclaimed == 4
-        assert await cas.has(blobs[3]) and not await cas.has(blobs[0])
+        assert report.objects_reclaimed == 5
+        assert [await cas.has(oid) for oid in blobs] == [False, False, False, True, False, False]
         assert (await store.check()).problems == []
     git_fsck(root / "cas")
 

@@ -540,11 +540,15 @@ class ObjectDB:
 
     def freshen_one(self, raw: bytes) -> bool:
         """:meth:`freshen` of one object under a hold of its own (``Cas.has``); read-only: :meth:`has`."""
+        return self.freshen_many([raw])[0]
+
+    def freshen_many(self, raws: list[bytes]) -> list[bool]:
+        """:meth:`freshen` of each object, in order, under one hold (``Cas.has_many``)."""
         if self.gate is None:
-            return self.has(raw)
+            return [self.has(raw) for raw in raws]
         session = FreshSession(self)
         try:
-            return session.freshen(raw)
+            return [session.freshen(raw) for raw in raws]
         finally:
             session.release()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -106,6 +106,15 @@ class Cas:
         grace keeps it (see :meth:`gc`)."""
         validate_oid(oid)
         return await anyio.to_thread.run_sync(self._odb_open().freshen_one, bytes.fromhex(oid))
+
+    async def has_many(self, oids: Sequence[str]) -> list[bool]:
+        """:meth:`has` for each of ``oids``, in order, in one hop to a worker thread (a turn's refs)."""
+        if isinstance(oids, (str, bytes)) or not isinstance(oids, Sequence):
+            raise InvalidInput(f"has_many takes a sequence of object ids, not {type(oids).__name__}")
+        raws = [bytes.fromhex(validate_oid(oid)) for oid in oids]
+        if not raws:
+            return []
+        return await anyio.to_thread.run_sync(self._odb_open().freshen_many, raws)
 
     # -- trees -------------------------------------------------------------------------------------
 
