@@ -46,4 +46,5 @@ def wait_for_line(proc: subprocess.Popen[str], expected: str, timeout: float = 3
     line = proc.stdout.readline().strip()
     if line != expected:
         proc.kill()
-        raise AssertionError(f"child printed {line!r}, wanted {expected!r}: {proc.stderr.read()}")
+        err = proc.stderr.read() if proc.stderr else ""
+        raise AssertionError(f"child printed {line!r}, wanted {expected!r}: {err}")
