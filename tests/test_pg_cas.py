@@ -396,6 +396,29 @@ class TestPgCas:
         rows = await pg.sql(f'SELECT count(*) AS n FROM "{pg.schema}".cas_objects')
         assert rows[0]["n"] == 10_011
 
+    async def test_concurrent_reads_answer_each_caller_its_own(self, pg: Backend) -> None:
+        # Reads in one turn of the event loop share one query: each caller still gets its own answer.
+        cas: PgCas = pg.cas
+        datas = [b"read %d" % i for i in range(64)]
+        oids = [await cas.write_blob(d) for d in datas]
+        tree = await cas.write_tree([("f", FILE, oids[0])])
+        results: dict[int, object] = {}
+
+        async def read(i: int, oid: str) -> None:
+            try:
+                results[i] = await cas.read_blob(oid)
+            except Exception as exc:
+                results[i] = exc
+
+        async with anyio.create_task_group() as tg:
+            for i, oid in enumerate(oids):
+                tg.start_soon(read, i, oid)
+            tg.start_soon(read, 64, "ef" * 32)
+            tg.start_soon(read, 65, tree)
+            tg.start_soon(read, 66, oids[5])
+        assert [results[i] for i in range(64)] == datas and results[66] == datas[5]
+        assert isinstance(results[64], ObjectNotFound) and isinstance(results[65], InvalidInput)
+
     async def test_two_processes_and_many_tasks_store_each_object_once(self, pg: Backend) -> None:
         procs = [spawn(WRITE_SHARED_AND_OWN, pg.dsn, pg.schema, f"p{i}") for i in range(2)]
         # This process writes the shared objects as well, from 16 tasks, while they run.
