@@ -381,7 +381,7 @@ async def test_a_store_written_before_manifests_with_an_empty_database_is_refuse
 
 #: the facades' reads: named so, or one of these (restore writes outside the store, never in it).
 _READ_PREFIXES = ("get_", "find_", "list_", "iter_", "read_")
-_READS = {"fsck", "has", "restore", "check", "stats", "best_action", "totals"}
+_READS = {"fsck", "has", "has_many", "restore", "check", "stats", "best_action", "totals"}
 
 
 def _is_read(method: str) -> bool:
@@ -404,6 +404,8 @@ def _arguments(ids: dict[str, Any], scratch: Path) -> dict[str, Any]:
         "turn_id": ids["turn"],
         "from_turn_id": ids["turn"],
         "fs_root": ids["tree"],
+        "roots": [ids["tree"]],
+        "oids": [ids["blob"]],
         "key": "some-key",
         "idempotency_key": "some-key",
         "bundle_id": "bundle",
