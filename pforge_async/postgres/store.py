@@ -13,6 +13,7 @@ The runner task, closing from any task and ``async with`` are the embedded store
 
 from __future__ import annotations
 
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,7 +21,9 @@ from typing import Any
 
 import asyncpg
 
+from ..clock import now_ms
 from ..errors import InvalidInput, NotFound, PforgeError
+from ..lifecycle import GcReport, _count, validate_gc
 from ..manifest import PARTS, RootKind, RootPlan
 from ..store import Durability, Store, StoreCheck
 from ..turnstore.rules import DEFAULT_MAX_PAYLOAD
@@ -42,6 +45,17 @@ __all__ = ["PgStore", "connect_pg", "is_pg_dsn"]
 _SCHEMES = ("postgresql://", "postgres://")
 #: options :func:`connect_pg` hands every actor (see :class:`.actor.PgActor`).
 _ACTOR_OPTIONS = ("read_pool_size", "connect_timeout", "reconnect_wait", "connect_kwargs", "mailbox_size", "max_batch")
+#: a reservation purged is unknown to a late ``commit``: gc keeps expired ones at least a day, whatever
+#: its grace, so a call that outlives its reservation's expiry can still commit it.
+_RESERVATION_GRACE_S = 86400.0
+#: the tables gc deletes from besides the turn store's (which vacuums its own): vacuumed afterwards so
+#: the space is reused (PostgreSQL's plain VACUUM gives back only trailing empty pages to the OS).
+_VACUUMED = ("cas_objects", "cas_chunks", "nonces", "reservations", "reservation_tags")
+#: every table of the schema: heap, TOAST and indexes (``pg_total_relation_size``).
+_SCHEMA_BYTES = (
+    "SELECT COALESCE(sum(pg_total_relation_size(c.oid)), 0)::int8 FROM pg_class c "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'"
+)
 
 
 def is_pg_dsn(root: object) -> bool:
@@ -66,6 +80,7 @@ class PgStore(Store):
         readonly: bool,
         actor_options: dict[str, Any],
         cache_dir: Path | None,
+        freshen_s: float = 60.0,
     ) -> None:
         label = safe_dsn(dsn)
         super().__init__(
@@ -81,6 +96,7 @@ class PgStore(Store):
         self.schema = schema
         self._actor_options = actor_options
         self._cache_dir = cache_dir
+        self._freshen_s = freshen_s
         self._pg_actors: list[PgActor[Any]] = []
 
     def _options(self) -> dict[str, Any]:
@@ -96,7 +112,7 @@ class PgStore(Store):
 
     async def _start(self) -> None:
         options = self._options()
-        cas_actor = PgCasActor(self._dsn, **options)
+        cas_actor = PgCasActor(self._dsn, freshen_s=self._freshen_s, **options)
         await self.start_actor(cas_actor)
         self._pg_actors.append(cas_actor)
         self.cas = PgCas(cas_actor, cache_dir=self._cache_dir)
@@ -139,6 +155,91 @@ class PgStore(Store):
                 problems.append(f"{self.schema}.{part}: {exc}")
         return StoreCheck(problems, cas)
 
+    async def gc(self, *, grace_s: float = 3600.0, dry_run: bool = False) -> GcReport:
+        """:meth:`Store.gc` on PostgreSQL, in the same order and with the same report (see
+        :mod:`pforge_async.lifecycle`): the turns no live context reaches (in slices, beside writers of
+        any process), then the roots every remaining turn names (``fs_root``, ``refs``, and the blobs
+        pipeline checkpoints and agent tool outputs name in their payloads), then the CAS objects no
+        root, no ref and nothing younger than ``grace_s`` reaches, then expired nonces and
+        never-committed reservations (those kept at least a day whatever ``grace_s``: a late
+        ``commit`` of a purged one fails), then a plain ``VACUUM`` of the tables it deleted from.
+
+        Bytes are the schema's tables on the server (heap, TOAST, indexes): the server reuses freed
+        pages rather than shrinking its files, so ``bytes_freed`` may be small even when much went.
+        ``grace_s`` must be at least the CAS's ``freshen_s`` (``connect_pg(freshen_s=...)``, default
+        60 s), as :meth:`.cas.PgCas.gc` requires; a read-only store refuses; both ``InvalidInput``,
+        before anything is done. Crash-safe at any point: each step leaves the store sound."""
+        grace = validate_gc(grace_s, dry_run)
+        if self.readonly:
+            raise InvalidInput(f"store {self.root} is open read-only: gc needs a writable store")
+        if grace < self.cas.freshen_s:
+            # Checked here, not only by the CAS: otherwise the turns would go and then the CAS refuse.
+            raise InvalidInput(
+                f"gc grace_s {grace} is below the CAS's freshen_s {self.cas.freshen_s}: an object looked at "
+                "that recently may be about to be named (open the store with a smaller freshen_s)"
+            )
+        started = time.monotonic()
+        before = await self._bytes()
+        leave_out: list[int] = []
+        if dry_run:
+            leave_out = await self.turns.gc_candidates(grace_s=grace)
+            turns_report = await self.turns.gc(grace_s=grace, dry_run=True)
+        else:
+            turns_report = await self.turns.gc(grace_s=grace)
+        # Taken before the roots are read: what a writer freshens from now on is kept whatever the grace.
+        taken_at = time.time()
+        roots = await self.turns.cas_roots(leave_out)
+        cas_report = await self.cas.gc(sorted(roots), grace_s=grace, dry_run=dry_run, roots_taken_at=taken_at)
+        reservation_grace = max(grace, _RESERVATION_GRACE_S)
+        compacted = 0
+        if dry_run:
+            nonces = await _count(
+                self.nonces._actor,
+                "SELECT COUNT(*) FROM nonces WHERE expires_at_ms <= ?",
+                (now_ms() - int(grace * 1000),),
+            )
+            reservations = await _count(
+                self.budget._actor,
+                "SELECT COUNT(*) FROM reservations WHERE state != 'committed' AND expires_at_ms <= ?",
+                (now_ms() - round(reservation_grace * 1000),),
+            )
+            freed = turns_report.payload_bytes_reclaimed + cas_report.bytes_freed
+            after = max(0, before - freed)
+        else:
+            nonces = await self.nonces.purge_expired(grace_s=grace)
+            reservations = await self.budget.purge_expired(grace_s=reservation_grace)
+            vacuumed_from = await self._bytes()
+            await self._vacuum()
+            after = await self._bytes()
+            compacted = max(0, vacuumed_from - after)
+            freed = max(0, before - after)
+        return GcReport(
+            dry_run=dry_run,
+            grace_s=grace,
+            turns_reclaimed=turns_report.turns_reclaimed,
+            objects_reclaimed=cas_report.objects_reclaimed,
+            nonces_purged=nonces,
+            reservations_purged=reservations,
+            bytes_before=before,
+            bytes_after=after,
+            bytes_freed=freed,
+            seconds=time.monotonic() - started,
+            roots=len(roots),
+            compacted_bytes=compacted,
+            turns=turns_report,
+            cas=cas_report,
+        )
+
+    async def _bytes(self) -> int:
+        rows = await self._pg_actors[0].fetch(_SCHEMA_BYTES, self.schema)
+        return int(rows[0][0])
+
+    async def _vacuum(self) -> None:
+        # Outside a transaction (VACUUM refuses one), beside writers; SKIP_LOCKED passes over a table
+        # another session holds rather than waiting for it.
+        async with self._pg_actors[0].reading() as conn:
+            await conn.execute(f"VACUUM (SKIP_LOCKED) {', '.join(_VACUUMED)}")
+
 
 def _split_schema(dsn: str) -> tuple[str, str | None]:
     """``dsn`` without its ``schema`` query parameter (asyncpg would send it to the server as a
@@ -178,6 +279,7 @@ async def connect_pg(
     readonly: bool = False,
     watch_workspaces: bool = True,
     cache_dir: str | Path | None = None,
+    freshen_s: float = 60.0,
     **options: Any,
 ) -> PgStore:
     """Open the store in ``schema`` of the PostgreSQL database ``dsn`` (``postgresql://user@host/db``):
@@ -192,10 +294,12 @@ async def connect_pg(
     ``NotFound`` when the schema holds no store; ``readonly=True`` opens an existing store and every
     write raises ``InvalidInput``. ``watch_workspaces`` is accepted for the embedded store's sake and
     has no effect. ``cache_dir``: where snapshot stat caches live (a private temporary directory by
-    default). Other ``options`` go to every part's actor: ``read_pool_size`` (read connections per
-    part, default 4), ``connect_timeout``, ``reconnect_wait`` (seconds a write or read waits for a lost
-    server to come back before it fails with ``StorageError``, default 10), ``connect_kwargs``
-    (asyncpg.connect's: ``ssl``, ``password``, ...), ``mailbox_size``, ``max_batch``.
+    default). ``freshen_s``: how old a CAS object must be before a write or ``has`` that finds it
+    stamps it again (default 60 s; ``gc`` needs ``grace_s`` at least that). Other ``options`` go to
+    every part's actor: ``read_pool_size`` (read connections per part, default 4), ``connect_timeout``,
+    ``reconnect_wait`` (seconds a write or read waits for a lost server to come back before it fails
+    with ``StorageError``, default 10), ``connect_kwargs`` (asyncpg.connect's: ``ssl``, ``password``,
+    ...), ``mailbox_size``, ``max_batch``.
     """
     if not is_pg_dsn(dsn):
         raise InvalidInput(f"dsn must be a postgresql:// URL, got {dsn!r:.80}")
@@ -221,6 +325,7 @@ async def connect_pg(
         readonly=readonly,
         actor_options=options,
         cache_dir=None if cache_dir is None else Path(cache_dir),
+        freshen_s=freshen_s,
     )
     await store._launch()
     return store
