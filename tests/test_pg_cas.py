@@ -983,7 +983,8 @@ class TestPgWorkspaceBoundary:
         racer = Racer("restore", base, outside)
         try:
             end = time.monotonic() + RACE_S
-            while time.monotonic() < end:
+            # At least 4 restores however loaded the machine is (a restore from the table is slower).
+            while time.monotonic() < end or (restored + failed < 4 and time.monotonic() < end + 60):
                 target = base / f"t{restored + failed}"
                 try:
                     with anyio.fail_after(CALL_BOUND_S):
