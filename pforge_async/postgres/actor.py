@@ -335,6 +335,9 @@ class PgActor(Actor[C]):
                 self.dsn,
                 min_size=0,
                 max_size=max(1, self.read_pool_size),
+                # Reads leave no session state behind, so the reset query asyncpg runs at every release
+                # is one round trip per read for nothing (0.4-0.5 ms per fetch without it, 0.6-2 with).
+                reset=_no_reset,
                 **self._settings(writer=False),
             )
         except BaseException as exc:
@@ -657,3 +660,7 @@ class PgActor(Actor[C]):
             if found_rows:
                 problems.append(f"{label}: {what}: {', '.join(str(tuple(r)) for r in found_rows)}")
         return problems
+
+
+async def _no_reset(conn: Any) -> None:
+    """The read pool's release hook: nothing to reset (see ``PgActor.setup``)."""

@@ -4,8 +4,8 @@ starting at once on an empty database never race.
 Every part of a store (turns, cas, memory, nonces, budget) keeps its version in one table of the
 store's schema, ``pforge_versions (part, version)``. A part's schema is a sequence of SQL scripts:
 script ``i`` (counted from 1) upgrades version ``i - 1`` to ``i``, so a fresh schema runs them all in
-order and an old one runs only the missing ones. Everything happens in one transaction that first
-takes ``pg_advisory_xact_lock`` on a key derived from the schema's name: ``CREATE SCHEMA IF NOT EXISTS``
+order and an old one runs only the missing ones. Everything happens in one transaction, begun after
+taking ``pg_advisory_lock`` on a key derived from the schema's name: ``CREATE SCHEMA IF NOT EXISTS``
 and ``CREATE TABLE IF NOT EXISTS`` are not safe against each other without it (two sessions both see
 "absent" and one fails on the catalog's unique index), which is the race LangGraph's Postgres saver has.
 A part whose stored version is newer than the code knows is refused, untouched.
@@ -74,8 +74,20 @@ async def migrate(conn: Any, schema: str, part: str, scripts: Sequence[str], *, 
     if found > target:
         raise _newer(where, schema, part, found, target)
     quoted = quote_ident(schema)
+    key = advisory_key("pforge-migrate", schema)
+    # A session lock taken before BEGIN: the transaction then starts after the holder committed, with
+    # fresh catalog caches (an xact lock waited on inside the transaction left `to_regclass` stale, and
+    # the scripts ran twice: "relation ... already exists").
+    await conn.execute("SELECT pg_advisory_lock($1)", key)
+    try:
+        return await _migrate_locked(conn, schema, part, scripts, where, quoted)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", key)
+
+
+async def _migrate_locked(conn: Any, schema: str, part: str, scripts: Sequence[str], where: str, quoted: str) -> int:
+    target = len(scripts)
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", advisory_key("pforge-migrate", schema))
         # Read again under the lock: another process may have migrated meanwhile.
         found = await stored_version(conn, schema, part)
         if found > target:
