@@ -121,3 +121,43 @@ def test_no_store_or_a_file_as_root_is_one_line_and_exit_2(tmp_path: Path) -> No
     result = pforge("--root", str(afile), "gc", "--dry-run")
     assert result.returncode == 2 and result.stderr.startswith("pforge: error: "), result.stderr
     assert afile.read_bytes() == b"x"
+
+
+def under_pty(*args: str) -> tuple[int, str, bytes]:
+    """Run ``pforge args`` with stderr on a pseudo-terminal: (exit status, stdout, what the terminal got)."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*PFORGE, *args], stdout=subprocess.PIPE, stderr=slave, env=ENV)
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    proc.stdout.close()
+    return proc.wait(timeout=60), out, seen
+
+
+async def test_a_progress_bar_on_a_terminal_and_none_in_a_pipe(tmp_path: Path) -> None:
+    root = tmp_path / ".pforge"
+    await fill(root, tmp_path / "work")
+    code, out, terminal = under_pty("--root", str(root), "gc", "--dry-run")
+    assert code == 0 and out.startswith("would reclaim"), out
+    assert b"\rgc [" in terminal and terminal.endswith(b"\r\x1b[K"), terminal  # drawn, then cleared
+    piped = pforge("--root", str(root), "gc", "--dry-run")
+    assert piped.returncode == 0 and piped.stderr == ""
