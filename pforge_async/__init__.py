@@ -29,6 +29,7 @@ from .errors import (
 )
 from .fslock import FsLock
 from .ledgers import ActionStats, Reservation, Spent, Totals, Usage
+from .lifecycle import GcReport
 from .store import Durability, Store, StoreCheck, connect, open_store
 from .turnstore import (
     ContextHead,
@@ -66,6 +67,7 @@ __all__ = [
     "FsLock",
     "FsTurnStore",
     "FsckReport",
+    "GcReport",
     "HeadConflict",
     "IdempotencyConflict",
     "IntegrityError",

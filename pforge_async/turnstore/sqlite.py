@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import sqlite3
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
-
-import anyio
 
 from ..cas.store import Cas
 from ..clock import now_ms
@@ -44,15 +41,13 @@ from .commands import (
     TurnCommand,
 )
 from .gc import (
-    SLICE,
     CollectContexts,
     CollectTurns,
     TurnGcReport,
+    collect,
     collect_contexts,
     collect_turns,
-    files_size,
-    truncate_wal,
-    unreachable,
+    validate_grace,
 )
 from .rules import (
     DEFAULT_MAX_PAYLOAD,
@@ -963,75 +958,13 @@ class SqliteTurnStore(TurnStoreBase):
         nothing names any more (a deleted context's row is a few dozen bytes: its id and times).
         Off by default: SQLite checks each such row against every turn (``turns.context_id`` is a
         foreign key with no index), so it costs a pass over ``turns`` per row, under the lock."""
-        if isinstance(grace_s, bool) or not isinstance(grace_s, (int, float)) or not 0 <= grace_s < 10**9:
-            raise InvalidInput(f"grace_s must be a number of seconds from 0, got {grace_s!r}")
+        grace = validate_grace(grace_s)
         if not isinstance(drop_deleted_rows, bool):
             raise InvalidInput(f"drop_deleted_rows must be a bool, got {drop_deleted_rows!r}")
         if self._actor.readonly:
             # gc writes (slices, a WAL checkpoint) even when it finds nothing to reclaim.
             raise InvalidInput(f"{self.path} is open read-only: gc needs a writable store")
-        started = time.monotonic()
-        before = files_size(self.path)
-        cutoff = now_ms() - int(grace_s * 1000)
-        roots: list[int] = []
-        for head, base in await self._actor.fetchall(
-            "SELECT head_turn_id, base_turn_id FROM contexts WHERE deleted_at_ms IS NULL"
-        ):
-            roots += (head, base)
-        rows: list[tuple[int, int, int, int]] = []
-        after = 0
-        while page := await self._actor.fetchall(
-            "SELECT turn_id, parent_turn_id, created_at_ms, context_id FROM turns WHERE turn_id > ? "
-            "ORDER BY turn_id LIMIT 10000",
-            (after,),
-        ):
-            rows += [(row[0], row[1], row[2], row[3]) for row in page]
-            after = page[-1][0]
-        # Roots read before the turns: a head moved meanwhile points at a turn the pages include, or
-        # at one the sweep's own re-check keeps.
-        # In a worker thread: the mark's Python work would otherwise hold this event loop (and every
-        # task on it) for its whole length; there it yields the GIL every switch interval.
-        candidates, parents = await anyio.to_thread.run_sync(unreachable, rows, roots, cutoff)
-        marked_top = rows[-1][0] if rows else 0
-        context_of = {row[0]: row[3] for row in rows} if drop_deleted_rows else {}
-        del rows
-        turns = payload = slices = 0
-        kept: set[int] = set()
-        gone: set[int] = set()
-        for i in range(0, len(candidates), SLICE):
-            chunk = [turn_id for turn_id in candidates[i : i + SLICE] if turn_id not in kept]
-            if not chunk:
-                continue
-            deleted, size, keep = await self._actor.call(CollectTurns(chunk, cutoff, marked_top))
-            turns += len(deleted)
-            gone.update(deleted)
-            payload += size
-            slices += 1
-            for turn_id in keep:  # made live again: so are its ancestors, in later slices
-                while turn_id and turn_id not in kept:
-                    kept.add(turn_id)
-                    turn_id = parents.get(turn_id, 0)
-        contexts = 0
-        if drop_deleted_rows:
-            named = {context_id for turn_id, context_id in context_of.items() if turn_id not in gone}
-            deleted_contexts = await self._actor.fetchall(
-                "SELECT context_id FROM contexts WHERE deleted_at_ms IS NOT NULL AND deleted_at_ms <= ?", (cutoff,)
-            )
-            bare = [row[0] for row in deleted_contexts if row[0] not in named]
-            contexts = await self._actor.call(CollectContexts(bare, cutoff, marked_top))
-            slices += 1
-        del context_of
-        truncated = await anyio.to_thread.run_sync(truncate_wal, self.path)
-        return TurnGcReport(
-            turns_reclaimed=turns,
-            payload_bytes_reclaimed=payload,
-            contexts_reclaimed=contexts,
-            slices=slices,
-            wal_truncated=truncated,
-            bytes_before=before,
-            bytes_after=files_size(self.path),
-            seconds=time.monotonic() - started,
-        )
+        return await collect(self, grace_s=grace, drop_deleted_rows=drop_deleted_rows)
 
     async def _get_registry_bundle(self, bundle_id: str) -> bytes | None:
         row = await self._actor.fetchone("SELECT bundle_json FROM registry_bundles WHERE bundle_id = ?", (bundle_id,))
