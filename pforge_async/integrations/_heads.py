@@ -56,9 +56,7 @@ class WriterLock:
 
     def __init__(self) -> None:
         self._across = threading.Lock()
-        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
     def locked(self) -> bool:
         return self._across.locked()

@@ -36,9 +36,7 @@ def turns_of(store: object, what: str) -> tuple[TurnStoreBase, BudgetLedger | No
         return store.turns, store.budget
     if isinstance(store, TurnStoreBase):
         return store, None
-    raise InvalidInput(
-        f"{what} takes a Store, a turn store or a path, not {type(store).__name__} {store!r:.80}"
-    )
+    raise InvalidInput(f"{what} takes a Store, a turn store or a path, not {type(store).__name__} {store!r:.80}")
 
 
 class SharedStores:

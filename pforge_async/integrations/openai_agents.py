@@ -56,8 +56,7 @@ try:
     from agents.run_context import RunContextWrapper
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "pforge_async.integrations.openai_agents needs the OpenAI Agents SDK: "
-        "pip install 'pforge_async[openai-agents]'"
+        "pforge_async.integrations.openai_agents needs the OpenAI Agents SDK: pip install 'pforge_async[openai-agents]'"
     ) from exc
 
 __all__ = ["ITEM", "PforgeSession", "WriterConflict"]
