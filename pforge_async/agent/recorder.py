@@ -25,7 +25,15 @@ from typing import Any, cast
 import anyio
 import msgspec
 
-from ..errors import BudgetExceeded, Conflict, IdempotencyConflict, IntegrityError, InvalidInput, PersistenceError
+from ..errors import (
+    BudgetExceeded,
+    Conflict,
+    IdempotencyConflict,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    PersistenceError,
+)
 from ..ledgers.budget import BudgetLedger, Reservation, Usage
 from ..store import Store
 from ..turnstore.protocol import ArtifactStore, SessionStore, TypedTurnStore
@@ -647,9 +655,14 @@ class SessionRecorder:
             # An earlier run reserved (and maybe committed) for this turn, or charged it unreserved.
             reservation = await budget.find_reservation(key)
         if reservation is not None:
-            if reservation.state in ("held", "expired"):
+            if reservation.state not in ("held", "expired"):
+                return  # committed: charged already; released: given back on purpose
+            try:
                 await budget.commit(reservation, usage)
-            return  # committed: charged already; released: given back on purpose
+                return
+            except NotFound:
+                # Purged once expired (budget.purge_expired): charged unreserved below, to its vendor.
+                vendor, model = vendor or reservation.vendor, model or reservation.model
         if vendor is not None:
             await budget.record_spend(
                 vendor,
@@ -667,7 +680,10 @@ class SessionRecorder:
         if self._budget is None:
             return
         for reservation in await self._budget.list_reservations(tags=self._tags()):
-            await self._budget.release(reservation)
+            try:
+                await self._budget.release(reservation)
+            except NotFound:
+                pass  # purged meanwhile (it had expired): nothing is held any more
         self._pending = None
 
     async def _publish_bundle(self, turns: SessionStore) -> None:

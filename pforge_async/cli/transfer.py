@@ -17,7 +17,7 @@ import sys
 from typing import Any, TextIO
 
 from ..errors import InvalidInput, ObjectNotFound, StorageError
-from ..turnstore.rules import MAX_BATCH_BYTES, MAX_BATCH_TURNS
+from ..turnstore.rules import split_batches
 from ..turnstore.types import NewTurn
 from . import resolve
 from .app import Cli
@@ -90,18 +90,6 @@ def _read(file: str) -> list[ImportedTurn]:
     return turns
 
 
-def _batches(turns: list[ImportedTurn]) -> list[list[ImportedTurn]]:
-    batches: list[list[ImportedTurn]] = [[]]
-    size = 0
-    for turn in turns:
-        if batches[-1] and (len(batches[-1]) >= MAX_BATCH_TURNS or size + len(turn.payload) > MAX_BATCH_BYTES):
-            batches.append([])
-            size = 0
-        batches[-1].append(turn)
-        size += len(turn.payload)
-    return batches
-
-
 async def import_(cli: Cli, args: argparse.Namespace) -> int:
     turns = _read(args.file)
     async with cli.store(write=True) as store:
@@ -115,7 +103,7 @@ async def import_(cli: Cli, args: argparse.Namespace) -> int:
         progress.start()
         head = 0
         try:
-            for batch in _batches(turns):
+            for batch in split_batches(turns):
                 if not batch:
                     continue
                 records = await store.turns.append_turns(

@@ -525,6 +525,11 @@ class TurnStoreBase(ABC):
             raise ObjectNotFound(f"fs_root {oid} is not in the CAS") from exc
         except InvalidInput as exc:
             raise InvalidInput(f"fs_root {oid} is not a tree: {exc}") from exc
+        # read_tree does not freshen; has() does, so a CAS gc running now (or within the grace) keeps
+        # the tree this turn is about to name, however old it is.
+        has = getattr(self._trees, "has", None)
+        if has is not None and not await has(oid):
+            raise ObjectNotFound(f"fs_root {oid} is not in the CAS")
 
     async def _check_refs(self, oids: Sequence[str]) -> None:
         """``ObjectNotFound`` naming the first of ``oids`` (valid oids) that is not in the CAS.
