@@ -18,7 +18,14 @@ private attributes, raw SQL on their tables, their connection handling and their
 other failure fails the run. The tests pytest-asyncio and pytest-mock need are installed into the
 temporary directory, not into the environment.
 
-    python tests/external/run_openai_agents_suite.py [--version X.Y.Z] [--workdir DIR] [-- pytest arguments]
+    python tests/external/run_openai_agents_suite.py [--version X.Y.Z] [--workdir DIR] [--backend postgres]
+        [-- pytest arguments]
+
+``--backend postgres`` runs only the SDK's session test files (``SESSION_FILES``) with every
+substituted session on PostgreSQL: a private server from
+tests/_pg.py (or ``PFORGE_TEST_PG_DSN``'s), all sessions in one schema, a name prefix standing for
+the database the SDK's class would have opened (``":memory:"``: one of the instance's own; a file:
+one shared by every instance naming it).
 
 A test that fails is run again in a second, unsubstituted copy: one that fails there too fails
 because of this environment (say, a newer ``openai`` than the SDK's tests expect), and is reported as
@@ -163,6 +170,16 @@ EXCLUDED_TESTS: dict[str, dict[str, str]] = {
 }
 EXCLUDED = {f"{file}::{test}": why for file, tests in EXCLUDED_TESTS.items() for test, why in tests.items()}
 
+#: the SDK's tests of the Session contract (its SQLite classes' tests, SQLiteSession and
+#: AsyncSQLiteSession substituted, and the encrypted wrapper over them): all ``--backend postgres`` runs
+#: (the runner and compaction tests above a session are the SQLite run's; they add nothing here)
+SESSION_FILES = [
+    "tests/memory/test_session.py",
+    "tests/memory/test_session_limit.py",
+    "tests/extensions/memory/test_async_sqlite_session.py",
+    "tests/extensions/memory/test_encrypt_session.py",
+]
+
 SUBSTITUTES = '''\
 """Written by pforge_async's tests/external/run_openai_agents_suite.py: the session classes the SDK's
 tests use, replaced by pforge_async's PforgeSession."""
@@ -170,6 +187,7 @@ tests use, replaced by pforge_async's PforgeSession."""
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 from typing import Any
 from uuid import uuid4
@@ -177,7 +195,17 @@ from uuid import uuid4
 from pforge_async.integrations.openai_agents import PforgeSession
 
 _STORE = os.environ["PFORGE_SDK_TEST_STORE"]
+#: "postgres": _STORE is a postgresql:// DSN, and every session lives in its one schema
+_POSTGRES = os.environ.get("PFORGE_SDK_BACKEND") == "postgres"
 _USED: set[str] = set()
+
+
+def _on_server(session: PforgeSession) -> None:
+    """Until the adapter's Backing takes a DSN string as one (reported: it made it a local path,
+    ./postgresql:/..., and opened SQLite there), hand it the DSN itself: connect() dispatches it."""
+    backing: Any = session._backing
+    if _POSTGRES and backing.path is not None and str(backing.path) != _STORE:
+        backing._path = _STORE
 
 
 def _used() -> None:
@@ -206,7 +234,14 @@ class SQLiteSession(PforgeSession):
         _used()
         prefix = "openai-agents" if messages_table == "agent_messages" else f"openai-agents/{messages_table}"
         store = ":memory:" if str(db_path) == ":memory:" else str(db_path)
+        if _POSTGRES:
+            # One schema for all: a name prefix stands for the database the SDK's class would open
+            # (":memory:" one of this instance's own, a file one shared by every instance naming it).
+            private = str(db_path) == ":memory:"
+            where = uuid4().hex if private else hashlib.sha256(os.path.abspath(store).encode()).hexdigest()[:24]
+            prefix, store = f"{prefix}/{where}", _STORE
         super().__init__(session_id, store, session_settings=session_settings, prefix=prefix)
+        _on_server(self)
         self.db_path = db_path
 
 
@@ -224,6 +259,7 @@ class SimpleListSession(PforgeSession):
     def __init__(self, session_id: str = "test", history: Any = None) -> None:
         _used()
         super().__init__(session_id, _STORE, prefix=f"sdk-tests/{uuid4().hex}")
+        _on_server(self)
         self._ignore_ids_for_matching = False
         self._seed = list(history) if history else []
         self._items: list[Any] = list(self._seed)
@@ -270,8 +306,19 @@ def fetch(version: str, workdir: Path) -> Path:
     """Download the sdist (no wheel, no dependencies) and unpack it; returns the source root."""
     dl = workdir / "dl"
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-         f"openai-agents=={version}", "-d", str(dl)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            f"openai-agents=={version}",
+            "-d",
+            str(dl),
+        ],
         check=True,
     )
     (archive,) = dl.glob("openai_agents-*.tar.gz")
@@ -319,8 +366,11 @@ def substitute(root: Path) -> None:
 
 def files_to_run(root: Path) -> list[str]:
     tests = root / "tests"
-    found = {str(p.relative_to(root)) for p in tests.rglob("test_*.py")
-             if re.search(r"SimpleListSession|CountingSession|IdStrippingSession", p.read_text())}
+    found = {
+        str(p.relative_to(root))
+        for p in tests.rglob("test_*.py")
+        if re.search(r"SimpleListSession|CountingSession|IdStrippingSession", p.read_text())
+    }
     return sorted(found | set(SUBSTITUTED_CLASS_FILES))
 
 
@@ -345,18 +395,35 @@ def pytest_deselected(items):
 
 
 def run_pytest(
-    root: Path, plugins: Path, workdir: Path, tag: str, args: list[str], *, quiet: bool = False
+    root: Path, plugins: Path, workdir: Path, tag: str, args: list[str], *, quiet: bool = False, dsn: str | None = None
 ) -> tuple[int, dict[str, str], set[str]]:
-    """Run pytest in ``root``; returns its exit status, each test's outcome and the deselected ids."""
+    """Run pytest in ``root``; returns its exit status, each test's outcome and the deselected ids.
+    ``dsn``: the sessions live on that PostgreSQL server (one schema) instead of a SQLite store."""
     outcomes, deselected = workdir / f"{tag}.outcomes", workdir / f"{tag}.deselected"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(plugins), *filter(None, [env.get("PYTHONPATH")])])
-    env["PFORGE_SDK_TEST_STORE"] = str(workdir / f"{tag}-store")
+    env["PFORGE_SDK_TEST_STORE"] = str(workdir / f"{tag}-store") if dsn is None else dsn
+    env["PFORGE_SDK_BACKEND"] = "sqlite" if dsn is None else "postgres"
     env["PFORGE_SDK_TEST_USED"] = str(workdir / f"{tag}.used")
     env["PFORGE_SDK_OUTCOMES"] = str(outcomes)
     env["PFORGE_SDK_DESELECTED"] = str(deselected)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pforge_outcomes",
-               "--timeout", "120", "--rootdir", str(root), "-c", str(root / "pyproject.toml"), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "pforge_outcomes",
+        "--timeout",
+        "120",
+        "--rootdir",
+        str(root),
+        "-c",
+        str(root / "pyproject.toml"),
+        *args,
+    ]
     if quiet:
         with open(workdir / f"{tag}.log", "w", encoding="utf-8") as log:
             status = subprocess.run(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -376,52 +443,123 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", default=importlib.metadata.version("openai-agents"))
     parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards (default: a temporary one)")
+    parser.add_argument(
+        "--backend",
+        choices=["sqlite", "postgres", "all"],
+        default="sqlite",
+        help="postgres: only the session test files, every session on a private PostgreSQL server; "
+        "all: sqlite then postgres, the SDK fetched once",
+    )
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pforge-sdk-tests-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
     try:
+        started = time.monotonic()
         root = fetch(args.version, workdir / "substituted")
         plugins = install_plugins(workdir)
         (plugins / "pforge_outcomes.py").write_text(OUTCOMES)
         files = files_to_run(root)
         substitute(root)
-        deselect = [arg for node in EXCLUDED for arg in ("--deselect", node)]
-        print(f"openai-agents {args.version}: {len(files)} test files, {len(EXCLUDED)} tests excluded", flush=True)
-        status, outcomes, dropped = run_pytest(
-            root, plugins, workdir, "substituted", [*deselect, *args.pytest_args, *files]
-        )
-        if status not in (0, 1):
-            print(f"pytest stopped with status {status} (not a test failure): see above")
-            return status
-        stale = set(EXCLUDED) - dropped
-        if stale:
-            print("excluded tests that no longer exist (update EXCLUDED):", *sorted(stale), sep="\n  ")
-            return 2
-        failed = sorted(node for node, outcome in outcomes.items() if outcome == "failed")
-        passed = len(outcomes) - len(failed)
-        used = workdir / "substituted.used"
-        constructed = {line for line in used.read_text().splitlines() if line} if used.exists() else set()
-        regressions = failed
-        if failed:
-            # Does each failure fail the same way with the SDK's own classes, in this environment?
-            base_root = fetch(args.version, workdir / "baseline")
-            _, base, _ = run_pytest(base_root, plugins, workdir, "baseline", failed, quiet=True)
-            regressions = [node for node in failed if base.get(node) != "failed"]
-        print(f"\nopenai-agents {args.version}, PforgeSession substituted: {passed} passed, {len(failed)} failed, "
-              f"{len(EXCLUDED)} excluded (SQLite internals, listed in {Path(__file__).name}); "
-              f"{len(constructed)} distinct tests constructed a PforgeSession")
-        if failed:
-            print(f"of the {len(failed)} failures, {len(failed) - len(regressions)} fail the same way with the "
-                  f"SDK's own session classes here (this environment, not the substitution)")
-        for node in regressions:
-            print(f"FAILS ONLY WITH PforgeSession: {node}")
-        print(f"({time.monotonic() - started:.0f} s in all)")
-        return 1 if regressions else 0
+        status = 0
+        if args.backend in ("sqlite", "all"):
+            status = run(args, root, plugins, workdir, files, None, started) or status
+        if args.backend in ("postgres", "all"):
+            sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+            from tests._pg import pg_server
+
+            try:
+                with pg_server(fsync="off") as (dsn, _):
+                    pg = f"{dsn}?schema=sdk_tests"
+                    status = run(args, root, plugins, workdir, files, pg, time.monotonic()) or status
+            except RuntimeError as exc:  # no server binaries and no PFORGE_TEST_PG_DSN: say how to get one
+                print(exc)
+                return 2
+        return status
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def server_sessions(dsn: str) -> int:
+    """How many sessions (named contexts) the run left in the server's ``sdk_tests`` schema."""
+    import asyncio
+
+    import asyncpg
+
+    async def count() -> int:
+        conn = await asyncpg.connect(dsn.split("?", 1)[0])
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM sdk_tests.contexts WHERE name IS NOT NULL"))
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
+def run(
+    args: argparse.Namespace,
+    root: Path,
+    plugins: Path,
+    workdir: Path,
+    files: list[str],
+    dsn: str | None,
+    started: float,
+) -> int:
+    """One backend's run of the substituted copy; 0 unless a test fails with PforgeSession alone."""
+    tag = "substituted" if dsn is None else "substituted-postgres"
+    excluded = EXCLUDED
+    if dsn is not None:
+        missing = sorted(set(SESSION_FILES) - set(files))
+        if missing:
+            raise SystemExit(f"session test files no longer in the SDK (update SESSION_FILES): {missing}")
+        files = list(SESSION_FILES)
+        excluded = {node: why for node, why in EXCLUDED.items() if node.split("::")[0] in files}
+    deselect = [arg for node in excluded for arg in ("--deselect", node)]
+    backend = "SQLite store" if dsn is None else "PostgreSQL store (a private server)"
+    print(
+        f"openai-agents {args.version} on a {backend}: {len(files)} test files, {len(excluded)} tests excluded",
+        flush=True,
+    )
+    status, outcomes, dropped = run_pytest(root, plugins, workdir, tag, [*deselect, *args.pytest_args, *files], dsn=dsn)
+    if status not in (0, 1):
+        print(f"pytest stopped with status {status} (not a test failure): see above")
+        return status
+    if dsn is not None and outcomes:
+        stored = server_sessions(dsn)
+        print(f"{stored} sessions stored on the server (schema sdk_tests)")
+        if not stored:
+            print("nothing reached the PostgreSQL server: the sessions were stored elsewhere")
+            return 2
+    stale = set(excluded) - dropped
+    if stale:
+        print("excluded tests that no longer exist (update EXCLUDED):", *sorted(stale), sep="\n  ")
+        return 2
+    failed = sorted(node for node, outcome in outcomes.items() if outcome == "failed")
+    passed = len(outcomes) - len(failed)
+    used = workdir / f"{tag}.used"
+    constructed = {line for line in used.read_text().splitlines() if line} if used.exists() else set()
+    regressions = failed
+    if failed:
+        # Does each failure fail the same way with the SDK's own classes, in this environment?
+        base_root = workdir / "baseline"
+        base_root = next((base_root / "src").iterdir()) if base_root.exists() else fetch(args.version, base_root)
+        _, base, _ = run_pytest(base_root, plugins, workdir, f"baseline-{tag}", failed, quiet=True)
+        regressions = [node for node in failed if base.get(node) != "failed"]
+    print(
+        f"\nopenai-agents {args.version}, PforgeSession on a {backend} substituted: {passed} passed, "
+        f"{len(failed)} failed, {len(excluded)} excluded (SQLite internals, listed in {Path(__file__).name}); "
+        f"{len(constructed)} distinct tests constructed a PforgeSession"
+    )
+    if failed:
+        print(
+            f"of the {len(failed)} failures, {len(failed) - len(regressions)} fail the same way with the "
+            f"SDK's own session classes here (this environment, not the substitution)"
+        )
+    for node in regressions:
+        print(f"FAILS ONLY WITH PforgeSession: {node}")
+    print(f"({time.monotonic() - started:.0f} s)", flush=True)
+    return 1 if regressions else 0
 
 
 if __name__ == "__main__":
