@@ -102,6 +102,7 @@ async def test_a_disk_error_writing_the_journal_is_a_storage_error(
     async with open_store(root, watch_workspaces=False) as store:
         with pytest.raises(StorageError):
             await store.cas.gc([], grace_s=HOUR)
+        assert await store.cas.read_blob(kept[0]) == b"kept 0"  # still serving
 
 
 @pytest.mark.parametrize("step", ["prepare_journal", "publish_journal", "finish"])
