@@ -184,3 +184,43 @@ async def test_two_store_gcs_at_once_beside_a_writer(tmp_path: Path) -> None:
             assert await store.cas.read_blob(blob) == b"blob of context %d" % int(payloads[0].split()[1])
         assert (await store.check()).problems == []
     git_fsck(root / "cas")
+
+
+async def test_a_large_file_snapshotted_again_while_its_doomed_loose_blob_is_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large blob is a loose file named by its id. gc retires it (unreachable, old); between the
+    decision and the deletion another opener snapshots the same file: its new loose file has the same
+    name, so its rename must wait for the deletion (an unlink by name after it would lose it)."""
+    root = tmp_path / "s"
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    big = os.urandom(1 << 20) * 3  # over the large-file threshold: streamed into a loose object
+    (workspace / "big.bin").write_bytes(big)
+    async with open_store(root, watch_workspaces=False) as a:
+        old = await a.cas.snapshot(workspace)
+        big_oid = (await a.cas.read_tree(old))[0].oid
+        assert (root / "cas" / "objects" / big_oid[:2] / big_oid[2:]).exists()
+    age_cas(root, 2 * HOUR)
+    async with open_store(root, watch_workspaces=False) as a, open_store(root, watch_workspaces=False) as b:
+        trees: list[str] = []
+
+        async def snapshot() -> None:
+            trees.append(await b.cas.snapshot(workspace))
+
+        async with anyio.create_task_group() as tg:
+
+            async def other_opener() -> None:
+                assert not await b.cas.has(big_oid)  # retired: gone from its view
+                tg.start_soon(snapshot)
+
+            ran = at_step(monkeypatch, "finish", 2, other_opener)
+            report = await a.cas.gc([], grace_s=HOUR)
+        assert ran and report.objects_reclaimed == 2  # the tree and the big blob
+        assert trees == [old]
+    async with open_store(root, watch_workspaces=False) as store:
+        assert await store.cas.read_blob(big_oid) == big
+        await store.cas.restore(old, tmp_path / "restored")
+        assert (tmp_path / "restored" / "big.bin").read_bytes() == big
+        assert (await store.check()).problems == []
+    git_fsck(root / "cas")
