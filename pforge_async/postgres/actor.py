@@ -29,6 +29,7 @@ with the originals'. Integral ``numeric`` results (what ``SUM`` of a ``bigint`` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import decimal
 import logging
 import re
@@ -191,7 +192,12 @@ def _connection_lost(exc: BaseException, raw: Any = None) -> bool:
         return True
     if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
         return True
-    return raw is not None and bool(raw.is_closed())
+    if raw is None:
+        return False
+    try:
+        return bool(raw.is_closed())
+    except asyncpg.InterfaceError:
+        return True  # a pool proxy released under us: its connection is gone
 
 
 def translate(where: str, exc: BaseException) -> PforgeError:
@@ -600,7 +606,10 @@ class PgActor(Actor[C]):
                         records = await raw.fetch(sql, *params)
                     except BaseException as exc:
                         if _connection_lost(exc, raw):
-                            raw.terminate()  # the pool replaces it: never hand a confused one out again
+                            # The pool replaces it: never hand a confused one out again. A proxy the
+                            # pool already took back (its connection died under it) refuses both calls.
+                            with contextlib.suppress(asyncpg.InterfaceError):
+                                raw.terminate()
                         raise
                 return [_row(r) for r in records]
             except Exception as exc:
