@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import re
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
@@ -34,7 +36,7 @@ from .fslock import FsLock
 from .ledgers.budget import BudgetActor, BudgetLedger
 from .ledgers.constellation import ConstellationActor, ConstellationMemory
 from .ledgers.nonces import NonceActor, NonceLedger
-from .lifecycle import GcReport, collect_store, validate_gc
+from .lifecycle import GcReport, collect_store, turn_roots, validate_gc
 from .manifest import PARTS, RootKind, RootPlan, create_root, plan_root, quarantined, write_manifest
 from .turnstore.rules import DEFAULT_MAX_PAYLOAD
 from .turnstore.sqlite import SqliteTurnStore, TurnActor
@@ -46,6 +48,7 @@ __all__ = ["Durability", "GcReport", "Store", "StoreCheck", "connect", "open_sto
 
 Durability = Literal["full", "normal"]
 DEFAULT_ROOT = ".pforge"
+_OID = re.compile(r"[0-9a-f]{64}")
 
 
 class StoreCheck(msgspec.Struct, frozen=True):
@@ -260,7 +263,32 @@ class Store:
                 problems += await part_check()
             except IntegrityError as exc:  # damage the check itself runs into is a finding too
                 problems.append(f"{file}: {exc}")
+        if "turns.db" not in self._damaged:
+            problems += await self._missing_turn_objects()
         return StoreCheck(problems, cas)
+
+    async def _missing_turn_objects(self) -> list[str]:
+        """The CAS objects turns still present name (``fs_root``, ``refs``, blobs named in checkpoint
+        and tool-output payloads) that the CAS lacks: gc keeps every one of them, so a gap is damage
+        (a workspace that can no longer be restored), not garbage. Looked up without freshening."""
+        odb = self._cas_actor.odb if self._cas_actor is not None else None
+        if odb is None:
+            return []
+
+        def missing() -> list[str]:
+            try:
+                roots = turn_roots(self.turns.path)
+            except sqlite3.DatabaseError as exc:
+                return [f"turns.db: cannot list the objects turns name: {exc}"]
+            found = []
+            for oid in sorted(roots):
+                if not _OID.fullmatch(oid):
+                    found.append(f"turns.db: a turn names {oid!r}, which is not an object id")
+                elif not odb.has(bytes.fromhex(oid)):
+                    found.append(f"turns.db: a turn names CAS object {oid}, which is missing")
+            return found
+
+        return await anyio.to_thread.run_sync(missing)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
