@@ -80,13 +80,6 @@ async def _drop(dsn: str, schemas: list[str]) -> None:
         await conn.close()
 
 
-DSN_AS_PATH = (
-    "integrations/_stores.py Backing turns a postgresql:// string into a local path "
-    "(Path('postgresql://h/db').absolute() -> ./postgresql:/h/db) and opens a SQLite store there"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=DSN_AS_PATH)
 async def test_a_session_named_by_dsn_lives_on_the_server(
     pg_dsn: str, pg_schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -108,7 +101,6 @@ async def test_a_saver_from_path_dsn_lives_on_the_server(
     await _assert_on_server(pg_dsn, pg_schema, tmp_path, "t-from-path")
 
 
-@pytest.mark.xfail(strict=True, reason=DSN_AS_PATH)
 async def test_a_saver_named_by_dsn_lives_on_the_server(
     pg_dsn: str, pg_schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

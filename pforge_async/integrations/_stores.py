@@ -26,6 +26,8 @@ __all__ = ["MEMORY", "StoreLike", "Backing", "SharedStores", "turns_of"]
 
 #: names a fresh, private, in-memory turn store (as ``":memory:"`` does for SQLite)
 MEMORY = ":memory:"
+#: a str starting so names a PostgreSQL store (``open_store`` takes the same)
+_DSN_SCHEMES = ("postgresql://", "postgres://")
 
 StoreLike = Union[Store, TurnStoreBase, str, "os.PathLike[str]"]
 
@@ -43,11 +45,11 @@ class SharedStores:
     """One open store per (directory, event loop), counted by its users."""
 
     def __init__(self) -> None:
-        self._open: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Path, _Entry]] = (
+        self._open: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Path | str, _Entry]] = (
             weakref.WeakKeyDictionary()
         )
 
-    async def acquire(self, path: Path, options: dict[str, Any]) -> Store:
+    async def acquire(self, path: Path | str, options: dict[str, Any]) -> Store:
         loop = asyncio.get_running_loop()
         stores = self._open.setdefault(loop, {})
         entry = stores.get(path)
@@ -84,10 +86,10 @@ class SharedStores:
 
 
 _opening_guard = threading.Lock()
-_opening: dict[Path, threading.Lock] = {}
+_opening: dict[Path | str, threading.Lock] = {}
 
 
-async def _connect_one_at_a_time(path: Path, options: dict[str, Any]) -> Store:
+async def _connect_one_at_a_time(path: Path | str, options: dict[str, Any]) -> Store:
     """Open the store at ``path``, one opener of this process at a time (the event loops of several
     threads may open it at once, and the first open creates it), waiting without blocking a loop."""
     with _opening_guard:
@@ -120,7 +122,8 @@ class Backing:
     def __init__(self, store: StoreLike, what: str, options: dict[str, Any] | None = None) -> None:
         self._what = what
         self._options = dict(options or {})
-        self._path: Path | None = None
+        #: the directory, or a PostgreSQL DSN (kept as given: it names a server, not a path)
+        self._path: Path | str | None = None
         #: a store given (or made): the same for every loop
         self.fixed: TurnStoreBase | None = None
         self._fixed_budget: BudgetLedger | None = None
@@ -128,6 +131,8 @@ class Backing:
         self._opened: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Store] = weakref.WeakKeyDictionary()
         if isinstance(store, str) and store == MEMORY:
             self.fixed = MemoryTurnStore()
+        elif isinstance(store, str) and store.startswith(_DSN_SCHEMES):
+            self._path = store
         elif isinstance(store, (str, os.PathLike)):
             if isinstance(os.fspath(store), bytes) or os.fspath(store) == "":
                 raise InvalidInput(f"{what}: the store path must be a non-empty str path, got {store!r}")
@@ -136,7 +141,7 @@ class Backing:
             self.fixed, self._fixed_budget = turns_of(store, what)
 
     @property
-    def path(self) -> Path | None:
+    def path(self) -> Path | str | None:
         return self._path
 
     async def open(self) -> TurnStoreBase:
