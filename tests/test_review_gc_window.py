@@ -166,15 +166,11 @@ async def test_a_reclaimed_tree_is_refused_as_fs_root_right_after_gc(
             await store.turns.attach_fs(turn.turn_id, tree)
 
 
-@pytest.mark.xfail(
-    reason="BUG (low): after Cas.gc the collecting process keeps serving reclaimed objects from the "
-    "deleted packs' maps (Cas.gc's sync_retired does not refresh once the journal is gone) until its "
-    "next look at the pack directory: has() says False, read_tree/read_blob still answer",
-    strict=True,
-)
 async def test_the_collecting_process_reads_no_reclaimed_object(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Found by this review: Cas.gc's sync_retired did not refresh once the journal was gone, so the
+    collecting process served reclaimed objects from the deleted packs' maps until its next look."""
     # The stale view lasts until the next look at the pack directory (every 2 s): widened here so the
     # outcome does not hang on how long this machine takes to run gc.
     monkeypatch.setattr(odb_module, "_STALE_CHECK_S", 600.0)
@@ -192,12 +188,8 @@ async def test_the_collecting_process_reads_no_reclaimed_object(
             await store.cas.read_tree(tree)
 
 
-@pytest.mark.xfail(
-    reason="GAP: Store.check() never looks whether the objects live turns name (fs_root, refs) are in "
-    "the CAS, so a turn whose workspace was reclaimed passes check()",
-    strict=True,
-)
 async def test_check_names_a_live_turn_whose_fs_root_is_gone(tmp_path: Path) -> None:
+    """Found by this review (closed in e2d4644): check() never looked whether live turns' objects exist."""
     root = tmp_path / "s"
     async with open_store(root, watch_workspaces=False) as store:
         tree = await old_tree(store, tmp_path / "ws")
