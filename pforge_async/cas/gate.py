@@ -35,6 +35,13 @@ class GcGate:
         self.run_path = lock_dir / "cas-gc-run.lock"
         self._keepers: list[FsLock] = []
         self._keep_lock = threading.Lock()
+        #: bumped each time a journal of retired files is finished through this gate (this process):
+        #: the ObjectDB sharing it refreshes, so it stops serving objects from the deleted packs' maps.
+        self.finished = 0
+
+    def note_finished(self) -> None:
+        with self._keep_lock:
+            self.finished += 1
 
     def _keep_open(self) -> None:
         # Taken very often: keep the two descriptors open between holds (never acquired themselves).

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import secrets
+import stat
 import time
 import zlib
 from collections.abc import Iterable
@@ -38,6 +40,7 @@ from pathlib import Path
 import msgspec
 
 from ..errors import InvalidInput, PforgeError, StorageError
+from .dirfd import ROOT_FLAGS, open_dir_at
 from .gate import GcGate
 from .gitrules import parse_tree
 from .objects import BLOB, COMMIT, TAG, TREE, TYPE_NUMBERS, object_header, validate_oid
@@ -47,6 +50,8 @@ from .refs import RefStore
 from .retired import FRESH_LOG, Retired, discard, finish, prepare_journal, publish_journal, read_fresh_log
 
 __all__ = ["CasGcReport", "collect", "validate_gc_args"]
+
+log = logging.getLogger(__name__)
 
 #: file times tick coarsely (a jiffy): a grace shorter than this counts as this long.
 MIN_GRACE_S = 0.05
@@ -66,7 +71,9 @@ class CasGcReport(msgspec.Struct, frozen=True):
     writer while gc ran: kept. ``objects_reclaimed``: dropped. Bytes are those of the files under
     ``objects/``. ``missing`` lists roots and ref targets that are not in the CAS; ``unreadable`` the
     objects gc could not read (their files are left in place). ``gate_held_s`` is the longest time gc
-    held the writers' gate at once."""
+    held the writers' gate at once. ``skipped`` lists entries under ``objects/`` (``ab``, ``ab/cdef...``)
+    that are not a real directory or regular file (a symlink someone made): gc neither follows nor
+    removes them, and the objects they would hold count as absent."""
 
     dry_run: bool
     objects_before: int
@@ -87,6 +94,7 @@ class CasGcReport(msgspec.Struct, frozen=True):
     seconds: float
     missing: list[str] = msgspec.field(default_factory=list)
     unreadable: list[str] = msgspec.field(default_factory=list)
+    skipped: list[str] = msgspec.field(default_factory=list)
 
 
 def validate_gc_args(roots: object, grace_s: object, dry_run: object, roots_taken_at: object) -> list[str]:
@@ -150,6 +158,7 @@ class _Collector:
         self.outputs: set[str] = set()  # pack base names gc wrote
         self.log_offset = 0  # how much of the freshening log the mark read
         self.exclusive_depth = 0
+        self.skipped: list[str] = []  # entries under objects/ gc neither followed nor removed
 
     # -- mark ---------------------------------------------------------------------------------------
 
@@ -186,26 +195,48 @@ class _Collector:
                 if ages is not None:
                     age = float(ages[i]) if untouched else max(float(ages[i]), pack_age)
                 inv.add(raw, index, offsets[raw], age)
-        for prefix in sorted(os.listdir(self.objects)):
-            if len(prefix) != 2:
-                continue
-            directory = os.path.join(self.objects, prefix)
-            try:
-                names = os.listdir(directory)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for rest in names:
-                if len(rest) != 62 or rest.startswith("tmp_"):
+        self.inventory_loose()
+
+    def inventory_loose(self) -> None:
+        """Loose objects, listed relative to descriptors opened without following symlinks: a fan-out
+        directory or an object file that is anything but a real directory or regular file is skipped
+        (reported in ``skipped``), never followed, so gc never reads, retires or deletes through it."""
+        inv = self.inv
+        objects_fd = os.open(self.objects, ROOT_FLAGS)
+        try:
+            with os.scandir(objects_fd) as it:
+                prefixes = sorted(entry.name for entry in it if _is_hex(entry.name, 2))
+            for prefix in prefixes:
+                opened = open_dir_at(objects_fd, prefix.encode())
+                if opened is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        if not stat.S_ISDIR(os.stat(prefix, dir_fd=objects_fd, follow_symlinks=False).st_mode):
+                            self.skip(prefix)
                     continue
+                dir_fd, _ = opened
                 try:
-                    raw = bytes.fromhex(prefix + rest)
-                    path = os.path.join(directory, rest)
-                    st = os.stat(path)
-                except (ValueError, FileNotFoundError):
-                    continue
-                index = len(inv.files)
-                inv.files.append(_File(f"{prefix}/{rest}", path, st.st_ino, st.st_mtime_ns, st.st_size))
-                inv.add(raw, index, -1, st.st_mtime_ns / 1e9)
+                    with os.scandir(dir_fd) as it:
+                        names = sorted(entry.name for entry in it if _is_hex(entry.name, 62))
+                    for rest in names:
+                        try:
+                            st = os.stat(rest, dir_fd=dir_fd, follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        if not stat.S_ISREG(st.st_mode):
+                            self.skip(f"{prefix}/{rest}")
+                            continue
+                        index = len(inv.files)
+                        path = os.path.join(self.objects, prefix, rest)
+                        inv.files.append(_File(f"{prefix}/{rest}", path, st.st_ino, st.st_mtime_ns, st.st_size))
+                        inv.add(bytes.fromhex(prefix + rest), index, -1, st.st_mtime_ns / 1e9)
+                finally:
+                    os.close(dir_fd)
+        finally:
+            os.close(objects_fd)
+
+    def skip(self, rel: str) -> None:
+        log.warning("%s/%s is not a real directory or regular file: gc leaves it alone", self.objects, rel)
+        self.skipped.append(rel)
 
     def read_fresh_log(self) -> None:
         """Objects of cruft packs freshened one by one: as young as their latest freshening."""
@@ -482,8 +513,9 @@ def collect(
     with gate.run_lock():
         c = _Collector(gitdir, gate)
         try:
-            if not dry_run:
-                finish(str(gitdir), c.objects, c.exclusive)  # what a gc killed earlier left
+            # What a gc killed earlier left.
+            if not dry_run and finish(str(gitdir), c.objects, c.exclusive):
+                gate.note_finished()
             bytes_before, packs_before, loose_before = c.object_bytes()
             c.inventory()
             c.read_fresh_log()
@@ -536,6 +568,7 @@ def collect(
                     seconds=time.monotonic() - started,
                     missing=missing,
                     unreadable=sorted(raw.hex() for raw in inv.unreadable),
+                    skipped=c.skipped,
                 )
             order = {TAG: 0, COMMIT: 1, TREE: 2, BLOB: 3}
             unreadable = set(inv.unreadable)
@@ -582,6 +615,7 @@ def collect(
             finally:
                 discard(journal)  # published: gone already; otherwise a temp file
             finish(str(gitdir), c.objects, c.exclusive)
+            gate.note_finished()  # this process's ObjectDB drops the deleted packs (see sync_retired)
             doomed &= unsafe
             bytes_after, packs_after, loose_after = c.object_bytes()
             return CasGcReport(
@@ -604,9 +638,14 @@ def collect(
                 seconds=time.monotonic() - started,
                 missing=missing,
                 unreadable=sorted(raw.hex() for raw in unreadable),
+                skipped=c.skipped,
             )
         finally:
             c.odb.close()
+
+
+def _is_hex(name: str, length: int) -> bool:
+    return len(name) == length and all(c in "0123456789abcdef" for c in name)
 
 
 def _read_loose_file(path: str) -> tuple[int, bytes]:

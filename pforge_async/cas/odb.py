@@ -34,7 +34,7 @@ from ..fslock import FsLock
 from .gate import GcGate
 from .objects import BLOB, TYPE_NAMES, TYPE_NUMBERS, object_header, validate_oid
 from .pack import PackEntry, PackIndex, PackReader, fsync_dir, write_all, write_idx, write_pack, zlib_stream
-from .retired import FRESH_LOG, JOURNAL, finish, read_journal
+from .retired import FRESH_LOG, JOURNAL, finish, read_journal, retirable
 
 __all__ = ["FreshSession", "ObjectDB"]
 
@@ -107,6 +107,7 @@ class ObjectDB:
         self._retired_loose: dict[str, int] = {}
         self._stale_at = 0.0
         self._pack_dir_mtime = 0
+        self._finished_seen = 0  # the gate's count of finished journals at the last refresh
         #: objects a damaged pack held that could not be recovered: raw id -> why.
         self._lost: dict[bytes, str] = {}
         #: packs found damaged and not repaired: idx name -> what is wrong.
@@ -209,7 +210,10 @@ class ObjectDB:
         except LockTimeout:
             return 0
         try:
-            return finish(str(self.gitdir), self.objects, self.gate.exclusive)
+            removed = finish(str(self.gitdir), self.objects, self.gate.exclusive)
+            if removed:
+                self.gate.note_finished()
+            return removed
         finally:
             run.release()
 
@@ -264,6 +268,8 @@ class ObjectDB:
         forget packs that are gone or that gc retired (their objects are in the packs that replaced
         them; a read under way on a forgotten pack still finishes, its map lives while it is used)."""
         with self._refresh_lock:
+            if self.gate is not None:
+                self._finished_seen = self.gate.finished
             self._load_retired()
             try:
                 names = os.listdir(self.pack_dir)
@@ -323,10 +329,15 @@ class ObjectDB:
         packs: dict[str, int] = {}
         loose: dict[str, int] = {}
         for rel, ino in retired.files if retired is not None else []:
-            if rel.startswith("pack/") and rel.endswith(".pack"):
-                packs[rel[5:-5]] = ino
-            elif len(rel) == 65 and rel[2] == "/":
-                loose[rel[:2] + rel[3:]] = ino
+            where = retirable(rel)  # what finish() would act on, nothing else
+            if where is None:
+                continue
+            directory, name = where
+            if directory == "pack":
+                if name.endswith(".pack"):
+                    packs[name[:-5]] = ino
+            else:
+                loose[directory + name] = ino
         self._retired_key = key
         self._retired_packs, self._retired_loose = packs, loose
         return True
@@ -348,7 +359,10 @@ class ObjectDB:
     def sync_retired(self) -> None:
         """Take in a gc decision made since the last look (a writer does at each hold of the gate)."""
         with self._refresh_lock:
-            if self._load_retired():
+            # A journal finished in this process since the last refresh (Cas.gc) is gone again before
+            # this looks: its deleted packs would still be served from their maps until the next look.
+            finished = self.gate is not None and self.gate.finished != self._finished_seen
+            if self._load_retired() or finished:
                 self.refresh()
 
     def _maybe_stale(self) -> None:

@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import stat
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import msgspec
 
+from .dirfd import ROOT_FLAGS, open_dir_at
 from .pack import fsync_dir
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "publish_journal",
     "read_fresh_log",
     "read_journal",
+    "retirable",
 ]
 
 log = logging.getLogger(__name__)
@@ -118,44 +122,96 @@ def discard(temp: str) -> None:
         os.unlink(temp)
 
 
+#: exactly the names gc retires (see ``gc._Collector.retired_files``), relative to ``objects/``.
+_RETIRABLE = re.compile(r"(pack)/(pack-[0-9a-f]{64}\.(?:pack|idx|mtimes))|([0-9a-f]{2})/([0-9a-f]{62})")
+
+
+def retirable(rel: str) -> tuple[str, str] | None:
+    """``(directory, name)`` of a journal entry gc could have written; None for anything else (a
+    damaged or forged journal must never name a file outside ``objects/`` nor one gc does not own)."""
+    match = _RETIRABLE.fullmatch(rel)
+    if match is None:
+        return None
+    if match[1] is not None:
+        return match[1], match[2]
+    return match[3], match[4]
+
+
 def finish(gitdir: str, objects: str, exclusive: Callable[[], AbstractContextManager[object]]) -> int:
     """Unlink what the journal retires, then the journal; returns how many files were unlinked.
 
     Without the gate: no writer renames onto a retired name while the journal stands (see
     ``ObjectDB._publishing``), and the inode check keeps a file that is not the one retired. Only
     removing emptied loose directories takes ``exclusive()`` (a writer creates its directory, then
-    renames into it, under the gate)."""
+    renames into it, under the gate).
+
+    Every name is checked against the shapes gc writes and resolved relative to descriptors of
+    ``objects/`` and its subdirectories opened without following symlinks: an entry naming anything
+    else, a subdirectory that is a symlink, or a name that is not a regular file is left alone
+    (logged), so no journal makes this unlink a file outside the store."""
     retired = read_journal(gitdir)
     journal = os.path.join(gitdir, JOURNAL)
     if retired is None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(journal)  # a damaged one retires nothing
         return 0
-    removed = 0
-    dirs: set[str] = set()
-    files = retired.files
-    for rel, ino in files:
-        path = os.path.join(objects, rel)
-        try:
-            if os.lstat(path).st_ino != ino:
-                continue  # not the file retired
-            os.unlink(path)
-        except FileNotFoundError:
+    by_dir: dict[str, list[tuple[str, int]]] = {}
+    for rel, ino in retired.files:
+        where = retirable(rel)
+        if where is None:
+            log.warning("%s/%s names %r, which gc never retires: left alone", gitdir, JOURNAL, rel)
             continue
-        removed += 1
-        dirs.add(os.path.dirname(path))
-    with exclusive():
-        # Empty loose directories go too (a writer creates its directory under the gate).
-        for directory in sorted(dirs):
-            if os.path.basename(directory) != "pack":
-                with contextlib.suppress(OSError):
-                    os.rmdir(directory)
-    for directory in sorted(dirs):
-        with contextlib.suppress(FileNotFoundError):
-            fsync_dir(directory)
-    with contextlib.suppress(FileNotFoundError):
-        fsync_dir(objects)
+        by_dir.setdefault(where[0], []).append((where[1], ino))
+    removed = 0
+    emptied: list[str] = []
+    try:
+        objects_fd = os.open(objects, ROOT_FLAGS)
+    except FileNotFoundError:
+        objects_fd = -1
+    if objects_fd >= 0:
+        try:
+            for directory, entries in by_dir.items():  # in journal order: a .pack before its .idx
+                count = _unlink_in(objects_fd, objects, directory, entries)
+                removed += count
+                if count and directory != "pack":
+                    emptied.append(directory)
+            with exclusive():
+                # Empty loose directories go too (a writer creates its directory under the gate);
+                # rmdir never follows a symlink.
+                for directory in sorted(emptied):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(directory, dir_fd=objects_fd)
+            os.fsync(objects_fd)
+        finally:
+            os.close(objects_fd)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(journal)
     fsync_dir(gitdir)
+    return removed
+
+
+def _unlink_in(objects_fd: int, objects: str, directory: str, entries: list[tuple[str, int]]) -> int:
+    """Unlink, in the subdirectory ``directory`` of ``objects_fd`` (never through a symlink), each
+    regular file whose inode is still the one retired; returns how many; fsyncs the directory."""
+    opened = open_dir_at(objects_fd, directory.encode())
+    if opened is None:
+        if os.path.islink(os.path.join(objects, directory)):
+            log.warning("%s/%s is a symlink: gc deletes nothing through it", objects, directory)
+        return 0
+    dir_fd, _ = opened
+    removed = 0
+    try:
+        for name, ino in entries:
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if st.st_ino != ino or not stat.S_ISREG(st.st_mode):
+                    continue  # not the file retired
+                os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                continue
+            removed += 1
+        if removed:
+            os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return removed
