@@ -20,6 +20,7 @@ redone by the next one.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -101,12 +102,16 @@ def payload_oids(type_id: str, payload: bytes) -> list[str]:
     if extract is None or not payload:
         return []
     try:
-        return extract(type_id, payload)
+        named = extract(type_id, payload)
     except (msgspec.DecodeError, KeyError, ValueError):
         return []
+    # Any writer can append such a record: a string in it that is not an object id names nothing
+    # (kept, it would make every gc refuse its roots). The payload stays as written.
+    return [oid for oid in named if isinstance(oid, str) and _OID.fullmatch(oid)]
 
 
 _PAGE = 5000
+_OID = re.compile(r"[0-9a-f]{64}")
 
 
 def turn_roots(path: Path, leave_out: Iterable[int] = ()) -> set[str]:
