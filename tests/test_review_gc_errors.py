@@ -76,22 +76,8 @@ async def _whole(root: Path, kept: list[str]) -> None:
 @pytest.mark.parametrize(
     "step",
     [
-        pytest.param(
-            "prepare_journal",
-            marks=pytest.mark.xfail(
-                reason="BUG: cas/gc.py collect() lets an OSError of writing its journal (ENOSPC) out "
-                "bare, not as StorageError",
-                strict=True,
-            ),
-        ),
-        pytest.param(
-            "publish_journal",
-            marks=pytest.mark.xfail(
-                reason="BUG: cas/gc.py collect() lets an OSError of renaming its journal into place "
-                "out bare, not as StorageError",
-                strict=True,
-            ),
-        ),
+        pytest.param("prepare_journal"),
+        pytest.param("publish_journal"),
     ],
 )
 async def test_a_disk_error_writing_the_journal_is_a_storage_error(
@@ -129,12 +115,6 @@ async def test_a_gc_that_failed_at_a_step_leaves_a_whole_store_and_the_next_gc_f
     await _whole(root, kept)
 
 
-@pytest.mark.xfail(
-    reason="BUG: an unreachable object whose file's mtime is past 2106 (a restored backup, a clock set "
-    "wrong) is young, so it goes to a cruft pack, and write_mtimes' struct.pack('>I') raises a bare "
-    "struct.error: every gc of the store fails until the file's time is fixed",
-    strict=True,
-)
 async def test_an_object_with_a_far_future_mtime_does_not_break_gc(tmp_path: Path) -> None:
     root = tmp_path / "s"
     async with open_store(root, watch_workspaces=False) as store:

@@ -142,12 +142,6 @@ async def test_gc_never_follows_a_symlinked_loose_object(tmp_path: Path) -> None
     git_fsck(root / "cas")
 
 
-@pytest.mark.xfail(
-    reason="BUG: gc retires packs a git multi-pack-index (git repack --write-midx, git maintenance) "
-    "covers and leaves objects/pack/multi-pack-index naming them: git fsck --strict then fails "
-    "('failed to load pack in position 0')",
-    strict=True,
-)
 async def test_gc_after_git_wrote_a_multi_pack_index_leaves_git_fsck_clean(tmp_path: Path) -> None:
     root = tmp_path / "s"
     async with open_store(root, watch_workspaces=False) as store:

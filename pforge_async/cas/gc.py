@@ -337,7 +337,13 @@ class _Collector:
         return failed
 
     def _write_pack(self, objects: list[tuple[bytes, int, bytes]], kind: str) -> None:
-        ages = [math.ceil(self.inv.age[raw]) for raw, _, _ in sorted(objects)] if kind == "cruft" else []
+        # git's .mtimes holds 32-bit seconds: a file time past 2106 (a restored backup, a clock gone
+        # wrong) is clamped, still young, never a struct.error that fails every gc.
+        ages = (
+            [min(max(math.ceil(self.inv.age[raw]), 0), 2**32 - 1) for raw, _, _ in sorted(objects)]
+            if kind == "cruft"
+            else []
+        )
 
         def before_publish(name: str, pack_temp: str) -> bool:
             self.outputs.add(f"pack-{name}")

@@ -170,6 +170,7 @@ def finish(gitdir: str, objects: str, exclusive: Callable[[], AbstractContextMan
         objects_fd = -1
     if objects_fd >= 0:
         try:
+            _drop_derived_indexes(objects_fd)
             for directory, entries in by_dir.items():  # in journal order: a .pack before its .idx
                 count = _unlink_in(objects_fd, objects, directory, entries)
                 removed += count
@@ -215,3 +216,22 @@ def _unlink_in(objects_fd: int, objects: str, directory: str, entries: list[tupl
     finally:
         os.close(dir_fd)
     return removed
+
+
+#: what git derives from the pack list (`git repack --write-midx`, `git maintenance`,
+#: `update-server-info`): naming packs a gc retires, they would make `git fsck` fail. Git works
+#: without them and writes them again when asked.
+_DERIVED = (("pack", "multi-pack-index"), ("info", "packs"))
+
+
+def _drop_derived_indexes(objects_fd: int) -> None:
+    for directory, name in _DERIVED:
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=objects_fd)
+        except OSError:
+            continue
+        try:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+                os.unlink(name, dir_fd=dir_fd)  # a symlink named so goes, never its target
+        finally:
+            os.close(dir_fd)

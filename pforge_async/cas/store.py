@@ -11,7 +11,15 @@ from typing import cast
 import anyio
 import msgspec
 
-from ..errors import ActorClosed, IntegrityError, InvalidInput, NotFound, ObjectNotFound, PforgeError
+from ..errors import (
+    ActorClosed,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    ObjectNotFound,
+    PforgeError,
+    StorageError,
+)
 from .actor import CasActor, PutObjects, Snapshot, UpdateRef
 from .gc import CasGcReport, collect, validate_gc_args
 from .gitrules import (
@@ -286,16 +294,21 @@ class Cas:
         if self._actor.readonly or odb.gate is None:
             raise InvalidInput("the store is open read-only: gc needs a writable store")
         gate = odb.gate
-        report = await anyio.to_thread.run_sync(
-            lambda: collect(
-                odb.gitdir,
-                gate,
-                root_list,
-                grace_s=float(grace_s),
-                dry_run=dry_run,
-                roots_taken_at=roots_taken_at,
+        try:
+            report = await anyio.to_thread.run_sync(
+                lambda: collect(
+                    odb.gitdir,
+                    gate,
+                    root_list,
+                    grace_s=float(grace_s),
+                    dry_run=dry_run,
+                    roots_taken_at=roots_taken_at,
+                )
             )
-        )
+        except OSError as exc:
+            # A full disk or an I/O error mid-gc: the store stays whole (each step is crash-safe and
+            # the next gc finishes a journal), so this caller gets a StorageError and nothing is lost.
+            raise StorageError(f"cas gc: {exc}") from exc
         # This process's own view drops the retired packs now (other processes do at their next look).
         await anyio.to_thread.run_sync(odb.sync_retired)
         return report
