@@ -200,14 +200,6 @@ _POSTGRES = os.environ.get("PFORGE_SDK_BACKEND") == "postgres"
 _USED: set[str] = set()
 
 
-def _on_server(session: PforgeSession) -> None:
-    """Until the adapter's Backing takes a DSN string as one (reported: it made it a local path,
-    ./postgresql:/..., and opened SQLite there), hand it the DSN itself: connect() dispatches it."""
-    backing: Any = session._backing
-    if _POSTGRES and backing.path is not None and str(backing.path) != _STORE:
-        backing._path = _STORE
-
-
 def _used() -> None:
     _USED.add(os.environ.get("PYTEST_CURRENT_TEST", "?").split(" (")[0])
 
@@ -241,7 +233,6 @@ class SQLiteSession(PforgeSession):
             where = uuid4().hex if private else hashlib.sha256(os.path.abspath(store).encode()).hexdigest()[:24]
             prefix, store = f"{prefix}/{where}", _STORE
         super().__init__(session_id, store, session_settings=session_settings, prefix=prefix)
-        _on_server(self)
         self.db_path = db_path
 
 
@@ -259,7 +250,6 @@ class SimpleListSession(PforgeSession):
     def __init__(self, session_id: str = "test", history: Any = None) -> None:
         _used()
         super().__init__(session_id, _STORE, prefix=f"sdk-tests/{uuid4().hex}")
-        _on_server(self)
         self._ignore_ids_for_matching = False
         self._seed = list(history) if history else []
         self._items: list[Any] = list(self._seed)
