@@ -114,10 +114,13 @@ _PAGE = 5000
 _OID = re.compile(r"[0-9a-f]{64}")
 
 
-def turn_roots(path: Path, leave_out: Iterable[int] = ()) -> set[str]:
+def turn_roots(
+    path: Path, leave_out: Iterable[int] = (), *, connect: Callable[[], sqlite3.Connection] | None = None
+) -> set[str]:
     """Every CAS object a turn of ``turns.db`` names, but those of the turns ``leave_out`` (a dry run's
     turns that would go). Blocking: run it in a worker thread. Pages down the primary key, each its
-    own statement, so no read transaction pins the WAL for the whole walk."""
+    own statement, so no read transaction pins the WAL for the whole walk. ``connect``: how to open
+    the database (a read-only store's check opens it as its reader does)."""
     skip = set(leave_out)
     types = sorted(_PAYLOAD_OIDS)
     marks = ",".join("?" * len(types))
@@ -127,7 +130,10 @@ def turn_roots(path: Path, leave_out: Iterable[int] = ()) -> set[str]:
         f"ORDER BY turn_id LIMIT {_PAGE}"
     )
     roots: set[str] = set()
-    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None, timeout=10)
+    if connect is None:
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None, timeout=10)
+    else:
+        conn = connect()
     try:
         after = 0
         while rows := conn.execute(sql, (*types, after, *types)).fetchall():

@@ -277,7 +277,7 @@ class Store:
 
         def missing() -> list[str]:
             try:
-                roots = turn_roots(self.turns.path)
+                roots = turn_roots(self.turns.path, connect=self.turns._actor._connect_readonly)
             except sqlite3.DatabaseError as exc:
                 return [f"turns.db: cannot list the objects turns name: {exc}"]
             found = []

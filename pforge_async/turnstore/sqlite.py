@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from ..cas.store import Cas
 from ..clock import now_ms
-from ..errors import Conflict, ContextNotFound, HeadConflict, IntegrityError, InvalidInput, TurnNotFound
+from ..errors import ActorClosed, Conflict, ContextNotFound, HeadConflict, IntegrityError, InvalidInput, TurnNotFound
 from ..sqlite import actor as sqlite_actor
 from ..sqlite.actor import SqliteActor, split_statements
 from .base import ContextKey, TurnStoreBase
@@ -959,6 +959,8 @@ class SqliteTurnStore(TurnStoreBase):
         Off by default: SQLite checks each such row against every turn (``turns.context_id`` is a
         foreign key with no index), so it costs a pass over ``turns`` per row, under the lock."""
         grace = validate_grace(grace_s)
+        if self._actor.closed:
+            raise ActorClosed(f"{self.path}: the store is closed")
         if not isinstance(drop_deleted_rows, bool):
             raise InvalidInput(f"drop_deleted_rows must be a bool, got {drop_deleted_rows!r}")
         if self._actor.readonly:
