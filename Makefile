@@ -15,12 +15,13 @@ demo: $(PY)
 
 test: $(PY)
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
-# The OpenAI Agents SDK's own test suite, fetched from the package index, run against PforgeSession.
+# The OpenAI Agents SDK's own test suite, fetched from the package index, run against PforgeSession
+# (on SQLite; its session contract files also on PostgreSQL, on a private server).
 test-adapters: $(PY)
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) tests/external/run_openai_agents_suite.py
+	$(PY) tests/external/run_openai_agents_suite.py --backend all
 
 lint: $(PY)
 	$(PY) -m pip install -q -e '.[test]'
@@ -42,6 +43,7 @@ bench: $(PY)
 	$(PY) benchmarks/attractor.py
 	$(PY) benchmarks/adapters.py
 	$(PY) benchmarks/gc.py
+	$(PY) benchmarks/postgres.py
 
 clean:
 	rm -rf $(VENV) .pforge .pytest_cache .mypy_cache .ruff_cache

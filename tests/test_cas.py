@@ -315,7 +315,9 @@ _PEAK_RSS_KIB = (
     "        return next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))\n"
 )
 
-SNAPSHOT_AND_REPORT_RSS = _PEAK_RSS_KIB + """
+SNAPSHOT_AND_REPORT_RSS = (
+    _PEAK_RSS_KIB
+    + """
 import sys, anyio
 from pforge_async import open_store
 async def main():
@@ -324,8 +326,11 @@ async def main():
     print(tree, peak_rss_kib())
 anyio.run(main)
 """
+)
 
-RESTORE_AND_REPORT_RSS = _PEAK_RSS_KIB + """
+RESTORE_AND_REPORT_RSS = (
+    _PEAK_RSS_KIB
+    + """
 import sys, anyio
 from pforge_async import open_store
 async def main():
@@ -336,6 +341,7 @@ async def main():
     print(",".join(entries), ok, peak_rss_kib())
 anyio.run(main)
 """
+)
 
 WRITE_BLOBS = """
 import sys, anyio

@@ -324,8 +324,10 @@ async def test_a_flipped_byte_in_a_database(
     assert broken == [], f"byte {at} of {database}: {broken}"
 
 
-@pytest.mark.parametrize(("database", "text"), [("turns.db", b"assistant"), ("memory.db", b"action1"),
-                                                ("nonces.db", b"subject3"), ("budget.db", b"vendor2")])
+@pytest.mark.parametrize(
+    ("database", "text"),
+    [("turns.db", b"assistant"), ("memory.db", b"action1"), ("nonces.db", b"subject3"), ("budget.db", b"vendor2")],
+)
 async def test_text_that_is_no_longer_utf8_is_an_integrity_error_and_checked(
     pristine: tuple[Path, Written], tmp_path: Path, database: str, text: bytes
 ) -> None:

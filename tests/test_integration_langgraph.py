@@ -17,7 +17,14 @@ from pforge_async.integrations.langgraph import PforgeSaver
 pytestmark = pytest.mark.anyio
 
 ALL_CAPABILITIES = {
-    "put", "put_writes", "get_tuple", "list", "delete_thread", "delete_for_runs", "copy_thread", "prune"
+    "put",
+    "put_writes",
+    "get_tuple",
+    "list",
+    "delete_thread",
+    "delete_for_runs",
+    "copy_thread",
+    "prune",
 }
 
 

@@ -234,8 +234,10 @@ async def test_thread_names_do_not_collide() -> None:
         assert sorted(got) == sorted([i, -i])
         root = [t.checkpoint["channel_values"]["i"] async for t in saver.alist(cfg(thread))]
         assert root == [i]
-    everything = [(t.config["configurable"]["thread_id"], t.config["configurable"]["checkpoint_ns"])
-                  async for t in saver.alist(None)]
+    everything = [
+        (t.config["configurable"]["thread_id"], t.config["configurable"]["checkpoint_ns"])
+        async for t in saver.alist(None)
+    ]
     assert sorted(everything) == sorted([(t, ns) for t in threads for ns in ("", "child:1|grand:2")])
     assert [t async for t in saver.alist(None, limit=3)].__len__() == 3
     # an int thread id is the str's thread, and comes back as given
@@ -289,8 +291,11 @@ async def test_a_write_whose_outcome_was_lost() -> None:
         await saver.aput_writes(stored[0], [("m", lose)], f"next-{lose}")
     got = await saver.aget_tuple(stored[0])
     assert got is not None
-    assert got.pending_writes == [("next-after", "m", "after"), ("next-before", "m", "before"),
-                                  ("task-after", "n", "after")]
+    assert got.pending_writes == [
+        ("next-after", "m", "after"),
+        ("next-before", "m", "before"),
+        ("task-after", "n", "after"),
+    ]
     # a lost write, then another writer's: the next write is refused
     turns.lose = "after"
     with pytest.raises(OSError):
