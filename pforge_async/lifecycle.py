@@ -40,7 +40,7 @@ from .turnstore.sqlite import SqliteTurnStore
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["GcReport", "collect_store", "payload_oids", "store_bytes", "turn_roots"]
+__all__ = ["RESERVATION_GRACE_S", "GcReport", "collect_store", "payload_oids", "store_bytes", "turn_roots"]
 
 
 class GcReport(msgspec.Struct, frozen=True):
@@ -111,6 +111,9 @@ def payload_oids(type_id: str, payload: bytes) -> list[str]:
 
 
 _PAGE = 5000
+#: a purged reservation is unknown to a late ``commit`` (a spend is never refused: committed after its
+#: reservation expired it is recorded as late), so gc keeps expired ones at least a day, whatever its grace.
+RESERVATION_GRACE_S = 86400.0
 _OID = re.compile(r"[0-9a-f]{64}")
 
 
@@ -209,14 +212,14 @@ async def collect_store(store: Store, *, grace_s: float, dry_run: bool) -> GcRep
         reservations = await _count(
             store.budget._actor,
             "SELECT COUNT(*) FROM reservations WHERE state != 'committed' AND expires_at_ms <= ?",
-            (cutoff,),
+            (now_ms() - int(max(grace_s, RESERVATION_GRACE_S) * 1000),),
         )
         compacted = 0
         freed = turns_report.payload_bytes_reclaimed + cas_report.bytes_freed
         after = max(0, before - freed)
     else:
         nonces = await store.nonces.purge_expired(grace_s=grace_s)
-        reservations = await store.budget.purge_expired(grace_s=grace_s)
+        reservations = await store.budget.purge_expired(grace_s=max(grace_s, RESERVATION_GRACE_S))
         compacted = 0
         for actor in (turns._actor, *store._ledgers):
             compacted += await actor.compact()

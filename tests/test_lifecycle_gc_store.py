@@ -6,13 +6,14 @@ a dry run changes nothing, and a read-only store, bad arguments and a damaged pa
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 
 import anyio
 import pytest
 
-from pforge_async import IntegrityError, InvalidInput, open_store
+from pforge_async import IntegrityError, InvalidInput, Usage, open_store
 from pforge_async.agent import SessionRecorder
 from pforge_async.agent.records import TOOL_CALL_END, ToolCallEnd, decode_record
 from pforge_async.attractor import AttractorWriter, load_latest_checkpoint
@@ -177,11 +178,23 @@ async def test_expired_nonces_and_reservations_are_purged(tmp_path: Path) -> Non
         await store.nonces.issue("s", 0.05)
         live = await store.nonces.issue("s", 3600)
         await store.budget.set_budget("v", tokens=1000)
-        await store.budget.reserve("v", tokens=10, ttl_s=0.05)
+        old = await store.budget.reserve("v", tokens=10, ttl_s=0.05)
+        late = await store.budget.reserve("v", tokens=10, ttl_s=0.05)
         await anyio.sleep(0.2)
+        # A reservation expired under a day ago may still be committed late: gc keeps it whatever
+        # its grace. One expired two days ago goes.
+        db = sqlite3.connect(tmp_path / ".pforge" / "budget.db", timeout=10)
+        with db:
+            db.execute(
+                "UPDATE reservations SET expires_at_ms = expires_at_ms - ? WHERE reservation_id = ?",
+                (2 * 86_400_000, old.reservation_id),
+            )
+        db.close()
         report = await store.gc(grace_s=0)
         assert (report.nonces_purged, report.reservations_purged) == (1, 1)
         await store.nonces.consume(live, "s")
+        spent = await store.budget.commit(late, Usage(input_tokens=3, output_tokens=0, cost=0))
+        assert spent.late
 
 
 async def test_read_only_bad_arguments_and_a_damaged_part_are_refused(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import asyncpg
 
 from ..clock import now_ms
 from ..errors import InvalidInput, NotFound, PforgeError
-from ..lifecycle import GcReport, _count, validate_gc
+from ..lifecycle import RESERVATION_GRACE_S, GcReport, _count, validate_gc
 from ..manifest import PARTS, RootKind, RootPlan
 from ..store import Durability, Store, StoreCheck
 from ..turnstore.rules import DEFAULT_MAX_PAYLOAD
@@ -45,9 +45,6 @@ __all__ = ["PgStore", "connect_pg", "is_pg_dsn"]
 _SCHEMES = ("postgresql://", "postgres://")
 #: options :func:`connect_pg` hands every actor (see :class:`.actor.PgActor`).
 _ACTOR_OPTIONS = ("read_pool_size", "connect_timeout", "reconnect_wait", "connect_kwargs", "mailbox_size", "max_batch")
-#: a reservation purged is unknown to a late ``commit``: gc keeps expired ones at least a day, whatever
-#: its grace, so a call that outlives its reservation's expiry can still commit it.
-_RESERVATION_GRACE_S = 86400.0
 #: the tables gc deletes from besides the turn store's (which vacuums its own): vacuumed afterwards so
 #: the space is reused (PostgreSQL's plain VACUUM gives back only trailing empty pages to the OS).
 _VACUUMED = ("cas_objects", "cas_chunks", "nonces", "reservations", "reservation_tags")
@@ -190,7 +187,7 @@ class PgStore(Store):
         taken_at = time.time()
         roots = await self.turns.cas_roots(leave_out)
         cas_report = await self.cas.gc(sorted(roots), grace_s=grace, dry_run=dry_run, roots_taken_at=taken_at)
-        reservation_grace = max(grace, _RESERVATION_GRACE_S)
+        reservation_grace = max(grace, RESERVATION_GRACE_S)
         compacted = 0
         if dry_run:
             nonces = await _count(
