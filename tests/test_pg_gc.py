@@ -383,10 +383,20 @@ async def test_gc_in_one_process_beside_writer_processes(pg_dsn: str, pg_schema:
     async with await connect_pg(pg_dsn, schema=pg_schema, durability="normal", freshen_s=0) as store:
         children = [spawn(WRITER, pg_dsn, pg_schema, n, SECONDS, tmp_path) for n in range(2)]
         reports: list[GcReport] = []
-        while any(child.poll() is None for child in children):
-            reports.append(await store.gc(grace_s=GRACE))
-            await anyio.sleep(0.1)
-        outputs = await anyio.to_thread.run_sync(run_all, children)
+        outputs: list[str] = []
+        drained = anyio.Event()
+
+        async def drain() -> None:
+            # Read the children's pipes while they run: a report bigger than a pipe's buffer would
+            # otherwise block its writer, and the loop below would wait for it forever.
+            outputs.extend(await anyio.to_thread.run_sync(run_all, children))
+            drained.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain)
+            while not drained.is_set():
+                reports.append(await store.gc(grace_s=GRACE))
+                await anyio.sleep(0.1)
         await anyio.sleep(GRACE)
         reports.append(await store.gc(grace_s=GRACE))
         checked = 0
