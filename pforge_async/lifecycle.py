@@ -20,10 +20,9 @@ redone by the next one.
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,7 @@ import anyio
 import msgspec
 
 from .cas.gc import CasGcReport
+from .cas.objects import is_oid
 from .clock import now_ms
 from .errors import IntegrityError, InvalidInput
 from .turnstore import gc as turn_gc
@@ -40,7 +40,16 @@ from .turnstore.sqlite import SqliteTurnStore
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["RESERVATION_GRACE_S", "GcReport", "collect_store", "payload_oids", "store_bytes", "turn_roots"]
+__all__ = [
+    "PAYLOAD_OID_TYPES",
+    "RESERVATION_GRACE_S",
+    "GcReport",
+    "add_row_roots",
+    "collect_store",
+    "payload_oids",
+    "store_bytes",
+    "turn_roots",
+]
 
 
 class GcReport(msgspec.Struct, frozen=True):
@@ -107,14 +116,33 @@ def payload_oids(type_id: str, payload: bytes) -> list[str]:
         return []
     # Any writer can append such a record: a string in it that is not an object id names nothing
     # (kept, it would make every gc refuse its roots). The payload stays as written.
-    return [oid for oid in named if isinstance(oid, str) and _OID.fullmatch(oid)]
+    return [oid for oid in named if is_oid(oid)]
 
 
 _PAGE = 5000
+
+#: the record types whose payloads name objects (a backend selects their payloads to pass to
+#: :func:`add_row_roots`)
+PAYLOAD_OID_TYPES: tuple[str, ...] = tuple(sorted(_PAYLOAD_OIDS))
+
+
+def add_row_roots(roots: set[str], rows: Iterable[Sequence[Any]], skip: Container[int] = ()) -> None:
+    """Add to ``roots`` what each ``(turn_id, fs_root, refs, type_id, payload or None)`` row names,
+    but the rows of turns in ``skip``: the one reading of a turn's roots, whatever backend read it."""
+    for turn_id, fs_root, refs, type_id, payload in rows:
+        if turn_id in skip:
+            continue
+        if fs_root:
+            roots.add(fs_root)
+        if refs:
+            roots.update(refs.split(" "))
+        if payload is not None:
+            roots.update(payload_oids(type_id, bytes(payload)))
+
+
 #: a purged reservation is unknown to a late ``commit`` (a spend is never refused: committed after its
 #: reservation expired it is recorded as late), so gc keeps expired ones at least a day, whatever its grace.
 RESERVATION_GRACE_S = 86400.0
-_OID = re.compile(r"[0-9a-f]{64}")
 
 
 def turn_roots(
@@ -125,7 +153,7 @@ def turn_roots(
     own statement, so no read transaction pins the WAL for the whole walk. ``connect``: how to open
     the database (a read-only store's check opens it as its reader does)."""
     skip = set(leave_out)
-    types = sorted(_PAYLOAD_OIDS)
+    types = PAYLOAD_OID_TYPES
     marks = ",".join("?" * len(types))
     sql = (
         f"SELECT turn_id, fs_root, refs, type_id, CASE WHEN type_id IN ({marks}) THEN payload END FROM turns "
@@ -140,15 +168,7 @@ def turn_roots(
     try:
         after = 0
         while rows := conn.execute(sql, (*types, after, *types)).fetchall():
-            for turn_id, fs_root, refs, type_id, payload in rows:
-                if turn_id in skip:
-                    continue
-                if fs_root:
-                    roots.add(fs_root)
-                if refs:
-                    roots.update(refs.split(" "))
-                if payload is not None:
-                    roots.update(payload_oids(type_id, bytes(payload)))
+            add_row_roots(roots, rows, skip)
             after = rows[-1][0]
     finally:
         conn.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
-import re
 import sqlite3
 import sys
 import time
@@ -29,6 +28,7 @@ from anyio.abc import TaskGroup
 
 from .actor import Actor
 from .cas.actor import CasActor
+from .cas.objects import is_oid
 from .cas.store import Cas, FsckReport
 from .cas.watch import Watcher, open_watcher
 from .errors import ActorClosed, IntegrityError, InvalidInput, StorageError
@@ -48,7 +48,6 @@ __all__ = ["Durability", "GcReport", "Store", "StoreCheck", "connect", "open_sto
 
 Durability = Literal["full", "normal"]
 DEFAULT_ROOT = ".pforge"
-_OID = re.compile(r"[0-9a-f]{64}")
 
 
 class StoreCheck(msgspec.Struct, frozen=True):
@@ -282,7 +281,7 @@ class Store:
                 return [f"turns.db: cannot list the objects turns name: {exc}"]
             found = []
             for oid in sorted(roots):
-                if not _OID.fullmatch(oid):
+                if not is_oid(oid):
                     found.append(f"turns.db: a turn names {oid!r}, which is not an object id")
                 elif not odb.has(bytes.fromhex(oid)):
                     found.append(f"turns.db: a turn names CAS object {oid}, which is missing")

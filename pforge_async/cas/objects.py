@@ -10,7 +10,7 @@ import hashlib
 import re
 import time
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Literal, TypeGuard
 
 import msgspec
 
@@ -38,6 +38,7 @@ __all__ = [
     "parse_mode",
     "tree_name_problem",
     "utf8",
+    "is_oid",
     "validate_oid",
 ]
 
@@ -54,9 +55,14 @@ _MODE_TEXT = {mode: f"{mode:o}" for mode in MODES}
 _TEXT_MODE = {text: mode for mode, text in _MODE_TEXT.items()}
 
 
+def is_oid(oid: object) -> TypeGuard[str]:
+    """Whether ``oid`` is an object id: 64 lowercase hex characters."""
+    return isinstance(oid, str) and _OID_RE.fullmatch(oid) is not None
+
+
 def validate_oid(oid: object, what: str = "object id") -> str:
     """Return ``oid`` if it is 64 lowercase hex characters; raise before any path is built from it."""
-    if not isinstance(oid, str) or not _OID_RE.fullmatch(oid):
+    if not is_oid(oid):
         raise InvalidInput(f"invalid {what} {oid!r}: want 64 lowercase hex characters")
     return oid
 

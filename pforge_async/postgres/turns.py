@@ -53,7 +53,7 @@ from ..errors import (
     ObjectNotFound,
     TurnNotFound,
 )
-from ..lifecycle import _PAYLOAD_OIDS, payload_oids
+from ..lifecycle import PAYLOAD_OID_TYPES, add_row_roots
 from ..turnstore.base import ContextKey, TurnStoreBase
 from ..turnstore.commands import (
     AppendTurn,
@@ -1247,7 +1247,7 @@ class PgTurnStore(TurnStoreBase):
         but those of the turns ``leave_out``: the roots a store's CAS gc keeps. Pages down the
         primary key, each page its own statement."""
         skip = set(leave_out)
-        types = sorted(_PAYLOAD_OIDS)
+        types = list(PAYLOAD_OID_TYPES)
         roots: set[str] = set()
         after = 0
         while rows := await self._actor.fetch(
@@ -1257,15 +1257,7 @@ class PgTurnStore(TurnStoreBase):
             after,
             types,
         ):
-            for turn_id, fs_root, refs, type_id, payload in rows:
-                if turn_id in skip:
-                    continue
-                if fs_root:
-                    roots.add(fs_root)
-                if refs:
-                    roots.update(refs.split(" "))
-                if payload is not None:
-                    roots.update(payload_oids(type_id, bytes(payload)))
+            add_row_roots(roots, rows, skip)
             after = rows[-1][0]
         return roots
 
