@@ -281,17 +281,20 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="8 threads x 3 steps, 8 sessions x 3 rounds, 1 run")
+    parser.add_argument("--only", choices=("langgraph", "openai"), help="run one of the two comparisons")
     args = parser.parse_args()
     if args.quick:
         args.threads, args.steps, args.sessions, args.rounds, args.runs = 8, 3, 8, 3, 1
     print(describe("langgraph", "langgraph-checkpoint", "langgraph-checkpoint-sqlite", "openai-agents"))
     with tempfile.TemporaryDirectory(prefix="pforge-bench-adapters-") as tmp:
         work = Path(tmp)
-        graph = [await bench_langgraph(work, args.threads, args.steps, run) for run in range(args.runs)]
-        show(f"LangGraph: {args.threads} threads x {args.steps} steps of a 5-node graph", graph, "steps/s", 5)
-        sessions = [await bench_openai(work, args.sessions, args.rounds, run) for run in range(args.runs)]
-        title = f"OpenAI Agents sessions: {args.sessions} x {args.rounds} rounds (add 2, get all)"
-        show(title, sessions, "rounds/s", 5)
+        if args.only != "openai":
+            graph = [await bench_langgraph(work, args.threads, args.steps, run) for run in range(args.runs)]
+            show(f"LangGraph: {args.threads} threads x {args.steps} steps of a 5-node graph", graph, "steps/s", 5)
+        if args.only != "langgraph":
+            sessions = [await bench_openai(work, args.sessions, args.rounds, run) for run in range(args.runs)]
+            title = f"OpenAI Agents sessions: {args.sessions} x {args.rounds} rounds (add 2, get all)"
+            show(title, sessions, "rounds/s", 5)
     print("\n(the machine is shared and noisy: the spread between runs is part of the figure)")
 
 

@@ -41,11 +41,14 @@ from collections.abc import Callable
 from typing import Any, cast
 from uuid import uuid4
 
+import msgspec
+
 from ..errors import ActorClosed, Conflict, ContextNotFound, HeadConflict, IntegrityError, InvalidInput
 from ..ledgers.budget import BudgetLedger
 from ..turnstore.base import TurnStoreBase
 from ..turnstore.rules import MAX_PAGE_SIZE
 from ..turnstore.types import NewTurn, TurnRecord
+from ._chaincache import ChainCache
 from ._heads import Tracked, WriterConflict
 from ._stores import MEMORY, Backing, StoreLike
 
@@ -64,6 +67,11 @@ __all__ = ["ITEM", "PforgeSession", "WriterConflict"]
 #: the type id of an item's turn
 ITEM = "openai_agents.item"
 _PAGE = 256
+#: how many growing reads ``get_items`` makes to join the head to its cache before it reads the chain
+_SYNC_TRIES = 3
+_SYNC_MAX = 1024
+#: the default bound of a session's cache of its items (their JSON bytes)
+CACHE_BYTES = 4 << 20
 #: a ``list_turns`` limit no chain reaches (depths are below 2**63)
 _ALL = 1 << 62
 
@@ -96,6 +104,7 @@ class PforgeSession:
         model: str = "",
         price: Price | None = None,
         connect_options: dict[str, Any] | None = None,
+        cache_bytes: int = CACHE_BYTES,
     ) -> None:
         if not isinstance(session_id, str) or not session_id:
             raise InvalidInput(f"session_id must be a non-empty str, got {session_id!r}")
@@ -109,6 +118,9 @@ class PforgeSession:
         self._store_arg: StoreLike = self._backing.fixed if self._backing.fixed is not None else store
         self._connect_options = connect_options
         self.name = f"{prefix}/{session_id}"
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+            raise InvalidInput(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
+        self._cache = ChainCache(cache_bytes)
         self._tracked: Tracked[None] | None = None
         self._seen_absent = False
         self._closed = False
@@ -183,6 +195,7 @@ class PforgeSession:
         if session_limit == 0:
             await self._turns()
             return []
+        wanted = session_limit if session_limit is not None and session_limit > 0 else None
         for _ in range(2):
             tracked = await self._context(create=False)
             if tracked is None:
@@ -190,16 +203,83 @@ class PforgeSession:
             turns = await self._turns()
             mark = tracked.writes
             try:
-                # One read from the head back: every item, or the last ``limit``.
-                wanted = session_limit if session_limit is not None and session_limit > 0 else _ALL
-                records = await turns.list_turns(tracked.context_id, limit=wanted)
+                found = await self._from_cache(turns, tracked.context_id, wanted)
+                if found is None:
+                    found = await self._read_chain(turns, tracked.context_id, wanted)
             except ContextNotFound:
                 self._tracked = None  # deleted (and maybe made again): look the name up again
                 continue
-            tracked.saw(mark, tracked.context_id, records[-1].turn_id if records else 0, None)
-            # erased turns (erase_turns, prune_context) are a prefix whose items are gone for good
-            return [self._item(record) for record in records if not record.erased]
+            head, items = found
+            tracked.saw(mark, tracked.context_id, head, None)
+            return items
         return []
+
+    async def _read_chain(
+        self, turns: TurnStoreBase, context_id: int, wanted: int | None
+    ) -> tuple[int, list[TResponseInputItem]]:
+        """The head and the last ``wanted`` items (every item: None), read from the head back in one
+        read; what it read becomes the cache."""
+        records = await turns.list_turns(context_id, limit=_ALL if wanted is None else wanted)
+        # erased turns (erase_turns, prune_context) are a prefix whose items are gone for good
+        readable = [record for record in records if not record.erased]
+        items = [self._item(record) for record in readable]
+        if self._cache.max_bytes:
+            reached_start = wanted is None or len(records) < wanted or records[0].parent_turn_id == 0
+            self._cache.clear()
+            self._cache.extend(
+                ((r.turn_id, r.parent_turn_id, r.depth, r.payload) for r in readable),
+                complete=reached_start or len(readable) < len(records),
+            )
+        return (records[-1].turn_id if records else 0), items
+
+    async def _from_cache(
+        self, turns: TurnStoreBase, context_id: int, wanted: int | None
+    ) -> tuple[int, list[TResponseInputItem]] | None:
+        """The head and the last ``wanted`` items, from the cache and the turns after what it holds
+        (read newest first, a page that grows, until a cached turn is met); None when a full read must
+        do (nothing cached, another branch, an erasure, more wanted than cached)."""
+        cache = self._cache
+        if not cache.max_bytes or not cache.head:
+            return None
+        size = 1  # nearly always the head is the one cached: this session wrote it or read it last
+        for _ in range(_SYNC_TRIES):
+            page = await turns.list_turns(context_id, limit=size)
+            if not page:
+                return 0, []
+            head = page[-1]
+            new: list[TurnRecord] = []
+            joined = False
+            for record in reversed(page):
+                if record.erased:
+                    return None  # erased at or after where the cache joins: the full read sorts it out
+                if record.turn_id in cache:
+                    cache.cut(record.turn_id)
+                    joined = True
+                    break
+                new.append(record)
+            if joined:
+                break
+            if page[0].parent_turn_id == 0:
+                return None  # the whole chain, none of it cached: another chain; the full read starts again
+            # The head moved on (another writer appended) or elsewhere: read back to the cached head's
+            # depth if that is where it joins, else further.
+            gap = head.depth - cache.head_depth
+            size = min(_SYNC_MAX, max(gap + 1, size * 8))
+        else:
+            return None
+        cache.extend((r.turn_id, r.parent_turn_id, r.depth, self._valid(r)) for r in reversed(new))
+        # Taken now: other tasks of this session may change the cache while the check below waits.
+        payloads = cache.tail(wanted)
+        if payloads is None:
+            return None
+        # An erasure of any cached turn erased the oldest one too (see _chaincache): its state, read
+        # after the head's, says whether everything cached still holds.
+        oldest = cache.oldest
+        seen = next((r for r in page if r.turn_id == oldest), None)
+        if (seen if seen is not None else await turns.get_turn(oldest)).erased:
+            cache.clear()
+            return None
+        return head.turn_id, self._decode(payloads)
 
     async def add_items(
         self, items: list[TResponseInputItem], *, wrapper: RunContextWrapper[Any] | None = None
@@ -228,6 +308,12 @@ class PforgeSession:
                 tracked.uncertain = (expected, payloads)
                 raise
             tracked.wrote(records[-1].turn_id, None)
+            if self._cache.head == expected:
+                # our own items, as encoded: the cache goes on from them without reading them back
+                self._cache.extend(
+                    ((r.turn_id, r.parent_turn_id, r.depth, p) for r, p in zip(records, payloads, strict=True)),
+                    complete=expected == 0,
+                )
         if wrapper is not None and self._record_usage is not False:
             await self._usage(wrapper, records[-1].turn_id)
 
@@ -445,6 +531,21 @@ class PforgeSession:
 
     def _what(self) -> str:
         return f"session {self.session_id!r}"
+
+    def _valid(self, record: TurnRecord) -> bytes:
+        """The payload of an item's turn, checked once (``IntegrityError`` if it is not one)."""
+        self._item(record)
+        return record.payload
+
+    def _decode(self, payloads: list[bytes]) -> list[TResponseInputItem]:
+        """Fresh items (a caller may change them) from checked payloads: one decode of them all as a
+        JSON array; what msgspec refuses but ``json`` takes (NaN, lone surrogates) item by item."""
+        if not payloads:
+            return []
+        try:
+            return cast(list[TResponseInputItem], msgspec.json.decode(b"[" + b",".join(payloads) + b"]"))
+        except msgspec.MsgspecError:
+            return [cast(TResponseInputItem, json.loads(payload)) for payload in payloads]
 
     def _item(self, record: TurnRecord) -> TResponseInputItem:
         if record.type_id != ITEM:
