@@ -101,6 +101,9 @@ CREATE TABLE action_stats (
 );
 """
 
+#: a reward squared, as Python squares it: 0 where the product underflows (PostgreSQL refuses those)
+_SQUARE = "CASE WHEN abs(reward) < 1e-150 THEN 0.0 ELSE reward * reward END"
+
 _STATS_UPSERT = (
     "INSERT INTO action_stats AS a (state, action, count, successes, reward_sum, reward_sq_sum, last_seen_ms) "
     "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::float8[], $6::float8[], "
@@ -130,8 +133,9 @@ class PgConstellationActor(PgActor[RecordTransition]):
         ),
         (
             "action_stats whose reward sums differ from the transitions'",
+            # PostgreSQL refuses a product that underflows to 0 (1e-200 squared): such squares are 0.
             "SELECT s.state, s.action FROM action_stats s JOIN (SELECT state, action, SUM(reward) AS r, "
-            "SUM(reward * reward) AS q FROM transitions GROUP BY 1, 2) a USING (state, action) "
+            f"SUM({_SQUARE}) AS q FROM transitions GROUP BY 1, 2) a USING (state, action) "
             "WHERE abs(s.reward_sum - a.r) > 1e-6 * GREATEST(1.0, abs(a.r)) "
             "OR abs(s.reward_sq_sum - a.q) > 1e-6 * GREATEST(1.0, abs(a.q))",
         ),
