@@ -159,6 +159,38 @@ async def writers(
     return time.perf_counter() - start, latencies
 
 
+async def appenders(
+    store: Any, tag: str, count: int, per_writer: int, deadline: float | None = None
+) -> tuple[float, list[float]]:
+    """The store-level twin of :func:`writers`: ``count`` writers, each appending ``per_writer`` turns
+    of the same ~1 KiB payloads to a context of its own with ``store.turns.append_turn``
+    (compare-and-set on the head it last wrote, as ``PforgeSaver`` does; no CAS blob, no refs). The
+    context is made, and its first turn appended, before the clock starts."""
+    turns = store.turns
+    contexts = [await turns.create_context(name=f"{tag}-{w}") for w in range(count)]
+    heads = [0] * count
+
+    async def put(w: int, step: int) -> None:
+        data = payload(f"{tag}-{w}", step).encode()
+        heads[w] = (await turns.append_turn(contexts[w].context_id, "bench.turn", data, expected_head=heads[w])).turn_id
+
+    await asyncio.gather(*(put(w, 0) for w in range(count)))
+    latencies: list[float] = []
+
+    async def writer(w: int) -> None:
+        for step in range(1, per_writer + 1):
+            start = time.perf_counter()
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            await put(w, step)
+            if deadline is None or time.monotonic() <= deadline:
+                latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(writer(w) for w in range(count)))
+    return time.perf_counter() - start, latencies
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
@@ -168,8 +200,11 @@ async def measure(
     cluster: PgCluster | None, open_saver: Callable[[], AbstractAsyncContextManager[Saver]], tag: str, c: int, n: int
 ) -> Row:
     async with open_saver() as saver:
+        run = appenders if isinstance(saver, _RawStore) else writers
+        target = saver.store if isinstance(saver, _RawStore) else saver
+        # Untimed: the threads (contexts) and their first writes, then the clock and the CPU counters.
         cpu0, server0 = time.process_time(), server_cpu(cluster)
-        seconds, latencies = await writers(saver, tag, c, n)
+        seconds, latencies = await run(target, tag, c, n)
         cpu1, server1 = time.process_time(), server_cpu(cluster)
     done = len(latencies)
     row: Row = {
@@ -177,10 +212,30 @@ async def measure(
         "p50": pct(latencies, 0.5),
         "p99": pct(latencies, 0.99),
         "cpu": (cpu1 - cpu0) / done * 1e6,
+        "cores": (cpu1 - cpu0) / seconds,
     }
     if server0 is not None and server1 is not None:
         row["server"] = (server1 - server0) / done * 1e6
+        row["cores"] += (server1 - server0) / seconds
     return row
+
+
+class _RawStore:
+    """The contender "raw append_turn": the store itself, no saver around it."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+
+def raw_store(dsn: str, schema: str) -> Callable[[], AbstractAsyncContextManager[Saver]]:
+    @asynccontextmanager
+    async def opened() -> AsyncIterator[Saver]:
+        from pforge_async.postgres.store import connect_pg
+
+        async with await connect_pg(dsn, schema=schema) as store:
+            yield _RawStore(store)
+
+    return opened
 
 
 def pforge_saver(dsn: str, schema: str) -> Callable[[], AbstractAsyncContextManager[Saver]]:
@@ -228,6 +283,7 @@ async def bench_appends(dsn: str, cluster: PgCluster | None, run: int, quick: bo
     one, many = (50, 8) if quick else (300, 40)
     contenders = {
         "PforgeSaver (PgStore)": pforge_saver(dsn, schema),
+        "raw append_turn (PgStore)": raw_store(dsn, schema),
         "AsyncPostgresSaver (1 conn)": langgraph_saver(lg_dsn, 1),
         "AsyncPostgresSaver (pool 64)": langgraph_saver(lg_dsn, 64),
     }
@@ -294,9 +350,11 @@ async def bench_processes(dsn: str, cluster: PgCluster | None, counts: list[int]
             "rate": done / window,
             "p99": max(g[3] for g in got),
             "cpu": sum(g[2] for g in got) / done * 1e6,
+            "cores": sum(g[2] for g in got) / window,
         }
         if server0 is not None and server1 is not None:
             row["server"] = (server1 - server0) / done * 1e6
+            row["cores"] += (server1 - server0) / window
         rows[procs] = row
         await execute(dsn, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     return rows
@@ -329,8 +387,10 @@ async def bench_cas(dsn: str, cluster: PgCluster | None, run: int, objects: int)
                 cpu1, server1 = time.process_time(), server_cpu(cluster)
                 row: Row = {"rate": objects / seconds, "mib": objects * 4096 / seconds / (1 << 20)}
                 row["cpu"] = (cpu1 - cpu0) / objects * 1e6
+                row["cores"] = (cpu1 - cpu0) / seconds
                 if server0 is not None and server1 is not None:
                     row["server"] = (server1 - server0) / objects * 1e6
+                    row["cores"] += (server1 - server0) / seconds
                 rows[name] = row
 
             async def write(i: int) -> None:
@@ -356,15 +416,21 @@ def spread(values: list[float], fmt: str = "{:.0f}") -> str:
 
 def show(title: str, runs: list[dict[Any, Row]], unit: str) -> None:
     print(f"\n## {title}  (min / median / max of {len(runs)} run{'s' if len(runs) > 1 else ''})")
-    print(f"{'':36} {unit:>24} {'p99 ms (median)':>16} {'client us/op':>13} {'server us/op':>13}")
+    print(
+        f"{'':36} {unit:>24} {'p99 ms':>7} {'client':>7} {'server':>7} {'total':>7} {'cores':>6}"
+        f"  {'ops/s per core':>14}"
+    )
     for key in runs[0]:
         rates = [run[key]["rate"] for run in runs]
         p99 = statistics.median(run[key].get("p99", 0.0) for run in runs)
         cpu = statistics.median(run[key]["cpu"] for run in runs)
         server = [run[key]["server"] for run in runs if "server" in run[key]]
-        shown = f"{statistics.median(server):13.0f}" if server else f"{'-':>13}"
+        total = [run[key]["cpu"] + run[key]["server"] for run in runs if "server" in run[key]]
+        cores = statistics.median(run[key]["cores"] for run in runs)
+        shown = f"{statistics.median(server):7.0f} {statistics.median(total):7.0f}" if server else f"{'-':>7} {'-':>7}"
+        per_core = f"{1e6 / statistics.median(total):14.0f}" if total else f"{'-':>14}"
         extra = f"  {spread([run[key]['mib'] for run in runs], '{:.1f}')} MiB/s" if "mib" in runs[0][key] else ""
-        print(f"{key!s:36} {spread(rates):>24} {p99:16.1f} {cpu:13.0f} {shown}{extra}")
+        print(f"{key!s:36} {spread(rates):>24} {p99:7.1f} {cpu:7.0f} {shown} {cores:6.2f}  {per_core}{extra}")
 
 
 def ratios(runs: list[dict[Any, Row]], ours: Any, theirs: Any) -> list[float]:
@@ -396,16 +462,15 @@ async def main() -> None:
 
     show("1. checkpoint appends (aput, ~1 KiB value, fsync on)", appends, "appends/s")
     lgs = ("AsyncPostgresSaver (1 conn)", "AsyncPostgresSaver (pool 64)")
-    for c in (1, 64):
-        for lg in lgs:
-            got = ratios(appends, f"C={c} PforgeSaver (PgStore)", f"C={c} {lg}")
-            print(f"C={c:<3} PforgeSaver over {lg}: {spread(got, '{:.2f}x')}")
-        best = [
-            run[f"C={c} PforgeSaver (PgStore)"]["rate"] / max(run[f"C={c} {lg}"]["rate"] for lg in lgs)
-            for run in appends
-        ]
-        target = "  (target >= 10x)" if c == 64 else ""
-        print(f"C={c:<3} PforgeSaver over the faster AsyncPostgresSaver of each run: {spread(best, '{:.2f}x')}{target}")
+    for ours in ("PforgeSaver (PgStore)", "raw append_turn (PgStore)"):
+        for c in (1, 64):
+            for lg in lgs:
+                got = ratios(appends, f"C={c} {ours}", f"C={c} {lg}")
+                print(f"C={c:<3} {ours} over {lg}: {spread(got, '{:.2f}x')}")
+            best = [run[f"C={c} {ours}"]["rate"] / max(run[f"C={c} {lg}"]["rate"] for lg in lgs) for run in appends]
+            target = "  (target >= 10x)" if c == 64 else ""
+            print(f"C={c:<3} {ours} over the faster AsyncPostgresSaver of each run: {spread(best, '{:.2f}x')}{target}")
+    bound(appends, lgs)
     show("2. processes, each its own PgStore on one schema, 64 writers each", procs, "appends/s")
     for p in counts[1:]:
         print(
@@ -413,8 +478,29 @@ async def main() -> None:
             + ("  (target >= 2x)" if p == 4 else "")
         )
     show(f"3. CAS objects ({args.objects} x 4 KiB)", cas, "objects/s")
-    print("\n(client us/op: CPU of the benchmark process(es) per operation; server us/op: CPU of every")
-    print(" server process per operation; the 2 cores are shared by both, and by whatever else runs)")
+    print("\n(client / server / total: CPU microseconds per operation of the benchmark process(es), of every")
+    print(" server process, and both; cores: CPU seconds per second of both, i.e. the cores the row kept busy;")
+    print(f" ops/s per core: 1e6 / total. This machine has {os.cpu_count()} cores, shared by client, server and")
+    print(" whatever else runs: a row at ~cores of them is CPU-bound, one well below is waiting on something)")
+
+
+def bound(appends: list[dict[Any, Row]], lgs: tuple[str, ...]) -> None:
+    """What the C=64 rows' CPU per append says about the 10x target on this machine's cores."""
+    if "server" not in appends[0]["C=64 PforgeSaver (PgStore)"]:
+        return
+    cores = os.cpu_count() or 1
+    theirs = statistics.median(max(run[f"C=64 {lg}"]["rate"] for lg in lgs) for run in appends)
+    need = 1e6 * cores / (10 * theirs)
+    print(
+        f"10x the faster AsyncPostgresSaver at C=64 ({10 * theirs:.0f}/s) on {cores} cores needs at most "
+        f"{need:.0f} us of CPU per append, client and server together, with every core busy:"
+    )
+    for ours in ("PforgeSaver (PgStore)", "raw append_turn (PgStore)"):
+        total = statistics.median(run[f"C=64 {ours}"]["cpu"] + run[f"C=64 {ours}"]["server"] for run in appends)
+        print(
+            f"  C=64 {ours}: {total:.0f} us per append -> at most {1e6 * cores / total:.0f}/s "
+            f"({1e6 * cores / total / theirs:.1f}x) with all {cores} cores"
+        )
 
 
 if __name__ == "__main__":

@@ -1088,3 +1088,68 @@ async def main():
             print("lost", flush=True)
 anyio.run(main)
 """
+
+
+# -- the private stat-cache directory ---------------------------------------------------------------
+
+
+def test_private_cache_dirs_outlive_no_killed_owner(tmp_path: Path) -> None:
+    """Each store given no ``cache_dir`` gets a directory under one per-user parent, named after its
+    owner process: a new one removes those whose owner is gone (SIGKILLed, or its pid now another
+    process's), keeps those of live owners, and touches nothing else there."""
+    import sys
+
+    from pforge_async.postgres.cachedir import private_cache_dir
+
+    code = (
+        "import sys, time\nfrom pforge_async.postgres.cachedir import private_cache_dir\n"
+        "print(private_cache_dir(sys.argv[1]), flush=True)\ntime.sleep(600)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        left = Path(child.stdout.readline().strip())
+        parent = left.parent
+        assert parent == tmp_path / f"pforge-pgcas-cache-{os.getuid()}" and (parent.stat().st_mode & 0o777) == 0o700
+        (left / "cache").write_bytes(b"x")
+        mine = Path(private_cache_dir(str(tmp_path)))
+        assert left.is_dir() and mine.is_dir() and mine.parent == parent  # its owner lives: kept
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    reused = parent / f"{os.getpid()}-1-abc"  # this pid, but a process that started at another time
+    reused.mkdir()
+    unrelated = parent / "notes"
+    unrelated.mkdir()
+    other = Path(private_cache_dir(str(tmp_path)))
+    assert not left.exists() and not reused.exists()
+    assert mine.is_dir() and other.is_dir() and unrelated.is_dir() and mine != other
+
+
+def test_an_untrusted_cache_parent_is_not_shared(tmp_path: Path) -> None:
+    """A parent others may write to (or not a directory) is not used: a private directory beside it."""
+    from pforge_async.postgres.cachedir import private_cache_dir
+
+    parent = tmp_path / f"pforge-pgcas-cache-{os.getuid()}"
+    parent.mkdir(mode=0o777)
+    parent.chmod(0o777)
+    made = Path(private_cache_dir(str(tmp_path)))
+    assert made.parent == tmp_path and made.is_dir() and (made.stat().st_mode & 0o077) == 0
+    assert list(parent.iterdir()) == []
+
+
+async def test_a_store_without_cache_dir_removes_its_own_at_close(
+    tmp_path: Path, pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    async with open_store(f"{pg_dsn}?schema={pg_schema}") as store:
+        ws = tmp_path / "ws"
+        ws.mkdir()
+        (ws / "f").write_text("hello")
+        tree = await store.cas.snapshot(ws)
+        assert [e.name for e in await store.cas.read_tree(tree)] == ["f"]
+        made = [p for p in (tmp_path / f"pforge-pgcas-cache-{os.getuid()}").iterdir()]
+        assert len(made) == 1 and made[0].name.startswith(f"{os.getpid()}-")
+    assert not made[0].exists()

@@ -20,8 +20,10 @@ from pforge_async import (
     ActorClosed,
     BudgetExceeded,
     InvalidInput,
+    NewTurn,
     NonceReplayed,
     NotFound,
+    ObjectNotFound,
     StorageError,
     Store,
 )
@@ -494,3 +496,119 @@ async def test_a_twin_committed_meanwhile_is_found_through_the_unique_index(stor
     assert len(outcome) == 1 and type(outcome[0]).__name__ == "IdempotencyConflict", outcome
     assert (await store.budget.totals("v")).reserved_tokens == 0
     await store.budget.reserve("v", tokens=5, idempotency_key="step-2")
+
+
+# -- what one write costs: statements and round trips ----------------------------------------------
+
+
+class _Statements:
+    """Every statement the store's writer and read connections send, in order (``PgConn`` and
+    ``PgActor.fetch`` wrapped), to check how many round trips a write costs."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from pforge_async.postgres import actor
+
+        self.sent: list[str] = []
+        for cls, names in ((actor.PgConn, ("execute", "fetch", "fetchrow", "fetchval")), (actor.PgActor, ("fetch",))):
+            for name in names:
+                monkeypatch.setattr(cls, name, self._wrap(getattr(cls, name)))
+
+    def _wrap(self, method: Any) -> Any:
+        sent = self.sent
+
+        async def recorded(self: Any, sql: str, *args: Any) -> Any:
+            sent.append(" ".join(sql.split()))
+            return await method(self, sql, *args)
+
+        return recorded
+
+    def take(self) -> list[str]:
+        taken, self.sent[:] = list(self.sent), []
+        return taken
+
+
+async def test_a_turns_refs_are_checked_in_its_own_write(store: PgStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store's turn batch checks its turns' refs against the CAS in its first statement: no read of
+    the CAS before the write, a missing ref fails only the command naming it (nothing of it stored,
+    ObjectNotFound naming the first missing ref), the other appends of the batch land."""
+    ctx = await store.turns.create_context(name="refs")
+    blobs = [await store.cas.write_blob(f"blob {i}".encode()) for i in range(8)]
+    missing = sorted(["0" * 63 + "1", "f" * 64])
+    statements = _Statements(monkeypatch)
+    turn = await store.turns.append_turn(ctx.context_id, "t", b"one", refs=blobs[:3])
+    assert turn.refs == tuple(sorted(blobs[:3]))
+    sent = statements.take()
+    assert sent[0] == "BEGIN" and sent[-1] == "COMMIT" and len(sent) == 4, sent
+    assert "cas_objects" in sent[1]  # the refs, read in the locking statement: no read before
+
+    contexts = [await store.turns.create_context(name=f"refs-{i}") for i in range(8)]
+    outcomes: dict[int, Any] = {}
+
+    async def append(i: int) -> None:
+        refs = [blobs[i], *missing] if i == 3 else [blobs[i]]
+        try:
+            outcomes[i] = await store.turns.append_turn(contexts[i].context_id, "t", b"x", refs=refs)
+        except ObjectNotFound as exc:
+            outcomes[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(append, i)
+    assert isinstance(outcomes[3], ObjectNotFound) and missing[0] in str(outcomes[3])
+    assert (await store.turns.get_head(contexts[3].context_id)).head_turn_id == 0
+    for i in set(range(8)) - {3}:
+        assert outcomes[i].refs == (blobs[i],)
+        assert (await store.turns.get_head(contexts[i].context_id)).head_turn_id == outcomes[i].turn_id
+
+    with pytest.raises(ObjectNotFound, match=missing[0]):
+        await store.turns.append_turns(
+            [
+                NewTurn(ctx.context_id, "t", b"a", refs=(blobs[0],)),
+                NewTurn(ctx.context_id, "t", b"b", refs=tuple(missing)),
+            ]
+        )
+    assert (await store.turns.get_head(ctx.context_id)).head_turn_id == turn.turn_id  # nothing of the batch
+    assert len(await store.turns.append_turns([NewTurn(ctx.context_id, "t", b"c", refs=tuple(blobs))])) == 1
+    assert (await store.check()).ok
+
+
+async def test_refs_older_than_the_freshen_age_are_freshened_by_the_write(pg_dsn: str, pg_schema: str) -> None:
+    """With ``freshen_s=0`` every ref a write names is old: the write stamps it again in its own
+    transaction (as ``has`` does), so a CAS gc keeps it; a ref whose row is gone is ObjectNotFound."""
+    async with await connect_pg(pg_dsn, schema=pg_schema, durability="normal", freshen_s=0) as store:
+        ctx = await store.turns.create_context(name="fresh")
+        old, gone = await store.cas.write_blob(b"old"), await store.cas.write_blob(b"gone")
+        conn = await _raw(pg_dsn)
+        try:
+            await conn.execute(f'SET search_path TO "{pg_schema}"')
+            await conn.execute("UPDATE cas_objects SET touched_at = now() - interval '1 day'")
+            await conn.execute("DELETE FROM cas_objects WHERE oid = $1", bytes.fromhex(gone))
+            await store.turns.append_turn(ctx.context_id, "t", b"x", refs=[old])
+            with pytest.raises(ObjectNotFound, match=gone):
+                await store.turns.append_turn(ctx.context_id, "t", b"y", refs=[old, gone])
+            age = await conn.fetchval(
+                "SELECT extract(epoch FROM now() - touched_at) FROM cas_objects WHERE oid = $1", bytes.fromhex(old)
+            )
+        finally:
+            await conn.close()
+        assert age < 3600, age
+        assert len(await store.turns.list_turns(ctx.context_id)) == 1
+
+
+async def test_a_blob_write_is_one_statement_and_a_linking_write_a_transaction(
+    store: PgStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Objects that link to nothing outside their batch (blobs) are one INSERT that commits by itself;
+    a tree linking stored objects runs in a transaction that locks them (a gc cannot take them)."""
+    statements = _Statements(monkeypatch)
+    blob = await store.cas.write_blob(b"alone")
+    sent = statements.take()
+    assert len(sent) == 1 and sent[0].startswith("INSERT INTO") and "cas_objects" in sent[0], sent
+    assert await store.cas.write_blob(b"alone") == blob  # again: the same row, still one statement
+    assert len(statements.take()) == 1
+    tree = await store.cas.write_tree([("f", 0o100644, blob)])
+    sent = statements.take()
+    sent = sent[sent.index("BEGIN") :]  # after write_tree's own read of the entries' types
+    assert any("FOR KEY SHARE" in s for s in sent) and sent[-1] == "COMMIT", sent
+    assert [e.oid for e in await store.cas.read_tree(tree)] == [blob]
+    assert await store.cas.read_blob(blob) == b"alone"

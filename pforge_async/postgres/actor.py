@@ -426,6 +426,14 @@ class PgActor(Actor[C]):
     def abort(self) -> None:
         """The batch was rolled back: forget whatever it cached or deferred."""
 
+    def single_statement(self, commands: Sequence[C]) -> bool:
+        """Whether this batch runs no statement in :meth:`begin` or :meth:`apply` and at most one in
+        :meth:`flush`, one that takes no lock another statement of the batch relies on and that may run
+        twice to the same effect (an insert of content-addressed rows, say). Such a batch runs without
+        ``BEGIN`` and ``COMMIT``: its one statement commits by itself, two round trips fewer (each a
+        wake-up of both ends, what a lone writer pays most for). Savepoints must be off."""
+        return False
+
     async def handle_batch(self, commands: Sequence[C]) -> list[Any]:
         """Run a batch and say, for each command, what became of it (see the SQLite actor's
         ``_transact``, whose rules this follows; here a lost connection or a deadlock also runs the
@@ -487,6 +495,8 @@ class PgActor(Actor[C]):
 
     async def _try_batch(self, conn: PgConn, commands: list[C]) -> list[Any]:
         """One transaction for ``commands``: their outcomes once committed, else ``_BatchFailed``."""
+        if not self.savepoints and self.single_statement(commands):
+            return await self._try_single(conn, commands)
         outcomes: list[Any] = []
         committing = False
         try:
@@ -530,6 +540,34 @@ class PgActor(Actor[C]):
             raise ended from exc
         except BaseException:
             await self._rollback(conn)
+            raise
+        return outcomes
+
+    async def _try_single(self, conn: PgConn, commands: list[C]) -> list[Any]:
+        """A :meth:`single_statement` batch: its flush's statement is its transaction. A connection lost
+        under it may or may not have committed it; running it again is safe (see there)."""
+        outcomes: list[Any] = []
+        try:
+            await self.begin(conn, commands)
+            for i, command in enumerate(commands):
+                try:
+                    outcomes.append(await self._apply_one(conn, command))
+                except _BatchFailed as failed:
+                    if not failed.retry:
+                        failed.culprit = i
+                    raise
+            await self.flush(conn)
+        except _BatchFailed as failed:
+            self.abort()
+            failed.outcomes = outcomes
+            raise
+        except Exception as exc:
+            self.abort()
+            ended = _BatchFailed(exc, retry=self._retryable(exc, conn))
+            ended.outcomes = outcomes
+            raise ended from exc
+        except BaseException:
+            self.abort()
             raise
         return outcomes
 

@@ -78,6 +78,7 @@ from ..errors import (
     StorageError,
 )
 from .actor import PgActor, PgConn
+from .cachedir import private_cache_dir, remove_private_cache_dir
 from .migrate import quote_ident
 
 __all__ = ["CAS_SCRIPTS", "PgCas", "PgCasActor", "open_pg_cas"]
@@ -294,11 +295,17 @@ class PgCasActor(PgActor[PgCasCommand]):
         self.refs_table = f"{s}.cas_refs"
         self.chunks_table = f"{s}.cas_chunks"
         self._plan = _Plan()
+        self._prepared: tuple[Sequence[PgCasCommand], dict[int, _Prepared], set[bytes]] | None = None
 
     def abort(self) -> None:
         self._plan = _Plan()
+        self._prepared = None
 
-    async def begin(self, conn: PgConn, commands: Sequence[PgCasCommand]) -> None:
+    def _prepare(self, commands: Sequence[PgCasCommand]) -> tuple[dict[int, _Prepared], set[bytes]]:
+        """Each PutObjects of the batch hashed and checked (errors into a new plan's replies), and the
+        ids the batch links or points to outside itself (once per batch: kept for :meth:`begin`)."""
+        if self._prepared is not None and self._prepared[0] is commands:
+            return self._prepared[1], self._prepared[2]
         plan = self._plan = _Plan()
         prepared: dict[int, _Prepared] = {}
         for command in commands:
@@ -310,7 +317,21 @@ class PgCasActor(PgActor[PgCasCommand]):
         in_batch = {raw for p in prepared.values() for raw in p.rows}
         wanted = {raw for p in prepared.values() for raw in p.links}
         wanted |= {bytes.fromhex(c.new) for c in commands if isinstance(c, UpdateRef) and _valid_oid(c.new)}
-        plan.available = await self._lock_present(conn, wanted - in_batch)
+        self._prepared = (commands, prepared, wanted - in_batch)
+        return prepared, wanted - in_batch
+
+    def single_statement(self, commands: Sequence[PgCasCommand]) -> bool:
+        # Objects only (blobs, and trees and commits whose links are in the batch): nothing to look up
+        # or lock, and their one INSERT ... ON CONFLICT may run twice to the same effect.
+        if not all(isinstance(c, PutObjects) for c in commands):
+            return False
+        return not self._prepare(commands)[1]
+
+    async def begin(self, conn: PgConn, commands: Sequence[PgCasCommand]) -> None:
+        prepared, outside = self._prepare(commands)
+        self._prepared = None
+        plan = self._plan
+        plan.available = await self._lock_present(conn, outside)
         for command in commands:
             p = prepared.get(id(command))
             if p is None:
@@ -748,7 +769,7 @@ class PgCas:
         self.freshen_s = actor.freshen_s
         self._own_cache: str | None = None
         if cache_dir is None:
-            self._own_cache = tempfile.mkdtemp(prefix="pforge-pgcas-cache-")
+            self._own_cache = private_cache_dir()
             cache_dir = Path(self._own_cache)
         self._cache_dir = cache_dir
         self._snapshot_locks: dict[str, anyio.Lock] = {}
@@ -1375,9 +1396,7 @@ class PgCas:
     def close_cache(self) -> None:
         """Remove the private stat cache, if this CAS made one (the actor is closed by its owner)."""
         if self._own_cache is not None:
-            import shutil
-
-            shutil.rmtree(self._own_cache, ignore_errors=True)
+            remove_private_cache_dir(self._own_cache)
 
 
 def _upload_chunked(cas: PgCas, fd: int, shown: str) -> bytes:

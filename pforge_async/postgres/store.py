@@ -114,6 +114,7 @@ class PgStore(Store):
         self._pg_actors.append(cas_actor)
         self.cas = PgCas(cas_actor, cache_dir=self._cache_dir)
         turns = PgTurnActor(self._dsn, **options)
+        turns.check_refs_in(self._freshen_s)  # the CAS is in the same schema: refs checked in the write
         await self.start_actor(turns)
         self._pg_actors.append(turns)
         self.turns = PgTurnStore(turns, self.cas, max_payload_bytes=self._max_payload_bytes)

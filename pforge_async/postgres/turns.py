@@ -177,6 +177,23 @@ UNION ALL SELECT 1, turn_id, depth, jump_turn_id, jump_depth, context_id, NULL, 
 UNION ALL SELECT 2, nextval('turn_ids'), NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM generate_series(1, $2::int)
 UNION ALL SELECT 3, nextval('context_ids'), NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM generate_series(1, $3::int)
 """
+#: the same, and which of the CAS objects ``$4`` the batch's turns name as refs are stored (kind 4: the id
+#: as hex, and 1 if its ``touched_at`` is older than ``$5`` seconds): the store's own CAS is in the same
+#: schema, so a turn's refs are checked in its write's transaction, not by a read before it
+_BEGIN_REFS = _BEGIN.replace(
+    "), chain AS (",
+    "), refs AS MATERIALIZED (\n"
+    "    SELECT oid, touched_at < now() - make_interval(secs => $5::float8) AS stale FROM cas_objects\n"
+    "    WHERE oid = ANY($4::bytea[])\n"
+    "), chain AS (",
+    1,
+) + (
+    "UNION ALL SELECT 4, CASE WHEN stale THEN 1 ELSE 0 END, NULL, NULL, NULL, NULL, NULL, encode(oid, 'hex'), NULL "
+    "FROM refs\n"
+)
+#: refs found older than the freshen age: stamped in the batch's transaction (so a CAS gc keeps them, as
+#: ``PgCas.has`` would have); those a gc deleted meanwhile are not returned
+_FRESHEN_REFS = "UPDATE cas_objects SET touched_at = now() WHERE oid = ANY($1::bytea[]) RETURNING encode(oid, 'hex')"
 _ADVISORY = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS u(k)"
 _NAMES_AND_KEYS = (
     "SELECT 0, name, context_id, NULL FROM contexts WHERE name = ANY($1::text[]) "
@@ -337,9 +354,13 @@ class _Batch:
     """What one batch's transaction holds: the locked contexts, the nodes, names and keys it looked up,
     and what its commands decided, until :meth:`flush` writes it."""
 
-    def __init__(self, conn: PgConn, schema: str) -> None:
+    def __init__(self, conn: PgConn, schema: str, refs_freshen_s: float | None = None) -> None:
         self.conn = conn
         self.schema = schema
+        #: the CAS's freshen age when the batch checks its turns' refs itself (None: the store did)
+        self.refs_freshen_s = refs_freshen_s
+        #: the refs the batch's turns name that are in the CAS (hex ids), when it checks them
+        self.refs_found: set[str] = set()
         self.contexts: dict[int, _Context] = {}
         #: contexts deleted in this batch (whatever the lock query found)
         self.deleted: set[int] = set()
@@ -364,11 +385,13 @@ class _Batch:
         keys: set[tuple[int, str]] = set()
         names: set[str] = set()
         creation_keys: set[str] = set()
+        refs: set[str] = set()
         n_turns = n_contexts = 0
 
         def append(turn: AppendTurn) -> None:
             nonlocal n_turns
             n_turns += 1
+            refs.update(turn.refs)
             context_ids.add(turn.context_id)
             if turn.idempotency_key is not None:
                 keys.add((turn.context_id, turn.idempotency_key))
@@ -403,17 +426,35 @@ class _Batch:
         if context_ids or n_turns or n_contexts:
             turn_ids: list[int] = []
             new_context_ids: list[int] = []
-            for kind, a, b, c, d, e, f, name, metadata in await conn.fetch(
-                _BEGIN, sorted(context_ids), n_turns, n_contexts
-            ):
+            stale: list[bytes] = []
+            if refs and self.refs_freshen_s is not None:
+                rows = await conn.fetch(
+                    _BEGIN_REFS,
+                    sorted(context_ids),
+                    n_turns,
+                    n_contexts,
+                    sorted(bytes.fromhex(oid) for oid in refs),
+                    self.refs_freshen_s,
+                )
+            else:
+                rows = await conn.fetch(_BEGIN, sorted(context_ids), n_turns, n_contexts)
+            for kind, a, b, c, d, e, f, name, metadata in rows:
                 if kind == 0:
                     self.contexts[a] = _Context(a, b, c, name, d, e, metadata, f)
                 elif kind == 1:
                     self.nodes[a] = (b, c, d, e)
                 elif kind == 2:
                     turn_ids.append(a)
-                else:
+                elif kind == 3:
                     new_context_ids.append(a)
+                else:
+                    self.refs_found.add(name)
+                    if a:
+                        stale.append(bytes.fromhex(name))
+            if stale:
+                # Rare (only past freshen_s). One a gc deleted since the statement's snapshot is missing.
+                self.refs_found -= {raw.hex() for raw in stale}
+                self.refs_found.update(row[0] for row in await conn.fetch(_FRESHEN_REFS, sorted(stale)))
             # Popped from the end: lowest first, so turns get increasing ids in the batch's order.
             self.turn_ids = sorted(turn_ids, reverse=True)
             self.context_ids = sorted(new_context_ids, reverse=True)
@@ -710,7 +751,17 @@ class _Batch:
         )
         return record, row, (depth, jump, jump_depth, context_id)
 
+    def check_refs(self, refs: Iterable[str]) -> None:
+        """``ObjectNotFound`` naming the first of ``refs`` (sorted) not in the CAS, when the batch checks
+        refs (as ``TurnStoreBase._check_refs`` would have, before anything else of the command)."""
+        if self.refs_freshen_s is None:
+            return
+        for oid in sorted(refs):
+            if oid not in self.refs_found:
+                raise ObjectNotFound(f"ref {oid} is not in the CAS")
+
     async def _append(self, command: AppendTurn) -> TurnRecord:
+        self.check_refs(command.refs)
         context_id = command.context_id
         ctx = self.context(context_id)
         digest = payload_hash(command.payload)
@@ -744,6 +795,7 @@ class _Batch:
         rows: list[tuple[Any, ...]] = []
         replies: list[TurnRecord] = []
         taken = 0
+        self.check_refs({oid for turn in command.turns for oid in turn.refs})
         for turn in command.turns:
             context_id = turn.context_id
             head = self.context(context_id).head
@@ -924,9 +976,17 @@ class PgTurnActor(PgActor[TurnCommand]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._batch: _Batch | None = None
+        #: set by :meth:`check_refs_in`: the freshen age of the CAS in this actor's schema, whose
+        #: objects each batch then checks its turns' refs against (in the batch's first statement)
+        self.refs_freshen_s: float | None = None
+
+    def check_refs_in(self, freshen_s: float) -> None:
+        """The store's CAS lives in this actor's schema (``cas_objects``), with this freshen age:
+        batches check their turns' refs there themselves, in their own transaction (no read first)."""
+        self.refs_freshen_s = float(freshen_s)
 
     async def begin(self, conn: PgConn, commands: Sequence[TurnCommand]) -> None:
-        self._batch = _Batch(conn, self.schema)
+        self._batch = _Batch(conn, self.schema, self.refs_freshen_s)
         await self._batch.prefetch(commands)
 
     async def apply(self, conn: PgConn, command: TurnCommand) -> Any:
@@ -975,6 +1035,13 @@ class PgTurnStore(TurnStoreBase):
 
     async def _write(self, command: TurnCommand) -> object:
         return await self._actor.call(command)
+
+    async def _check_refs(self, oids: Sequence[str]) -> None:
+        # With the store's own CAS the write checks them in its transaction (PgTurnActor.check_refs_in):
+        # one statement fewer per append, and no window between the check and the write.
+        if oids and self._actor.refs_freshen_s is not None:
+            return
+        await super()._check_refs(oids)
 
     async def _create(self, command: CreateContext) -> ContextInfo:
         # An open_context that finds its name on a reader is answered there, without a trip through
