@@ -18,6 +18,8 @@ from pforge_async import (
     open_store,
 )
 from pforge_async.cas import EMPTY_TREE, TreeEntry
+from pforge_async.cas import actor as cas_actor
+from pforge_async.cas.snapshot import RACY_NS, SnapshotPlan
 
 from ._procs import run_all, spawn, wait_for_line
 
@@ -276,6 +278,67 @@ class TestSnapshots:
         async with open_store(tmp_path / ".pforge") as store:
             assert await store.cas.snapshot(work) == first
 
+    async def test_the_stat_cache_answers_from_memory_and_is_written_late(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The cache file is written after the reply: at once the first time, then coalesced (here
+        never within the run), and at close. Meanwhile the memory answers: an unchanged file is not
+        read again although the file on disk is stale."""
+        monkeypatch.setattr(cas_actor, "WRITE_INTERVAL_S", 3600.0)
+        reads: list[bytes] = []
+        store_file = SnapshotPlan._store_file
+
+        def counted(plan: SnapshotPlan, sink: object, dir_fd: int, name: bytes, rel: bytes) -> object:
+            reads.append(rel)
+            return store_file(plan, sink, dir_fd, name, rel)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(SnapshotPlan, "_store_file", counted)
+        work = tmp_path / "work"
+        make_workspace(work)
+        await _settle()
+        cache_dir = tmp_path / ".pforge" / "cache"
+        async with open_store(tmp_path / ".pforge", watch_workspaces=False) as store:
+            actor = store.cas._actor
+            assert isinstance(actor, cas_actor.CasActor)
+            first = await store.cas.snapshot(work)
+            await store.cas.write_blob(b"a round trip: the cache write queued before it has run")
+            assert actor.stat_caches.written == 1
+            (cached,) = cache_dir.iterdir()
+            on_disk = cached.read_bytes()
+            files = len(reads)
+            assert files >= 4
+            trees = [first]
+            for n in range(5):
+                (work / f"new{n}.txt").write_text(f"{n}\n")
+                await _settle()
+                trees.append(await store.cas.snapshot(work))
+            assert len(set(trees)) == 6
+            # Each new file read once; none of the others again, the file on disk unchanged.
+            assert sorted(reads[files:]) == [f"new{n}.txt".encode() for n in range(5)]
+            assert actor.stat_caches.written == 1 and cached.read_bytes() == on_disk
+        assert cached.read_bytes() != on_disk  # written at close
+        reads.clear()
+        async with open_store(tmp_path / ".pforge", watch_workspaces=False) as store:
+            assert await store.cas.snapshot(work) == trees[-1]
+        assert reads == []  # a new process: the file answered everything
+
+    async def test_a_stale_cache_file_costs_a_rescan_never_a_wrong_tree(self, tmp_path: Path) -> None:
+        """A process killed before it wrote its latest cache leaves the file of an older snapshot: the
+        next one re-reads what changed since, and its tree is the tree a store with no cache makes."""
+        work = tmp_path / "work"
+        make_workspace(work)
+        await _settle()
+        child = spawn(STALE_CACHE_THEN_EXIT, tmp_path / ".pforge", work)
+        (out,) = run_all([child])
+        assert out.split() == ["1"]  # the first cache written, the second not
+        async with open_store(tmp_path / ".pforge", watch_workspaces=False) as store:
+            seen = await store.cas.snapshot(work)
+        async with open_store(tmp_path / ".fresh", watch_workspaces=False) as fresh:
+            truth = await fresh.cas.snapshot(work)
+            names = {e.name: e.oid for e in await fresh.cas.read_tree(truth, recursive=True)}
+            assert await fresh.cas.read_blob(names["src/main.py"]) == b"changed!!!\n" * 100
+        assert seen == truth
+
     async def test_restore_refuses_a_non_empty_target(self, tmp_path: Path) -> None:
         (tmp_path / "busy").mkdir()
         (tmp_path / "busy" / "keep.txt").write_text("mine")
@@ -305,6 +368,34 @@ class TestSnapshots:
         with open(big / "huge.bin", "rb") as a, open(tmp_path / "restored" / "huge.bin", "rb") as b:
             while chunk := a.read(1 << 24):
                 assert b.read(1 << 24) == chunk
+
+
+async def _settle() -> None:
+    """Wait out a snapshot's racy window: files written before are old enough for the stat cache
+    to hold them (their ctime, which nothing can set back, included)."""
+    await anyio.sleep(2 * RACY_NS / 1e9)
+
+
+STALE_CACHE_THEN_EXIT = """
+import os, sys, time, anyio
+from pathlib import Path
+from pforge_async import open_store
+from pforge_async.cas import actor as cas_actor
+cas_actor.WRITE_INTERVAL_S = 3600.0
+work = Path(sys.argv[2])
+async def main():
+    async with open_store(sys.argv[1], watch_workspaces=False) as store:
+        await store.cas.snapshot(work)
+        await store.cas.write_blob(b"sync")
+        main_py = work / "src" / "main.py"
+        main_py.write_text("changed!!!\\n" * 100)  # the same size
+        time.sleep(0.1)  # past the racy window: this snapshot's cache would hold it
+        await store.cas.snapshot(work)
+        await store.cas.write_blob(b"sync")
+        print(store.cas._actor.stat_caches.written, flush=True)
+        os._exit(0)  # killed: the second snapshot's cache is never written
+anyio.run(main)
+"""
 
 
 # The child's own peak RSS is VmHWM of its address space. ``ru_maxrss`` would not do: when the

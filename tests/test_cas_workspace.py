@@ -477,30 +477,42 @@ class TestHostileContent:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return real_write(fd, data)
 
+        cache_dir = tmp_path / ".pforge" / "cache"
         async with open_store(tmp_path / ".pforge", watch_workspaces=False) as store:
-            cache_dir = tmp_path / ".pforge" / "cache"
             monkeypatch.setattr(os, "write", disk_full_for_the_cache)
             first = await store.cas.snapshot(work)
+            # The cache is written after the reply, on the actor's thread: one more call waits for it.
+            assert await store.cas.read_blob(await store.cas.write_blob(b"x")) == b"x"
             (work / "b.txt").write_text("b\n")
             second = await store.cas.snapshot(work)
+            await store.cas.write_blob(b"after the second")
+            actor = store.cas._actor
+            assert isinstance(actor, CasActor)
+            assert actor.stat_caches.failed >= 1 and actor.stat_caches.written == 0
             monkeypatch.undo()
             assert not [p.name for p in cache_dir.iterdir() if p.name.endswith(".tmp")]
             # The actor serves on, and what those snapshots stored is there.
-            assert await store.cas.read_blob(await store.cas.write_blob(b"x")) == b"x"
             assert {e.name for e in await store.cas.read_tree(second)} == {"a.txt", "b.txt"}
             assert second != first
             assert await store.cas.snapshot(work) == second
-            assert [p for p in cache_dir.iterdir() if p.name.startswith("snapshot-")]
+        # Written by the close at the latest, once the disk has room again.
+        assert [p for p in cache_dir.iterdir() if p.name.startswith("snapshot-")]
+        assert not [p.name for p in cache_dir.iterdir() if p.name.endswith(".tmp")]
 
-            # A cache directory that is not a directory at all: the same.
-            for path in cache_dir.iterdir():
-                path.unlink()
-            cache_dir.rmdir()
-            cache_dir.write_bytes(b"not a directory")
+        # A cache directory that is not a directory at all: the same.
+        for path in cache_dir.iterdir():
+            path.unlink()
+        cache_dir.rmdir()
+        cache_dir.write_bytes(b"not a directory")
+        async with open_store(tmp_path / ".pforge", watch_workspaces=False) as store:
             (work / "c.txt").write_text("c\n")
             third = await store.cas.snapshot(work)
             assert {e.name for e in await store.cas.read_tree(third)} == {"a.txt", "b.txt", "c.txt"}
             assert await store.cas.read_blob(await store.cas.write_blob(b"y")) == b"y"
+            (work / "d.txt").write_text("d\n")
+            fourth = await store.cas.snapshot(work)
+            assert {e.name for e in await store.cas.read_tree(fourth)} == {"a.txt", "b.txt", "c.txt", "d.txt"}
+        assert cache_dir.read_bytes() == b"not a directory"
 
     async def test_a_full_disk_under_the_stat_cache_fails_nothing(self, tmp_path: Path) -> None:
         """The same on a real full file system: the store's cache directory on a full tmpfs."""
@@ -535,7 +547,8 @@ class TestHostileContent:
                 assert [p.name for p in (small / "cache").iterdir()] == []  # no temp file left
                 os.unlink(small / "filler")
                 await store.cas.snapshot(work)
-                assert [p.name for p in (small / "cache").iterdir() if p.name.startswith("snapshot-")]
+            # Written after the replies, by the close at the latest.
+            assert [p.name for p in (small / "cache").iterdir() if p.name.startswith("snapshot-")]
         finally:
             subprocess.run(["umount", str(small)], capture_output=True, check=False)
 

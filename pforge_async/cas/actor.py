@@ -7,7 +7,9 @@ serving. It dies only of a bug, and then every caller gets ``ActorClosed`` namin
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from .objects import BLOB, COMMIT, TREE, decode_tree, hash_object, validate_oid
 from .odb import FreshSession, ObjectDB
 from .refs import RefStore, validate_ref_name
 from .snapshot import SnapshotPlan
+from .statcache import WRITE_INTERVAL_S, StatCaches
 from .watch import Watcher
 
 __all__ = ["CasActor", "PutObjects", "Snapshot", "UpdateRef"]
@@ -123,6 +126,10 @@ class CasActor(Actor[CasCommand]):
         self.refs = RefStore(gitdir, fsync=fsync)
         self.lock_path = lock_path
         self._owner: OwnerThread | None = None
+        #: the snapshots' stat caches: answered from memory, written after the replies (see .statcache)
+        self.stat_caches = StatCaches()
+        self._cache_timer: asyncio.TimerHandle | None = None
+        self._caches_written_at = 0.0
 
     async def setup(self) -> None:
         self._owner = OwnerThread("pforge-cas")
@@ -134,15 +141,34 @@ class CasActor(Actor[CasCommand]):
             raise
 
     async def teardown(self) -> None:
+        if self._cache_timer is not None:
+            self._cache_timer.cancel()
+            self._cache_timer = None
         if self._owner is not None:
             owner, self._owner = self._owner, None
+            if self.stat_caches.dirty:
+                owner.post(self.stat_caches.write_dirty)  # runs before the stop, as jobs run in order
             await owner.stop()
         self.odb.close()
 
     async def handle_batch(self, commands: Sequence[CasCommand]) -> list[Any]:
         assert self._owner is not None
         outcomes: list[Any] = await self._owner.run(self._apply, commands)
+        if self.stat_caches.dirty and self._cache_timer is None:
+            # Written after this reply, on the owner thread (before any later batch), and coalesced:
+            # at most once per interval while snapshots keep coming.
+            wait = self._caches_written_at + WRITE_INTERVAL_S - time.monotonic()
+            if wait <= 0:
+                self._write_caches()
+            else:
+                self._cache_timer = asyncio.get_running_loop().call_later(wait, self._write_caches)
         return outcomes
+
+    def _write_caches(self) -> None:
+        self._cache_timer = None
+        self._caches_written_at = time.monotonic()
+        if self._owner is not None:
+            self._owner.post(self.stat_caches.write_dirty)
 
     def _apply(self, commands: Sequence[CasCommand]) -> list[Any]:
         if self.readonly:
@@ -163,8 +189,12 @@ class CasActor(Actor[CasCommand]):
                     case PutObjects(objects=objects):
                         outcomes[i] = self._put_objects(batch, objects)
                     case Snapshot(root=root, cache_file=cache, exclude=exclude):
+                        path = Path(os.fsdecode(cache))
                         plan = SnapshotPlan(
-                            os.fsdecode(root), Path(os.fsdecode(cache)), {(dev, ino) for dev, ino in exclude}
+                            os.fsdecode(root),
+                            path,
+                            {(dev, ino) for dev, ino in exclude},
+                            self.stat_caches.get(path),
                         )
                         outcomes[i] = plan.run(batch, self.odb, self.watcher).hex()
                         snapshots.append(plan)
@@ -179,7 +209,8 @@ class CasActor(Actor[CasCommand]):
             error = _contained(exc, "writing a pack")
             return [Failed(error) for _ in commands]
         for plan in snapshots:
-            plan.save_cache()  # only now: what it records is durable (and a failure to is only logged)
+            # Only now: what it records is durable. Written to its file after the reply (.statcache).
+            self.stat_caches.put(plan.cache_path, plan.cache_entries())
         # Never a hold of gc's gate inside another (a gc waiting at the turnstile would wait for it).
         batch.close()
         if refs:

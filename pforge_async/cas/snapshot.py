@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import secrets
@@ -38,7 +39,7 @@ from .pack import write_all
 from .restore import restore_tree
 from .watch import Watcher
 
-__all__ = ["LARGE_FILE", "SnapshotPlan", "Sink", "cache_file", "restore_tree"]
+__all__ = ["LARGE_FILE", "CacheEntry", "SnapshotPlan", "Sink", "cache_file", "restore_tree", "write_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ _LINK_MODE = 0o120000
 # Keyed by the path relative to the root as bytes: names are bytes on Linux, and not all are UTF-8.
 # The oid's pattern makes a damaged cache file fail to decode (and be dropped), never fail a snapshot.
 _CacheEntry = tuple[int, int, int, int, int, Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]]
+#: one file's entry in a stat cache: (mode, size, mtime_ns, ctime_ns, inode, hex oid)
+CacheEntry = _CacheEntry
 _cache_decoder = msgspec.msgpack.Decoder(dict[bytes, _CacheEntry])
 _cache_encoder = msgspec.msgpack.Encoder()
 
@@ -92,10 +95,18 @@ class SnapshotPlan:
     built bottom-up at the end.
     """
 
-    def __init__(self, root: str, cache_path: Path, exclude: set[tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        root: str,
+        cache_path: Path,
+        exclude: set[tuple[int, int]],
+        cache: dict[bytes, _CacheEntry] | None = None,
+    ) -> None:
         self.root = root
         self.cache_path = cache_path
         self.exclude = exclude
+        #: the stat cache to answer from, when the caller holds it (else it is read from ``cache_path``)
+        self.cache = cache
         self.dirs: list[tuple[int, bytes]] = []  # (parent index, name); index 0 is the root
         #: per directory: (name, mode, raw oid) entries found so far
         self.levels: list[list[tuple[bytes, int, bytes]]] = []
@@ -105,7 +116,7 @@ class SnapshotPlan:
     def run(self, sink: Sink, odb: ObjectDB, watcher: Watcher | None) -> bytes:
         """Scan, store, and return the raw id of the root tree."""
         self.start_ns = time.time_ns()
-        cache = self._load_cache()
+        cache = self._load_cache() if self.cache is None else self.cache
         if watcher is not None:
             watcher.begin(self.root)
         open_dirs: list[_Dir] = []
@@ -300,30 +311,57 @@ class SnapshotPlan:
                 return InvalidInput(f"cannot snapshot {path}: git refuses this name ({problem})")
         return InvalidInput(f"cannot snapshot {shown_path(self.root, rel)}: {exc}")
 
-    def save_cache(self) -> None:
-        """Record what this snapshot saw; call once its objects are durable.
-
-        Failing to write it (a full disk) fails nothing: the snapshot is stored, and the previous
-        cache, if any, stays valid (an entry is used only while the file's stat still matches it).
-        """
+    def cache_entries(self) -> dict[bytes, _CacheEntry]:
+        """The stat cache this snapshot leaves: what it saw, less the racily clean entries (modified
+        within ``RACY_NS`` of its start: a later write could keep the same timestamp). Valid once the
+        snapshot's objects are durable."""
         horizon = self.start_ns - RACY_NS
-        cache = {rel: entry for rel, entry in self.seen.items() if entry[2] < horizon and entry[3] < horizon}
-        temp = self.cache_path.with_name(f"{self.cache_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        created = False
+        return {rel: entry for rel, entry in self.seen.items() if entry[2] < horizon and entry[3] < horizon}
+
+    def save_cache(self) -> None:
+        """Record what this snapshot saw; call once its objects are durable (see :func:`write_cache`)."""
+        write_cache(self.cache_path, self.cache_entries())
+
+
+def write_cache(path: Path, cache: dict[bytes, _CacheEntry]) -> bool:
+    """Write a stat cache to ``path``; whether it was written.
+
+    Failing to write it (a full disk) fails nothing: the snapshots are stored, and the previous cache,
+    if any, stays valid (an entry is used only while the file's stat still matches it and its object
+    is present), so a stale or missing cache only costs the next snapshot a re-read. That is also
+    why the old file is unlinked before the new one is renamed into place, not renamed over: ext4
+    (``auto_da_alloc``) writes a file back at once when it replaces another by rename, which made
+    each cache write cost a disk write; a crash between the two leaves no cache, and no file is
+    synced, so one lost to a crash is missing or fails to decode (and is dropped)."""
+    temp = path.with_name(f"{path.name}.{os.getpid()}.{_TEMP_TAG}.{next(_temp_numbers)}.tmp")
+    created = False
+    try:
         try:
-            self.cache_path.parent.mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            created = True
-            try:
-                write_all(fd, _cache_encoder.encode(cache))
-            finally:
-                os.close(fd)
-            os.replace(temp, self.cache_path)
-        except OSError as exc:
-            if created:
-                with contextlib.suppress(OSError):
-                    temp.unlink()
-            log.warning("cannot write the snapshot cache %s: %s", self.cache_path, exc)
+            fd = os.open(temp, _CACHE_FLAGS, 0o600)
+        except FileNotFoundError:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(temp, _CACHE_FLAGS, 0o600)
+        created = True
+        try:
+            write_all(fd, _cache_encoder.encode(cache))
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.rename(temp, path)
+    except OSError as exc:
+        if created:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+        log.warning("cannot write the snapshot cache %s: %s", path, exc)
+        return False
+    return True
+
+
+_CACHE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# Temp names unique to this process without a random draw per write (O_EXCL refuses a leftover).
+_TEMP_TAG = secrets.token_hex(4)
+_temp_numbers = itertools.count()
 
 
 def _read_all(fd: int, size: int) -> bytes:
