@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterator
+import sqlite3
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
-from ..errors import InvalidInput, PforgeError
+from ..errors import IdempotencyConflict, InvalidInput, PforgeError
 
 MAX_TEXT = 1024
 MAX_INT = 2**63 - 1
@@ -98,6 +99,24 @@ def instant_ms(value: object, what: str) -> int:
     if not -(MAX_INT // 1000) <= epoch <= MAX_INT // 1000:
         raise InvalidInput(f"{what} must be a finite time within the 64-bit range of milliseconds, got {show(value)}")
     return math.ceil(epoch * 1000)
+
+
+def replay_sqlite(
+    conn: sqlite3.Connection, select: str, key: str | None, asked: tuple[Any, ...], what: str
+) -> int | None:
+    """``replayed`` on SQLite: ``select`` reads ``(id, *columns)`` by key (None: no key, no replay)."""
+    return None if key is None else replayed(key, conn.execute(select, (key,)).fetchone(), asked, what)
+
+
+def replayed(key: str, first: Sequence[Any] | None, asked: tuple[Any, ...], what: str) -> int | None:
+    """The id of the row an idempotency key already wrote (``first``: ``(id, *columns)``, or None if
+    the key wrote none); the columns must equal ``asked``, or the reuse of the key for other values is
+    an ``IdempotencyConflict``. Every backend's ledgers answer a replay by this rule."""
+    if first is None:
+        return None
+    if tuple(first[1:]) != asked:
+        raise IdempotencyConflict(f"idempotency key {key!r} was used for {what} {first[0]} with other values")
+    return int(first[0])
 
 
 @contextmanager

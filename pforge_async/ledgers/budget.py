@@ -18,13 +18,14 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import sqlite3
+from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
 from ..clock import now_ms
 from ..errors import BudgetExceeded, Conflict, IdempotencyConflict, InvalidInput, NotFound
-from ..sqlite.actor import SqliteActor, replay
+from ..sqlite.actor import SqliteActor
 from ._checks import (
     MAX_INT,
     MAX_SECONDS,
@@ -36,6 +37,7 @@ from ._checks import (
     instant_ms,
     number,
     optional_text,
+    replay_sqlite,
     seconds,
     show,
     text,
@@ -192,41 +194,255 @@ class PurgeReservations(msgspec.Struct, frozen=True, tag="purge"):
 BudgetCommand = SetBudget | Reserve | Extend | CommitSpend | Release | RecordSpend | PurgeReservations
 
 
+# -- the rules, for every backend ---------------------------------------------------------------------
+# The SQLite and PostgreSQL actors read what a rule needs with their own SQL, ask the rule, and write
+# what it decided: what is refused, what a replay answers, how late and how far over a spend went are
+# decided here once, so the two ledgers cannot drift apart.
+
+#: one budget of a vendor as it stands: its window, what is spent and held in that window (tokens,
+#: cost), and its token and cost limits (None: unlimited)
+Standing = tuple[str, int, int, int, int, int | None, int | None]
+
+RESERVATION_COLUMNS = (
+    "reservation_id, vendor, model, tokens, cost, expires_at_ms, state, idempotency_key, created_at_ms"
+)
+
+
+def reservation_of(row: Sequence[Any], tags: dict[str, str], now: int) -> Reservation:
+    """A ``Reservation`` from a row of ``RESERVATION_COLUMNS``, its state as of ``now``."""
+    rid, vendor, model, tokens, cost, expires, state, key, created = row
+    if state == "held" and expires <= now:
+        state = "expired"
+    return Reservation(rid, vendor, model, tokens, cost, expires, state, key, tags, created)
+
+
+def no_reservation(reservation_id: str) -> NotFound:
+    return NotFound(f"no reservation {reservation_id} (never made, or purged once expired)")
+
+
+def check_budgets(vendor: str, standing: Sequence[Standing], tokens: int, cost: int) -> None:
+    """Refuse ``tokens`` and ``cost`` more for ``vendor`` if they would take any of its budgets past a
+    limit, what is spent and held counted (``BudgetExceeded``), or if it has no budget (``NotFound``)."""
+    if not standing:
+        raise NotFound(f"no budget is set for vendor {vendor!r}: call set_budget first")
+    for window, spent_tokens, spent_cost, held_tokens, held_cost, token_limit, cost_limit in standing:
+        for what, limit, spent, held, asked in (
+            ("token", token_limit, spent_tokens, held_tokens, tokens),
+            ("cost", cost_limit, spent_cost, held_cost, cost),
+        ):
+            if limit is not None and spent + held + asked > limit:
+                raise BudgetExceeded(
+                    f"{vendor} {window} {what} budget: limit {limit}, spent {spent}, reserved {held}, "
+                    f"asked {asked} (over by {spent + held + asked - limit})"
+                )
+
+
+def overdraft(standing: Sequence[Standing], tokens: int, cost: int) -> tuple[int, int]:
+    """How far spending ``tokens`` and ``cost`` now takes a vendor past its limits (what is spent and
+    what others hold counted first), the most over any window; each at most what is spent."""
+    over = [0, 0]
+    for _window, spent_tokens, spent_cost, held_tokens, held_cost, token_limit, cost_limit in standing:
+        for i, (limit, spent, held, asked) in enumerate(
+            ((token_limit, spent_tokens, held_tokens, tokens), (cost_limit, spent_cost, held_cost, cost))
+        ):
+            if limit is not None:
+                over[i] = max(over[i], min(asked, spent + held + asked - limit))
+    return over[0], over[1]
+
+
+def check_room(vendor: str, spent: Sequence[int], held: Sequence[int], tokens: int, cost: int) -> None:
+    """Keep what ``vendor`` has spent plus what it holds (each ``(tokens, cost)``) within 64-bit
+    integers, so every sum the ledger takes (totals, budget checks, this check) stays exact. Whatever no
+    budget limits, a commit only moves what was held to what was spent, and an expiry or release only
+    lowers what is held; so checking at every reserve, record_spend and late commit is enough."""
+    for what, total, asked in (("tokens", spent[0] + held[0], tokens), ("cost", spent[1] + held[1], cost)):
+        if total + asked > MAX_INT:
+            raise InvalidInput(
+                f"{vendor}: {asked} more {what} would take what is spent and reserved ({total}) past "
+                f"2**63-1, the most the ledger counts"
+            )
+
+
+def reserve_replay(first: Reservation, command: Reserve) -> Reservation:
+    """What a reserve whose key already made ``first`` answers: ``first``, as it is now, checking
+    nothing against the budget again; or ``IdempotencyConflict`` if it asks for other values."""
+    asked = (command.vendor, command.model, command.tokens, command.cost, command.tags)
+    if (first.vendor, first.model, first.tokens, first.cost, first.tags) != asked:
+        what = f"{first.vendor}, {first.model!r}, {first.tokens} tokens, cost {first.cost}, tags {first.tags}"
+        raise IdempotencyConflict(
+            f"idempotency key {command.idempotency_key!r} reserved {first.reservation_id} for other values ({what})"
+        )
+    return first
+
+
+def new_reservation(command: Reserve, now: int) -> Reservation:
+    """The reservation ``command`` makes at ``now`` (once the budgets and the room were checked)."""
+    return Reservation(
+        command.reservation_id,
+        command.vendor,
+        command.model,
+        command.tokens,
+        command.cost,
+        now + command.ttl_ms,
+        "held",
+        command.idempotency_key,
+        dict(sorted(command.tags.items())),
+        now,
+    )
+
+
+def reservation_values(made: Reservation) -> tuple[Any, ...]:
+    """A new reservation's row: reservation_id, vendor, model, tokens, cost, created_at_ms,
+    expires_at_ms, idempotency_key (its state is 'held')."""
+    return (
+        made.reservation_id,
+        made.vendor,
+        made.model,
+        made.tokens,
+        made.cost,
+        made.created_at_ms,
+        made.expires_at_ms,
+        made.idempotency_key,
+    )
+
+
+def check_extend(current: Reservation) -> bool:
+    """Whether extending ``current`` needs the room a new reservation would (it expired, so it stopped
+    counting); ``Conflict`` if it is committed or released."""
+    if current.state in ("committed", "released"):
+        raise Conflict(f"reservation {current.reservation_id} is {current.state}: it cannot be extended")
+    return current.state == "expired"
+
+
+def extended(current: Reservation, ttl_ms: int, now: int) -> Reservation:
+    """``current`` held until ``ttl_ms`` from now, or longer if it already was (never shortened)."""
+    return msgspec.structs.replace(current, expires_at_ms=max(now + ttl_ms, current.expires_at_ms), state="held")
+
+
+def check_release(reservation_id: str, state: str | None) -> None:
+    """Refuse to release a reservation in ``state`` (None: there is none)."""
+    if state is None:
+        raise no_reservation(reservation_id)
+    if state == "committed":
+        raise Conflict(f"reservation {reservation_id} is already committed")
+
+
+#: what a commit reads of its reservation: vendor, model, tokens, cost, expires_at_ms, state
+RESERVED_COLUMNS = "vendor, model, tokens, cost, expires_at_ms, state"
+#: what a retried commit reads of the spend it made
+COMMITTED_COLUMNS = "spend_id, input_tokens, output_tokens, cost, recorded_at_ms, over_tokens, over_cost"
+
+
+def commit_replay(command: CommitSpend, reserved: Sequence[Any], spend: Sequence[Any]) -> Spent:
+    """What a commit of a reservation already committed answers: the ``Spent`` it recorded (``late``
+    as it was then), or ``Conflict`` for other usage. ``reserved``: the reservation's
+    ``RESERVED_COLUMNS``; ``spend``: its spend's ``COMMITTED_COLUMNS``."""
+    vendor, model, _tokens, _cost, expires_at, _state = reserved
+    used = (command.input_tokens, command.output_tokens, command.cost)
+    if tuple(spend[1:4]) != used:
+        raise Conflict(f"reservation {command.reservation_id} was committed with other usage")
+    late = spend[4] >= expires_at
+    return Spent(int(spend[0]), command.reservation_id, vendor, model, *used, late, spend[5], spend[6])
+
+
+def check_commit(command: CommitSpend, reserved: Sequence[Any], now: int) -> bool:
+    """Refuse to commit ``command`` against a reservation (its ``RESERVED_COLUMNS``, not committed)
+    that was released (``Conflict``) or holds less than was used (``InvalidInput``); else whether the
+    commit is late (the reservation expired: it is recorded all the same, with how far it went over)."""
+    _vendor, _model, tokens, cost, expires_at, state = reserved
+    if state == "released":
+        raise Conflict(f"reservation {command.reservation_id} was released")
+    used_tokens = command.input_tokens + command.output_tokens
+    if used_tokens > tokens or command.cost > cost:
+        raise InvalidInput(
+            f"usage of {used_tokens} tokens and cost {command.cost} is over reservation {command.reservation_id} "
+            f"({tokens} tokens, cost {cost})"
+        )
+    return bool(expires_at <= now)
+
+
+def committed(command: CommitSpend, reserved: Sequence[Any], spend_id: int, late: bool, over: tuple[int, int]) -> Spent:
+    """The ``Spent`` a first commit answers."""
+    used = (command.input_tokens, command.output_tokens, command.cost)
+    return Spent(spend_id, command.reservation_id, reserved[0], reserved[1], *used, late, *over)
+
+
+def spend_replay_values(command: RecordSpend) -> tuple[Any, ...]:
+    """What a ``record_spend`` key's first spend must equal (``SPEND_REPLAY_COLUMNS`` after the id)."""
+    return (command.vendor, command.model, command.input_tokens, command.output_tokens, command.cost)
+
+
+SPEND_REPLAY_COLUMNS = "spend_id, vendor, model, input_tokens, output_tokens, cost"
+
+
+def record_spend_over(command: RecordSpend, standing: Sequence[Standing]) -> tuple[int, int]:
+    """How far a ``record_spend`` goes past the vendor's limits: refused (``BudgetExceeded``) unless
+    it allows an overdraft, then recorded with how far over it went."""
+    tokens = command.input_tokens + command.output_tokens
+    if command.allow_overdraw:
+        return overdraft(standing, tokens, command.cost)
+    check_budgets(command.vendor, standing, tokens, command.cost)
+    return (0, 0)
+
+
+SPEND_COLUMNS = (
+    "vendor, model, input_tokens, output_tokens, cost, idempotency_key, reservation_id, recorded_at_ms, "
+    "over_tokens, over_cost"
+)
+
+
+def spend_values(
+    vendor: str,
+    model: str,
+    used: CommitSpend | RecordSpend,
+    key: str | None,
+    reservation_id: str | None,
+    now: int,
+    over: tuple[int, int],
+) -> tuple[Any, ...]:
+    """A spend row, in ``SPEND_COLUMNS`` order."""
+    return (vendor, model, used.input_tokens, used.output_tokens, used.cost, key, reservation_id, now, *over)
+
+
+#: what ``check()`` looks for, in SQL both backends run: each query selects what is wrong
+INVARIANTS = (
+    (
+        "spend_totals that differ from the sum of spend",
+        "SELECT * FROM (SELECT vendor, tokens, cost FROM spend_totals EXCEPT SELECT vendor, "
+        "SUM(input_tokens + output_tokens), SUM(cost) FROM spend GROUP BY vendor) x UNION ALL SELECT * FROM "
+        "(SELECT vendor, SUM(input_tokens + output_tokens), SUM(cost) FROM spend GROUP BY vendor EXCEPT "
+        "SELECT vendor, tokens, cost FROM spend_totals) y",
+    ),
+    (
+        "committed reservations without exactly one spend row",
+        "SELECT r.reservation_id FROM reservations r LEFT JOIN spend s ON s.reservation_id = r.reservation_id "
+        "WHERE r.state = 'committed' GROUP BY r.reservation_id HAVING COUNT(s.spend_id) != 1",
+    ),
+    (
+        "spend rows of reservations that are not committed",
+        "SELECT s.spend_id FROM spend s JOIN reservations r ON r.reservation_id = s.reservation_id "
+        "WHERE r.state != 'committed'",
+    ),
+    (
+        "tags of reservations or spend that do not exist",
+        "SELECT reservation_id FROM reservation_tags WHERE reservation_id NOT IN "
+        "(SELECT reservation_id FROM reservations) UNION ALL SELECT CAST(spend_id AS TEXT) FROM spend_tags "
+        "WHERE spend_id NOT IN (SELECT spend_id FROM spend)",
+    ),
+    (
+        "spend over a limit by more than it spent",
+        "SELECT spend_id FROM spend WHERE over_tokens > input_tokens + output_tokens OR over_cost > cost",
+    ),
+)
+
+
 class BudgetActor(SqliteActor[BudgetCommand]):
     command_type = BudgetCommand
     name = "budget"
     schema_file = "budget_ledger_schema.sql"
     schema_version = 2
     migrations: ClassVar[dict[int, str]] = {2: "budget_ledger_v2.sql"}
-    invariants = (
-        (
-            "spend_totals that differ from the sum of spend",
-            "SELECT * FROM (SELECT vendor, tokens, cost FROM spend_totals EXCEPT SELECT vendor, "
-            "SUM(input_tokens + output_tokens), SUM(cost) FROM spend GROUP BY vendor) UNION ALL SELECT * FROM "
-            "(SELECT vendor, SUM(input_tokens + output_tokens), SUM(cost) FROM spend GROUP BY vendor EXCEPT "
-            "SELECT vendor, tokens, cost FROM spend_totals)",
-        ),
-        (
-            "committed reservations without exactly one spend row",
-            "SELECT r.reservation_id FROM reservations r LEFT JOIN spend s ON s.reservation_id = r.reservation_id "
-            "WHERE r.state = 'committed' GROUP BY r.reservation_id HAVING COUNT(s.spend_id) != 1",
-        ),
-        (
-            "spend rows of reservations that are not committed",
-            "SELECT s.spend_id FROM spend s JOIN reservations r ON r.reservation_id = s.reservation_id "
-            "WHERE r.state != 'committed'",
-        ),
-        (
-            "tags of reservations or spend that do not exist",
-            "SELECT reservation_id FROM reservation_tags WHERE reservation_id NOT IN "
-            "(SELECT reservation_id FROM reservations) UNION ALL SELECT spend_id FROM spend_tags "
-            "WHERE spend_id NOT IN (SELECT spend_id FROM spend)",
-        ),
-        (
-            "spend over a limit by more than it spent",
-            "SELECT spend_id FROM spend WHERE over_tokens > input_tokens + output_tokens OR over_cost > cost",
-        ),
-    )
+    invariants = INVARIANTS
 
     def apply(self, conn: sqlite3.Connection, command: BudgetCommand) -> object:
         with bound_values(self.name, command):
@@ -253,113 +469,62 @@ class BudgetActor(SqliteActor[BudgetCommand]):
                 row = conn.execute(
                     "SELECT state FROM reservations WHERE reservation_id = ?", (reservation_id,)
                 ).fetchone()
-                if row is None:
-                    raise NotFound(f"no reservation {reservation_id} (never made, or purged once expired)")
-                if row[0] == "committed":
-                    raise Conflict(f"reservation {reservation_id} is already committed")
+                check_release(reservation_id, None if row is None else row[0])
                 conn.execute("UPDATE reservations SET state = 'released' WHERE reservation_id = ?", (reservation_id,))
                 return None
             case RecordSpend():
-                first = replay(
-                    conn,
-                    "SELECT spend_id, vendor, model, input_tokens, output_tokens, cost FROM spend "
-                    "WHERE idempotency_key = ?",
-                    command.idempotency_key,
-                    (command.vendor, command.model, command.input_tokens, command.output_tokens, command.cost),
-                    "spend",
-                )
-                if first is not None:
-                    return first
-                tokens = command.input_tokens + command.output_tokens
-                over = (0, 0)
-                if command.allow_overdraw:
-                    over = self._overdraft(conn, command.vendor, tokens, command.cost, now)
-                else:
-                    self._check(conn, command.vendor, tokens, command.cost, now)
-                self._room(conn, command.vendor, tokens, command.cost, now)
-                spend_id = self._insert_spend(
-                    conn,
-                    command.vendor,
-                    command.model,
-                    command.input_tokens,
-                    command.output_tokens,
-                    command.cost,
-                    command.idempotency_key,
-                    None,
-                    now,
-                    *over,
-                )
-                _insert_tags(conn, "spend_tags", spend_id, command.tags)
-                return spend_id
+                return self._record_spend(conn, command, now)
             case PurgeReservations(grace_ms=grace_ms, limit=limit):
                 return _purge(conn, now - grace_ms, limit)
         raise InvalidInput(f"unknown budget command {command!r}")
 
+    def _record_spend(self, conn: sqlite3.Connection, command: RecordSpend, now: int) -> int:
+        key = command.idempotency_key
+        select = f"SELECT {SPEND_REPLAY_COLUMNS} FROM spend WHERE idempotency_key = ?"
+        first = replay_sqlite(conn, select, key, spend_replay_values(command), "spend")
+        if first is not None:
+            return first
+        over = record_spend_over(command, self._standing(conn, command.vendor, now))
+        self._room(conn, command.vendor, command.input_tokens + command.output_tokens, command.cost, now)
+        spend_id = self._insert_spend(conn, spend_values(command.vendor, command.model, command, key, None, now, over))
+        _insert_tags(conn, "spend_tags", spend_id, command.tags)
+        return spend_id
+
     def _reserve(self, conn: sqlite3.Connection, command: Reserve, now: int) -> Reservation:
         key = command.idempotency_key
         if key is not None:
-            row = conn.execute(f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE idempotency_key = ?", (key,))
+            row = conn.execute(f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE idempotency_key = ?", (key,))
             found = row.fetchone()
             if found is not None:
-                first = _reservation(found, _tags_of(conn, "reservation_tags", found[0]), now)
-                asked = (command.vendor, command.model, command.tokens, command.cost, command.tags)
-                if (first.vendor, first.model, first.tokens, first.cost, first.tags) != asked:
-                    what = f"{first.vendor}, {first.model!r}, {first.tokens} tokens, cost {first.cost}"
-                    what += f", tags {first.tags}"
-                    raise IdempotencyConflict(
-                        f"idempotency key {key!r} reserved {first.reservation_id} for other values ({what})"
-                    )
-                return first
-        self._check(conn, command.vendor, command.tokens, command.cost, now)
+                return reserve_replay(reservation_of(found, _tags_of(conn, "reservation_tags", found[0]), now), command)
+        check_budgets(command.vendor, self._standing(conn, command.vendor, now), command.tokens, command.cost)
         self._room(conn, command.vendor, command.tokens, command.cost, now)
+        made = new_reservation(command, now)
         conn.execute(
             "INSERT INTO reservations (reservation_id, vendor, model, tokens, cost, created_at_ms, expires_at_ms, "
             "state, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, 'held', ?)",
-            (
-                command.reservation_id,
-                command.vendor,
-                command.model,
-                command.tokens,
-                command.cost,
-                now,
-                now + command.ttl_ms,
-                key,
-            ),
+            reservation_values(made),
         )
-        _insert_tags(conn, "reservation_tags", command.reservation_id, command.tags)
-        return Reservation(
-            command.reservation_id,
-            command.vendor,
-            command.model,
-            command.tokens,
-            command.cost,
-            now + command.ttl_ms,
-            "held",
-            key,
-            dict(sorted(command.tags.items())),
-            now,
-        )
+        _insert_tags(conn, "reservation_tags", made.reservation_id, made.tags)
+        return made
 
     def _extend(self, conn: sqlite3.Connection, reservation_id: str, ttl_ms: int, now: int) -> Reservation:
         row = conn.execute(
-            f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE reservation_id = ?", (reservation_id,)
+            f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE reservation_id = ?", (reservation_id,)
         ).fetchone()
         if row is None:
-            raise NotFound(f"no reservation {reservation_id} (never made, or purged once expired)")
-        current = _reservation(row, _tags_of(conn, "reservation_tags", reservation_id), now)
-        if current.state in ("committed", "released"):
-            raise Conflict(f"reservation {reservation_id} is {current.state}: it cannot be extended")
-        if current.state == "expired":
-            # It stopped counting when it expired: holding it again needs the room a new one would.
-            self._check(conn, current.vendor, current.tokens, current.cost, now)
+            raise no_reservation(reservation_id)
+        current = reservation_of(row, _tags_of(conn, "reservation_tags", reservation_id), now)
+        if check_extend(current):
+            check_budgets(current.vendor, self._standing(conn, current.vendor, now), current.tokens, current.cost)
             self._room(conn, current.vendor, current.tokens, current.cost, now)
-        expires = max(now + ttl_ms, current.expires_at_ms)
-        conn.execute("UPDATE reservations SET expires_at_ms = ? WHERE reservation_id = ?", (expires, reservation_id))
-        return msgspec.structs.replace(current, expires_at_ms=expires, state="held")
+        longer = extended(current, ttl_ms, now)
+        conn.execute(
+            "UPDATE reservations SET expires_at_ms = ? WHERE reservation_id = ?", (longer.expires_at_ms, reservation_id)
+        )
+        return longer
 
-    def _standing(
-        self, conn: sqlite3.Connection, vendor: str, now: int
-    ) -> list[tuple[str, int, int, int, int, int | None, int | None]]:
+    def _standing(self, conn: sqlite3.Connection, vendor: str, now: int) -> list[Standing]:
         """For each budget of ``vendor``: its window, what is spent and held in it, and its limits."""
         standing = []
         budgets = conn.execute(
@@ -385,130 +550,48 @@ class BudgetActor(SqliteActor[BudgetCommand]):
             standing.append((window, spent_tokens, spent_cost, held_tokens, held_cost, token_limit, cost_limit))
         return standing
 
-    def _check(self, conn: sqlite3.Connection, vendor: str, tokens: int, cost: int, now: int) -> None:
-        standing = self._standing(conn, vendor, now)
-        if not standing:
-            raise NotFound(f"no budget is set for vendor {vendor!r}: call set_budget first")
-        for window, spent_tokens, spent_cost, held_tokens, held_cost, token_limit, cost_limit in standing:
-            for what, limit, spent, held, asked in (
-                ("token", token_limit, spent_tokens, held_tokens, tokens),
-                ("cost", cost_limit, spent_cost, held_cost, cost),
-            ):
-                if limit is not None and spent + held + asked > limit:
-                    raise BudgetExceeded(
-                        f"{vendor} {window} {what} budget: limit {limit}, spent {spent}, reserved {held}, "
-                        f"asked {asked} (over by {spent + held + asked - limit})"
-                    )
-
     def _room(self, conn: sqlite3.Connection, vendor: str, tokens: int, cost: int, now: int) -> None:
-        """Keep what ``vendor`` has spent plus what it holds within SQLite's 64-bit integers, so every
-        sum the ledger takes (totals, budget checks, its own check) stays exact. Whatever no budget
-        limits, a commit only moves what was held to what was spent, and an expiry or release only
-        lowers what is held; so checking here, at every reserve and record_spend, is enough."""
+        """``check_room`` with what ``vendor`` has spent and holds now."""
         spent = conn.execute("SELECT tokens, cost FROM spend_totals WHERE vendor = ?", (vendor,)).fetchone()
         held = conn.execute(
             "SELECT COALESCE(SUM(tokens), 0), COALESCE(SUM(cost), 0) FROM reservations "
             "WHERE vendor = ? AND state = 'held' AND expires_at_ms > ?",
             (vendor, now),
         ).fetchone()
-        spent_tokens, spent_cost = spent if spent is not None else (0, 0)
-        for what, total, asked in (("tokens", spent_tokens + held[0], tokens), ("cost", spent_cost + held[1], cost)):
-            if total + asked > MAX_INT:
-                raise InvalidInput(
-                    f"{vendor}: {asked} more {what} would take what is spent and reserved ({total}) past "
-                    f"2**63-1, the most the ledger counts"
-                )
+        check_room(vendor, spent if spent is not None else (0, 0), held, tokens, cost)
 
     def _commit(self, conn: sqlite3.Connection, command: CommitSpend, now: int) -> Spent:
         reservation_id = command.reservation_id
-        row = conn.execute(
-            "SELECT vendor, model, tokens, cost, expires_at_ms, state FROM reservations WHERE reservation_id = ?",
-            (reservation_id,),
+        reserved = conn.execute(
+            f"SELECT {RESERVED_COLUMNS} FROM reservations WHERE reservation_id = ?", (reservation_id,)
         ).fetchone()
-        if row is None:
-            raise NotFound(f"no reservation {reservation_id} (never made, or purged once expired)")
-        vendor, model, tokens, cost, expires_at, state = row
-        used = (command.input_tokens, command.output_tokens, command.cost)
+        if reserved is None:
+            raise no_reservation(reservation_id)
+        vendor, model, *_, state = reserved
         if state == "committed":
-            spent = conn.execute(
-                "SELECT spend_id, input_tokens, output_tokens, cost, recorded_at_ms, over_tokens, over_cost "
-                "FROM spend WHERE reservation_id = ?",
-                (reservation_id,),
-            ).fetchone()
-            if tuple(spent[1:4]) != used:
-                raise Conflict(f"reservation {reservation_id} was committed with other usage")
-            late = spent[4] >= expires_at
-            return Spent(int(spent[0]), reservation_id, vendor, model, *used, late, spent[5], spent[6])
-        if state == "released":
-            raise Conflict(f"reservation {reservation_id} was released")
-        used_tokens = command.input_tokens + command.output_tokens
-        if used_tokens > tokens or command.cost > cost:
-            raise InvalidInput(
-                f"usage of {used_tokens} tokens and cost {command.cost} is over reservation {reservation_id} "
-                f"({tokens} tokens, cost {cost})"
-            )
-        late = expires_at <= now
-        over_tokens = over_cost = 0
+            spend = conn.execute(f"SELECT {COMMITTED_COLUMNS} FROM spend WHERE reservation_id = ?", (reservation_id,))
+            return commit_replay(command, reserved, spend.fetchone())
+        late = check_commit(command, reserved, now)
+        over = (0, 0)
         if late:
             # It stopped counting when it expired, and others may have reserved the room since: the
             # spend is recorded all the same (it happened), with how far it goes past a limit.
+            used_tokens = command.input_tokens + command.output_tokens
             self._room(conn, vendor, used_tokens, command.cost, now)
-            over_tokens, over_cost = self._overdraft(conn, vendor, used_tokens, command.cost, now)
+            over = overdraft(self._standing(conn, vendor, now), used_tokens, command.cost)
         conn.execute("UPDATE reservations SET state = 'committed' WHERE reservation_id = ?", (reservation_id,))
-        spend_id = self._insert_spend(
-            conn,
-            vendor,
-            model,
-            command.input_tokens,
-            command.output_tokens,
-            command.cost,
-            None,
-            reservation_id,
-            now,
-            over_tokens,
-            over_cost,
-        )
+        spend_id = self._insert_spend(conn, spend_values(vendor, model, command, None, reservation_id, now, over))
         conn.execute(
             "INSERT INTO spend_tags (spend_id, tag, value) SELECT ?, tag, value FROM reservation_tags "
             "WHERE reservation_id = ?",
             (spend_id, reservation_id),
         )
-        return Spent(spend_id, reservation_id, vendor, model, *used, late, over_tokens, over_cost)
+        return committed(command, reserved, spend_id, late, over)
 
-    def _overdraft(self, conn: sqlite3.Connection, vendor: str, tokens: int, cost: int, now: int) -> tuple[int, int]:
-        """How far spending ``tokens`` and ``cost`` now takes ``vendor`` past its limits (what is spent
-        and what others hold counted first), the most over any window; each at most what is spent."""
-        over = [0, 0]
-        for window, spent_tokens, spent_cost, held_tokens, held_cost, token_limit, cost_limit in self._standing(
-            conn, vendor, now
-        ):
-            del window
-            for i, (limit, spent, held, asked) in enumerate(
-                ((token_limit, spent_tokens, held_tokens, tokens), (cost_limit, spent_cost, held_cost, cost))
-            ):
-                if limit is not None:
-                    over[i] = max(over[i], min(asked, spent + held + asked - limit))
-        return over[0], over[1]
-
-    def _insert_spend(
-        self,
-        conn: sqlite3.Connection,
-        vendor: str,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        cost: int,
-        key: str | None,
-        reservation_id: str | None,
-        now: int,
-        over_tokens: int = 0,
-        over_cost: int = 0,
-    ) -> int:
-        cursor = conn.execute(
-            "INSERT INTO spend (vendor, model, input_tokens, output_tokens, cost, idempotency_key, reservation_id, "
-            "recorded_at_ms, over_tokens, over_cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (vendor, model, input_tokens, output_tokens, cost, key, reservation_id, now, over_tokens, over_cost),
-        )
+    def _insert_spend(self, conn: sqlite3.Connection, values: tuple[Any, ...]) -> int:
+        """Insert a spend row (``spend_values``) and add it to its vendor's ``spend_totals``."""
+        cursor = conn.execute(f"INSERT INTO spend ({SPEND_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+        vendor, _model, input_tokens, output_tokens, cost = values[:5]
         conn.execute(
             "INSERT INTO spend_totals VALUES (?, ?, ?) ON CONFLICT (vendor) DO UPDATE SET "
             "tokens = tokens + excluded.tokens, cost = cost + excluded.cost",
@@ -516,19 +599,6 @@ class BudgetActor(SqliteActor[BudgetCommand]):
         )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
-
-
-_RESERVATION_COLUMNS = (
-    "reservation_id, vendor, model, tokens, cost, expires_at_ms, state, idempotency_key, created_at_ms"
-)
-
-
-def _reservation(row: Any, tags: dict[str, str], now: int) -> Reservation:
-    """A ``Reservation`` from a row of ``_RESERVATION_COLUMNS``, its state as of ``now``."""
-    rid, vendor, model, tokens, cost, expires, state, key, created = row
-    if state == "held" and expires <= now:
-        state = "expired"
-    return Reservation(rid, vendor, model, tokens, cost, expires, state, key, tags, created)
 
 
 def _purge(conn: sqlite3.Connection, cutoff_ms: int, limit: int) -> int:
@@ -735,14 +805,14 @@ class BudgetLedger:
         resumed loop asks to learn whether a step's spend was reserved, committed or neither.)"""
         key = text(idempotency_key, "idempotency_key")
         row = await self._actor.fetchone(
-            f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE idempotency_key = ?", (key,)
+            f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE idempotency_key = ?", (key,)
         )
         if row is None:
             return None
         tags = await self._actor.fetchall(
             "SELECT tag, value FROM reservation_tags WHERE reservation_id = ? ORDER BY tag", (row[0],)
         )
-        return _reservation(row, {tag: value for tag, value in tags}, now_ms())
+        return reservation_of(row, {tag: value for tag, value in tags}, now_ms())
 
     async def list_reservations(
         self, vendor: str | None = None, *, tags: dict[str, str] | None = None, limit: int = 1000
@@ -757,7 +827,7 @@ class BudgetLedger:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
             raise InvalidInput(f"limit must be an int from 1 to {MAX_LIST}, got {show(limit)}")
         rows = await self._actor.fetchall(
-            f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE state = 'held'{where} "
+            f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE state = 'held'{where} "
             "ORDER BY created_at_ms, reservation_id LIMIT ?",
             [*params, limit],
         )
@@ -771,7 +841,7 @@ class BudgetLedger:
             ):
                 tags_of.setdefault(rid, {})[tag] = value
         now = now_ms()
-        return [_reservation(row, tags_of.get(row[0], {}), now) for row in rows]
+        return [reservation_of(row, tags_of.get(row[0], {}), now) for row in rows]
 
     async def totals(
         self, vendor: str, since: dt.datetime | float | None = None, *, tags: dict[str, str] | None = None

@@ -21,8 +21,8 @@ import msgspec
 
 from ..clock import now_ms
 from ..errors import InvalidInput
-from ..sqlite.actor import SqliteActor, replay
-from ._checks import MAX_REWARD, Reward, Text, bound_values, number, optional_text, text
+from ..sqlite.actor import SqliteActor
+from ._checks import MAX_REWARD, Reward, Text, bound_values, number, optional_text, replay_sqlite, text
 
 __all__ = ["ActionStats", "ConstellationActor", "ConstellationMemory", "RecordTransition"]
 
@@ -61,60 +61,50 @@ class ActionStats(msgspec.Struct, frozen=True):
         return max(0.0, self.reward_sq_sum / self.count - mean * mean)
 
 
+#: a reward squared as Python squares it: 0 where the product underflows (PostgreSQL refuses those)
+_SQUARE = "CASE WHEN abs(reward) < 1e-150 THEN 0.0 ELSE reward * reward END"
+
+#: what ``check()`` looks for, in SQL both backends run: each query selects what is wrong
+INVARIANTS = (
+    (
+        "action_stats that differ from the aggregate of transitions",
+        "SELECT * FROM (SELECT state, action, count, successes, last_seen_ms FROM action_stats EXCEPT "
+        "SELECT state, action, COUNT(*), SUM(success), MAX(recorded_at_ms) FROM transitions GROUP BY 1, 2) x "
+        "UNION ALL SELECT * FROM (SELECT state, action, COUNT(*), SUM(success), MAX(recorded_at_ms) "
+        "FROM transitions GROUP BY 1, 2 EXCEPT SELECT state, action, count, successes, last_seen_ms "
+        "FROM action_stats) y",
+    ),
+    (
+        "action_stats whose reward sums differ from the transitions'",
+        "SELECT s.state, s.action FROM action_stats s JOIN (SELECT state, action, SUM(reward) AS r, "
+        f"SUM({_SQUARE}) AS q FROM transitions GROUP BY 1, 2) a USING (state, action) "
+        "WHERE abs(s.reward_sum - a.r) > 1e-6 * CASE WHEN abs(a.r) > 1.0 THEN abs(a.r) ELSE 1.0 END "
+        "OR abs(s.reward_sq_sum - a.q) > 1e-6 * CASE WHEN abs(a.q) > 1.0 THEN abs(a.q) ELSE 1.0 END",
+    ),
+)
+
+
 class ConstellationActor(SqliteActor[RecordTransition]):
     command_type = RecordTransition
     name = "memory"
     schema_file = "constellation_schema.sql"
     schema_version = 2
     migrations: ClassVar[dict[int, str]] = {2: "constellation_v2.sql"}
-    invariants = (
-        (
-            "action_stats that differ from the aggregate of transitions",
-            "SELECT * FROM (SELECT state, action, count, successes, last_seen_ms FROM action_stats EXCEPT "
-            "SELECT state, action, COUNT(*), SUM(success), MAX(recorded_at_ms) FROM transitions GROUP BY 1, 2) "
-            "UNION ALL SELECT * FROM (SELECT state, action, COUNT(*), SUM(success), MAX(recorded_at_ms) "
-            "FROM transitions GROUP BY 1, 2 EXCEPT SELECT state, action, count, successes, last_seen_ms "
-            "FROM action_stats)",
-        ),
-        (
-            "action_stats whose reward sums differ from the transitions'",
-            "SELECT s.state, s.action FROM action_stats s JOIN (SELECT state, action, SUM(reward) AS r, "
-            "SUM(reward * reward) AS q FROM transitions GROUP BY 1, 2) a USING (state, action) "
-            "WHERE abs(s.reward_sum - a.r) > 1e-6 * max(1.0, abs(a.r)) "
-            "OR abs(s.reward_sq_sum - a.q) > 1e-6 * max(1.0, abs(a.q))",
-        ),
-    )
+    invariants = INVARIANTS
 
     def apply(self, conn: sqlite3.Connection, command: RecordTransition) -> int:
         with bound_values(self.name, command):
             return self._record(conn, command)
 
     def _record(self, conn: sqlite3.Connection, command: RecordTransition) -> int:
-        key = command.idempotency_key
-        first = replay(
-            conn,
-            "SELECT transition_id, state, action, next_state, reward, success, context "
-            "FROM transitions WHERE idempotency_key = ?",
-            key,
-            (command.state, command.action, command.next_state, command.reward, int(command.success), command.context),
-            "transition",
-        )
+        select = f"SELECT {TRANSITION_REPLAY_COLUMNS} FROM transitions WHERE idempotency_key = ?"
+        first = replay_sqlite(conn, select, command.idempotency_key, transition_replay_values(command), "transition")
         if first is not None:
             return first
         now = now_ms()
         cursor = conn.execute(
-            "INSERT INTO transitions (state, action, next_state, reward, success, idempotency_key, "
-            "recorded_at_ms, context) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                command.state,
-                command.action,
-                command.next_state,
-                command.reward,
-                int(command.success),
-                key,
-                now,
-                command.context,
-            ),
+            f"INSERT INTO transitions ({TRANSITION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            transition_values(command, now),
         )
         conn.execute(
             "INSERT INTO action_stats VALUES (?, ?, 1, ?, ?, ?, ?) ON CONFLICT (state, action) DO UPDATE SET "
@@ -125,6 +115,25 @@ class ConstellationActor(SqliteActor[RecordTransition]):
         )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
+
+
+# -- the rules, for every backend (see the budget ledger's) ------------------------------------------
+
+#: what a replayed key's first transition must equal, after its id
+TRANSITION_REPLAY_COLUMNS = "transition_id, state, action, next_state, reward, success, context"
+TRANSITION_COLUMNS = "state, action, next_state, reward, success, idempotency_key, recorded_at_ms, context"
+
+
+def transition_replay_values(command: RecordTransition) -> tuple[Any, ...]:
+    """What the transition an idempotency key made must hold for ``command`` to be its replay."""
+    c = command
+    return (c.state, c.action, c.next_state, c.reward, int(c.success), c.context)
+
+
+def transition_values(command: RecordTransition, now: int) -> tuple[Any, ...]:
+    """The row ``command`` inserts at ``now``, in ``TRANSITION_COLUMNS`` order."""
+    c = command
+    return (c.state, c.action, c.next_state, c.reward, int(c.success), c.idempotency_key, now, c.context)
 
 
 class ConstellationMemory:

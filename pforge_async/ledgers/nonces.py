@@ -14,12 +14,13 @@ import base64
 import re
 import secrets
 import sqlite3
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import msgspec
 
 from ..clock import now_ms
-from ..errors import InvalidInput, NonceExpired, NonceReplayed, NonceUnknown
+from ..errors import InvalidInput, NonceExpired, NonceReplayed, NonceUnknown, PforgeError
 from ..sqlite.actor import SqliteActor
 from ._checks import MAX_SECONDS, Millis, Text, bound_values, number, seconds, text
 
@@ -92,29 +93,15 @@ class NonceActor(SqliteActor[NonceCommand]):
     def _apply(self, conn: sqlite3.Connection, command: NonceCommand) -> object:
         now = now_ms()
         match command:
-            case IssueNonce(token=token, subject=subject, ttl_ms=ttl_ms):
-                # The value holds the expiry decided here: the same command run again later (a
-                # replay) makes another nonce, never one that was purged.
-                expires = now + ttl_ms
-                nonce = new_nonce(expires, token)
-                conn.execute(
-                    "INSERT INTO nonces (nonce, subject, issued_at_ms, expires_at_ms) VALUES (?, ?, ?, ?)",
-                    (nonce, subject, now, expires),
-                )
-                return nonce
+            case IssueNonce():
+                row = issued(command, now)
+                conn.execute(f"INSERT INTO nonces ({ISSUED_COLUMNS}) VALUES (?, ?, ?, ?)", row)
+                return row[0]
             case ConsumeNonce(nonce=nonce, subject=subject):
-                row = conn.execute(
-                    "SELECT subject, expires_at_ms, consumed_at_ms FROM nonces WHERE nonce = ?", (nonce,)
-                ).fetchone()
-                if row is None:
-                    raise NonceUnknown(f"nonce {nonce[:8]}... was never issued, or was purged")
-                issued_for, expires_at, consumed_at = row
-                if consumed_at is not None:
-                    raise NonceReplayed(f"nonce {nonce[:8]}... was already consumed")
-                if issued_for != subject:
-                    raise InvalidInput(f"nonce {nonce[:8]}... was issued for another subject than {subject!r}")
-                if expires_at <= now:
-                    raise NonceExpired(f"nonce {nonce[:8]}... expired {now - expires_at} ms ago")
+                row = conn.execute(f"SELECT {CONSUME_COLUMNS} FROM nonces WHERE nonce = ?", (nonce,)).fetchone()
+                refused = consume_refusal(nonce, subject, row, now)
+                if refused is not None:
+                    raise refused
                 conn.execute(
                     "UPDATE nonces SET consumed_at_ms = ? WHERE nonce = ? AND consumed_at_ms IS NULL",
                     (now, nonce),
@@ -128,6 +115,36 @@ class NonceActor(SqliteActor[NonceCommand]):
                     (now - grace_ms, limit),
                 ).rowcount
         raise InvalidInput(f"unknown nonce command {command!r}")
+
+
+# -- the rules, for every backend (see the budget ledger's) ------------------------------------------
+
+ISSUED_COLUMNS = "nonce, subject, issued_at_ms, expires_at_ms"
+#: what a consume reads of its nonce's row
+CONSUME_COLUMNS = "subject, expires_at_ms, consumed_at_ms"
+
+
+def issued(command: IssueNonce, now: int) -> tuple[str, str, int, int]:
+    """The row ``command`` stores at ``now``, in ``ISSUED_COLUMNS`` order. The value holds the expiry
+    decided here: the same command run again later (a replay) makes another nonce, never one that was
+    purged."""
+    expires = now + command.ttl_ms
+    return (new_nonce(expires, command.token), command.subject, now, expires)
+
+
+def consume_refusal(nonce: str, subject: str, row: Sequence[Any] | None, now: int) -> PforgeError | None:
+    """Why ``nonce`` cannot be consumed for ``subject`` at ``now``, given its row (``CONSUME_COLUMNS``,
+    None if there is none), in this order: unknown, replayed, another subject, expired. None: it may be."""
+    if row is None:
+        return NonceUnknown(f"nonce {nonce[:8]}... was never issued, or was purged")
+    issued_for, expires_at, consumed_at = row
+    if consumed_at is not None:
+        return NonceReplayed(f"nonce {nonce[:8]}... was already consumed")
+    if issued_for != subject:
+        return InvalidInput(f"nonce {nonce[:8]}... was issued for another subject than {subject!r}")
+    if expires_at <= now:
+        return NonceExpired(f"nonce {nonce[:8]}... expired {now - expires_at} ms ago")
+    return None
 
 
 class NonceLedger:

@@ -28,22 +28,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar, cast
 
-import msgspec
-
 from ..clock import now_ms
-from ..errors import (
-    BudgetExceeded,
-    Conflict,
-    IdempotencyConflict,
-    InvalidInput,
-    NonceExpired,
-    NonceReplayed,
-    NonceUnknown,
-    NotFound,
-)
-from ..ledgers._checks import MAX_INT
+from ..errors import InvalidInput, NonceExpired
+from ..ledgers._checks import replayed
 from ..ledgers.budget import (
+    COMMITTED_COLUMNS,
     DAY_MS,
+    RESERVATION_COLUMNS,
+    RESERVED_COLUMNS,
+    SPEND_COLUMNS,
+    SPEND_REPLAY_COLUMNS,
     BudgetActor,
     BudgetCommand,
     BudgetLedger,
@@ -56,10 +50,46 @@ from ..ledgers.budget import (
     Reserve,
     SetBudget,
     Spent,
-    _reservation,
+    Standing,
+    check_budgets,
+    check_commit,
+    check_extend,
+    check_release,
+    check_room,
+    commit_replay,
+    committed,
+    extended,
+    new_reservation,
+    no_reservation,
+    overdraft,
+    record_spend_over,
+    reservation_of,
+    reservation_values,
+    reserve_replay,
+    spend_replay_values,
+    spend_values,
 )
-from ..ledgers.constellation import ConstellationActor, ConstellationMemory, RecordTransition
-from ..ledgers.nonces import ConsumeNonce, IssueNonce, NonceActor, NonceCommand, NonceLedger, PurgeExpired, new_nonce
+from ..ledgers.constellation import (
+    TRANSITION_COLUMNS,
+    TRANSITION_REPLAY_COLUMNS,
+    ConstellationActor,
+    ConstellationMemory,
+    RecordTransition,
+    transition_replay_values,
+    transition_values,
+)
+from ..ledgers.nonces import (
+    CONSUME_COLUMNS,
+    ISSUED_COLUMNS,
+    ConsumeNonce,
+    IssueNonce,
+    NonceActor,
+    NonceCommand,
+    NonceLedger,
+    PurgeExpired,
+    consume_refusal,
+    issued,
+)
 from .actor import PgActor, PgConn
 from .migrate import advisory_key
 
@@ -101,9 +131,6 @@ CREATE TABLE action_stats (
 );
 """
 
-#: a reward squared, as Python squares it: 0 where the product underflows (PostgreSQL refuses those)
-_SQUARE = "CASE WHEN abs(reward) < 1e-150 THEN 0.0 ELSE reward * reward END"
-
 _STATS_UPSERT = (
     "INSERT INTO action_stats AS a (state, action, count, successes, reward_sum, reward_sq_sum, last_seen_ms) "
     "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::float8[], $6::float8[], "
@@ -122,24 +149,7 @@ class PgConstellationActor(PgActor[RecordTransition]):
     # Every PforgeError a command raises comes before its first write: no savepoint needed.
     savepoints: ClassVar[bool] = False
     scripts: ClassVar[tuple[str, ...]] = (MEMORY_V1,)
-    invariants = (
-        (
-            "action_stats that differ from the aggregate of transitions",
-            "SELECT * FROM (SELECT state, action, count, successes, last_seen_ms FROM action_stats EXCEPT "
-            "SELECT state, action, COUNT(*), SUM(success), MAX(recorded_at_ms) FROM transitions GROUP BY 1, 2) x "
-            "UNION ALL SELECT * FROM (SELECT state, action, COUNT(*), SUM(success), MAX(recorded_at_ms) "
-            "FROM transitions GROUP BY 1, 2 EXCEPT SELECT state, action, count, successes, last_seen_ms "
-            "FROM action_stats) y",
-        ),
-        (
-            "action_stats whose reward sums differ from the transitions'",
-            # PostgreSQL refuses a product that underflows to 0 (1e-200 squared): such squares are 0.
-            "SELECT s.state, s.action FROM action_stats s JOIN (SELECT state, action, SUM(reward) AS r, "
-            f"SUM({_SQUARE}) AS q FROM transitions GROUP BY 1, 2) a USING (state, action) "
-            "WHERE abs(s.reward_sum - a.r) > 1e-6 * GREATEST(1.0, abs(a.r)) "
-            "OR abs(s.reward_sq_sum - a.q) > 1e-6 * GREATEST(1.0, abs(a.q))",
-        ),
-    )
+    invariants = ConstellationActor.invariants
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -159,33 +169,16 @@ class PgConstellationActor(PgActor[RecordTransition]):
         self._pending = {}
 
     async def apply(self, conn: PgConn, command: RecordTransition) -> int:
-        key = command.idempotency_key
+        select = f"SELECT {TRANSITION_REPLAY_COLUMNS} FROM transitions WHERE idempotency_key = $1"
+        first = await _replay(conn, select, command.idempotency_key, transition_replay_values(command), "transition")
+        if first is not None:
+            return first
         success = int(command.success)
-        if key is not None:
-            row = await conn.fetchrow(
-                "SELECT transition_id, state, action, next_state, reward, success, context "
-                "FROM transitions WHERE idempotency_key = $1",
-                key,
-            )
-            if row is not None:
-                asked = (command.state, command.action, command.next_state, command.reward, success, command.context)
-                if tuple(row[1:]) != asked:
-                    raise IdempotencyConflict(
-                        f"idempotency key {key!r} was used for transition {row[0]} with other values"
-                    )
-                return int(row[0])
         now = now_ms()
         transition_id = await conn.fetchval(
-            "INSERT INTO transitions (state, action, next_state, reward, success, idempotency_key, recorded_at_ms, "
-            "context) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING transition_id",
-            command.state,
-            command.action,
-            command.next_state,
-            command.reward,
-            success,
-            key,
-            now,
-            command.context,
+            f"INSERT INTO transitions ({TRANSITION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+            "RETURNING transition_id",
+            *transition_values(command, now),
         )
         # Only once the insert stood: a command that failed leaves nothing in the batch's sums.
         stats = self._pending.setdefault((command.state, command.action), [0, 0, 0.0, 0.0, now])
@@ -225,12 +218,7 @@ class PgNonceActor(PgActor[NonceCommand]):
     # Every PforgeError a command raises comes before its first write: no savepoint needed.
     savepoints: ClassVar[bool] = False
     scripts: ClassVar[tuple[str, ...]] = (NONCES_V1,)
-    invariants = (
-        (
-            "nonces consumed before they were issued, or issued expired",
-            "SELECT nonce FROM nonces WHERE consumed_at_ms < issued_at_ms OR expires_at_ms <= issued_at_ms",
-        ),
-    )
+    invariants = NonceActor.invariants
 
     async def begin(self, conn: PgConn, commands: Sequence[NonceCommand]) -> None:
         consumed = sorted({c.nonce for c in commands if isinstance(c, ConsumeNonce)})
@@ -241,17 +229,10 @@ class PgNonceActor(PgActor[NonceCommand]):
     async def apply(self, conn: PgConn, command: NonceCommand) -> object:
         now = now_ms()
         match command:
-            case IssueNonce(token=token, subject=subject, ttl_ms=ttl_ms):
-                expires = now + ttl_ms
-                nonce = new_nonce(expires, token)
-                await conn.execute(
-                    "INSERT INTO nonces (nonce, subject, issued_at_ms, expires_at_ms) VALUES ($1, $2, $3, $4)",
-                    nonce,
-                    subject,
-                    now,
-                    expires,
-                )
-                return nonce
+            case IssueNonce():
+                row = issued(command, now)
+                await conn.execute(f"INSERT INTO nonces ({ISSUED_COLUMNS}) VALUES ($1, $2, $3, $4)", *row)
+                return row[0]
             case ConsumeNonce(nonce=nonce, subject=subject):
                 won = await conn.fetchval(
                     "UPDATE nonces SET consumed_at_ms = $2 WHERE nonce = $1 AND subject = $3 "
@@ -262,17 +243,10 @@ class PgNonceActor(PgActor[NonceCommand]):
                 )
                 if won is not None:
                     return None
-                row = await conn.fetchrow(
-                    "SELECT subject, expires_at_ms, consumed_at_ms FROM nonces WHERE nonce = $1", nonce
-                )
-                if row is None:
-                    raise NonceUnknown(f"nonce {nonce[:8]}... was never issued, or was purged")
-                issued_for, expires_at, consumed_at = row
-                if consumed_at is not None:
-                    raise NonceReplayed(f"nonce {nonce[:8]}... was already consumed")
-                if issued_for != subject:
-                    raise InvalidInput(f"nonce {nonce[:8]}... was issued for another subject than {subject!r}")
-                raise NonceExpired(f"nonce {nonce[:8]}... expired {now - expires_at} ms ago")
+                # The UPDATE's conditions are the rules' own, on a row locked since begin(): they say why.
+                found = await conn.fetchrow(f"SELECT {CONSUME_COLUMNS} FROM nonces WHERE nonce = $1", nonce)
+                refused = consume_refusal(nonce, subject, found, now)
+                raise refused if refused is not None else NonceExpired(f"nonce {nonce[:8]}... was not consumed")
             case PurgeExpired(grace_ms=grace_ms, limit=limit):
                 # Rows a consumer holds are skipped (never waited for): the next purge takes them.
                 status = await conn.execute(
@@ -283,6 +257,11 @@ class PgNonceActor(PgActor[NonceCommand]):
                 )
                 return _count(status)
         raise InvalidInput(f"unknown nonce command {command!r}")
+
+
+async def _replay(conn: PgConn, select: str, key: str | None, asked: tuple[Any, ...], what: str) -> int | None:
+    """``replayed`` on PostgreSQL: ``select`` reads ``(id, *columns)`` by key (None: no key, no replay)."""
+    return None if key is None else replayed(key, await conn.fetchrow(select, key), asked, what)
 
 
 def _count(status: str) -> int:
@@ -353,10 +332,6 @@ CREATE TABLE spend_tags (
 CREATE INDEX spend_tags_value ON spend_tags (tag, value);
 """
 
-_RESERVATION_COLUMNS = (
-    "reservation_id, vendor, model, tokens, cost, expires_at_ms, state, idempotency_key, created_at_ms"
-)
-_Standing = tuple[str, int, int, int, int, int | None, int | None]
 # $1 vendor, $2 now, $3 the start of the rolling day. 'total': spend_totals and every held
 # reservation; 'day': spend and reservations made within the day.
 _STANDING = """
@@ -386,33 +361,7 @@ class PgBudgetActor(PgActor[BudgetCommand]):
     savepoints: ClassVar[bool] = False
     scripts: ClassVar[tuple[str, ...]] = (BUDGET_V1,)
     invariants = (
-        (
-            "spend_totals that differ from the sum of spend",
-            "SELECT * FROM (SELECT vendor, tokens, cost FROM spend_totals EXCEPT SELECT vendor, "
-            "SUM(input_tokens + output_tokens), SUM(cost) FROM spend GROUP BY vendor) x UNION ALL SELECT * FROM "
-            "(SELECT vendor, SUM(input_tokens + output_tokens), SUM(cost) FROM spend GROUP BY vendor EXCEPT "
-            "SELECT vendor, tokens, cost FROM spend_totals) y",
-        ),
-        (
-            "committed reservations without exactly one spend row",
-            "SELECT r.reservation_id FROM reservations r LEFT JOIN spend s ON s.reservation_id = r.reservation_id "
-            "WHERE r.state = 'committed' GROUP BY r.reservation_id HAVING COUNT(s.spend_id) != 1",
-        ),
-        (
-            "spend rows of reservations that are not committed",
-            "SELECT s.spend_id FROM spend s JOIN reservations r ON r.reservation_id = s.reservation_id "
-            "WHERE r.state != 'committed'",
-        ),
-        (
-            "tags of reservations or spend that do not exist",
-            "SELECT reservation_id FROM reservation_tags WHERE reservation_id NOT IN "
-            "(SELECT reservation_id FROM reservations) UNION ALL SELECT spend_id::text FROM spend_tags "
-            "WHERE spend_id NOT IN (SELECT spend_id FROM spend)",
-        ),
-        (
-            "spend over a limit by more than it spent",
-            "SELECT spend_id FROM spend WHERE over_tokens > input_tokens + output_tokens OR over_cost > cost",
-        ),
+        *BudgetActor.invariants,
         (
             "vendors with reservations, spend or budgets but no lock row",
             "SELECT vendor FROM (SELECT vendor FROM budgets UNION SELECT vendor FROM reservations "
@@ -486,10 +435,7 @@ class PgBudgetActor(PgActor[BudgetCommand]):
                 state = await conn.fetchval(
                     "SELECT state FROM reservations WHERE reservation_id = $1 FOR UPDATE", reservation_id
                 )
-                if state is None:
-                    raise NotFound(f"no reservation {reservation_id} (never made, or purged once expired)")
-                if state == "committed":
-                    raise Conflict(f"reservation {reservation_id} is already committed")
+                check_release(reservation_id, state)
                 await conn.execute(
                     "UPDATE reservations SET state = 'released' WHERE reservation_id = $1", reservation_id
                 )
@@ -502,36 +448,14 @@ class PgBudgetActor(PgActor[BudgetCommand]):
 
     async def _record_spend(self, conn: PgConn, command: RecordSpend, now: int) -> int:
         key = command.idempotency_key
-        if key is not None:
-            row = await conn.fetchrow(
-                "SELECT spend_id, vendor, model, input_tokens, output_tokens, cost FROM spend "
-                "WHERE idempotency_key = $1",
-                key,
-            )
-            if row is not None:
-                asked = (command.vendor, command.model, command.input_tokens, command.output_tokens, command.cost)
-                if tuple(row[1:]) != asked:
-                    raise IdempotencyConflict(f"idempotency key {key!r} was used for spend {row[0]} with other values")
-                return int(row[0])
-        tokens = command.input_tokens + command.output_tokens
-        over = (0, 0)
-        if command.allow_overdraw:
-            over = await self._overdraft(conn, command.vendor, tokens, command.cost, now)
-        else:
-            await self._check(conn, command.vendor, tokens, command.cost, now)
-        await self._room(conn, command.vendor, tokens, command.cost, now)
-        spend_id = await self._insert_spend(
-            conn,
-            command.vendor,
-            command.model,
-            command.input_tokens,
-            command.output_tokens,
-            command.cost,
-            key,
-            None,
-            now,
-            *over,
-        )
+        select = f"SELECT {SPEND_REPLAY_COLUMNS} FROM spend WHERE idempotency_key = $1"
+        first = await _replay(conn, select, key, spend_replay_values(command), "spend")
+        if first is not None:
+            return first
+        over = record_spend_over(command, await self._standing(conn, command.vendor, now))
+        await self._room(conn, command.vendor, command.input_tokens + command.output_tokens, command.cost, now)
+        values = spend_values(command.vendor, command.model, command, key, None, now, over)
+        spend_id = await self._insert_spend(conn, values)
         await _insert_tags(conn, "spend_tags", "spend_id", spend_id, command.tags)
         return spend_id
 
@@ -539,88 +463,46 @@ class PgBudgetActor(PgActor[BudgetCommand]):
         key = command.idempotency_key
         if key is not None:
             found = await conn.fetchrow(
-                f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE idempotency_key = $1", key
+                f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE idempotency_key = $1", key
             )
             if found is not None:
-                first = _reservation(found, await _tags_of(conn, found[0]), now)
-                asked = (command.vendor, command.model, command.tokens, command.cost, command.tags)
-                if (first.vendor, first.model, first.tokens, first.cost, first.tags) != asked:
-                    what = f"{first.vendor}, {first.model!r}, {first.tokens} tokens, cost {first.cost}"
-                    what += f", tags {first.tags}"
-                    raise IdempotencyConflict(
-                        f"idempotency key {key!r} reserved {first.reservation_id} for other values ({what})"
-                    )
-                return first
-        await self._check(conn, command.vendor, command.tokens, command.cost, now)
+                return reserve_replay(reservation_of(found, await _tags_of(conn, found[0]), now), command)
+        check_budgets(command.vendor, await self._standing(conn, command.vendor, now), command.tokens, command.cost)
         await self._room(conn, command.vendor, command.tokens, command.cost, now)
+        made = new_reservation(command, now)
         await conn.execute(
             "INSERT INTO reservations (reservation_id, vendor, model, tokens, cost, created_at_ms, expires_at_ms, "
             "state, idempotency_key) VALUES ($1, $2, $3, $4, $5, $6, $7, 'held', $8)",
-            command.reservation_id,
-            command.vendor,
-            command.model,
-            command.tokens,
-            command.cost,
-            now,
-            now + command.ttl_ms,
-            key,
+            *reservation_values(made),
         )
-        await _insert_tags(conn, "reservation_tags", "reservation_id", command.reservation_id, command.tags)
-        return Reservation(
-            command.reservation_id,
-            command.vendor,
-            command.model,
-            command.tokens,
-            command.cost,
-            now + command.ttl_ms,
-            "held",
-            key,
-            dict(sorted(command.tags.items())),
-            now,
-        )
+        await _insert_tags(conn, "reservation_tags", "reservation_id", made.reservation_id, made.tags)
+        return made
 
     async def _extend(self, conn: PgConn, reservation_id: str, ttl_ms: int, now: int) -> Reservation:
         row = await conn.fetchrow(
-            f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE reservation_id = $1 FOR UPDATE", reservation_id
+            f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE reservation_id = $1 FOR UPDATE", reservation_id
         )
         if row is None:
-            raise NotFound(f"no reservation {reservation_id} (never made, or purged once expired)")
-        current = _reservation(row, await _tags_of(conn, reservation_id), now)
-        if current.state in ("committed", "released"):
-            raise Conflict(f"reservation {reservation_id} is {current.state}: it cannot be extended")
-        if current.state == "expired":
-            # It stopped counting when it expired: holding it again needs the room a new one would.
-            await self._check(conn, current.vendor, current.tokens, current.cost, now)
+            raise no_reservation(reservation_id)
+        current = reservation_of(row, await _tags_of(conn, reservation_id), now)
+        if check_extend(current):
+            standing = await self._standing(conn, current.vendor, now)
+            check_budgets(current.vendor, standing, current.tokens, current.cost)
             await self._room(conn, current.vendor, current.tokens, current.cost, now)
-        expires = max(now + ttl_ms, current.expires_at_ms)
+        longer = extended(current, ttl_ms, now)
         await conn.execute(
-            "UPDATE reservations SET expires_at_ms = $1 WHERE reservation_id = $2", expires, reservation_id
+            "UPDATE reservations SET expires_at_ms = $1 WHERE reservation_id = $2", longer.expires_at_ms, reservation_id
         )
-        return msgspec.structs.replace(current, expires_at_ms=expires, state="held")
+        return longer
 
-    async def _standing(self, conn: PgConn, vendor: str, now: int) -> list[_Standing]:
+    async def _standing(self, conn: PgConn, vendor: str, now: int) -> list[Standing]:
         """For each budget of ``vendor``: its window, what is spent and held in it, and its limits (the
         SQLite ledger's sums, in one statement)."""
         rows = await conn.fetch(_STANDING, vendor, now, now - DAY_MS)
         return [(w, st, sc, ht, hc, tl, cl) for w, tl, cl, st, sc, ht, hc in rows]
 
-    async def _check(self, conn: PgConn, vendor: str, tokens: int, cost: int, now: int) -> None:
-        standing = await self._standing(conn, vendor, now)
-        if not standing:
-            raise NotFound(f"no budget is set for vendor {vendor!r}: call set_budget first")
-        for window, spent_tokens, spent_cost, held_tokens, held_cost, token_limit, cost_limit in standing:
-            for what, limit, spent, held, asked in (
-                ("token", token_limit, spent_tokens, held_tokens, tokens),
-                ("cost", cost_limit, spent_cost, held_cost, cost),
-            ):
-                if limit is not None and spent + held + asked > limit:
-                    raise BudgetExceeded(
-                        f"{vendor} {window} {what} budget: limit {limit}, spent {spent}, reserved {held}, "
-                        f"asked {asked} (over by {spent + held + asked - limit})"
-                    )
-
     async def _room(self, conn: PgConn, vendor: str, tokens: int, cost: int, now: int) -> None:
-        """Keep what ``vendor`` has spent plus what it holds within 64-bit integers (as on SQLite)."""
+        """``check_room`` with what ``vendor`` has spent and holds now."""
         row = await conn.fetchrow(
             "SELECT COALESCE((SELECT tokens FROM spend_totals WHERE vendor = $1), 0), "
             "COALESCE((SELECT cost FROM spend_totals WHERE vendor = $1), 0), "
@@ -630,118 +512,46 @@ class PgBudgetActor(PgActor[BudgetCommand]):
             now,
         )
         assert row is not None
-        spent_tokens, spent_cost, held_tokens, held_cost = row
-        for what, total, asked in (
-            ("tokens", spent_tokens + held_tokens, tokens),
-            ("cost", spent_cost + held_cost, cost),
-        ):
-            if total + asked > MAX_INT:
-                raise InvalidInput(
-                    f"{vendor}: {asked} more {what} would take what is spent and reserved ({total}) past "
-                    f"2**63-1, the most the ledger counts"
-                )
+        check_room(vendor, row[:2], row[2:], tokens, cost)
 
     async def _commit(self, conn: PgConn, command: CommitSpend, now: int) -> Spent:
         reservation_id = command.reservation_id
-        row = await conn.fetchrow(
-            "SELECT vendor, model, tokens, cost, expires_at_ms, state FROM reservations WHERE reservation_id = $1 "
-            "FOR UPDATE",
-            reservation_id,
+        reserved = await conn.fetchrow(
+            f"SELECT {RESERVED_COLUMNS} FROM reservations WHERE reservation_id = $1 FOR UPDATE", reservation_id
         )
-        if row is None:
-            raise NotFound(f"no reservation {reservation_id} (never made, or purged once expired)")
-        vendor, model, tokens, cost, expires_at, state = row
-        used = (command.input_tokens, command.output_tokens, command.cost)
+        if reserved is None:
+            raise no_reservation(reservation_id)
+        vendor, model, *_, state = reserved
         if state == "committed":
-            spent = await conn.fetchrow(
-                "SELECT spend_id, input_tokens, output_tokens, cost, recorded_at_ms, over_tokens, over_cost "
-                "FROM spend WHERE reservation_id = $1",
-                reservation_id,
+            spend = await conn.fetchrow(
+                f"SELECT {COMMITTED_COLUMNS} FROM spend WHERE reservation_id = $1", reservation_id
             )
-            assert spent is not None
-            if tuple(spent[1:4]) != used:
-                raise Conflict(f"reservation {reservation_id} was committed with other usage")
-            late = spent[4] >= expires_at
-            return Spent(int(spent[0]), reservation_id, vendor, model, *used, late, spent[5], spent[6])
-        if state == "released":
-            raise Conflict(f"reservation {reservation_id} was released")
-        used_tokens = command.input_tokens + command.output_tokens
-        if used_tokens > tokens or command.cost > cost:
-            raise InvalidInput(
-                f"usage of {used_tokens} tokens and cost {command.cost} is over reservation {reservation_id} "
-                f"({tokens} tokens, cost {cost})"
-            )
-        late = expires_at <= now
-        over_tokens = over_cost = 0
+            assert spend is not None
+            return commit_replay(command, reserved, spend)
+        late = check_commit(command, reserved, now)
+        over = (0, 0)
         if late:
-            # It stopped counting when it expired, and others may have reserved the room since: the
-            # spend is recorded all the same (it happened), with how far it goes past a limit.
+            # A late spend (see the SQLite ledger's _commit): recorded, with how far it goes over.
+            used_tokens = command.input_tokens + command.output_tokens
             await self._room(conn, vendor, used_tokens, command.cost, now)
-            over_tokens, over_cost = await self._overdraft(conn, vendor, used_tokens, command.cost, now)
+            over = overdraft(await self._standing(conn, vendor, now), used_tokens, command.cost)
         await conn.execute("UPDATE reservations SET state = 'committed' WHERE reservation_id = $1", reservation_id)
-        spend_id = await self._insert_spend(
-            conn,
-            vendor,
-            model,
-            command.input_tokens,
-            command.output_tokens,
-            command.cost,
-            None,
-            reservation_id,
-            now,
-            over_tokens,
-            over_cost,
-        )
+        spend_id = await self._insert_spend(conn, spend_values(vendor, model, command, None, reservation_id, now, over))
         await conn.execute(
             "INSERT INTO spend_tags (spend_id, tag, value) SELECT $1::bigint, tag, value FROM reservation_tags "
             "WHERE reservation_id = $2",
             spend_id,
             reservation_id,
         )
-        return Spent(spend_id, reservation_id, vendor, model, *used, late, over_tokens, over_cost)
+        return committed(command, reserved, spend_id, late, over)
 
-    async def _overdraft(self, conn: PgConn, vendor: str, tokens: int, cost: int, now: int) -> tuple[int, int]:
-        """How far spending ``tokens`` and ``cost`` now takes ``vendor`` past its limits (as on SQLite)."""
-        over = [0, 0]
-        for _window, spent_tokens, spent_cost, held_tokens, held_cost, token_limit, cost_limit in await self._standing(
-            conn, vendor, now
-        ):
-            for i, (limit, spent, held, asked) in enumerate(
-                ((token_limit, spent_tokens, held_tokens, tokens), (cost_limit, spent_cost, held_cost, cost))
-            ):
-                if limit is not None:
-                    over[i] = max(over[i], min(asked, spent + held + asked - limit))
-        return over[0], over[1]
-
-    async def _insert_spend(
-        self,
-        conn: PgConn,
-        vendor: str,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        cost: int,
-        key: str | None,
-        reservation_id: str | None,
-        now: int,
-        over_tokens: int = 0,
-        over_cost: int = 0,
-    ) -> int:
+    async def _insert_spend(self, conn: PgConn, values: tuple[Any, ...]) -> int:
+        """Insert a spend row (``spend_values``) and add it to its vendor's ``spend_totals``."""
         spend_id = await conn.fetchval(
-            "INSERT INTO spend (vendor, model, input_tokens, output_tokens, cost, idempotency_key, reservation_id, "
-            "recorded_at_ms, over_tokens, over_cost) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
-            "RETURNING spend_id",
-            vendor,
-            model,
-            input_tokens,
-            output_tokens,
-            cost,
-            key,
-            reservation_id,
-            now,
-            over_tokens,
-            over_cost,
+            f"INSERT INTO spend ({SPEND_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING spend_id",
+            *values,
         )
+        vendor, _model, input_tokens, output_tokens, cost = values[:5]
         await conn.execute(
             "INSERT INTO spend_totals AS t (vendor, tokens, cost) VALUES ($1, $2, $3) ON CONFLICT (vendor) "
             "DO UPDATE SET tokens = t.tokens + excluded.tokens, cost = t.cost + excluded.cost",
