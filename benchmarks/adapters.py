@@ -16,13 +16,16 @@
    and p50/p99 round latency.
 
 Each comparison runs ``--runs`` times (savers alternating, so noise hits both) and prints medians, and
-the throughput ratios to the baseline (of ours and of each ceiling) as min / median / max of the
-runs' own ratios; ``cpu ms`` is the process's CPU time (every thread) per step or round. Both pforge
-stores use the default durability, ``"full"`` (fsync per group commit); both SQLite baselines sync
-every commit. Targets (issue 15): at least 5x the throughput of
-each, at most half the bytes on disk of ``AsyncSqliteSaver``.
+as min / median / max of the runs' own ratios: ours over the baseline, each ceiling over the
+baseline, and ours over each ceiling. When even a ceiling that stores nothing stays below the
+target, it says so: the target is then out of reach for any storage, and the CPU per step shows
+where the time goes (the framework's own work is the ceiling's). ``cpu ms`` is the process's CPU
+time (every thread) per step or round. Both pforge stores use the default durability, ``"full"``
+(fsync per group commit); both SQLite baselines sync every commit. Targets (issue 15): at least 5x
+the throughput of each, at most half the bytes on disk of ``AsyncSqliteSaver``.
 
     python benchmarks/adapters.py [--threads 64] [--steps 20] [--sessions 64] [--rounds 20] [--runs 3] [--quick]
+                                  [--only langgraph|openai]
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, TypedDict, cast
 
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 from langgraph.graph import END, START, StateGraph
@@ -92,10 +95,19 @@ async def timed_callers(
     return time.perf_counter() - start, latencies, time.process_time() - cpu
 
 
-def row(name: str, rate: str, count: int, timed: tuple[float, list[float], float], size: tuple[int, int, int]) -> Row:
+def row(
+    name: str,
+    rate: str,
+    count: int,
+    timed: tuple[float, list[float], float],
+    size: tuple[int, int, int],
+    note: str = "",
+) -> Row:
+    """One contender's figures; ``note``: what makes it a ceiling (rows after the baseline)."""
     seconds, latencies, cpu = timed
     return {
         "name": name,
+        "note": note,
         rate: count / seconds,
         "cpu ms": cpu / count * 1e3,
         "p50 ms": pct(latencies, 0.5) * 1e3,
@@ -125,7 +137,7 @@ def build_graph(checkpointer: Any) -> Any:
     builder = StateGraph(State)
     names = [f"n{i}" for i in range(5)]
     for name in names:
-        builder.add_node(name, node(name))
+        builder.add_node(name, cast(Any, node(name)))
     builder.add_edge(START, names[0])
     for a, b in itertools.pairwise(names):
         builder.add_edge(a, b)
@@ -163,7 +175,7 @@ async def bench_langgraph(work: Path, threads: int, steps: int, run: int) -> lis
         timed = await langgraph_run(saver, threads, steps)
     rows.append(row("AsyncSqliteSaver", "steps/s", count, timed, disk_bytes(db)))
     timed = await langgraph_run(InMemorySaver(), threads, steps)
-    rows.append(row("InMemorySaver (no I/O)", "steps/s", count, timed, (0, 0, 0)))
+    rows.append(row("InMemorySaver (no I/O)", "steps/s", count, timed, (0, 0, 0), "it stores nothing"))
     return rows
 
 
@@ -224,9 +236,10 @@ async def bench_openai(work: Path, sessions: int, rounds: int, run: int) -> list
         timed = await sessions_run(make, sessions, rounds)
         for session in made:
             session.close()
-        rows.append(row(name, "rounds/s", count, timed, disk_bytes(db) if path is not None else (0, 0, 0)))
-    timed = await sessions_run(DictSession, sessions, rounds)
-    rows.append(row("dict session (no storage)", "rounds/s", count, timed, (0, 0, 0)))
+        size = disk_bytes(db) if path is not None else (0, 0, 0)
+        rows.append(row(name, "rounds/s", count, timed, size, "" if path is not None else "the SDK's SQL, no disk"))
+    timed = await sessions_run(lambda i: DictSession(f"s{i}"), sessions, rounds)
+    rows.append(row("dict session (no storage)", "rounds/s", count, timed, (0, 0, 0), "it stores nothing"))
     return rows
 
 
@@ -236,15 +249,18 @@ def spread(values: list[float]) -> str:
 
 
 def show(title: str, runs: list[list[Row]], rate: str, target: float) -> None:
-    """The median of each figure over the runs; the throughput ratios to the baseline (row 1) of
-    ours (row 0) and of each ceiling (rows 2 on), as min / median / max of the runs' own ratios."""
+    """The median of each figure over the runs, then the throughput ratios as min / median / max of
+    the runs' own ratios: ours (row 0) over the baseline (row 1), each ceiling (rows 2 on) over the
+    baseline, and ours over each ceiling. A ceiling stores nothing, so its ratio to the baseline is
+    the most any storage could reach: when it is below the target, the target is out of reach for
+    every implementation, and ours over the ceiling says how much of the reachable part we get."""
     print(f"\n## {title} (median of {len(runs)} run{'s' if len(runs) > 1 else ''})")
     print(
         f"{'':26} {rate:>10} {'cpu ms':>7} {'p50 ms':>9} {'p99 ms':>9} {'du KiB':>10} {'bytes KiB':>10} {'WAL KiB':>8}"
     )
     rows: list[Row] = []
     for i, first in enumerate(runs[0]):
-        median: Row = {"name": first["name"]}
+        median: Row = {"name": first["name"], "note": first.get("note", "")}
         for key in (rate, "cpu ms", "p50 ms", "p99 ms", "du", "bytes", "wal"):
             median[key] = statistics.median(run[i][key] for run in runs)
         rows.append(median)
@@ -253,23 +269,36 @@ def show(title: str, runs: list[list[Row]], rate: str, target: float) -> None:
             f"{median['p99 ms']:9.1f} {median['du'] / 1024:10.0f} {median['bytes'] / 1024:10.0f} "
             f"{median['wal'] / 1024:8.0f}"
         )
-    ours, theirs = rows[0], rows[1]
-    print(f"(cpu ms: CPU time of the whole process, every thread, per {rate.split('/')[0][:-1]})")
-    ratios = [run[0][rate] / run[1][rate] for run in runs]
-    print(f"throughput over {theirs['name']}, min / median / max of the runs' ratios (target {target:g}x):")
-    print(f"  {ours['name']:26} {spread(ratios)}")
+    unit = rate.split("/")[0][:-1]
+    print(f"(cpu ms: CPU time of the whole process, every thread, per {unit})")
+
+    def ratios(a: int, b: int) -> list[float]:
+        return [run[a][rate] / run[b][rate] for run in runs]
+
+    ours, theirs = rows[0]["name"], rows[1]["name"]
+    print(f"throughput ratios, min / median / max of the runs' own (target: {ours} >= {target:g}x {theirs}):")
+    print(f"  {ours + ' / ' + theirs:52} {spread(ratios(0, 1))}")
     for i in range(2, len(rows)):
-        ceiling = [run[i][rate] / run[1][rate] for run in runs]
-        share = [run[0][rate] / run[i][rate] for run in runs]
+        ceiling = rows[i]["name"]
+        print(f"  {ceiling + ' / ' + theirs:52} {spread(ratios(i, 1))}   (a ceiling: {rows[i]['note']})")
+        print(f"  {ours + ' / ' + ceiling:52} {spread(ratios(0, i))}")
+    best = max(range(2, len(rows)), key=lambda i: statistics.median(ratios(i, 1)), default=None)
+    if best is not None and statistics.median(ratios(best, 1)) < target:
+        reach = statistics.median(ratios(best, 1))
         print(
-            f"  {rows[i]['name']:26} {spread(ceiling)}   (a ceiling: {ours['name']} reaches "
-            f"{statistics.median(share):.0%} of it)"
+            f"=> {target:g}x is out of reach for any storage here: {rows[best]['name']}, which stores nothing, "
+            f"reaches {reach:.2f}x {theirs} (median); {ours} reaches {statistics.median(ratios(0, best)):.0%} of it"
         )
-    print(f"p99 latency: {ours['p99 ms'] / theirs['p99 ms']:.2f}x {theirs['name']}'s")
-    without_wal = (ours["du"] - ours["wal"]) / max(1, theirs["du"] - theirs["wal"])
+        spent = rows[best]["cpu ms"]
+        print(
+            f"   CPU per {unit}: {spent:.2f} ms with {rows[best]['name']} (the framework's own work), "
+            f"{rows[1]['cpu ms'] - spent:+.2f} ms with {theirs}, {rows[0]['cpu ms'] - spent:+.2f} ms with {ours}"
+        )
+    print(f"p99 latency: {rows[0]['p99 ms'] / rows[1]['p99 ms']:.2f}x {theirs}'s")
+    without_wal = (rows[0]["du"] - rows[0]["wal"]) / max(1, rows[1]["du"] - rows[1]["wal"])
     print(
-        f"on disk: {ours['du'] / theirs['du']:.2f}x allocated, {ours['bytes'] / theirs['bytes']:.2f}x apparent; "
-        f"{without_wal:.2f}x allocated without the WAL files"
+        f"on disk: {rows[0]['du'] / rows[1]['du']:.2f}x allocated, {rows[0]['bytes'] / rows[1]['bytes']:.2f}x "
+        f"apparent; {without_wal:.2f}x allocated without the WAL files"
     )
 
 

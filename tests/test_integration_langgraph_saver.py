@@ -72,7 +72,7 @@ async def put_chain(saver: PforgeSaver, thread: str, values: list[dict[str, Any]
     previous: dict[str, Any] = {}
     versions: dict[str, int] = {}
     for step, vals in enumerate(values):
-        new = {k: versions.get(k, 0) + 1 for k, v in vals.items() if previous.get(k, object()) != v}
+        new: dict[str, Any] = {k: versions.get(k, 0) + 1 for k, v in vals.items() if previous.get(k, object()) != v}
         versions.update(new)
         cp = checkpoint(vals, dict(versions))
         stored.append(await saver.aput(cfg(thread, ns, parent), cp, meta(step), new))
@@ -126,6 +126,51 @@ async def test_a_growing_list_stores_its_chunks_once() -> None:
     again = await saver.aput(stored[-1], cp, meta(200), {"other": 1})
     got = await PforgeSaver(turns).aget_tuple(again)
     assert got is not None and got.checkpoint["channel_values"]["messages"] == messages
+
+
+class CountingSerde:
+    """LangGraph's serializer, counting the list items it serializes."""
+
+    def __init__(self) -> None:
+        from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+        self.inner = JsonPlusSerializer()
+        self.items = 0
+
+    def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+        if isinstance(obj, list):
+            self.items += len(obj)
+        return self.inner.dumps_typed(obj)
+
+    def loads_typed(self, data: tuple[str, bytes]) -> Any:
+        return self.inner.loads_typed(data)
+
+
+async def test_a_list_read_back_is_not_serialized_again() -> None:
+    """A run starts by reading its thread's latest checkpoint: the list it carries on is made of the
+    objects that read gave, so the chunks already stored are not serialized again (only the tail),
+    and what is stored is still exactly the list, also when an item read back was replaced."""
+    turns = MemoryTurnStore()
+    messages = [{"role": "user", "content": f"m{i}"} for i in range(40)]
+    stored = await put_chain(PforgeSaver(turns), "chat", [{"messages": messages}])
+    serde = CountingSerde()
+    reader = PforgeSaver(turns, serde=serde)  # a new process: it knows only what it reads
+    latest = await reader.aget_tuple(stored[-1])
+    assert latest is not None
+    carried = [*latest.checkpoint["channel_values"]["messages"], {"role": "user", "content": "m40"}]
+    serde.items = 0
+    cp = checkpoint({"messages": carried}, {"messages": 2})
+    again = await reader.aput(stored[-1], cp, meta(1), {"messages": 2})
+    assert serde.items == 40 - 32 + 1  # the two full chunks of 16 were read, not serialized again
+    got = await PforgeSaver(turns).aget_tuple(again)
+    assert got is not None and got.checkpoint["channel_values"]["messages"] == [*messages, carried[-1]]
+    # an item of a read chunk replaced by another object: that chunk is serialized again
+    changed = list(carried)
+    changed[3] = {"role": "user", "content": "m3, edited"}
+    cp = checkpoint({"messages": changed}, {"messages": 3})
+    edited = await reader.aput(again, cp, meta(2), {"messages": 3})
+    got = await PforgeSaver(turns).aget_tuple(edited)
+    assert got is not None and got.checkpoint["channel_values"]["messages"] == changed
 
 
 async def test_writes_that_land_before_their_checkpoint() -> None:
@@ -242,8 +287,8 @@ async def test_thread_names_do_not_collide() -> None:
     assert [t async for t in saver.alist(None, limit=3)].__len__() == 3
     # an int thread id is the str's thread, and comes back as given
     await put_chain(saver, 42, [{"i": 42}])  # type: ignore[arg-type]
-    got = await saver.aget_tuple({"configurable": {"thread_id": 42}})
-    assert got is not None and got.config["configurable"]["thread_id"] == 42
+    by_int = await saver.aget_tuple({"configurable": {"thread_id": 42}})
+    assert by_int is not None and by_int.config["configurable"]["thread_id"] == 42
 
 
 async def test_argument_errors() -> None:

@@ -247,8 +247,10 @@ class ValueCodec:
                     tg.start_soon(read, oid)
         return found
 
-    def decode(self, ref: Ref, blobs: dict[str, bytes]) -> Any:
-        """The value of ``ref``; its blobs must be in ``blobs`` (see :meth:`fetch`)."""
+    def decode(self, ref: Ref, blobs: dict[str, bytes], memo: ChunkMemo | None = None) -> Any:
+        """The value of ``ref``; its blobs must be in ``blobs`` (see :meth:`fetch`). ``memo``: the
+        channel's memo, given the chunks just read (the very objects returned), so a checkpoint that
+        carries this list on does not serialize its stored chunks again."""
         if ref.kind == INLINE:
             return self._loads((ref.type, ref.data))
         if ref.kind == BLOB_REF:
@@ -256,12 +258,19 @@ class ValueCodec:
             return self._loads(_unblob(oid, blobs[oid]))
         if ref.kind == CHUNKS:
             items: list[Any] = []
-            parts = [self._loads(_unblob(oid, blobs[oid])) for oid in ref.oids()]
-            if ref.tail:
-                parts.append(self._loads((ref.type, ref.tail)))
-            for part in parts:
+            chunks: list[tuple[tuple[Any, ...], bytes]] = []
+            for oid in ref.oids():
+                part = self._loads(_unblob(oid, blobs[oid]))
                 if not isinstance(part, list):
                     raise IntegrityError(f"a chunk of a stored list holds a {type(part).__name__}, not a list")
                 items.extend(part)
+                chunks.append((tuple(part), bytes.fromhex(oid)))
+            if ref.tail:
+                tail = self._loads((ref.type, ref.tail))
+                if not isinstance(tail, list):
+                    raise IntegrityError(f"a chunk of a stored list holds a {type(tail).__name__}, not a list")
+                items.extend(tail)
+            if memo is not None:
+                memo.chunks = chunks
             return items
         raise IntegrityError(f"unknown value reference kind {ref.kind}")

@@ -479,7 +479,10 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         blobs = await codec.fetch([*entry.channels.values(), *(w.value for w in writes)])
         checkpoint = cast(dict[str, Any], self.serde.loads_typed(entry.skeleton))
         checkpoint["id"] = entry.checkpoint_id
-        checkpoint["channel_values"] = {ch: codec.decode(ref, blobs) for ch, ref in entry.channels.items()}
+        name = self._name(thread_id, ns)
+        checkpoint["channel_values"] = {
+            ch: codec.decode(ref, blobs, self._memo(name, ch)) for ch, ref in entry.channels.items()
+        }
         pending_writes: list[PendingWrite] = [(w.task_id, w.channel, codec.decode(w.value, blobs)) for w in writes]
         parent = _config(config, thread_id, ns, entry.parent_id) if entry.parent_id else None
         return CheckpointTuple(
