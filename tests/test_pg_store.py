@@ -19,6 +19,8 @@ import pytest
 from pforge_async import (
     ActorClosed,
     BudgetExceeded,
+    ContextNotFound,
+    HeadConflict,
     InvalidInput,
     NewTurn,
     NonceReplayed,
@@ -531,15 +533,25 @@ async def test_a_turns_refs_are_checked_in_its_own_write(store: PgStore, monkeyp
     """A store's turn batch checks its turns' refs against the CAS in its first statement: no read of
     the CAS before the write, a missing ref fails only the command naming it (nothing of it stored,
     ObjectNotFound naming the first missing ref), the other appends of the batch land."""
-    ctx = await store.turns.create_context(name="refs")
     blobs = [await store.cas.write_blob(f"blob {i}".encode()) for i in range(8)]
     missing = sorted(["0" * 63 + "1", "f" * 64])
+    async with await connect_pg(store._dsn, schema=store.schema) as other:
+        ctx = await other.turns.create_context(name="refs")  # a context this store's writer never saw
     statements = _Statements(monkeypatch)
     turn = await store.turns.append_turn(ctx.context_id, "t", b"one", refs=blobs[:3])
     assert turn.refs == tuple(sorted(blobs[:3]))
     sent = statements.take()
     assert sent[0] == "BEGIN" and sent[-1] == "COMMIT" and len(sent) == 4, sent
     assert "cas_objects" in sent[1]  # the refs, read in the locking statement: no read before
+    # Now its head is known: the next append is one statement, which checks the refs too.
+    second = await store.turns.append_turn(ctx.context_id, "t", b"two", refs=blobs[3:5])
+    sent = statements.take()
+    assert len(sent) == 1 and "cas_objects" in sent[0] and "FOR UPDATE" in sent[0], sent
+    assert second.parent_turn_id == turn.turn_id and second.depth == 2
+    with pytest.raises(ObjectNotFound, match=missing[0]):
+        await store.turns.append_turn(ctx.context_id, "t", b"three", refs=[blobs[0], *missing])
+    assert (await store.turns.get_head(ctx.context_id)).head_turn_id == second.turn_id
+    turn = second
 
     contexts = [await store.turns.create_context(name=f"refs-{i}") for i in range(8)]
     outcomes: dict[int, Any] = {}
@@ -612,3 +624,45 @@ async def test_a_blob_write_is_one_statement_and_a_linking_write_a_transaction(
     assert any("FOR KEY SHARE" in s for s in sent) and sent[-1] == "COMMIT", sent
     assert [e.oid for e in await store.cas.read_tree(tree)] == [blob]
     assert await store.cas.read_blob(blob) == b"alone"
+
+
+async def test_plain_appends_on_known_heads_are_one_statement_and_yield_to_other_writers(
+    store: PgStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append to a context whose head this store's writer knows is one statement; when another
+    store (another machine) moved the head, deleted the context or holds a stale expectation, that
+    statement changes nothing and the append is decided the ordinary way: on the real head, or
+    HeadConflict, or ContextNotFound, never a fork."""
+    ctx = await store.turns.create_context(name="fast")
+    statements = _Statements(monkeypatch)
+    first = await store.turns.append_turn(ctx.context_id, "t", b"1")
+    assert len(statements.take()) == 1 and store.turns.actor.fast_batches == 1
+    async with await connect_pg(store._dsn, schema=store.schema) as other:
+        theirs = await other.turns.append_turn(ctx.context_id, "t", b"2")  # behind our writer's back
+        assert theirs.parent_turn_id == first.turn_id
+        mine = await store.turns.append_turn(ctx.context_id, "t", b"3")
+        assert mine.parent_turn_id == theirs.turn_id and mine.depth == 3
+        assert len(statements.take()) > 1  # the fast statement found another head, then the ordinary way
+        await other.turns.append_turn(ctx.context_id, "t", b"4")
+        with pytest.raises(HeadConflict):
+            await store.turns.append_turn(ctx.context_id, "t", b"5", expected_head=mine.turn_id)
+        gone = await store.turns.create_context(name="gone")
+        await store.turns.append_turn(gone.context_id, "t", b"x")
+        await other.turns.delete_context(gone.context_id)
+        with pytest.raises(ContextNotFound):
+            await store.turns.append_turn(gone.context_id, "t", b"y")
+    # 64 writers on contexts of their own: batches of fast appends, each chain whole.
+    contexts = [await store.turns.create_context(name=f"w{i}") for i in range(64)]
+
+    async def writer(context_id: int) -> None:
+        for step in range(10):
+            await store.turns.append_turn(context_id, "t", f"{context_id}-{step}".encode())
+
+    async with anyio.create_task_group() as tg:
+        for c in contexts:
+            tg.start_soon(writer, c.context_id)
+    for c in contexts:
+        chain = await store.turns.list_turns(c.context_id, limit=20)
+        assert [t.payload for t in chain] == [f"{c.context_id}-{step}".encode() for step in range(10)]
+        assert [t.depth for t in chain] == list(range(1, 11))
+    assert (await store.check()).ok
