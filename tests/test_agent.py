@@ -587,3 +587,28 @@ async def test_a_whole_output_is_stored_once_for_the_call_and_its_results() -> N
     oid = end.record.output.oid  # type: ignore[union-attr]
     assert oid is not None and results.record.results[0].output.oid == oid  # type: ignore[union-attr]
     assert await target.get_blob(oid) == big.encode()
+
+
+async def test_an_output_repeated_by_the_tool_results_is_recorded_as_a_fresh_one_would_be() -> None:
+    """The tool results reuse the tool call's output record when they hand back the same object; a
+    new limit, another object, or a mutable buffer is recorded afresh."""
+    rec = await SessionRecorder.start(MemoryTurnStore(), "reuse", mode="required", max_output_bytes=8)
+    fresh = await SessionRecorder.start(MemoryTurnStore(), "fresh", mode="required", max_output_bytes=8)
+    output = "y" * 20
+    await rec.tool_call_end("c", output)
+    once = await rec.tool_results([("c", output)])
+    rec.max_output_bytes = 4
+    cut = await rec.tool_results([("c", output)])
+    buffer = bytearray(b"0123456789")
+    first = await rec.tool_results([("c", buffer)])  # type: ignore[list-item]
+    buffer[0:1] = b"X"
+    second = await rec.tool_results([("c", buffer)])  # type: ignore[list-item]
+    other = await rec.tool_results([("c", "z" * 20)])
+    assert once is not None and cut is not None and first is not None and second is not None and other is not None
+    expected = await fresh.tool_results([("c", "y" * 20)])
+    assert expected is not None
+    assert once.record.results == expected.record.results  # type: ignore[union-attr]
+    assert cut.record.results[0].output.text == "yyyy"  # type: ignore[union-attr]
+    assert first.record.results[0].output.data == b"0123"  # type: ignore[union-attr]
+    assert second.record.results[0].output.data == b"X123"  # type: ignore[union-attr]
+    assert other.record.results[0].output.sha256 == digest("z" * 20)  # type: ignore[union-attr]

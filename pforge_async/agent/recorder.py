@@ -59,6 +59,7 @@ from .records import (
     ToolCall,
     ToolCallEnd,
     ToolCallStart,
+    ToolOutput,
     ToolResult,
     ToolResultsTurn,
     UserTurn,
@@ -79,6 +80,9 @@ ToolResultInput = tuple[str, str | bytes] | tuple[str, str | bytes, bool]
 After = Callable[[Recorded, bool], Awaitable[None]]
 #: a record of a batch, waiting for the batch's write: its position, record, turn and ``After``
 Queued = tuple[int, PositionalRecord, NewTurn, After | None]
+
+#: the largest output whose record a recorder keeps for the tool results that repeat it
+_REUSED_OUTPUT_MAX = 1 << 20
 
 # Turn stores that hold the registry bundle already (checked or published by some recorder).
 _bundled: weakref.WeakSet[object] = weakref.WeakSet()
@@ -133,6 +137,9 @@ class SessionRecorder:
         self._opening: anyio.Lock | None = None
         # The oids of the last whole outputs stored (an ordered set): tool results repeat them.
         self._stored_blobs: dict[str, None] = {}
+        # The last output recorded (the object itself), its record and blob: the tool results that
+        # hand a tool call's output back repeat it, and need not encode and hash it again.
+        self._last_output: tuple[str | bytes, int, ToolOutput, bytes | None] | None = None
 
     # -- creation ----------------------------------------------------------------------------------
 
@@ -375,7 +382,7 @@ class SessionRecorder:
             for result in results:
                 if not isinstance(result, tuple) or len(result) not in (2, 3):
                     raise InvalidInput(f"a tool result must be (call_id, output[, is_error]), got {result!r:.80}")
-                output, blob = tool_output(result[1], self.max_output_bytes, keeps_blobs=self._blobs)
+                output, blob = self._output(result[1])
                 if blob is not None:
                     blobs.append(blob)
                 made.append(ToolResult(result[0], output, bool(result[2]) if len(result) == 3 else False))
@@ -421,7 +428,7 @@ class SessionRecorder:
         blobs: list[bytes] = []
 
         def build(seq: int) -> ToolCallEnd:
-            recorded, blob = tool_output(output, self.max_output_bytes, keeps_blobs=self._blobs)
+            recorded, blob = self._output(output)
             if blob is not None:
                 blobs.append(blob)
             return ToolCallEnd(seq, call_id, recorded, error, metadata or {})
@@ -433,6 +440,17 @@ class SessionRecorder:
         if self._off:
             return None
         return await self._positional("event", lambda seq: Event(seq, name, data))
+
+    def _output(self, output: str | bytes) -> tuple[ToolOutput, bytes | None]:
+        """The record of a tool output (and the blob to store), reusing the last one's when this is
+        the same object: a str or bytes is immutable, so the same object is the same output."""
+        last = self._last_output
+        if last is not None and last[0] is output and last[1] == self.max_output_bytes:
+            return last[2], last[3]
+        recorded, blob = tool_output(output, self.max_output_bytes, keeps_blobs=self._blobs)
+        if type(output) in (str, bytes) and len(output) <= _REUSED_OUTPUT_MAX:
+            self._last_output = (output, self.max_output_bytes, recorded, blob)
+        return recorded, blob
 
     # -- subagents ---------------------------------------------------------------------------------
 
@@ -488,62 +506,53 @@ class SessionRecorder:
         workspace: str | os.PathLike[str] | None = None,
         after: After | None = None,
     ) -> Recorded | None:
+        """Write the record ``build`` makes at the next position (or find it there already: a
+        replayed call), then run ``after`` with it and whether it was replayed. Inside a batch,
+        queue it (None). One coroutine from the hook to the store: a hook is awaited at every step."""
         seq = self._cursor
         self._cursor = seq + 1
         try:
-            record = build(seq)  # fills ``blobs`` with the outputs to store whole
-            return await self._put(seq, record, [] if blobs is None else blobs, workspace, after)
+            # ``build`` fills ``blobs`` with the outputs to store whole.
+            type_id, payload, record = _checked(build(seq))
+            turns = self._turns if self._context is not None else await self._open()
+            assert turns is not None
+            found = self._by_seq.get(seq)
+            if found is not None:
+                if found.record != record:
+                    raise IdempotencyConflict(
+                        f"session {self.name!r} position {seq}: this {_kind(type_id)} call differs from the "
+                        f"{_kind(found.type_id)} recorded there (turn {found.turn.turn_id})"
+                    )
+                if after is not None:
+                    await after(found, True)
+                return found
+            fs_root = None
+            if blobs or workspace is not None:
+                if workspace is not None and self._store is None:
+                    raise InvalidInput(f"session {self.name!r}: a workspace snapshot needs a Store target (with a CAS)")
+                fs_root = await self._store_outputs(turns, blobs or [], _blob_oids(record), workspace)
+            key = record_key(self.name, seq, type_id)
+            context_id = self._context_id()
+            if self._batch is not None:
+                new = NewTurn(context_id, type_id, payload, TYPE_VERSION, idempotency_key=key, fs_root=fs_root)
+                self._batch.append((seq, record, new, after))
+                return None
+            if not self._published:
+                await self._publish_bundle(turns)
+            turn = await turns.append_turn(
+                context_id, type_id, payload, type_version=TYPE_VERSION, idempotency_key=key, fs_root=fs_root
+            )
+            recorded = Recorded(record, turn)
+            self._remember(recorded)
+            if after is not None:
+                await after(recorded, False)
+            return recorded
         except Exception as exc:
             # In required mode the loop sees the error and may retry the call: at the same position.
             if self._required and self._cursor == seq + 1:
                 self._cursor = seq
             self._fail(hook, seq, exc)
             return None
-
-    async def _put(
-        self,
-        seq: int,
-        record: PositionalRecord,
-        blobs: list[bytes],
-        workspace: str | os.PathLike[str] | None,
-        after: After | None,
-    ) -> Recorded | None:
-        """Write the record at ``seq`` (or find it there already: a replayed call), then run ``after``
-        with it and whether it was replayed. Inside a batch, queue it (None)."""
-        type_id, payload, record = _checked(record)
-        turns = self._turns if self._context is not None else await self._open()
-        assert turns is not None
-        found = self._by_seq.get(seq)
-        if found is not None:
-            if found.record != record:
-                raise IdempotencyConflict(
-                    f"session {self.name!r} position {seq}: this {_kind(type_id)} call differs from the "
-                    f"{_kind(found.type_id)} recorded there (turn {found.turn.turn_id})"
-                )
-            if after is not None:
-                await after(found, True)
-            return found
-        if workspace is not None and self._store is None:
-            raise InvalidInput(f"session {self.name!r}: a workspace snapshot needs a Store target (with a CAS)")
-        fs_root = None
-        if blobs or workspace is not None:
-            fs_root = await self._store_outputs(turns, blobs, _blob_oids(record), workspace)
-        key = record_key(self.name, seq, type_id)
-        context_id = self._context_id()
-        if self._batch is not None:
-            new = NewTurn(context_id, type_id, payload, TYPE_VERSION, idempotency_key=key, fs_root=fs_root)
-            self._batch.append((seq, record, new, after))
-            return None
-        if not self._published:
-            await self._publish_bundle(turns)
-        turn = await turns.append_turn(
-            context_id, type_id, payload, type_version=TYPE_VERSION, idempotency_key=key, fs_root=fs_root
-        )
-        recorded = Recorded(record, turn)
-        self._remember(recorded)
-        if after is not None:
-            await after(recorded, False)
-        return recorded
 
     async def _store_outputs(
         self, turns: SessionStore, blobs: list[bytes], oids: list[str], workspace: str | os.PathLike[str] | None
@@ -807,21 +816,26 @@ class SessionRecorder:
 
     def _remember(self, recorded: Recorded) -> None:
         record = recorded.record
-        if isinstance(record, SubagentSpawn):
+        kind = type(record)  # records are decoded by their own decoders: exact types
+        if kind is SubagentSpawn:
+            assert isinstance(record, SubagentSpawn)
             if record.subagent_id in self._spawns:
                 return
             self._spawns[record.subagent_id] = recorded
-        elif isinstance(record, SubagentClose):
+        elif kind is SubagentClose:
+            assert isinstance(record, SubagentClose)
             if record.child_session_name == self.name:  # this session's own close (not a child's)
                 if self._closed is not None:
                     return
                 self._closed = recorded
         else:
-            seq = record.seq
-            if seq in self._by_seq:
+            seq: int = record.seq  # type: ignore[union-attr]
+            by_seq = self._by_seq
+            if seq in by_seq:
                 return
-            self._by_seq[seq] = recorded
-            self._position = max(self._position, seq + 1)
+            by_seq[seq] = recorded
+            if seq >= self._position:
+                self._position = seq + 1
         self._records.append(recorded)
 
     def __repr__(self) -> str:
