@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 
-from pforge_async import Store, connect
+from pforge_async import NonceReplayed, Store, connect
 from pforge_async.postgres.store import connect_pg
 
-__all__ = ["BACKENDS", "OPEN", "open_target", "store", "target"]
+__all__ = ["BACKENDS", "OPEN", "consume_each", "open_target", "store", "target"]
 
 BACKENDS = ["sqlite", "postgres"]
 
@@ -42,6 +43,26 @@ async def store(target: str) -> AsyncIterator[Store]:
     opened = await open_target(target)
     async with opened:
         yield opened
+
+
+async def consume_each(store: Store, nonces: list[str], subject: str, tasks: int, stride: int) -> list[str]:
+    """``tasks`` tasks each try to consume every nonce, task ``t`` starting at ``t * stride``; the
+    nonces this store's consumes won (a replay is the loss expected)."""
+    won: list[str] = []
+
+    async def consumer(offset: int) -> None:
+        for i in range(len(nonces)):
+            nonce = nonces[(i + offset) % len(nonces)]
+            try:
+                await store.nonces.consume(nonce, subject)
+                won.append(nonce)
+            except NonceReplayed:
+                pass
+
+    async with anyio.create_task_group() as tg:
+        for t in range(tasks):
+            tg.start_soon(consumer, t * stride)
+    return won
 
 
 OPEN = """

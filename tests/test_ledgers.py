@@ -47,7 +47,7 @@ from pforge_async.ledgers.budget import SetBudget
 from pforge_async.ledgers.constellation import RecordTransition
 from pforge_async.ledgers.nonces import IssueNonce
 
-from ._ledger_backends import OPEN, open_target, store, target
+from ._ledger_backends import OPEN, consume_each, open_target, store, target
 from ._procs import run_all, spawn
 
 __all__ = ["store", "target"]  # the fixtures, imported for pytest to find
@@ -231,20 +231,7 @@ class TestLedgers:
 
     async def test_64_tasks_race_for_each_nonce(self, store: Store) -> None:
         issued = [await store.nonces.issue("s", 600) for _ in range(50)]
-        wins: list[str] = []
-
-        async def consumer(offset: int) -> None:
-            for i in range(len(issued)):
-                nonce = issued[(i + offset) % len(issued)]
-                try:
-                    await store.nonces.consume(nonce, "s")
-                    wins.append(nonce)
-                except NonceReplayed:
-                    pass
-
-        async with anyio.create_task_group() as tg:
-            for t in range(64):
-                tg.start_soon(consumer, t * 7)
+        wins = await consume_each(store, issued, "s", tasks=64, stride=7)
         assert sorted(wins) == sorted(issued)
 
     # -- budget -------------------------------------------------------------------------------------
@@ -522,22 +509,11 @@ CONSUMER = (
     OPEN
     + """
 import json
-from pforge_async import NonceReplayed
+from tests._ledger_backends import consume_each
 async def main():
     nonces = json.loads(open(sys.argv[2]).read())
-    won = []
     async with await open_target(sys.argv[1]) as store:
-        async def task(offset):
-            for i in range(len(nonces)):
-                nonce = nonces[(i + offset) % len(nonces)]
-                try:
-                    await store.nonces.consume(nonce, "subject")
-                    won.append(nonce)
-                except NonceReplayed:
-                    pass
-        async with anyio.create_task_group() as tg:
-            for t in range(8):
-                tg.start_soon(task, t * 25)
+        won = await consume_each(store, nonces, "subject", tasks=8, stride=25)
     print(json.dumps(won))
 anyio.run(main)
 """
