@@ -208,6 +208,8 @@ class SqliteActor(Actor[C]):
         self._wal_path = path.with_name(path.name + "-wal")
         #: the WAL file, open for fstat (see _wal_size); writer thread only
         self._wal_fd: int | None = None
+        #: _wal_size calls since the descriptor's link was last checked
+        self._wal_checks = 0
         self._worker: OwnerThread | None = None
         self._conn: sqlite3.Connection | None = None
         self._reader: OwnerThread | None = None
@@ -474,8 +476,6 @@ class SqliteActor(Actor[C]):
         conn = self._conn
         if conn is None:
             return [Failed(ActorClosed(f"database {self.path} is closed")) for _ in commands]
-        outcomes: list[Any] = [None] * len(commands)
-        todo = list(range(len(commands)))
         try:
             # Waits for the writers of other processes, unless teardown calls the wait off.
             self._lock.acquire(abandon=self._closing)
@@ -488,26 +488,11 @@ class SqliteActor(Actor[C]):
                 self._bound_wal(conn)
             except Exception:  # the batch can run with a long WAL; the next one tries again
                 log.warning("could not bound the WAL of %s", self.path, exc_info=True)
-            while todo:
-                try:
-                    for i, outcome in zip(todo, self._try_batch(conn, [commands[i] for i in todo]), strict=True):
-                        outcomes[i] = outcome
-                    break
-                except _BatchFailed as failed:
-                    error = translate(self.path, failed.cause)
-                    if failed.culprit is not None:
-                        outcomes[todo.pop(failed.culprit)] = Failed(self._command_error(failed.cause, error))
-                        continue
-                    if len(todo) > 1 and not _is_storage_failure(error):
-                        for i in todo:
-                            try:
-                                outcomes[i] = self._try_batch(conn, [commands[i]])[0]
-                            except _BatchFailed as alone:
-                                outcomes[i] = Failed(translate(self.path, alone.cause))
-                        break
-                    for n, i in enumerate(todo):
-                        done = failed.outcomes[n] if n < len(failed.outcomes) else None
-                        outcomes[i] = done if isinstance(done, Failed) else Failed(error)
+            try:
+                outcomes = self._try_batch(conn, list(commands))
+            except _BatchFailed as failed:
+                outcomes, committed = self._retry(conn, commands, failed)
+                if not committed:
                     return outcomes
         finally:
             self._lock.release()
@@ -516,6 +501,37 @@ class SqliteActor(Actor[C]):
         except Exception:  # the batch is committed: nothing here may report it failed
             log.warning("checkpoint of %s could not start; the next batch will retry", self.path, exc_info=True)
         return outcomes
+
+    def _retry(self, conn: sqlite3.Connection, commands: Sequence[C], failed: _BatchFailed) -> tuple[list[Any], bool]:
+        """The rest of :meth:`_transact` for a batch whose transaction failed, under the lock it
+        holds (off the path of a batch that commits at once): the outcome of each command, and
+        whether a transaction committed."""
+        outcomes: list[Any] = [None] * len(commands)
+        todo = list(range(len(commands)))
+        while True:
+            error = translate(self.path, failed.cause)
+            if failed.culprit is not None:
+                outcomes[todo.pop(failed.culprit)] = Failed(self._command_error(failed.cause, error))
+                if not todo:
+                    return outcomes, True
+                try:
+                    for i, outcome in zip(todo, self._try_batch(conn, [commands[i] for i in todo]), strict=True):
+                        outcomes[i] = outcome
+                    return outcomes, True
+                except _BatchFailed as again:
+                    failed = again
+                    continue
+            if len(todo) > 1 and not _is_storage_failure(error):
+                for i in todo:
+                    try:
+                        outcomes[i] = self._try_batch(conn, [commands[i]])[0]
+                    except _BatchFailed as alone:
+                        outcomes[i] = Failed(translate(self.path, alone.cause))
+                return outcomes, True
+            for n, i in enumerate(todo):
+                done = failed.outcomes[n] if n < len(failed.outcomes) else None
+                outcomes[i] = done if isinstance(done, Failed) else Failed(error)
+            return outcomes, False
 
     def _try_batch(self, conn: sqlite3.Connection, commands: list[C]) -> list[Any]:
         """One transaction for ``commands``: their outcomes once committed, else ``_BatchFailed``."""
@@ -593,14 +609,24 @@ class SqliteActor(Actor[C]):
 
     # -- the WAL -----------------------------------------------------------------------------------
 
+    #: batches between checks that the WAL descriptor still names a linked file (see _wal_size)
+    wal_link_check_every: ClassVar[int] = 64
+
     def _wal_size(self) -> int:
-        """The WAL file's size, by fstat of a descriptor kept open (every batch asks: a stat by path
-        costs about three times as much). While our writer is open SQLite never deletes the file, so
-        the descriptor stays the file's; one that lost its last link is dropped for a fresh open."""
+        """The WAL file's size, by ``lseek`` to the end of a descriptor kept open (every batch asks:
+        an ``fstat`` builds a stat result, ten times the work, and a stat by path more). While our
+        writer is open SQLite never deletes the file, so the descriptor stays the file's; every
+        :attr:`wal_link_check_every` batches an ``fstat`` makes sure, and a descriptor whose file lost
+        its last link is dropped for a fresh open."""
         fd = self._wal_fd
         try:
             if fd is None:
                 fd = self._wal_fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
+                self._wal_checks = 0
+            self._wal_checks += 1
+            if self._wal_checks < self.wal_link_check_every:
+                return os.lseek(fd, 0, os.SEEK_END)
+            self._wal_checks = 0
             st = os.fstat(fd)
             if st.st_nlink:
                 return st.st_size
