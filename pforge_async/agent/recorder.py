@@ -582,12 +582,17 @@ class SessionRecorder:
             except Exception as exc:
                 errors.append(exc)
 
-        async with anyio.create_task_group() as tg:
-            for blob, oid in zip(blobs, oids, strict=True):
-                if oid not in self._stored_blobs:
-                    tg.start_soon(put, blob, oid)
-            if workspace is not None:
-                tg.start_soon(snapshot, workspace)
+        jobs: list[Awaitable[None]] = [
+            put(blob, oid) for blob, oid in zip(blobs, oids, strict=True) if oid not in self._stored_blobs
+        ]
+        if workspace is not None:
+            jobs.append(snapshot(workspace))
+        if len(jobs) == 1:  # most often: a task group costs more than the store's answer
+            await jobs[0]
+        elif jobs:
+            async with anyio.create_task_group() as tg:
+                for job in jobs:
+                    tg.start_soon(_run, job)
         if errors:
             raise errors[0]
         return fs_root
@@ -850,6 +855,10 @@ def _checked(record: AgentRecord) -> tuple[str, bytes, Any]:
         return type_id, payload, decode_record(type_id, payload)
     except (msgspec.EncodeError, msgspec.ValidationError, TypeError, OverflowError) as exc:
         raise InvalidInput(f"{_kind(type(record).__name__)} record: {exc}") from exc
+
+
+async def _run(job: Awaitable[None]) -> None:
+    await job
 
 
 def _kind(type_id: str) -> str:
