@@ -30,6 +30,19 @@ around the heads' ``UPDATE ... FROM unnest(...)``. A command that fails has writ
 savepoints are needed, and an ``append_turns`` is all or nothing. Deletes, erasures, ``attach_fs``
 and registry bundles flush what came before them and then write at once.
 
+A turn's refs are checked against the store's CAS (``cas_objects``, in the same schema) by the batch
+itself, in its first statement, and freshened there when old: no read of the CAS before the write.
+
+**One statement for the common case.** A batch made only of plain appends (no key, no explicit parent),
+one per context, each on a head the actor knows (it wrote it, or read it under its lock), skips all of
+the above: ``_FAST_APPEND`` locks those contexts in id order where the head is still the one known and
+every ref is in the CAS, draws the ids after the locks and writes the turns and heads, as one statement
+that commits by itself (one round trip, not four: what one writer waits for, and what each round trip
+costs both ends in CPU). Everything it decides on comes from the locked rows or from turns, which never
+change; a context whose head moved meanwhile (another process, a delete) is left untouched and its
+append runs the ordinary way. A connection lost under that statement leaves its outcome unknown, as
+one lost during a ``COMMIT``: ``StorageError`` saying so, never a second try.
+
 Reads run on the actor's read pool and see every write whose call returned. Ids of turns and
 contexts come from sequences: increasing, never reused, with gaps.
 """
