@@ -544,12 +544,24 @@ class SqliteActor(Actor[C]):
             raise _BatchFailed(exc) from exc
         outcomes: list[Any] = []
         try:
-            for i, command in enumerate(commands):
-                try:
-                    outcomes.append(self._apply_one(conn, command))
-                except _BatchFailed as failed:
-                    failed.culprit = i
-                    raise
+            if self.savepoints:
+                for i, command in enumerate(commands):
+                    try:
+                        outcomes.append(self._apply_one(conn, command))
+                    except _BatchFailed as failed:
+                        failed.culprit = i
+                        raise
+            else:
+                apply = self.apply
+                for command in commands:
+                    try:
+                        outcomes.append(apply(conn, command))
+                    except PforgeError as exc:
+                        outcomes.append(Failed(exc))
+                    except Exception as exc:
+                        # It may have deferred half its writes: only a rollback of the batch is sure.
+                        culprit = _BatchFailed(exc, len(outcomes))
+                        raise culprit from exc
             self.flush(conn)
             conn.execute("COMMIT")
         except _BatchFailed as failed:
@@ -568,14 +580,7 @@ class SqliteActor(Actor[C]):
         return outcomes
 
     def _apply_one(self, conn: sqlite3.Connection, command: C) -> Any:
-        if not self.savepoints:
-            try:
-                return self.apply(conn, command)
-            except PforgeError as exc:
-                return Failed(exc)
-            except Exception as exc:
-                # It may have deferred half its writes: only a rollback of the batch is sure.
-                raise _BatchFailed(exc) from exc
+        """One command in a savepoint of its own (``savepoints``; _try_batch runs them otherwise)."""
         conn.execute("SAVEPOINT command")
         try:
             reply = self.apply(conn, command)

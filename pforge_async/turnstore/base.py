@@ -327,7 +327,8 @@ class TurnStoreBase(ABC):
         validate_append(command, self.max_payload_bytes)
         if fs_root is not None:
             await self._check_tree(fs_root)
-        await self._check_refs(command.refs)
+        if command.refs:
+            await self._check_refs(command.refs)
         record = await self._write(command)
         assert isinstance(record, TurnRecord)
         if record.payload != payload:

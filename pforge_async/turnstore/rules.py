@@ -112,7 +112,8 @@ def validate_append(command: AppendTurn, max_payload: int) -> None:
         raise InvalidInput(f"payload of {len(payload)} bytes is over the maximum of {max_payload}")
     if command.parent_turn_id is not None:
         validate_id(command.parent_turn_id, "parent_turn_id", allow_zero=True)
-    validate_key(command.idempotency_key)
+    if command.idempotency_key is not None:
+        validate_key(command.idempotency_key)
     if command.expected_head is not None:
         validate_id(command.expected_head, "expected_head", allow_zero=True)
     if command.fs_root is not None:

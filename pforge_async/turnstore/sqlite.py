@@ -211,6 +211,8 @@ class TurnActor(SqliteActor[ActorCommand]):
         self._new_names: dict[str, int] = {}
         self._new_context_keys: dict[str, tuple[int, str]] = {}
         self._new_turns: list[tuple[Any, ...]] = []
+        #: some of _new_turns have the nullable columns (see _INSERT_TURNS)
+        self._full_rows = False
         self._new_keys: dict[tuple[int, str], TurnRecord] = {}
         self._moved: set[int] = set()
         self._new_metadata: dict[int, bytes] = {}
@@ -269,8 +271,11 @@ class TurnActor(SqliteActor[ActorCommand]):
                 "INSERT INTO context_keys (idempotency_key, context_id, fingerprint) VALUES (?, ?, ?)",
                 [(key, context_id, digest) for key, (context_id, digest) in self._new_context_keys.items()],
             )
-        if self._new_turns:
-            conn.executemany(_INSERT_TURNS, self._new_turns)
+        if rows := self._new_turns:
+            if not self._full_rows:
+                conn.executemany(_INSERT_LEAN_TURNS, rows)
+            else:
+                conn.executemany(_INSERT_TURNS, [row if len(row) > _LEAN else (*row, 0, 0, 0) for row in rows])
         if self._moved:
             state = self._state
             same: list[tuple[int, int, int]] = []
@@ -309,7 +314,7 @@ class TurnActor(SqliteActor[ActorCommand]):
 
     def _forget_pending(self) -> None:
         self._new_contexts, self._new_names, self._new_context_keys = {}, {}, {}
-        self._new_turns, self._new_keys = [], {}
+        self._new_turns, self._new_keys, self._full_rows = [], {}, False
         self._moved, self._new_metadata = set(), {}
 
     # -- lookups through the cache -----------------------------------------------------------------
@@ -556,10 +561,11 @@ class TurnActor(SqliteActor[ActorCommand]):
             False,
             command.refs,
         )
-        # Bound as _INSERT_TURNS wants them (see there): the payload as a bytearray, 0 for NULL.
+        # Bound as _INSERT_TURNS wants them (see there): the payload as a bytearray, and the nullable
+        # columns only for a turn that has one of them (0 for NULL).
         payload = command.payload
         fs_root = command.fs_root
-        row = (
+        row: tuple[Any, ...] = (
             turn_id,
             context_id,
             parent,
@@ -570,11 +576,15 @@ class TurnActor(SqliteActor[ActorCommand]):
             command.type_version,
             bytearray(payload) if payload else payload,
             digest,
-            0 if key is None else key,
             now,
-            0 if fs_root is None else fs_root,
-            " ".join(command.refs) if command.refs else 0,
         )
+        if key is not None or fs_root is not None or command.refs:
+            self._full_rows = True
+            row += (
+                0 if key is None else key,
+                0 if fs_root is None else fs_root,
+                " ".join(command.refs) if command.refs else 0,
+            )
         return record, row, (depth, jump, jump_depth, context_id)
 
     def _append(self, conn: sqlite3.Connection, command: AppendTurn) -> TurnRecord:
@@ -651,13 +661,20 @@ class TurnActor(SqliteActor[ActorCommand]):
 
 #: A batch's new turns, one executemany. Python's sqlite3 (3.11 at least) runs its adapter protocol
 #: (a registry lookup and two failed attribute lookups, about 0.5 us) for every bound value that is
-#: not exactly an int, float, str or bytearray: so the payload is bound as a bytearray, and the
-#: nullable text columns take 0 for NULL (no key, fs_root or refs is the int 0).
+#: not exactly an int, float, str or bytearray: so the payload is bound as a bytearray, a batch of
+#: turns without key, fs_root and refs leaves those columns out (NULL), and otherwise they take 0
+#: for NULL (no key, fs_root or refs is the int 0).
+_INSERT_LEAN_TURNS = (
+    "INSERT INTO turns (turn_id, context_id, parent_turn_id, depth, jump_turn_id, jump_depth, type_id, "
+    "type_version, payload, payload_hash, created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _INSERT_TURNS = (
     "INSERT INTO turns (turn_id, context_id, parent_turn_id, depth, jump_turn_id, jump_depth, type_id, "
-    "type_version, payload, payload_hash, idempotency_key, created_at_ms, fs_root, refs) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULLIF(?, 0), ?, NULLIF(?, 0), NULLIF(?, 0))"
+    "type_version, payload, payload_hash, created_at_ms, idempotency_key, fs_root, refs) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULLIF(?, 0), NULLIF(?, 0), NULLIF(?, 0))"
 )
+#: the values of a row of _INSERT_LEAN_TURNS
+_LEAN = 11
 
 _ANCESTOR_AT = """
 WITH RECURSIVE walk (turn_id, depth, parent, jump, jump_depth) AS (
