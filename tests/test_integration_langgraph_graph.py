@@ -204,5 +204,10 @@ async def test_sync_call_from_the_loop_thread_is_refused() -> None:
 
     import anyio
 
-    await anyio.to_thread.run_sync(lambda: (t := threading.Thread(target=other), t.start(), t.join()))
+    def start_and_join() -> None:
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+
+    await anyio.to_thread.run_sync(start_and_join)
     assert results == [None]

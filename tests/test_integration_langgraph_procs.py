@@ -8,6 +8,7 @@ import itertools
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,7 +103,7 @@ async def test_four_processes_sixteen_threads_each(tmp_path: Path) -> None:
         saver = PforgeSaver(store)
         for proc in range(4):
             for i in range(16):
-                cfg = {"configurable": {"thread_id": f"p{proc}-t{i}"}}
+                cfg: Any = {"configurable": {"thread_id": f"p{proc}-t{i}"}}
                 latest = await saver.aget_tuple(cfg)
                 assert latest is not None
                 expected = [x for n in range(invokes) for x in (f"in{n}", "a", "b", "c")]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,7 +74,7 @@ async def test_four_processes_sixteen_sessions_each(tmp_path: Path) -> None:
     async with open_store(root) as store:
         for proc in range(4):
             for i in range(16):
-                items = await PforgeSession(f"p{proc}-s{i}", store).get_items()
+                items: list[Any] = await PforgeSession(f"p{proc}-s{i}", store).get_items()
                 assert [x["content"] for x in items] == [f"{r}{k}" for r in range(rounds) for k in "ab"]
         assert (await store.check()).ok
 
@@ -93,7 +94,7 @@ async def test_two_processes_on_one_session(tmp_path: Path) -> None:
     outputs = [json.loads(out) for out in run_all(procs, timeout=300)]
     assert sum(o["conflicts"] for o in outputs) >= 1, outputs  # the second writer was told
     async with open_store(root) as store:
-        items = await PforgeSession("shared", store).get_items()
+        items: list[Any] = await PforgeSession("shared", store).get_items()
     assert len(items) == 1 + 2 * sum(o["written"] for o in outputs)
     for position in range(1, len(items), 2):
         first, second = items[position]["content"].split(":"), items[position + 1]["content"].split(":")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from agents.memory.session import Session, _session_accepts_wrapper
@@ -37,8 +37,9 @@ async def test_the_session_contract(store: Any) -> None:
     assert await session.get_items() == [] and await session.pop_item() is None
     await session.add_items([user("a"), user("b")])
     await session.add_items([])
-    await session.add_items([user("c"), {"type": "message", "role": "assistant", "content": [{"text": "d\u00e9"}]}])
-    items = await session.get_items()
+    assistant: Any = {"type": "message", "role": "assistant", "content": [{"text": "d\u00e9"}]}
+    await session.add_items([user("c"), assistant])
+    items: list[Any] = await session.get_items()
     assert [i["content"] for i in items[:3]] == ["a", "b", "c"] and items[3]["content"][0]["text"] == "d\u00e9"
     assert await session.get_items(limit=2) == items[2:]
     assert await session.get_items(limit=0) == []
@@ -64,7 +65,7 @@ async def test_add_items_is_one_atomic_batch(store: Any) -> None:
     session = PforgeSession("atomic", store)
     await session.add_items([user("kept")])
     with pytest.raises(InvalidInput, match="item 1 is not JSON"):
-        await session.add_items([user("a"), {"bad": object()}])
+        await session.add_items([user("a"), cast(Any, {"bad": object()})])
     with pytest.raises(InvalidInput):  # one item over the store's payload limit: the others go neither
         await session.add_items([user("b"), user("x" * (17 << 20))])
     assert await session.get_items() == [user("kept")]
@@ -208,7 +209,8 @@ def test_one_session_across_event_loops(tmp_path: Path) -> None:
     for w in workers:
         w.join(timeout=60)
         assert not w.is_alive()
-    items = [i["content"] for i in asyncio.run(session.get_items())]
+    got: list[Any] = asyncio.run(session.get_items())
+    items = [i["content"] for i in got]
     assert items[:3] == ["run 0", "run 1", "run 2"]
     assert sorted(items[3:]) == sorted(f"thread {i}.{k}" for i in range(3) for k in range(5))
     for i in range(3):  # each thread's items in its own order
@@ -230,7 +232,9 @@ async def test_compaction_snapshot_replaces_the_tail_atomically(store: Any) -> N
     assert not await stale.replace_suffix(0, [user("everything")])
     assert (await session.get_items())[-1] == user("c")
     # the oldest items the caller calls expired go too; the kept ones between are written again
-    pruning = await session._get_compaction_snapshot(2, prune_prefix=lambda item: item["content"].startswith("old"))
+    pruning = await session._get_compaction_snapshot(
+        2, prune_prefix=lambda item: cast(Any, item)["content"].startswith("old")
+    )
     assert pruning is not None
     assert await pruning.replace_suffix(0, [user("new tail")])
     assert await session.get_items() == [user("keep"), user("new tail")]

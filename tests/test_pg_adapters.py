@@ -1,6 +1,7 @@
 """The adapters on PostgreSQL: LangGraph's checkpointer conformance suite against PforgeSaver on a
 PgStore (every capability, base and optional), and the OpenAI Agents session contract of
-tests/test_integration_openai_session.py with its ``store`` fixture yielding a PgStore.
+tests/test_integration_openai_session.py and the session cache's tests of
+tests/test_integration_openai_cache.py with their ``store`` fixture yielding a PgStore.
 
 The suites are imported, never copied: the session module's tests taking ``store`` are re-collected
 here with this module's ``store`` fixture (pytest prefers a module's own fixture over the one where
@@ -21,6 +22,14 @@ from pforge_async.integrations.openai_agents import PforgeSession, WriterConflic
 from pforge_async.postgres.store import PgStore, connect_pg
 
 from .test_integration_langgraph import _check
+from .test_integration_openai_cache import (
+    test_a_bounded_cache_and_no_cache,
+    test_a_stale_cache_never_hides_a_second_writer,
+    test_another_writers_appends_pops_and_clears_show,
+    test_erased_items_are_never_served_from_the_cache,
+    test_items_returned_are_fresh_and_foreign_turns_checked,
+    test_the_head_moved_to_another_branch_or_the_session_made_again,
+)
 from .test_integration_openai_session import (
     test_a_second_writer_is_refused,
     test_add_items_is_one_atomic_batch,
@@ -31,7 +40,13 @@ from .test_integration_openai_session import (
 pytestmark = pytest.mark.anyio
 
 __all__ = [
+    "test_a_bounded_cache_and_no_cache",
     "test_a_second_writer_is_refused",
+    "test_a_stale_cache_never_hides_a_second_writer",
+    "test_another_writers_appends_pops_and_clears_show",
+    "test_erased_items_are_never_served_from_the_cache",
+    "test_items_returned_are_fresh_and_foreign_turns_checked",
+    "test_the_head_moved_to_another_branch_or_the_session_made_again",
     "test_add_items_is_one_atomic_batch",
     "test_compaction_snapshot_replaces_the_tail_atomically",
     "test_the_session_contract",
