@@ -25,6 +25,15 @@ and each item one turn of its chain, JSON as the SDK's own sessions store it:
   ledger (``record_usage=True`` for the store's own, or a ``BudgetLedger``), ``add_items`` records the
   run's token usage since it last recorded it, tagged with the session id.
 
+Reads are cached: turns are immutable, so a session keeps the items of its chain up to the head it
+last saw (``cache_bytes`` of their JSON, 4 MiB unless given; 0: no cache). ``get_items`` then reads
+the head (one small read), only the turns after what it holds, and the oldest turn it holds, whose
+erasure would show any erasure of the items it holds (erasure always takes a prefix of a chain). So
+another writer's appends, a ``pop_item`` or ``clear_session`` elsewhere, the head moved to another
+branch, the session deleted, and erasure (``erase_turns``, ``prune_context``, through any context
+sharing the turns) all show at the next ``get_items``, from any process, and an erased item is never
+served. Past ``cache_bytes`` it keeps the newest items, and a read of more than those reads the chain.
+
 Several writers, several processes: a session remembers the head it last saw (``get_items`` refreshes
 it, as each run does first) and every write compare-and-sets it, so a second writer on the same
 session (another process or another ``PforgeSession`` object with the same id) gets
@@ -88,7 +97,8 @@ class PforgeSession:
     ``session_settings``: a ``SessionSettings`` or a dict of its fields. ``prefix``: the first part of
     the context name (sessions under different prefixes never meet). ``record_usage``: True (the
     store's own budget ledger), a ``BudgetLedger``, or False; ``vendor``, ``model`` and ``price`` say
-    what the spend is recorded as (cost 0 without ``price``)."""
+    what the spend is recorded as (cost 0 without ``price``). ``cache_bytes``: the bound of the
+    session's cache of its items (see the module's documentation; 0 turns it off)."""
 
     session_settings: SessionSettings | None = None
 
