@@ -46,8 +46,11 @@ class CreateContext(msgspec.Struct, frozen=True, tag="create_context"):
     open_existing: bool = False
 
 
-class AppendTurn(msgspec.Struct, frozen=True, tag="append_turn"):
+class AppendTurn(msgspec.Struct, frozen=True, tag="append_turn", omit_defaults=True):
     """Append one turn and move the context's head to it.
+
+    Its fields left at their defaults are not encoded (``omit_defaults``): an agent loop's append
+    is four of them, which its caller encodes and the actor decodes, each once.
 
     In this order: a stored ``idempotency_key`` (scoped to the context) returns the turn first stored,
     whatever the head is now and whatever ``expected_head`` says (a retry whose first attempt landed),
