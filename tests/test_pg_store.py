@@ -666,3 +666,26 @@ async def test_plain_appends_on_known_heads_are_one_statement_and_yield_to_other
         assert [t.payload for t in chain] == [f"{c.context_id}-{step}".encode() for step in range(10)]
         assert [t.depth for t in chain] == list(range(1, 11))
     assert (await store.check()).ok
+
+
+async def test_the_fast_path_forgetting_heads_and_nodes_only_costs_the_ordinary_way(
+    store: PgStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for 3 heads and 5 nodes, appends round-robin over 8 contexts keep missing what the
+    fast path needs: each then runs the ordinary way, and every chain is whole, skip links included."""
+    from pforge_async.postgres import turns
+
+    monkeypatch.setattr(turns, "_KNOWN_CONTEXTS", 3)
+    monkeypatch.setattr(turns, "_KNOWN_NODES", 5)
+    contexts = [(await store.turns.create_context(name=f"lru{i}")).context_id for i in range(8)]
+    for step in range(12):
+        async with anyio.create_task_group() as tg:
+            for context_id in contexts[: 1 + step % 8]:
+                tg.start_soon(store.turns.append_turn, context_id, "t", f"{context_id}-{step}".encode())
+        await store.turns.append_turn(contexts[step % 8], "t", b"alone")  # just learned: known, if not forgotten
+    assert 0 < store.turns.actor.fast_batches < store.turns.actor.batches
+    for context_id in contexts:
+        head = await store.turns.get_head(context_id)
+        chain = await store.turns.list_turns(context_id, limit=50)
+        assert len(chain) == head.head_depth and [t.depth for t in chain] == list(range(1, head.head_depth + 1))
+    assert (await store.check()).ok

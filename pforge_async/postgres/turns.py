@@ -104,9 +104,10 @@ from .migrate import advisory_key
 
 __all__ = ["PgTurnActor", "PgTurnStore"]
 
-#: how many contexts' heads, and turns' nodes, a turn actor remembers for its fast path
-_KNOWN_CONTEXTS = 65_536
-_KNOWN_NODES = 262_144
+#: how many contexts' heads, and turns' nodes, a turn actor remembers for its fast path (least recently
+#: learned first out: a context needs its head's node and a few of its skip links', so some MB at most)
+_KNOWN_CONTEXTS = 16_384
+_KNOWN_NODES = 131_072
 
 COLUMNS = (
     "turn_id, context_id, parent_turn_id, depth, type_id, type_version, payload, payload_hash, "
