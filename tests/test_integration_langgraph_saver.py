@@ -120,12 +120,16 @@ async def test_a_growing_list_stores_its_chunks_once() -> None:
     for step in (0, 15, 16, 17, 100, 199):
         got = await saver.aget_tuple(stored[step])
         assert got is not None and got.checkpoint["channel_values"]["messages"] == messages[: step + 1]
-    # carried unchanged into a new checkpoint, the inline tail becomes a blob, and is read back whole
+    # carried unchanged into a new checkpoint, the inline tail stays inline once (a run's input
+    # checkpoint does that, and its first node changes the list), and becomes a blob the second time
     versions = {"messages": 200}
-    cp = checkpoint({"messages": messages, "other": 1}, {**versions, "other": 1})
-    again = await saver.aput(stored[-1], cp, meta(200), {"other": 1})
-    got = await PforgeSaver(turns).aget_tuple(again)
-    assert got is not None and got.checkpoint["channel_values"]["messages"] == messages
+    for carry, blobs_after in ((1, len(turns.blobs)), (2, len(turns.blobs) + 1), (3, len(turns.blobs) + 1)):
+        cp = checkpoint({"messages": messages, "other": carry}, {**versions, "other": carry})
+        again = await saver.aput(stored[-1], cp, meta(199 + carry), {"other": carry})
+        stored.append(again)
+        assert len(turns.blobs) == blobs_after, carry
+        got = await PforgeSaver(turns).aget_tuple(again)
+        assert got is not None and got.checkpoint["channel_values"]["messages"] == messages
 
 
 class CountingSerde:

@@ -20,8 +20,9 @@ How a thread is stored (see :mod:`pforge_async.integrations._lglog`):
   ``refs`` (so the store's ``gc`` keeps them while a live checkpoint names them): a value that did not
   change is stored once, however many checkpoints name it. A list (a chat's messages) is kept in
   chunks of 16 items: its full chunks are blobs, stored once; its last, partial chunk, which every
-  append rewrites, is inline in the checkpoint that changed the list, and becomes a blob the first
-  time a checkpoint carries the list unchanged. A value whose encoding is at most 64 bytes is inline
+  append rewrites, is inline in the checkpoint that changed the list, is inline again in the first
+  checkpoint that carries the list unchanged (a run's input checkpoint, before its first node
+  changes the list), and becomes a blob the second time it is carried. A value whose encoding is at most 64 bytes is inline
   (its reference would be as large); so is a pending write's value up to 64 KiB (a write belongs to
   one checkpoint).
 - Pending writes keep LangGraph's semantics: for a normal channel the first write of a (task, index)
@@ -108,7 +109,8 @@ _MAX_CHANNEL_MAPS = 4_096
 #: a pending write's value up to this many bytes is kept inline (writes belong to one checkpoint)
 WRITE_INLINE_MAX = 64 << 10
 
-Channels = dict[str, tuple[Any, Ref]]
+#: channel -> (its version, its reference, whether it was carried unchanged from the checkpoint before)
+Channels = dict[str, tuple[Any, Ref, bool]]
 _Found = tuple[log.CheckpointEntry, list[log.Write]]
 
 
@@ -327,12 +329,18 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         parent_channels = self._channels.get((name, parent_id)) if parent_id else None
         pending: dict[str, bytes] = {}
         channels: dict[str, Ref] = {}
+        carried: set[str] = set()
         for channel, value in values.items():
             version = versions.get(channel)
             known = parent_channels.get(channel) if parent_channels is not None else None
             if known is not None and channel not in new_versions and version is not None and known[0] == version:
-                # unchanged since the parent: the same value, already stored (a list's tail now a blob)
-                channels[channel] = codec.promote(known[1], pending)
+                # Unchanged since the parent: the same value, already stored. A list's inline tail
+                # becomes a blob when it is carried a second time: a run's input checkpoint carries
+                # the messages once, then its first node changes them, so that copy stays inline
+                # (one more inline tail) rather than cost a blob write; a list that stays as it is
+                # is shared from its second checkpoint on.
+                channels[channel] = codec.promote(known[1], pending) if known[2] else known[1]
+                carried.add(channel)
             else:
                 channels[channel] = codec.encode(value, pending, self._memo(name, channel))
         skeleton = self.serde.dumps_typed(rest)
@@ -355,7 +363,7 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
             refs = refs_of(channels.values())
             record = await self._append(name, tracked, log.CHECKPOINT, log.encode(entry), refs)
             tracked.wrote(record.turn_id, top)
-        self._remember(name, checkpoint_id, versions, channels)
+        self._remember(name, checkpoint_id, versions, channels, carried)
         return _config(config, thread_id, ns, checkpoint_id)
 
     def _memo(self, name: str, channel: str) -> ChunkMemo:
@@ -369,8 +377,17 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
             self._memos.move_to_end(key)
         return memo
 
-    def _remember(self, name: str, checkpoint_id: str, versions: ChannelVersions, channels: dict[str, Ref]) -> None:
-        self._channels[(name, checkpoint_id)] = {ch: (versions.get(ch), ref) for ch, ref in channels.items()}
+    def _remember(
+        self,
+        name: str,
+        checkpoint_id: str,
+        versions: ChannelVersions,
+        channels: dict[str, Ref],
+        carried: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
+        self._channels[(name, checkpoint_id)] = {
+            ch: (versions.get(ch), ref, ch in carried) for ch, ref in channels.items()
+        }
         while len(self._channels) > _MAX_CHANNEL_MAPS:
             self._channels.popitem(last=False)
 
