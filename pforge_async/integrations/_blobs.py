@@ -5,9 +5,9 @@ git blob id, however many checkpoints name it.
 A list is cut into chunks of a fixed number of items. Its full chunks are blobs, so a list that grows
 by appending (a chat's messages) stores each of them once; its last, partial chunk, which every
 append rewrites, is kept inline in the checkpoint that changed the list (up to ``TAIL_INLINE_MAX``),
-and becomes a blob when checkpoints carry the list unchanged (``promote``; the saver decides when). Full chunks
-already stored for the same items (the same objects: LangGraph's reducers replace items, they do not
-change them in place) are not serialized again.
+and becomes a blob when checkpoints carry the list unchanged (``promote``; the saver says when).
+Full chunks already stored for the same items (the same objects: LangGraph's reducers replace items,
+they do not change them in place) are not serialized again.
 """
 
 from __future__ import annotations

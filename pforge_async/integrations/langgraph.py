@@ -22,9 +22,9 @@ How a thread is stored (see :mod:`pforge_async.integrations._lglog`):
   chunks of 16 items: its full chunks are blobs, stored once; its last, partial chunk, which every
   append rewrites, is inline in the checkpoint that changed the list, is inline again in the first
   checkpoint that carries the list unchanged (a run's input checkpoint, before its first node
-  changes the list), and becomes a blob the second time it is carried. A value whose encoding is at most 64 bytes is inline
-  (its reference would be as large); so is a pending write's value up to 64 KiB (a write belongs to
-  one checkpoint).
+  changes the list), and becomes a blob the second time it is carried. A value whose encoding is at
+  most 64 bytes is inline (its reference would be as large); so is a pending write's value up to
+  64 KiB (a write belongs to one checkpoint).
 - Pending writes keep LangGraph's semantics: for a normal channel the first write of a (task, index)
   wins, the special channels (error, interrupt, resume, scheduled) take the last one.
 - ``acopy_thread`` forks each namespace's context: O(1) per namespace, whatever the thread's length;
