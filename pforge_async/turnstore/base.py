@@ -322,7 +322,7 @@ class TurnStoreBase(ABC):
             idempotency_key,
             expected_head,
             fs_root,
-            validate_refs(refs),
+            () if type(refs) is tuple and not refs else validate_refs(refs),  # the default: no call
         )
         validate_append(command, self.max_payload_bytes)
         if fs_root is not None:

@@ -101,7 +101,8 @@ def validate_append(command: AppendTurn, max_payload: int) -> None:
     type_id = command.type_id
     if not isinstance(type_id, str) or not type_id or len(type_id) > MAX_TYPE_ID:
         raise InvalidInput(f"type_id must be a non-empty str of at most {MAX_TYPE_ID} chars, got {type_id!r}")
-    check_text(type_id, "type_id")
+    if not type_id.isascii():
+        check_text(type_id, "type_id")
     version = command.type_version
     if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 1 << 32:
         raise InvalidInput(f"type_version must be an int from 0 to 2**32-1, got {version!r}")
