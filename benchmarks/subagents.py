@@ -41,7 +41,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, cast
 
@@ -261,17 +260,31 @@ async def plain_pforge_on(
 
     async def loop(agent: int) -> None:
         child = children[agent]
-        hooks = Timed(child, [] if batched else latencies)
+        clock = time.perf_counter
         for step in range(steps):
             text, call, output, usage = step_items(agent, step)
-            start = time.perf_counter()
-            async with child.batch() if batched else nullcontext():
-                await hooks.assistant_turn(text, tool_calls=[call], usage=usage)
-                await hooks.tool_call_start(call.call_id, call.name, call.arguments)
-                await hooks.tool_call_end(call.call_id, output)
-                await hooks.tool_results([(call.call_id, output)])
+            start = clock()
             if batched:
-                latencies.append(time.perf_counter() - start)
+                async with child.batch():
+                    await child.assistant_turn(text, tool_calls=[call], usage=usage)
+                    await child.tool_call_start(call.call_id, call.name, call.arguments)
+                    await child.tool_call_end(call.call_id, output)
+                    await child.tool_results([(call.call_id, output)])
+                latencies.append(clock() - start)
+                continue
+            # Each hook timed inline, as the peers' calls are (no wrapper between the loop and it).
+            start = clock()
+            await child.assistant_turn(text, tool_calls=[call], usage=usage)
+            latencies.append(clock() - start)
+            start = clock()
+            await child.tool_call_start(call.call_id, call.name, call.arguments)
+            latencies.append(clock() - start)
+            start = clock()
+            await child.tool_call_end(call.call_id, output)
+            latencies.append(clock() - start)
+            start = clock()
+            await child.tool_results([(call.call_id, output)])
+            latencies.append(clock() - start)
 
     elapsed = await drive(subagents, loop)
     after = turn_commits(target)
