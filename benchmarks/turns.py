@@ -245,15 +245,18 @@ async def throughput(args: argparse.Namespace, base: Path, data: list[bytes]) ->
 
 
 async def against_baseline(args: argparse.Namespace, base: Path, writers: int, per_writer: int) -> None:
-    """This tree and the baseline revision, each in a child process, taken in turn ``--repeat`` times:
+    """This tree and the baseline revision, each in a child process, taken in turn ``--repeat`` times
+    (in alternating order):
     a regression is their ratio, measured in one stretch of the run. Printed as the best of each and as
     the median of the pairs' ratios (each pair ran back to back, so a disk or a neighbour that slows a
     stretch of the run falls on both of its runs); the pairs' spread says how far either can be trusted."""
     trees = {"this tree": Path(__file__).resolve().parent.parent, args.baseline: args.baseline_tree}
     rates: dict[str, list[float]] = {label: [] for label in trees}
     cpus: dict[str, list[float]] = {label: [] for label in trees}
-    for _ in range(args.repeat):
-        for label, tree in trees.items():
+    for turn in range(args.repeat):
+        # Each goes first in every other pair: the first run of a pair meets what the run before left
+        # (dirty pages being written back, a colder cache), and that must not fall on one side only.
+        for label, tree in list(trees.items())[:: 1 if turn % 2 == 0 else -1]:
             work = Path(tempfile.mkdtemp(dir=base))
             os.sync()
             elapsed, latencies, cpu = run_pforge_in_child(tree, work, writers, per_writer)
