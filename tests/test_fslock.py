@@ -12,9 +12,11 @@ from pforge_async import FsLock, InvalidInput, LockTimeout, StorageError
 from ._procs import run_all, spawn, wait_for_line
 
 COUNTER = """
-import sys, time
+import os, sys, time
 from pforge_async import FsLock
-path, lock_path, rounds, use_lock = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+path, lock_path, rounds, use_lock, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+while not os.path.exists(go):  # start together: on a loaded machine staggered starts never overlap
+    time.sleep(0.001)
 for _ in range(rounds):
     lock = FsLock(lock_path)
     if use_lock:
@@ -42,7 +44,10 @@ lock.release()
 def _count(tmp_path: Path, use_lock: bool) -> int:
     counter = tmp_path / "counter"
     counter.write_text(f"{0:08d}")
-    procs = [spawn(COUNTER, counter, tmp_path / "counter.lock", 250, int(use_lock)) for _ in range(4)]
+    go = tmp_path / "go"
+    procs = [spawn(COUNTER, counter, tmp_path / "counter.lock", 250, int(use_lock), go) for _ in range(4)]
+    time.sleep(0.5)  # let the interpreters start and wait on the go file
+    go.touch()
     run_all(procs)
     return int(counter.read_text())
 
