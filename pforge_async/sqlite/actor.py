@@ -35,7 +35,6 @@ from ..actor import Actor, Failed
 from ..errors import (
     ActorClosed,
     Conflict,
-    IdempotencyConflict,
     IntegrityError,
     InvalidInput,
     LockTimeout,
@@ -45,7 +44,7 @@ from ..errors import (
 from ..fslock import FsLock
 from ..owner import OwnerThread
 
-__all__ = ["SqliteActor", "free_bytes", "load_script", "replay", "split_statements", "translate"]
+__all__ = ["SqliteActor", "free_bytes", "load_script", "split_statements", "translate"]
 
 C = TypeVar("C")
 log = logging.getLogger(__name__)
@@ -68,22 +67,6 @@ def split_statements(script: str) -> Iterator[str]:
             pending = ""
     if pending.strip() and not all(part.strip().startswith("--") or not part.strip() for part in pending.splitlines()):
         raise ValueError(f"incomplete SQL statement at the end of a script: {pending.strip()[:80]}")
-
-
-def replay(conn: sqlite3.Connection, select: str, key: str | None, asked: tuple[Any, ...], what: str) -> int | None:
-    """The id of the row an idempotency key already wrote, if the key was used before; None if not.
-
-    ``select`` selects ``(id, *columns)`` by key; the columns must equal ``asked``, or the reuse of the
-    key for other values is an ``IdempotencyConflict``.
-    """
-    if key is None:
-        return None
-    row = conn.execute(select, (key,)).fetchone()
-    if row is None:
-        return None
-    if tuple(row[1:]) != asked:
-        raise IdempotencyConflict(f"idempotency key {key!r} was used for {what} {row[0]} with other values")
-    return int(row[0])
 
 
 # SQLite's primary result codes this boundary tells apart (sqlite3.h).
