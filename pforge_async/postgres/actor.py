@@ -200,6 +200,12 @@ def _connection_lost(exc: BaseException, raw: Any = None) -> bool:
         return True  # a pool proxy released under us: its connection is gone
 
 
+def _nothing_sent(exc: BaseException) -> bool:
+    """asyncpg refused to start the call (a connection still taking in the server's FATAL: "cannot
+    switch to state 12; another operation is in progress"): no byte of it reached the server."""
+    return isinstance(exc, asyncpg.exceptions.InternalClientError)
+
+
 def translate(where: str, exc: BaseException) -> PforgeError:
     """The one boundary for what asyncpg and the OS raise: a ``PforgeError`` naming the server.
 

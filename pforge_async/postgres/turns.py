@@ -99,7 +99,7 @@ from ..turnstore.rules import (
     verify_turn,
 )
 from ..turnstore.types import ContextHead, ContextInfo, ContextOrder, TurnRecord
-from .actor import PgActor, PgConn, _connection_lost
+from .actor import PgActor, PgConn, _connection_lost, _nothing_sent
 from .migrate import advisory_key
 
 __all__ = ["PgTurnActor", "PgTurnStore"]
@@ -263,6 +263,13 @@ _FAST_APPEND_NO_REFS = (
         1,
     )
     .replace("$14::bigint", "$12::bigint")
+)
+#: what a lost ``_FAST_APPEND`` left: its turns are the only keyless children of the known heads with
+#: their payloads and its timestamp (the statement is atomic: all of them, or none)
+_FAST_LANDED = (
+    "SELECT t.context_id, t.turn_id FROM turns t JOIN unnest($1::bigint[], $2::bigint[], $3::text[]) "
+    "AS u(ctx, parent, hash) ON t.context_id = u.ctx AND t.parent_turn_id = u.parent "
+    "AND t.payload_hash = u.hash WHERE t.created_at_ms = $4::bigint AND t.idempotency_key IS NULL"
 )
 _ADVISORY = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS u(k)"
 _NAMES_AND_KEYS = (
@@ -1156,6 +1163,25 @@ class PgTurnActor(PgActor[TurnCommand]):
             )
         return rows
 
+    async def _fast_outcome(self, backend: int, columns: list[list[Any]], now: int) -> dict[int, int] | None:
+        """What a ``_FAST_APPEND`` whose connection was lost stored, once its server process is gone
+        (until then it could still commit); None when that cannot be known in ``reconnect_wait``.
+
+        A keyless append cannot be retried safely by its caller, so an idle connection the server
+        ended (a restart, ``idle_session_timeout``, an operator) must not make its outcome unknown."""
+        deadline = time.monotonic() + self.reconnect_wait
+        try:
+            conn = await self._writer(deadline)
+            while await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", backend):
+                if time.monotonic() >= deadline:
+                    return None
+                await anyio.sleep(0.01)
+            found = await conn.fetch(_FAST_LANDED, columns[0], columns[1], columns[8], now)
+        except Exception:
+            self._drop_writer()
+            return None
+        return {int(context_id): int(turn_id) for context_id, turn_id in found}
+
     async def handle_batch(self, commands: Sequence[TurnCommand]) -> list[Any]:
         if self.readonly or self._closing:
             return await super().handle_batch(commands)
@@ -1169,6 +1195,7 @@ class PgTurnActor(PgActor[TurnCommand]):
             return await super().handle_batch(commands)  # it reports the same failure
         refs = sorted({bytes.fromhex(oid) for c in commands for oid in cast(AppendTurn, c).refs})
         columns = [list(column) for column in zip(*rows, strict=True)]
+        backend = conn.raw.get_server_pid()
         try:
             if self.refs_freshen_s is None:
                 found = await conn.fetch(_FAST_APPEND_NO_REFS, *columns, now)
@@ -1180,12 +1207,20 @@ class PgTurnActor(PgActor[TurnCommand]):
                 # The statement was its own transaction and it failed: nothing of it is stored.
                 return await super().handle_batch(commands)
             self._drop_writer()
-            error = StorageError(
-                f"{self.where}: the connection was lost while committing; these writes may or may not "
-                f"have been stored ({type(exc).__name__}: {exc})"
-            )
-            error.__cause__ = exc
-            return [Failed(error) for _ in commands]
+            if _nothing_sent(exc):
+                # asyncpg refuses to start the statement on a connection still taking in the server's
+                # FATAL (a terminated idle backend): nothing was sent, so the ordinary way, which
+                # reconnects, runs the batch.
+                return await super().handle_batch(commands)
+            landed = await self._fast_outcome(backend, columns, now)
+            if landed is None:
+                error = StorageError(
+                    f"{self.where}: the connection was lost while committing; these writes may or may not "
+                    f"have been stored ({type(exc).__name__}: {exc})"
+                )
+                error.__cause__ = exc
+                return [Failed(error) for _ in commands]
+            done = landed  # what it stored is acknowledged; the rest goes the ordinary way below
         self.fast_batches += 1
         outcomes: list[Any] = [None] * len(commands)
         heads: dict[int, int] = {}
