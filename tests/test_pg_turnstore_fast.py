@@ -1,11 +1,11 @@
-"""Review r10: the PostgreSQL one-statement append (PgTurnActor's fast path) after the writer's
-connection was terminated while idle.
+"""The PostgreSQL one-statement append (PgTurnActor's fast path) against what moves under it.
 
-The ordinary path begins every batch with BEGIN: a connection found dead there has sent nothing
-that could commit, so the batch is run again on a new connection and the caller never knows. The
-fast path sends its one statement first, and any lost connection under it becomes StorageError
-"may or may not have been stored", even when the server had already ended the session and never
-ran it. A plain append (no idempotency key) then cannot be retried safely by its caller."""
+The ordinary path begins every batch with BEGIN: a connection found dead there has sent nothing that
+could commit, so the batch runs again on a new connection and the caller never knows. The fast path
+sends its one statement first; a connection lost under it must not leave a keyless append's outcome
+unknown (its caller cannot retry it safely): what the statement stored is read back once the old
+server process is gone. And the statement's own locking must see heads moved and contexts deleted
+by other writers while it waits."""
 
 from __future__ import annotations
 

@@ -52,7 +52,15 @@ from uuid import uuid4
 
 import msgspec
 
-from ..errors import ActorClosed, Conflict, ContextNotFound, HeadConflict, IntegrityError, InvalidInput
+from ..errors import (
+    ActorClosed,
+    Conflict,
+    ContextNotFound,
+    HeadConflict,
+    IntegrityError,
+    InvalidInput,
+    TurnNotFound,
+)
 from ..ledgers.budget import BudgetLedger
 from ..turnstore.base import TurnStoreBase
 from ..turnstore.rules import MAX_PAGE_SIZE
@@ -286,7 +294,12 @@ class PforgeSession:
         # after the head's, says whether everything cached still holds.
         oldest = cache.oldest
         seen = next((r for r in page if r.turn_id == oldest), None)
-        if (seen if seen is not None else await turns.get_turn(oldest)).erased:
+        if seen is None:
+            try:
+                seen = await turns.get_turn(oldest)
+            except TurnNotFound:
+                seen = None  # deleted and collected since the head was read: the full read decides
+        if seen is None or seen.erased:
             cache.clear()
             return None
         return head.turn_id, self._decode(payloads)
