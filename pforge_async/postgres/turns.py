@@ -1172,7 +1172,8 @@ class PgTurnActor(PgActor[TurnCommand]):
         deadline = time.monotonic() + self.reconnect_wait
         try:
             conn = await self._writer(deadline)
-            while await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", backend):
+            alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND pid <> pg_backend_pid()"
+            while await conn.fetchval(alive, backend):
                 if time.monotonic() >= deadline:
                     return None
                 await anyio.sleep(0.01)
