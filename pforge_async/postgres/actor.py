@@ -206,6 +206,16 @@ def _nothing_sent(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.exceptions.InternalClientError)
 
 
+def unknown_outcome(where: str, exc: BaseException) -> StorageError:
+    """The failure of writes whose connection was lost while they committed."""
+    error = StorageError(
+        f"{where}: the connection was lost while committing; these writes may or may not have been "
+        f"stored ({type(exc).__name__}: {exc})"
+    )
+    error.__cause__ = exc
+    return error
+
+
 def translate(where: str, exc: BaseException) -> PforgeError:
     """The one boundary for what asyncpg and the OS raise: a ``PforgeError`` naming the server.
 
@@ -515,13 +525,7 @@ class PgActor(Actor[C]):
                     await conn.execute("SAVEPOINT command")
             except Exception as exc:
                 raise _BatchFailed(exc, retry=self._retryable(exc, conn)) from exc
-            for i, command in enumerate(commands):
-                try:
-                    outcomes.append(await self._apply_one(conn, command))
-                except _BatchFailed as failed:
-                    if not failed.retry:
-                        failed.culprit = i
-                    raise
+            await self._apply_each(conn, commands, outcomes)
             try:
                 await self.flush(conn)
             except Exception as exc:
@@ -537,11 +541,7 @@ class PgActor(Actor[C]):
             # A connection lost during COMMIT leaves the outcome unknown: never run it again.
             ended = _BatchFailed(exc, retry=not committing and self._retryable(exc, conn))
             if committing and _connection_lost(exc, conn.raw):
-                ended.cause = StorageError(
-                    f"{self.where}: the connection was lost while committing; these writes may or may "
-                    f"not have been stored ({type(exc).__name__}: {exc})"
-                )
-                ended.cause.__cause__ = exc
+                ended.cause = unknown_outcome(self.where, exc)
             ended.outcomes = outcomes
             raise ended from exc
         except BaseException:
@@ -549,19 +549,23 @@ class PgActor(Actor[C]):
             raise
         return outcomes
 
+    async def _apply_each(self, conn: PgConn, commands: list[C], outcomes: list[Any]) -> None:
+        """Each command's outcome appended to ``outcomes``; the one at fault named on its failure."""
+        for i, command in enumerate(commands):
+            try:
+                outcomes.append(await self._apply_one(conn, command))
+            except _BatchFailed as failed:
+                if not failed.retry:
+                    failed.culprit = i
+                raise
+
     async def _try_single(self, conn: PgConn, commands: list[C]) -> list[Any]:
         """A :meth:`single_statement` batch: its flush's statement is its transaction. A connection lost
         under it may or may not have committed it; running it again is safe (see there)."""
         outcomes: list[Any] = []
         try:
             await self.begin(conn, commands)
-            for i, command in enumerate(commands):
-                try:
-                    outcomes.append(await self._apply_one(conn, command))
-                except _BatchFailed as failed:
-                    if not failed.retry:
-                        failed.culprit = i
-                    raise
+            await self._apply_each(conn, commands, outcomes)
             await self.flush(conn)
         except _BatchFailed as failed:
             self.abort()

@@ -67,7 +67,6 @@ from ..errors import (
     InvalidInput,
     ObjectNotFound,
     PforgeError,
-    StorageError,
     TurnNotFound,
 )
 from ..lifecycle import PAYLOAD_OID_TYPES, add_row_roots
@@ -99,7 +98,7 @@ from ..turnstore.rules import (
     verify_turn,
 )
 from ..turnstore.types import ContextHead, ContextInfo, ContextOrder, TurnRecord
-from .actor import PgActor, PgConn, _connection_lost, _nothing_sent
+from .actor import PgActor, PgConn, _connection_lost, _nothing_sent, unknown_outcome
 from .migrate import advisory_key
 
 __all__ = ["PgTurnActor", "PgTurnStore"]
@@ -1215,11 +1214,7 @@ class PgTurnActor(PgActor[TurnCommand]):
                 return await super().handle_batch(commands)
             landed = await self._fast_outcome(backend, columns, now)
             if landed is None:
-                error = StorageError(
-                    f"{self.where}: the connection was lost while committing; these writes may or may not "
-                    f"have been stored ({type(exc).__name__}: {exc})"
-                )
-                error.__cause__ = exc
+                error = unknown_outcome(self.where, exc)
                 return [Failed(error) for _ in commands]
             done = landed  # what it stored is acknowledged; the rest goes the ordinary way below
         self.fast_batches += 1
