@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -107,17 +107,29 @@ class Actor(ABC, Generic[C]):
 
     async def call(self, command: C) -> Any:
         """Send one command and wait for its reply (or its error)."""
-        return await self.call_raw(self._encoder.encode(command))
+        return await self._post(self._encoder.encode(command))
 
     async def call_raw(self, data: bytes) -> Any:
         """Send already-encoded command bytes: the mailbox protocol is a wire protocol."""
+        return await self._post(data)
+
+    def _post(self, data: bytes) -> Awaitable[Any]:
+        """Mail ``data`` and return what to await for its reply: the reply's future itself when the
+        mailbox has room (no extra trip around the event loop, and no coroutine between the caller
+        and the future: a caller is a chain of coroutines that each reply resumes), else a
+        coroutine that waits for room first."""
         envelope = _Envelope(data, asyncio.get_running_loop().create_future())
         try:
-            try:
-                # Room in the mailbox: no extra trip around the event loop. Full: wait for room.
-                self._send.send_nowait(envelope)
-            except anyio.WouldBlock:
-                await self._send.send(envelope)
+            self._send.send_nowait(envelope)
+        except anyio.WouldBlock:
+            return self._post_when_room(envelope)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise self._closed_error() from self._death
+        return envelope.reply
+
+    async def _post_when_room(self, envelope: _Envelope) -> Any:
+        try:
+            await self._send.send(envelope)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise self._closed_error() from self._death
         return await envelope.reply

@@ -13,7 +13,6 @@ re-run reproduces, so their place in the parent's chain is not part of their ide
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
@@ -254,10 +253,14 @@ POSITIONAL_TYPES: Final = frozenset(RECORD_TYPES) - LINK_TYPES
 TYPE_IDS: Final[dict[type[AgentRecord], str]] = {cls: type_id for type_id, cls in RECORD_TYPES.items()}
 
 
-@dataclass(frozen=True, slots=True)
-class Recorded:
+class Recorded(msgspec.Struct, frozen=True, gc=False):
     """A record as stored: the decoded record and the turn that holds it (its id, context, parent,
     time, ``fs_root``)."""
+
+    # Untracked by the garbage collector (gc=False): a recorder keeps every one of its session's, and
+    # the collector's full passes walked them all. None can be part of a cycle: the record is a
+    # gc=False Struct of decoded JSON-like data, the turn a TurnRecord of scalars, and neither can
+    # refer to a Recorded.
 
     record: AgentRecord
     turn: TurnRecord

@@ -1,0 +1,69 @@
+"""What the hook path's shortcuts must keep: the records a recorder holds are its own decoded copies
+(untracked by the garbage collector, independent of the caller's objects, normalized for comparison),
+and every hook's write, alone or in a batch, lands as the store reads it back."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import pytest
+
+from pforge_async import MemoryTurnStore, Usage
+from pforge_async.agent import AssistantTurn, Recorded, SessionRecorder, ToolCall, ToolCallStart
+from pforge_async.agent.records import decode_record
+
+pytestmark = pytest.mark.anyio
+
+
+async def step(rec: SessionRecorder, n: int, arguments: dict[str, Any]) -> None:
+    call = ToolCall(f"c{n}", "grep", arguments)
+    await rec.assistant_turn(f"step {n}", tool_calls=[call], usage=Usage(9, 1, 5))
+    await rec.tool_call_start(call.call_id, call.name, call.arguments)
+    await rec.tool_call_end(call.call_id, f"{n} matches")
+    await rec.tool_results([(call.call_id, f"{n} matches")])
+
+
+async def test_a_recorders_records_are_not_tracked_by_the_garbage_collector() -> None:
+    target = MemoryTurnStore()
+    rec = await SessionRecorder.start(target, "long")
+    for n in range(3):
+        await step(rec, n, {"n": n})
+    async with rec.batch():
+        await step(rec, 3, {"n": 3})
+    reloaded = await SessionRecorder.start(target, "long")
+    for records in (rec.records, reloaded.records):
+        assert len(records) == 16
+        assert not any(gc.is_tracked(recorded) for recorded in records)
+    assert list(reloaded.records) == list(rec.records)
+    first = rec.records[0]
+    assert first == Recorded(first.record, first.turn)
+    assert first.type_id == first.turn.type_id and first.seq == 0
+
+
+async def test_a_kept_record_is_the_stored_one_not_the_callers_objects() -> None:
+    target = MemoryTurnStore()
+    rec = await SessionRecorder.start(target, "copy")
+    arguments: dict[str, Any] = {"pattern": "TODO", "paths": ["src"]}
+    metadata: dict[str, Any] = {"tags": ["a"]}
+    recorded = await rec.tool_call_start("c1", "grep", arguments, metadata=metadata)
+    arguments["paths"].append("tests")
+    metadata["tags"].append("b")
+    assert recorded is not None
+    record = recorded.record
+    assert isinstance(record, ToolCallStart)
+    assert record.arguments == {"pattern": "TODO", "paths": ["src"]} and record.metadata == {"tags": ["a"]}
+    assert record == decode_record(recorded.type_id, recorded.turn.payload)
+
+
+async def test_a_replayed_call_with_tuples_matches_the_record_its_lists_made() -> None:
+    target = MemoryTurnStore()
+    rec = await SessionRecorder.start(target, "replay", mode="required")
+    call = ToolCall("c1", "grep", {"paths": ["src"]})
+    first = await rec.assistant_turn("hi", tool_calls=[call], metadata={"k": [1, 2]})
+    again = await SessionRecorder.start(target, "replay", mode="required")
+    replayed = await again.assistant_turn(
+        "hi", tool_calls=(ToolCall("c1", "grep", {"paths": ("src",)}),), metadata={"k": (1, 2)}
+    )
+    assert replayed == first and again.failures == []
+    assert isinstance(replayed.record, AssistantTurn) and replayed.record.tool_calls == [call]
