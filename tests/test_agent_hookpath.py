@@ -7,10 +7,11 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+import anyio
 import pytest
 
 from pforge_async import MemoryTurnStore, Usage
-from pforge_async.agent import AssistantTurn, Recorded, SessionRecorder, ToolCall, ToolCallStart
+from pforge_async.agent import AssistantTurn, Event, Recorded, SessionRecorder, ToolCall, ToolCallStart
 from pforge_async.agent.records import decode_record
 
 pytestmark = pytest.mark.anyio
@@ -67,3 +68,23 @@ async def test_a_replayed_call_with_tuples_matches_the_record_its_lists_made() -
     )
     assert replayed == first and again.failures == []
     assert isinstance(replayed.record, AssistantTurn) and replayed.record.tool_calls == [call]
+
+
+async def test_a_cancelled_batch_writes_nothing_and_the_next_block_writes_its_own() -> None:
+    target = MemoryTurnStore()
+    rec = await SessionRecorder.start(target, "cancel", mode="required")
+    with anyio.CancelScope() as scope:
+        async with rec.batch():
+            await rec.event("e", 0)
+            scope.cancel()
+            await anyio.sleep(1)  # the cancellation lands here, inside the block
+    assert scope.cancelled_caught and rec.records == [] and rec.position == 0
+    rec.seek(0)
+    block = rec.batch()
+    async with block:
+        await rec.event("e", 1)
+        async with rec.batch():  # joins the outer block
+            await rec.event("e", 2)
+    assert [r.record for r in rec.records] == [Event(0, "e", 1), Event(1, "e", 2)]
+    again = await SessionRecorder.start(target, "cancel")
+    assert [r.turn for r in again.records] == [r.turn for r in rec.records]

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
 from typing import Any, cast
 
 import anyio
@@ -247,8 +248,7 @@ class SessionRecorder:
             1 for seq, found in self._by_seq.items() if seq < position and isinstance(found.record, AssistantTurn)
         )
 
-    @asynccontextmanager
-    async def batch(self) -> AsyncIterator[None]:
+    def batch(self) -> AbstractAsyncContextManager[None]:
         """Hooks called in the block write nothing until it ends; then everything they recorded is
         written in one atomic write (every record or none): one step of a loop as one write. Inside,
         a hook returns None (its record is in ``records`` after the block); a call at a recorded
@@ -256,22 +256,7 @@ class SessionRecorder:
         Subagent spawns and closes are not batched. A block left by an exception writes what it
         recorded, then the exception goes on; a cancelled one writes nothing (those positions stay
         empty and a re-run fills them). A failed write fails the whole batch, as its mode says."""
-        if self._off or self._batch is not None:  # nothing to write, or a batch within a batch
-            yield
-            return
-        pending: list[Queued] = []
-        self._batch = pending
-        try:
-            yield
-        except Exception:
-            self._batch = None
-            await self._flush(pending)
-            raise
-        except BaseException:
-            self._batch = None
-            raise
-        self._batch = None
-        await self._flush(pending)
+        return _Batch(self)
 
     def subagent_recorded(self, subagent_id: str) -> Recorded | None:
         """The spawn link record of ``subagent_id`` in this session, if it is recorded."""
@@ -845,6 +830,37 @@ class SessionRecorder:
 
     def __repr__(self) -> str:
         return f"<SessionRecorder {self.name!r} mode={self.mode} cursor={self._cursor} position={self._position}>"
+
+
+class _Batch:
+    """The block of :meth:`SessionRecorder.batch`. A class rather than an ``asynccontextmanager``:
+    a loop enters one at every step, and the generator and its wrapper cost more than the step's
+    hooks queue."""
+
+    __slots__ = ("_pending", "_recorder")
+
+    def __init__(self, recorder: SessionRecorder) -> None:
+        self._recorder = recorder
+        self._pending: list[Queued] | None = None
+
+    async def __aenter__(self) -> None:
+        recorder = self._recorder
+        if recorder._off or recorder._batch is not None:  # nothing to write, or a batch within a batch
+            return
+        self._pending = recorder._batch = []
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        self._recorder._batch = None
+        # Left by an exception: what was recorded is written, then the exception goes on (this
+        # returns None). Cancelled (a BaseException): nothing is written.
+        if exc_type is None or issubclass(exc_type, Exception):
+            await self._recorder._flush(pending)
 
 
 def _checked(record: AgentRecord) -> tuple[str, bytes, Any]:

@@ -347,7 +347,8 @@ class TurnStoreBase(ABC):
         is not checked, so a retried batch that landed gets its turns back). At most 4,096 turns and
         64 MiB of payload (or ``max_payload_bytes``, if more) per batch.
         """
-        if isinstance(turns, (str, bytes)) or not isinstance(turns, Sequence):
+        # A list (what a recorder's batch passes) needs no check against the Sequence ABC.
+        if type(turns) is not list and (isinstance(turns, (str, bytes)) or not isinstance(turns, Sequence)):
             raise InvalidInput(f"turns must be a sequence of NewTurn, got {type(turns).__name__}")
         if len(turns) > MAX_BATCH_TURNS:
             raise InvalidInput(f"a batch of {len(turns)} turns is over the maximum of {MAX_BATCH_TURNS}")
@@ -379,7 +380,8 @@ class TurnStoreBase(ABC):
             total += len(payload)
             if turn.fs_root is not None:
                 trees.add(turn.fs_root)
-            refs.update(command.refs)
+            if command.refs:
+                refs.update(command.refs)
             commands.append(command)
         if total > max(MAX_BATCH_BYTES, self.max_payload_bytes):
             raise InvalidInput(f"a batch of {total} payload bytes is over the maximum of {MAX_BATCH_BYTES}")
@@ -392,7 +394,8 @@ class TurnStoreBase(ABC):
                 heads[context_id] = validate_id(head, f"expected head of context {context_id}", allow_zero=True)
         for oid in sorted(trees):
             await self._check_tree(oid)
-        await self._check_refs(sorted(refs))
+        if refs:  # most batches name none: no check to await
+            await self._check_refs(sorted(refs))
         records = await self._write(AppendTurns(commands, heads))
         assert isinstance(records, list)
         for record, command in zip(records, commands, strict=True):
