@@ -427,9 +427,10 @@ class SqliteActor(Actor[C]):
         """Run one command inside the batch's transaction and return its reply. Raise a
         ``PforgeError`` to fail just this command."""
 
-    def begin(self, conn: sqlite3.Connection, changed_elsewhere: bool) -> None:
-        """A batch starts. ``changed_elsewhere``: another connection (process) committed since our
-        last batch, so anything cached from the database is stale."""
+    def begin(self, conn: sqlite3.Connection, changed_elsewhere: bool, commands: Sequence[C]) -> None:
+        """A batch of ``commands`` starts (its transaction has begun). ``changed_elsewhere``: another
+        connection (process) committed since our last batch, so anything cached from the database is
+        stale. A subclass may read here, for the whole batch at once, what its commands will look up."""
 
     def flush(self, conn: sqlite3.Connection) -> None:
         """Write what the batch's commands deferred; runs just before the commit."""
@@ -521,7 +522,7 @@ class SqliteActor(Actor[C]):
         try:
             conn.execute("BEGIN IMMEDIATE")
             version = conn.execute("PRAGMA data_version").fetchone()[0]
-            self.begin(conn, version != self._data_version)
+            self.begin(conn, version != self._data_version, commands)
         except Exception as exc:
             self._rollback(conn)
             raise _BatchFailed(exc) from exc

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -79,6 +79,8 @@ def _record(row: Any) -> TurnRecord:
 
 #: turn id -> (depth, skip link, skip link's depth, context it was appended in)
 Node = tuple[int, int, int, int]
+#: an idempotency key, with the context it is scoped to
+KeyPair = tuple[int, str]
 #: a context created in the running batch: (name, base turn, parent context, metadata, created_at_ms)
 NewContext = tuple[str | None, int, int, bytes, int]
 
@@ -214,6 +216,10 @@ class TurnActor(SqliteActor[ActorCommand]):
         #: some of _new_turns have the nullable columns (see _INSERT_TURNS)
         self._full_rows = False
         self._new_keys: dict[tuple[int, str], TurnRecord] = {}
+        #: the keys the batch's appends name, as :meth:`begin` found them stored (None: not stored):
+        #: one query for the batch instead of one per append. Good until the batch writes turns
+        #: (a flush), which forgets it.
+        self._looked_up: dict[KeyPair, TurnRecord | None] = {}
         self._moved: set[int] = set()
         self._new_metadata: dict[int, bytes] = {}
 
@@ -239,7 +245,7 @@ class TurnActor(SqliteActor[ActorCommand]):
 
     # -- the batch's life --------------------------------------------------------------------------
 
-    def begin(self, conn: sqlite3.Connection, changed_elsewhere: bool) -> None:
+    def begin(self, conn: sqlite3.Connection, changed_elsewhere: bool, commands: Sequence[ActorCommand]) -> None:
         if changed_elsewhere or not self._next_turn or len(self._nodes) > self._CACHE_LIMIT:
             self._state.clear()
             self._buckets.clear()
@@ -249,6 +255,7 @@ class TurnActor(SqliteActor[ActorCommand]):
         elif len(self._state) > self._CACHE_LIMIT:
             self._state.clear()
             self._buckets.clear()
+        self._looked_up = _stored_keys(conn, commands)
 
     def flush(self, conn: sqlite3.Connection) -> None:
         new = self._new_contexts
@@ -315,6 +322,7 @@ class TurnActor(SqliteActor[ActorCommand]):
     def _forget_pending(self) -> None:
         self._new_contexts, self._new_names, self._new_context_keys = {}, {}, {}
         self._new_turns, self._new_keys, self._full_rows = [], {}, False
+        self._looked_up = {}
         self._moved, self._new_metadata = set(), {}
 
     # -- lookups through the cache -----------------------------------------------------------------
@@ -346,8 +354,12 @@ class TurnActor(SqliteActor[ActorCommand]):
         return node
 
     def _stored_key(self, conn: sqlite3.Connection, context_id: int, key: str) -> TurnRecord | None:
-        first = self._new_keys.get((context_id, key))
+        pair = (context_id, key)
+        first = self._new_keys.get(pair)
         if first is None:
+            looked_up = self._looked_up
+            if pair in looked_up:
+                return looked_up[pair]
             row = conn.execute(
                 f"SELECT {COLUMNS} FROM turns WHERE context_id = ? AND idempotency_key = ?", (context_id, key)
             ).fetchone()
@@ -712,6 +724,47 @@ SELECT {columns}
 FROM chain c JOIN turns t ON t.turn_id = c.turn_id ORDER BY c.n DESC
 """
 _COLUMNS_OF_T = ", ".join("t." + c.strip() for c in COLUMNS.split(","))
+#: (context, key) pairs one lookup of :func:`_stored_keys` binds at most: 512 values, under the 999
+#: of SQLite's builds before 3.32
+_KEYS_PER_QUERY = 256
+#: the pair counts a lookup statement is made for: a batch's pairs are padded (with repeats) up to
+#: the next, so a few statements serve every batch from sqlite3's statement cache
+_KEY_LOOKUP_SIZES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+#: the VALUES list is the outer loop, each pair one probe of the key index
+_KEY_LOOKUP = {
+    size: f"SELECT {_COLUMNS_OF_T} FROM (VALUES {', '.join(['(?, ?)'] * size)}) AS v "
+    "CROSS JOIN turns AS t INDEXED BY turns_idempotency "
+    "ON t.context_id = v.column1 AND t.idempotency_key = v.column2"
+    for size in _KEY_LOOKUP_SIZES
+}
+
+
+def _stored_keys(conn: sqlite3.Connection, commands: Sequence[ActorCommand]) -> dict[KeyPair, TurnRecord | None]:
+    """Each (context, key) pair the appends of ``commands`` name, and its stored turn (or None).
+
+    An agent loop keys every append, so a batch of appends would otherwise make one lookup (one
+    statement from Python) per append; a single key is left to :meth:`TurnActor._stored_key`."""
+    pairs: dict[KeyPair, TurnRecord | None] = {}
+    for command in commands:
+        if isinstance(command, AppendTurn):
+            if command.idempotency_key is not None:
+                pairs[(command.context_id, command.idempotency_key)] = None
+        elif isinstance(command, AppendTurns):
+            for turn in command.turns:
+                if turn.idempotency_key is not None:
+                    pairs[(turn.context_id, turn.idempotency_key)] = None
+    if len(pairs) < 2:
+        return {}
+    todo = list(pairs)
+    for start in range(0, len(todo), _KEYS_PER_QUERY):
+        chunk = todo[start : start + _KEYS_PER_QUERY]
+        size = next(size for size in _KEY_LOOKUP_SIZES if size >= len(chunk))
+        chunk += [chunk[-1]] * (size - len(chunk))
+        for row in conn.execute(_KEY_LOOKUP[size], [value for pair in chunk for value in pair]):
+            pairs[(row[1], row[8])] = _record(row)
+    return pairs
+
+
 #: the ``limit`` turns that end at ``:start``
 _CHAIN = _CHAIN_FROM.format(seed="SELECT :start, 1", columns=_COLUMNS_OF_T)
 #: the same from a context's head, in one query (one trip to the reader) instead of two
