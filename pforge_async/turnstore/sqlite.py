@@ -537,27 +537,28 @@ class TurnActor(SqliteActor[ActorCommand]):
         head: int,
         digest: str,
         now: int,
-        pending: dict[int, Node] | None,
-    ) -> tuple[TurnRecord, tuple[Any, ...], Node]:
-        """The record of a new turn, its row and its node; ``pending``: nodes decided but not yet
-        cached (an ``append_turns`` in progress)."""
+        nodes: dict[int, Node],
+        rows: list[tuple[Any, ...]],
+    ) -> TurnRecord:
+        """The record of a new turn; its node goes into ``nodes`` and its row into ``rows`` (the
+        actor's own, or an ``append_turns``'s, taken in once it is all decided)."""
         context_id = command.context_id
         parent = head if command.parent_turn_id is None else command.parent_turn_id
         jump, jump_depth, depth = 0, 0, 1
         if parent:
-            parent_node = pending.get(parent) if pending else None
-            if parent_node is None:
-                parent_node = self._node(conn, parent, " to append to")
+            cached = self._nodes
+            parent_node = nodes.get(parent) or cached.get(parent) or self._node(conn, parent, " to append to")
             parent_depth, parent_jump, parent_jump_depth, _ = parent_node
             grand_jump, grand_jump_depth = 0, 0
             if parent_jump:
-                grand = pending.get(parent_jump) if pending else None
-                if grand is None:
-                    grand = self._node(conn, parent_jump)
+                grand = nodes.get(parent_jump) or cached.get(parent_jump) or self._node(conn, parent_jump)
                 grand_jump, grand_jump_depth = grand[1], grand[2]
             jump, jump_depth = jump_for(parent, parent_depth, parent_jump_depth, grand_jump, grand_jump_depth)
             depth = parent_depth + 1
         key = command.idempotency_key
+        payload = command.payload
+        fs_root = command.fs_root
+        refs = command.refs
         record = TurnRecord(
             turn_id,
             context_id,
@@ -565,43 +566,58 @@ class TurnActor(SqliteActor[ActorCommand]):
             depth,
             command.type_id,
             command.type_version,
-            command.payload,
+            payload,
             digest,
             key,
             now,
-            command.fs_root,
+            fs_root,
             False,
-            command.refs,
+            refs,
         )
         # Bound as _INSERT_TURNS wants them (see there): the payload as a bytearray, and the nullable
         # columns only for a turn that has one of them (0 for NULL).
-        payload = command.payload
-        fs_root = command.fs_root
-        row: tuple[Any, ...] = (
-            turn_id,
-            context_id,
-            parent,
-            depth,
-            jump,
-            jump_depth,
-            command.type_id,
-            command.type_version,
-            bytearray(payload) if payload else payload,
-            digest,
-            now,
-        )
-        if key is not None or fs_root is not None or command.refs:
-            self._full_rows = True
-            row += (
-                0 if key is None else key,
-                0 if fs_root is None else fs_root,
-                " ".join(command.refs) if command.refs else 0,
+        if key is None and fs_root is None and not refs:
+            rows.append(
+                (
+                    turn_id,
+                    context_id,
+                    parent,
+                    depth,
+                    jump,
+                    jump_depth,
+                    command.type_id,
+                    command.type_version,
+                    bytearray(payload) if payload else payload,
+                    digest,
+                    now,
+                )
             )
-        return record, row, (depth, jump, jump_depth, context_id)
+        else:
+            self._full_rows = True
+            rows.append(
+                (
+                    turn_id,
+                    context_id,
+                    parent,
+                    depth,
+                    jump,
+                    jump_depth,
+                    command.type_id,
+                    command.type_version,
+                    bytearray(payload) if payload else payload,
+                    digest,
+                    now,
+                    0 if key is None else key,
+                    0 if fs_root is None else fs_root,
+                    " ".join(refs) if refs else 0,
+                )
+            )
+        nodes[turn_id] = (depth, jump, jump_depth, context_id)
+        return record
 
     def _append(self, conn: sqlite3.Connection, command: AppendTurn) -> TurnRecord:
         context_id = command.context_id
-        head, updated = self._context(conn, context_id)
+        head, updated = self._state.get(context_id) or self._context(conn, context_id)
         digest = payload_hash(command.payload)
         key = command.idempotency_key
         if key is not None:
@@ -613,10 +629,8 @@ class TurnActor(SqliteActor[ActorCommand]):
             raise HeadConflict(context_id, expected, head)
         now = now_ms()
         turn_id = self._next_turn
-        record, row, node = self._new_turn(conn, command, turn_id, head, digest, now, None)
+        record = self._new_turn(conn, command, turn_id, head, digest, now, self._nodes, self._new_turns)
         self._next_turn = turn_id + 1
-        self._new_turns.append(row)
-        self._nodes[turn_id] = node
         self._state[context_id] = (turn_id, now if now > updated else updated + 1)
         self._moved.add(context_id)
         if key is not None:
@@ -627,30 +641,33 @@ class TurnActor(SqliteActor[ActorCommand]):
         """Decide every turn against the state the batch's earlier turns leave, check the expected
         heads, and only then change the actor's state: a failure anywhere leaves it as it was."""
         now = now_ms()
+        state = self._state
+        #: context -> its head as the batch's turns so far leave it
         heads: dict[int, int] = {}
+        #: the contexts the batch appends to (not only retries)
         written: set[int] = set()
         nodes: dict[int, Node] = {}
-        keys: dict[tuple[int, str], TurnRecord] = {}
+        keys: dict[KeyPair, TurnRecord] = {}
         rows: list[tuple[Any, ...]] = []
         replies: list[TurnRecord] = []
         turn_id = self._next_turn
         for turn in command.turns:
             context_id = turn.context_id
-            head = self._context(conn, context_id)[0]
+            head = heads.get(context_id)
+            if head is None:
+                head = (state.get(context_id) or self._context(conn, context_id))[0]
             digest = payload_hash(turn.payload)
             key = turn.idempotency_key
             if key is not None:
                 first = keys.get((context_id, key)) or self._stored_key(conn, context_id, key)
                 if first is not None:
-                    heads.setdefault(context_id, head)
+                    heads[context_id] = head
                     replies.append(check_idempotent(first, turn, digest))
                     continue
-            record, row, node = self._new_turn(conn, turn, turn_id, heads.get(context_id, head), digest, now, nodes)
-            nodes[turn_id] = node
+            record = self._new_turn(conn, turn, turn_id, head, digest, now, nodes, rows)
+            heads[context_id] = turn_id
             turn_id += 1
-            heads[context_id] = record.turn_id
             written.add(context_id)
-            rows.append(row)
             replies.append(record)
             if key is not None:
                 keys[(context_id, key)] = record
@@ -662,12 +679,13 @@ class TurnActor(SqliteActor[ActorCommand]):
                 raise HeadConflict(context_id, expected, actual)
         self._next_turn = turn_id
         self._nodes.update(nodes)
-        self._new_turns.extend(rows)
+        self._new_turns += rows
         self._new_keys.update(keys)
+        moved = self._moved
         for context_id in written:
-            updated = self._state[context_id][1]
-            self._state[context_id] = (heads[context_id], next_updated(updated, now))
-            self._moved.add(context_id)
+            updated = state[context_id][1]
+            state[context_id] = (heads[context_id], now if now > updated else updated + 1)
+            moved.add(context_id)
         return replies
 
 
