@@ -306,9 +306,15 @@ class SessionRecorder:
         index = self._assistant_calls
         self._assistant_calls = index + 1
 
-        async def charge(recorded: Recorded, replayed: bool) -> None:
-            if usage is not None and self._budget is not None:
-                await self._charge(self._budget, index, usage, vendor, model, replayed)
+        budget = self._budget
+        charge: After | None = None
+        if usage is not None and budget is not None:
+
+            async def charge(recorded: Recorded, replayed: bool) -> None:
+                # Nothing reserved for it and no vendor to charge it to: nothing to do, and no
+                # coroutine of _charge to make for it (most turns of a loop without reservations).
+                if vendor is not None or replayed or self._pending is not None:
+                    await self._charge(budget, index, usage, vendor, model, replayed)
 
         try:
             return await self._positional(
@@ -517,7 +523,7 @@ class SessionRecorder:
                     raise InvalidInput(f"session {self.name!r}: a workspace snapshot needs a Store target (with a CAS)")
                 fs_root = await self._store_outputs(turns, blobs or [], _blob_oids(record), workspace)
             key = record_key(self.name, seq, type_id)
-            context_id = self._context_id()
+            context_id = self._context.context_id  # type: ignore[union-attr]  # open: _open() returned
             if self._batch is not None:
                 new = NewTurn(context_id, type_id, payload, TYPE_VERSION, idempotency_key=key, fs_root=fs_root)
                 self._batch.append((seq, record, new, after))
@@ -642,9 +648,8 @@ class SessionRecorder:
     async def _charge(
         self, budget: BudgetLedger, index: int, usage: Usage, vendor: str | None, model: str | None, replayed: bool
     ) -> None:
-        """Charge assistant turn ``index``'s usage once, whichever run gets here, and however often."""
-        if vendor is None and self._pending is None and not replayed:
-            return  # nothing reserved for it, and no vendor to charge it to
+        """Charge assistant turn ``index``'s usage once, whichever run gets here, and however often.
+        Called only with something to charge: a vendor, a reservation pending, or a replayed turn."""
         key = budget_key(self.name, index)
         reservation = None
         if self._pending is not None and self._pending[0] == index:

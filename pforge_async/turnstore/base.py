@@ -311,7 +311,7 @@ class TurnStoreBase(ABC):
         stored sorted, each once; an erasure drops them with the payload. A retry that names refs
         must name the same (``IdempotencyConflict``).
         """
-        if isinstance(payload, (bytearray, memoryview)):
+        if type(payload) is not bytes and isinstance(payload, (bytearray, memoryview)):
             payload = bytes(payload)
         command = AppendTurn(
             context_id,
