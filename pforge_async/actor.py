@@ -109,6 +109,13 @@ class Actor(ABC, Generic[C]):
         """Send one command and wait for its reply (or its error)."""
         return await self._post(self._encoder.encode(command))
 
+    def send(self, command: C) -> Awaitable[Any]:
+        """Send one command now and return what to await for its reply (or its error): ``call`` for
+        a caller that hands the awaitable on, as a store's ``_write`` does, without a coroutine of
+        its own in between (every reply resumes each coroutine a caller's chain holds). Await it:
+        a command sent while the mailbox is full is mailed only then."""
+        return self._post(self._encoder.encode(command))
+
     async def call_raw(self, data: bytes) -> Any:
         """Send already-encoded command bytes: the mailbox protocol is a wire protocol."""
         return await self._post(data)

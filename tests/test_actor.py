@@ -219,3 +219,21 @@ async def test_owner_thread_runs_jobs_in_order_and_survives_a_failing_posted_job
     finally:
         await worker.stop()
     assert "posted job failed" in caplog.text
+
+
+async def test_send_mails_at_once_and_its_awaitable_answers_as_call_does() -> None:
+    actor = RecordingActor(mailbox_size=2, max_batch=1)
+    async with running(actor), anyio.create_task_group() as tg:
+        tg.start_soon(actor.call, Sleep(seconds=0.05))
+        await anyio.sleep(0.01)  # the actor is busy with it
+        first = actor.send(Echo(caller=1, seq=0))  # mailed now, before anything awaits it
+        rejected = actor.send(Reject(why="nope"))
+        third = actor.send(Echo(caller=3, seq=0))  # the mailbox is full: mailed once awaited
+        assert actor.queued == 2
+        assert await third == (3, 0)
+        assert await first == (1, 0)
+        with pytest.raises(InvalidInput, match="nope"):
+            await rejected
+    assert [c.caller for c in actor.executed if isinstance(c, Echo)] == [1, 3]
+    with pytest.raises(ActorClosed, match="closed"):
+        actor.send(Echo(caller=4, seq=0))

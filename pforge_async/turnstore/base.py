@@ -10,7 +10,7 @@ nothing) and the ``_``-prefixed read hooks below.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..cas.objects import validate_oid
@@ -82,8 +82,10 @@ class TurnStoreBase(ABC):
         self._trees = trees
 
     @abstractmethod
-    async def _write(self, command: TurnCommand) -> object:
-        """Carry a validated command to where it is applied, and return its reply."""
+    def _write(self, command: TurnCommand) -> Awaitable[object]:
+        """Carry a validated command to where it is applied; awaited, its reply. A coroutine function,
+        or a function handing on its actor's awaitable (``Actor.send``): every level of coroutines
+        between a hook and the reply is resumed at every reply."""
 
     # -- contexts ------------------------------------------------------------------------------------
 
