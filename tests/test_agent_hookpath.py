@@ -8,9 +8,10 @@ import gc
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
-from pforge_async import MemoryTurnStore, Usage
+from pforge_async import InvalidInput, MemoryTurnStore, Usage
 from pforge_async.agent import AssistantTurn, Event, Recorded, SessionRecorder, ToolCall, ToolCallStart
 from pforge_async.agent.records import decode_record
 
@@ -88,3 +89,50 @@ async def test_a_cancelled_batch_writes_nothing_and_the_next_block_writes_its_ow
     assert [r.record for r in rec.records] == [Event(0, "e", 1), Event(1, "e", 2)]
     again = await SessionRecorder.start(target, "cancel")
     assert [r.turn for r in again.records] == [r.turn for r in rec.records]
+
+
+class Name(str):
+    """A str subclass, which no record holds: msgspec encodes none."""
+
+
+async def test_every_kept_record_equals_its_stored_bytes_decoded_to_the_same_exact_types() -> None:
+    target = MemoryTurnStore()
+    rec = await SessionRecorder.start(target, "exact")
+    await rec.user_turn("hi")
+    await rec.user_turn("hi", metadata={"k": ("v",)})
+    await rec.system_turn("be brief")
+    await rec.steering_turn("stop")
+    await rec.tool_call_end("c1", "out")
+    await rec.tool_call_end("c2", "out", error="boom")
+    await rec.tool_call_end("c3", bytearray(10), error="failed")
+    await rec.tool_call_end("c4", "x" * 100_000)  # truncated
+    await rec.tool_results([("c1", "out"), ("c2", "out", True)])
+    await rec.tool_results([("c3", b"\x00")], metadata={"n": 1})
+    assert rec.failures == [] and len(rec.records) == 10
+
+    def shape(value: object) -> object:
+        """The value with every str, bytes and container's exact type beside it."""
+        if isinstance(value, msgspec.Struct):
+            return (type(value), [shape(getattr(value, f)) for f in value.__struct_fields__])
+        if isinstance(value, (list, tuple)):
+            return (type(value), [shape(v) for v in value])
+        if isinstance(value, dict):
+            return (type(value), {shape(k): shape(v) for k, v in value.items()})
+        return (type(value), value)
+
+    for recorded in rec.records:
+        stored = decode_record(recorded.type_id, recorded.turn.payload)
+        assert shape(recorded.record) == shape(stored)
+
+
+async def test_a_record_of_a_wrong_type_is_still_refused_and_stores_nothing() -> None:
+    target = MemoryTurnStore()
+    rec = await SessionRecorder.start(target, "wrong")
+    assert await rec.tool_call_end(7, "out") is None  # type: ignore[arg-type]
+    assert await rec.tool_call_end("c", "out", error=3) is None  # type: ignore[arg-type]
+    assert await rec.tool_results([(7, "out")]) is None  # type: ignore[list-item]
+    assert await rec.system_turn(b"bytes") is None  # type: ignore[arg-type]
+    assert await rec.tool_call_end(Name("c"), "out") is None
+    assert await rec.user_turn(Name("hi")) is None
+    assert [type(f.error) for f in rec.failures] == [InvalidInput] * 6
+    assert rec.records == [] and rec.position == 0

@@ -58,6 +58,7 @@ __all__ = [
     "ToolResultsTurn",
     "UserTurn",
     "decode_record",
+    "decodes_to_itself",
     "encode_record",
     "registry_bundle",
 ]
@@ -287,6 +288,35 @@ def encode_record(record: AgentRecord) -> tuple[str, bytes]:
 def decode_record(type_id: str, payload: bytes) -> AgentRecord:
     """The record a turn of ``type_id`` holds (``msgspec.DecodeError`` if the bytes are not one)."""
     return _decoders[type_id].decode(payload)
+
+
+def decodes_to_itself(record: AgentRecord) -> bool:
+    """True when ``record`` needs no decoding of its encoding to be checked and kept: the decoding
+    would be an equal record of the same types, holding nothing a caller could change. So: no
+    metadata, and every value the caller gave a ``str`` (or None), since encoding refuses a str
+    subclass but passes an int; the rest (tool outputs, lists of results) the recorder made. The
+    records of most tool calls, tool results and plain turns."""
+    # Dispatched on the exact type (a record is built as one): isinstance checks in a row cost a
+    # plain turn what the decode would. (``fields``: the record, for mypy, which narrows no ``is``.)
+    kind = type(record)
+    fields: Any = record
+    if kind in _PLAIN_TEXT:
+        return not fields.metadata and type(fields.text) is str
+    if kind is ToolCallEnd:
+        return (
+            not fields.metadata and type(fields.call_id) is str and (fields.error is None or type(fields.error) is str)
+        )
+    if kind is ToolResultsTurn:
+        if fields.metadata:
+            return False
+        for result in fields.results:  # noqa: SIM110  # all() with a generator costs what the decode saves
+            if type(result.call_id) is not str:
+                return False
+        return True
+    return False
+
+
+_PLAIN_TEXT: Final = frozenset({UserTurn, SystemTurn, SteeringTurn})
 
 
 @functools.cache
