@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from importlib import resources
 from typing import Any, ClassVar, Protocol, cast
 
@@ -1285,8 +1285,9 @@ class PgTurnStore(TurnStoreBase):
     def actor(self) -> PgTurnActor:
         return self._actor
 
-    async def _write(self, command: TurnCommand) -> object:
-        return await self._actor.call(command)
+    def _write(self, command: TurnCommand) -> Awaitable[object]:
+        # The actor's awaitable handed on: no coroutine of ours for each reply to resume.
+        return self._actor.send(command)
 
     async def _check_refs(self, oids: Sequence[str]) -> None:
         # With the store's own CAS the write checks them in its transaction (PgTurnActor.check_refs_in):

@@ -49,7 +49,7 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Annotated, Any
@@ -467,8 +467,9 @@ class FsTurnStore(InCoreStore):
             stack, self._stack = self._stack, None
             await stack.aclose()
 
-    async def _write(self, command: TurnCommand) -> object:
-        return await self._actor_or_fail().call(command)
+    def _write(self, command: TurnCommand) -> Awaitable[object]:
+        # The actor's awaitable handed on: no coroutine of ours for each reply to resume.
+        return self._actor_or_fail().send(command)
 
     def _core_for_read(self) -> TurnCore:
         return self._readable()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -858,8 +858,9 @@ class SqliteTurnStore(TurnStoreBase):
     def path(self) -> Path:
         return self._actor.path
 
-    async def _write(self, command: TurnCommand) -> object:
-        return await self._actor.call(command)
+    def _write(self, command: TurnCommand) -> Awaitable[object]:
+        # The actor's awaitable handed on: no coroutine of ours for each reply to resume.
+        return self._actor.send(command)
 
     async def _create(self, command: CreateContext) -> ContextInfo:
         # An open_context that finds its name on the reader is answered there, without a trip
