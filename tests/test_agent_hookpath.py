@@ -136,3 +136,43 @@ async def test_a_record_of_a_wrong_type_is_still_refused_and_stores_nothing() ->
     assert await rec.user_turn(Name("hi")) is None
     assert [type(f.error) for f in rec.failures] == [InvalidInput] * 6
     assert rec.records == [] and rec.position == 0
+
+
+async def test_one_batch_block_entered_inside_itself_is_refused_and_the_outer_batch_stays_one_write() -> None:
+    target = MemoryTurnStore()
+    rec = await SessionRecorder.start(target, "reentered", mode="required")
+    block = rec.batch()
+    async with block:
+        assert await rec.user_turn("first") is None  # queued
+        with pytest.raises(InvalidInput, match="already entered"):
+            async with block:
+                pass
+        assert await rec.user_turn("second") is None  # still queued: the batch goes on
+        context = await target.find_context("reentered")
+        assert context is not None and context.head_turn_id == 0
+    assert [r.record.text for r in rec.records] == ["first", "second"]  # type: ignore[attr-defined]
+
+
+async def test_a_lone_surrogate_is_invalid_input_and_stores_nothing() -> None:
+    target = MemoryTurnStore()
+    rec = await SessionRecorder.start(target, "surrogate")
+    assert await rec.user_turn("bad \ud800 text") is None
+    assert await rec.tool_call_start("c\udfff", "grep", {}) is None
+    assert [type(f.error) for f in rec.failures] == [InvalidInput] * 2
+    assert rec.records == [] and rec.position == 0
+    assert await rec.user_turn("fine") is not None
+
+
+def test_a_tool_output_of_other_types_than_a_reader_decodes_is_not_kept_as_built() -> None:
+    from pforge_async.agent import ToolCallEnd
+    from pforge_async.agent.output import tool_output
+    from pforge_async.agent.records import ToolOutput, decodes_to_itself
+
+    made, _ = tool_output("out", 16, keeps_blobs=False)
+    assert decodes_to_itself(ToolCallEnd(0, "c", made))
+    for odd in (
+        ToolOutput(True, made.sha256, text="out"),  # type: ignore[arg-type]
+        ToolOutput(3, made.sha256, text="out", truncated=1),  # type: ignore[arg-type]
+        ToolOutput(3, made.sha256, data=bytearray(b"out")),  # type: ignore[arg-type]
+    ):
+        assert not decodes_to_itself(ToolCallEnd(0, "c", odd))

@@ -850,6 +850,9 @@ class _Batch:
         self._pending: list[Queued] | None = None
 
     async def __aenter__(self) -> None:
+        if self._pending is not None:
+            # Its exit would end the outer block's batch early: every later hook a write of its own.
+            raise InvalidInput("this batch() block is already entered; call recorder.batch() for a nested block")
         recorder = self._recorder
         if recorder._off or recorder._batch is not None:  # nothing to write, or a batch within a batch
             return
@@ -879,7 +882,8 @@ def _checked(record: AgentRecord) -> tuple[str, bytes, Any]:
         if decodes_to_itself(record):
             return type_id, payload, record
         return type_id, payload, decode_record(type_id, payload)
-    except (msgspec.EncodeError, msgspec.ValidationError, TypeError, OverflowError) as exc:
+    except (msgspec.EncodeError, msgspec.ValidationError, TypeError, OverflowError, UnicodeEncodeError) as exc:
+        # UnicodeEncodeError: a lone surrogate in a str, which UTF-8 cannot hold.
         raise InvalidInput(f"{_kind(type(record).__name__)} record: {exc}") from exc
 
 

@@ -304,16 +304,30 @@ def decodes_to_itself(record: AgentRecord) -> bool:
         return not fields.metadata and type(fields.text) is str
     if kind is ToolCallEnd:
         return (
-            not fields.metadata and type(fields.call_id) is str and (fields.error is None or type(fields.error) is str)
+            not fields.metadata
+            and type(fields.call_id) is str
+            and (fields.error is None or type(fields.error) is str)
+            and _exact_output(fields.output)
         )
     if kind is ToolResultsTurn:
         if fields.metadata:
             return False
-        for result in fields.results:  # noqa: SIM110  # all() with a generator costs what the decode saves
-            if type(result.call_id) is not str:
+        for result in fields.results:  # all() with a generator costs what the decode saves
+            if type(result.call_id) is not str or not _exact_output(result.output):
                 return False
         return True
     return False
+
+
+def _exact_output(output: ToolOutput) -> bool:
+    """``tool_output`` builds every field of exactly the type a reader decodes; checked all the same,
+    so a ToolOutput made any other way is decoded (and refused if a reader could not decode it)."""
+    return (
+        type(output.size) is int
+        and type(output.truncated) is bool
+        and type(output.text) is str
+        and (output.data is None or type(output.data) is bytes)
+    )
 
 
 _PLAIN_TEXT: Final = frozenset({UserTurn, SystemTurn, SteeringTurn})
