@@ -11,7 +11,7 @@ import anyio
 import msgspec
 import pytest
 
-from pforge_async import InvalidInput, MemoryTurnStore, Usage
+from pforge_async import IdempotencyConflict, InvalidInput, MemoryTurnStore, PersistenceError, Usage
 from pforge_async.agent import AssistantTurn, Event, Recorded, SessionRecorder, ToolCall, ToolCallStart
 from pforge_async.agent.records import decode_record
 
@@ -176,3 +176,18 @@ def test_a_tool_output_of_other_types_than_a_reader_decodes_is_not_kept_as_built
         ToolOutput(3, made.sha256, data=bytearray(b"out")),  # type: ignore[arg-type]
     ):
         assert not decodes_to_itself(ToolCallEnd(0, "c", odd))
+
+
+async def test_a_call_holding_nan_replays_on_resume_and_a_changed_one_still_conflicts() -> None:
+    target = MemoryTurnStore()
+    first = await SessionRecorder.start(target, "nan", mode="required")
+    await first.tool_call_start("c1", "score", {"x": float("nan")}, metadata={"w": float("nan")})
+    await first.event("measured", {"v": float("nan")})
+    again = await SessionRecorder.start(target, "nan", mode="required")
+    assert await again.tool_call_start("c1", "score", {"x": float("nan")}, metadata={"w": float("nan")}) is not None
+    assert await again.event("measured", {"v": float("nan")}) is not None
+    assert again.position == 2 and len(again.records) == 2  # replayed: nothing new written
+    changed = await SessionRecorder.start(target, "nan", mode="required")
+    with pytest.raises(PersistenceError) as caught:
+        await changed.tool_call_start("c1", "score", {"x": 1.0})
+    assert isinstance(caught.value.__cause__, IdempotencyConflict)

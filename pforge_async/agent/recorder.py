@@ -510,7 +510,8 @@ class SessionRecorder:
             assert turns is not None
             found = self._by_seq.get(seq)
             if found is not None:
-                if found.record != record:
+                # The bytes decide when the records differ as values: NaN is unequal to itself.
+                if found.record != record and found.turn.payload != payload:
                     raise IdempotencyConflict(
                         f"session {self.name!r} position {seq}: this {_kind(type_id)} call differs from the "
                         f"{_kind(found.type_id)} recorded there (turn {found.turn.turn_id})"
