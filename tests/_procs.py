@@ -48,3 +48,10 @@ def wait_for_line(proc: subprocess.Popen[str], expected: str, timeout: float = 3
         proc.kill()
         err = proc.stderr.read() if proc.stderr else ""
         raise AssertionError(f"child printed {line!r}, wanted {expected!r}: {err}")
+
+
+def whole_lines(out: str) -> list[str]:
+    """The lines a killed child finished printing. Under ``PYTHONUNBUFFERED`` (CI sets it, and
+    ``spawn`` passes the environment on) one ``print`` is a write per argument, so a kill can leave
+    the last line cut short, without its newline: it is dropped."""
+    return out.split("\n")[:-1]

@@ -21,7 +21,7 @@ import pytest
 
 from pforge_async.postgres.turns import PgTurnStore
 
-from ._procs import run_all, spawn, wait_for_line
+from ._procs import run_all, spawn, wait_for_line, whole_lines
 from .test_pg_turnstore import open_pg_turns
 
 pytestmark = pytest.mark.anyio
@@ -354,7 +354,7 @@ def run_then_kill(dsn: str, schema: str, first: int, rng: random.Random) -> int:
     time.sleep(rng.uniform(0, 0.08))
     child.send_signal(signal.SIGKILL)
     child.wait()
-    for line in child.stdout.read().splitlines():
+    for line in whole_lines(child.stdout.read()):
         acked = int(line.split()[1])
     return acked + 1
 

@@ -16,7 +16,7 @@ from pforge_async import open_store
 from pforge_async.turnstore import FsTurnStore
 from pforge_async.turnstore.base import TurnStoreBase
 
-from ._procs import spawn
+from ._procs import spawn, whole_lines
 
 pytestmark = pytest.mark.anyio
 
@@ -77,7 +77,7 @@ def read_lines_then_kill(args: list[object], rng: random.Random) -> list[str]:
     child.send_signal(signal.SIGKILL)
     child.wait()
     rest = child.stdout.read()  # what it printed before the kill landed
-    return lines + [line for line in rest.splitlines() if line]
+    return lines + [line for line in whole_lines(rest) if line]
 
 
 async def verify(turns: TurnStoreBase, rounds_begun: int, forks_acked: dict[int, int]) -> None:

@@ -35,7 +35,7 @@ from pforge_async.sqlite import actor as sqlite_actor
 from pforge_async.turnstore import sqlite as turnstore_sqlite
 from pforge_async.turnstore.sqlite import SqliteTurnStore, name_successor
 
-from ._procs import ROOT, run_all, spawn, wait_for_line
+from ._procs import ROOT, run_all, spawn, wait_for_line, whole_lines
 
 pytestmark = pytest.mark.anyio
 
@@ -886,7 +886,7 @@ def run_then_kill(root: Path, first: int, rng: random.Random) -> int:
     time.sleep(rng.uniform(0, 0.08))
     child.send_signal(signal.SIGKILL)
     child.wait()
-    for line in child.stdout.read().splitlines():
+    for line in whole_lines(child.stdout.read()):
         acked = int(line.split()[1])
     return acked + 1
 
