@@ -576,42 +576,25 @@ class TurnActor(SqliteActor[ActorCommand]):
         )
         # Bound as _INSERT_TURNS wants them (see there): the payload as a bytearray, and the nullable
         # columns only for a turn that has one of them (0 for NULL).
+        row = (
+            turn_id,
+            context_id,
+            parent,
+            depth,
+            jump,
+            jump_depth,
+            command.type_id,
+            command.type_version,
+            bytearray(payload) if payload else payload,
+            digest,
+            now,
+        )
         if key is None and fs_root is None and not refs:
-            rows.append(
-                (
-                    turn_id,
-                    context_id,
-                    parent,
-                    depth,
-                    jump,
-                    jump_depth,
-                    command.type_id,
-                    command.type_version,
-                    bytearray(payload) if payload else payload,
-                    digest,
-                    now,
-                )
-            )
+            rows.append(row)
         else:
             self._full_rows = True
-            rows.append(
-                (
-                    turn_id,
-                    context_id,
-                    parent,
-                    depth,
-                    jump,
-                    jump_depth,
-                    command.type_id,
-                    command.type_version,
-                    bytearray(payload) if payload else payload,
-                    digest,
-                    now,
-                    0 if key is None else key,
-                    0 if fs_root is None else fs_root,
-                    " ".join(refs) if refs else 0,
-                )
-            )
+            nullable = (0 if key is None else key, 0 if fs_root is None else fs_root, " ".join(refs) if refs else 0)
+            rows.append(row + nullable)
         nodes[turn_id] = (depth, jump, jump_depth, context_id)
         return record
 
