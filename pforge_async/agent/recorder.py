@@ -525,7 +525,7 @@ class SessionRecorder:
                     raise InvalidInput(f"session {self.name!r}: a workspace snapshot needs a Store target (with a CAS)")
                 fs_root = await self._store_outputs(turns, blobs or [], _blob_oids(record), workspace)
             key = record_key(self.name, seq, type_id)
-            context_id = self._context.context_id  # type: ignore[union-attr]  # open: _open() returned
+            context_id = self._context_id()
             if self._batch is not None:
                 new = NewTurn(context_id, type_id, payload, TYPE_VERSION, idempotency_key=key, fs_root=fs_root)
                 self._batch.append((seq, record, new, after))

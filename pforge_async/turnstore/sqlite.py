@@ -546,12 +546,11 @@ class TurnActor(SqliteActor[ActorCommand]):
         parent = head if command.parent_turn_id is None else command.parent_turn_id
         jump, jump_depth, depth = 0, 0, 1
         if parent:
-            cached = self._nodes
-            parent_node = nodes.get(parent) or cached.get(parent) or self._node(conn, parent, " to append to")
+            parent_node = nodes.get(parent) or self._node(conn, parent, " to append to")
             parent_depth, parent_jump, parent_jump_depth, _ = parent_node
             grand_jump, grand_jump_depth = 0, 0
             if parent_jump:
-                grand = nodes.get(parent_jump) or cached.get(parent_jump) or self._node(conn, parent_jump)
+                grand = nodes.get(parent_jump) or self._node(conn, parent_jump)
                 grand_jump, grand_jump_depth = grand[1], grand[2]
             jump, jump_depth = jump_for(parent, parent_depth, parent_jump_depth, grand_jump, grand_jump_depth)
             depth = parent_depth + 1
@@ -600,7 +599,7 @@ class TurnActor(SqliteActor[ActorCommand]):
 
     def _append(self, conn: sqlite3.Connection, command: AppendTurn) -> TurnRecord:
         context_id = command.context_id
-        head, updated = self._state.get(context_id) or self._context(conn, context_id)
+        head, updated = self._context(conn, context_id)
         digest = payload_hash(command.payload)
         key = command.idempotency_key
         if key is not None:
@@ -638,7 +637,7 @@ class TurnActor(SqliteActor[ActorCommand]):
             context_id = turn.context_id
             head = heads.get(context_id)
             if head is None:
-                head = (state.get(context_id) or self._context(conn, context_id))[0]
+                head = self._context(conn, context_id)[0]
             digest = payload_hash(turn.payload)
             key = turn.idempotency_key
             if key is not None:
@@ -667,7 +666,7 @@ class TurnActor(SqliteActor[ActorCommand]):
         moved = self._moved
         for context_id in written:
             updated = state[context_id][1]
-            state[context_id] = (heads[context_id], now if now > updated else updated + 1)
+            state[context_id] = (heads[context_id], next_updated(updated, now))
             moved.add(context_id)
         return replies
 
@@ -762,7 +761,9 @@ def _stored_keys(conn: sqlite3.Connection, commands: Sequence[ActorCommand]) -> 
         size = next(size for size in _KEY_LOOKUP_SIZES if size >= len(chunk))
         chunk += [chunk[-1]] * (size - len(chunk))
         for row in conn.execute(_KEY_LOOKUP[size], [value for pair in chunk for value in pair]):
-            pairs[(row[1], row[8])] = _record(row)
+            record = _record(row)
+            assert record.idempotency_key is not None  # found by it
+            pairs[(record.context_id, record.idempotency_key)] = record
     return pairs
 
 
