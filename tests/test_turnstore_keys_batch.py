@@ -188,3 +188,53 @@ async def test_keys_after_a_write_in_the_middle_of_the_batch(tmp_path: Path) -> 
         assert await chain_of(store, a) == [early.turn_id, late.turn_id]
         assert statements.count("BEGIN") == 1
         assert await turns.check() == []
+
+
+#: Each child appends the same keys, with the same payloads, from many tasks at once (so its group
+#: commits carry many keys each), in an order of its own; it prints what each key was answered with.
+RACING_KEYS_CHILD = r"""
+import json, random, sys, anyio
+from pforge_async import open_store
+
+async def main(root, seed):
+    rng = random.Random(seed)
+    keys = [f"k{n}" for n in range(64)]
+    rng.shuffle(keys)
+    got = {}
+    async with open_store(root) as store:
+        info = await store.turns.open_context("racing")
+
+        async def worker(mine):
+            for key in mine:
+                turn = await store.turns.append_turn(
+                    info.context_id, "t", key.encode(), idempotency_key=key, parent_turn_id=0
+                )
+                got[key] = turn.turn_id
+
+        async with anyio.create_task_group() as tg:
+            for w in range(16):
+                tg.start_soon(worker, keys[w::16])
+    print(json.dumps(got))
+
+anyio.run(main, sys.argv[1], int(sys.argv[2]))
+"""
+
+
+async def test_four_processes_racing_the_same_keys_store_each_once_and_agree(tmp_path: Path) -> None:
+    import json
+
+    from ._procs import run_all, spawn
+
+    root = tmp_path / "store"
+    async with open_store(root) as store:
+        await store.turns.open_context("racing")
+    answers = [json.loads(out) for out in run_all([spawn(RACING_KEYS_CHILD, root, seed) for seed in range(4)])]
+    assert all(answer == answers[0] for answer in answers)  # every process got the one stored turn
+    assert len(set(answers[0].values())) == 64
+    async with open_store(root) as store:
+        info = await store.turns.find_context("racing")
+        assert info is not None
+        for key, turn_id in answers[0].items():
+            found = await store.turns.get_turn_by_key(info.context_id, key)
+            assert found is not None and found.turn_id == turn_id and found.payload == key.encode()
+        assert (await store.check()).ok
