@@ -27,14 +27,19 @@ in 0 ms. Three parts:
    Each C runs ``--runs`` times (contenders alternating, so noise hits all); the throughput ratios
    are given as min / median / max of the runs' own ratios, beside two ceilings measured in the
    same runs: the pforge loop with durability ``"normal"`` (no fsync) and on a ``MemoryTurnStore``
-   (no I/O at all). ``--parts`` picks what runs.
+   (no I/O at all); with a write per step, also ``bare sqlite``: no store, only the step's 4 rows
+   keyed and group-committed (what any SQLite store in this process could at best reach, so what
+   bounds pforge's ratio). ``--parts`` picks what runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
+import hashlib
 import os
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -45,6 +50,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import anyio
+import msgspec
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -356,9 +362,89 @@ async def plain_langgraph(
         return await drive(subagents, loop)
 
 
+#: the floor's table: the columns of a turn that a store of any design writes (no DAG links, no
+#: refs), and the same unique (context, key) index as pforge's turns table
+_FLOOR_SCHEMA = """
+CREATE TABLE turns (
+    turn_id INTEGER PRIMARY KEY, context_id INTEGER NOT NULL, parent_turn_id INTEGER NOT NULL,
+    type_id TEXT NOT NULL, payload BLOB NOT NULL, payload_hash TEXT NOT NULL, idempotency_key TEXT,
+    created_at_ms INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX turns_idempotency ON turns (context_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+"""
+_FLOOR_KINDS = ("assistant_turn", "tool_call_start", "tool_call_end", "tool_results")
+
+
+async def plain_bare(work: Path, subagents: int, steps: int, latencies: list[float]) -> float:
+    """Not a contender: the least any store could do for a durable, keyed write per step in this
+    process. Each step's 4 records (the peers' items, msgpack-encoded, each hashed and keyed) go to
+    one writer that commits every waiting step in one transaction (group commit, as pforge's turn
+    actor does) on a thread, in WAL mode with ``synchronous=FULL``: no validation, no idempotency
+    lookups, no turn DAG, no recorder, no replies but a future. pforge's per-step write does all of
+    those on top; its ratio over a peer can only approach this one's."""
+    conn = sqlite3.connect(work / "floor.db", isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.executescript(_FLOOR_SCHEMA)
+    encoder = msgspec.msgpack.Encoder()
+    waiting: list[tuple[list[tuple[Any, ...]], asyncio.Future[None]]] = []
+    commits = 0
+    wake = asyncio.Event()
+    heads = [0] * subagents
+    next_id = 1
+
+    def commit(rows: list[tuple[Any, ...]]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        conn.execute("COMMIT")
+
+    async def writer() -> None:
+        nonlocal commits
+        while True:
+            await wake.wait()
+            wake.clear()
+            batch = waiting[:]
+            del waiting[:]
+            await anyio.to_thread.run_sync(commit, [row for rows, _ in batch for row in rows])
+            commits += 1
+            for _, done in batch:
+                done.set_result(None)
+
+    async def loop(agent: int) -> None:
+        nonlocal next_id
+        loop_ = asyncio.get_running_loop()
+        for step in range(steps):
+            start = time.perf_counter()
+            now = int(time.time() * 1000)
+            rows = []
+            for n, (item, kind) in enumerate(zip(items_of(agent, step), _FLOOR_KINDS, strict=True)):
+                payload = encoder.encode(item)
+                key = f"plain/a{agent}|{step * 4 + n}|{kind}"
+                rows.append(
+                    (next_id, agent, heads[agent], kind, payload, hashlib.sha256(payload).hexdigest(), key, now)
+                )
+                heads[agent] = next_id
+                next_id += 1
+            done: asyncio.Future[None] = loop_.create_future()
+            waiting.append((rows, done))
+            wake.set()
+            await done
+            latencies.append(time.perf_counter() - start)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer)
+            elapsed = await drive(subagents, loop)
+            tg.cancel_scope.cancel()
+        COMMITS[:] = [commits]
+        return elapsed
+    finally:
+        conn.close()
+
+
 Run = Callable[[Path, int, int, list[float]], Awaitable[float]]
-#: contenders that make a durable write per record, and those that make one per step; the pforge
-#: rows after the first are ceilings (no fsync; no I/O at all), not contenders
+#: contenders that make a durable write per record, and those that make one per step; the rows
+#: after the peers are ceilings (no fsync; no I/O at all; no store at all), not contenders
 PER_RECORD: dict[str, Run] = {
     "pforge": plain_pforge,
     "openai-agents": plain_openai,
@@ -372,9 +458,10 @@ PER_STEP: dict[str, Run] = {
     "langgraph": lambda *args: plain_langgraph(*args, per_step=True),
     "pforge no-fsync": lambda *args: plain_pforge(*args, batched=True, durability="normal"),
     "pforge memory": lambda *args: plain_pforge(*args, batched=True, memory=True),
+    "bare sqlite": plain_bare,
 }
 PEERS = ("openai-agents", "langgraph")
-CEILINGS = ("pforge no-fsync", "pforge memory")
+CEILINGS = ("pforge no-fsync", "pforge memory", "bare sqlite")
 #: issue 11's target at 64 subagents: pforge's steps/s over each peer's
 TARGET = 10
 
@@ -421,10 +508,8 @@ async def plain_part(base: Path, args: argparse.Namespace) -> None:
                     cpu = DRIVE_CPU[0]
                     rates[name] = subagents * args.steps / elapsed
                     cpus.setdefault(name, []).append(cpu / (subagents * args.steps))
-                    if name.startswith("pforge"):
-                        commits = str(COMMITS[-1]) if COMMITS else "-"
-                    else:
-                        commits = str(len(latencies))  # each call commits on its own
+                    # a peer's call commits on its own; the others count their group commits
+                    commits = str(len(latencies)) if name in PEERS else str(COMMITS[-1]) if COMMITS else "-"
                     print(
                         f"{subagents:>3} {run_no + 1:>3} {name:>16} {rates[name]:>8.0f} "
                         f"{cpu / (subagents * args.steps) * 1e3:>7.2f} {len(latencies):>7} {commits:>7} "
@@ -435,7 +520,7 @@ async def plain_part(base: Path, args: argparse.Namespace) -> None:
             for peer in PEERS:
                 ours = [rates["pforge"] / rates[peer] for rates in runs]
                 line = f"      over {peer:<14} pforge {spread(ours)}"
-                for ceiling in CEILINGS:
+                for ceiling in (name for name in CEILINGS if name in contenders):
                     line += f"; ceiling ({ceiling}) {spread([rates[ceiling] / rates[peer] for rates in runs])}"
                 print(line + (f"   (target {TARGET}x)" if subagents == 64 else ""))
             # pforge is bound by its CPU, the peers by their one-at-a-time commits: where other work
@@ -447,7 +532,9 @@ async def plain_part(base: Path, args: argparse.Namespace) -> None:
                 line += f"; {peer} {theirs * 1e3:.2f} ms ({theirs / mine:.1f}x pforge's)"
             print(line)
     print("(cpu ms: CPU time of the whole process, every thread, per timed step; pforge no-fsync and pforge memory are")
-    print(" ceilings: the same loop with durability 'normal', and on a MemoryTurnStore, with no I/O at all.")
+    print(" ceilings: the same loop with durability 'normal', and on a MemoryTurnStore, with no I/O at all; bare")
+    print(" sqlite (a write per step only) is no store: the step's 4 rows, keyed, group-committed with nothing else,")
+    print(" what any SQLite store in this process could at best reach)")
     print(" pforge's throughput is bound by its CPU (the event loop's thread above all), the peers' by their")
     print(" commits, made one at a time: where other processes take the cores, pforge's ratio over a peer")
     print(" falls toward the ratio of their CPU per step)")
