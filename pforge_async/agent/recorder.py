@@ -35,6 +35,8 @@ from ..errors import (
     NotFound,
     PersistenceError,
 )
+from ..ledgers._checks import show, whole
+from ..ledgers._checks import text as ledger_text
 from ..ledgers.budget import BudgetLedger, Reservation, Usage
 from ..store import Store
 from ..turnstore.protocol import ArtifactStore, SessionStore, TypedTurnStore
@@ -317,12 +319,14 @@ class SessionRecorder:
                 if vendor is not None or replayed or self._pending is not None:
                     await self._charge(budget, index, usage, vendor, model, replayed)
 
+        def build(seq: int) -> AssistantTurn:
+            if usage is not None:
+                # Checked before the write: a charge refused after it left the turn stored.
+                _check_usage(usage, vendor, model, charged=budget is not None)
+            return AssistantTurn(seq, text, list(tool_calls), usage, model, vendor, metadata or {})
+
         try:
-            return await self._positional(
-                "assistant_turn",
-                lambda seq: AssistantTurn(seq, text, list(tool_calls), usage, model, vendor, metadata or {}),
-                after=charge,
-            )
+            return await self._positional("assistant_turn", build, after=charge)
         except PersistenceError:
             if self._assistant_calls == index + 1:  # a retry is for the same turn: the same reservation
                 self._assistant_calls = index
@@ -886,6 +890,20 @@ def _checked(record: AgentRecord) -> tuple[str, bytes, Any]:
     except (msgspec.EncodeError, msgspec.ValidationError, TypeError, OverflowError, UnicodeEncodeError) as exc:
         # UnicodeEncodeError: a lone surrogate in a str, which UTF-8 cannot hold.
         raise InvalidInput(f"{_kind(type(record).__name__)} record: {exc}") from exc
+
+
+def _check_usage(usage: object, vendor: str | None, model: str | None, *, charged: bool) -> None:
+    """Refuse usage the budget ledger could never count (``InvalidInput``), and, when it is
+    ``charged`` to a vendor, a vendor or model name the ledger refuses."""
+    if not isinstance(usage, Usage):
+        raise InvalidInput(f"usage must be a Usage, got {type(usage).__name__} {show(usage)}")
+    whole(usage.input_tokens, "usage.input_tokens")
+    whole(usage.output_tokens, "usage.output_tokens")
+    whole(usage.cost, "usage.cost")
+    whole(usage.input_tokens + usage.output_tokens, "usage tokens (input plus output)")
+    if charged and vendor is not None:
+        ledger_text(vendor, "vendor")
+        ledger_text(model or vendor, "model")
 
 
 async def _run(job: Awaitable[None]) -> None:

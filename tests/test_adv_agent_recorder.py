@@ -1,0 +1,51 @@
+"""Adversarial review of SessionRecorder: hostile hook arguments store nothing, a resumed loop replays
+what it recorded (NaN included), and a batch that fails in its after-hooks still keeps and charges
+every record it wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pforge_async import InvalidInput, PersistenceError, Usage, open_store
+from pforge_async.agent import SessionRecorder, load_session_tree
+
+pytestmark = pytest.mark.anyio
+
+MAX_INT = 2**63 - 1
+
+
+async def test_an_assistant_turn_whose_usage_cannot_be_charged_is_refused_and_stores_nothing(tmp_path: Path) -> None:
+    """Usage or a vendor the budget ledger refuses used to be written first and refused by the charge
+    after it: the turn stayed in the store, the loop got PersistenceError, and every retry (or the same
+    turn with its usage corrected) then met that record as a replay or a conflict."""
+    bad: list[dict[str, Any]] = [
+        dict(usage=Usage(-1, 2, 3), vendor="v"),
+        dict(usage=Usage(1, 2, -3), vendor="v"),
+        dict(usage=Usage(2**63, 0, 0), vendor="v"),
+        dict(usage=Usage(2**62, 2**62, 0), vendor="v"),  # tokens past what the ledger counts
+        dict(usage={"input_tokens": 1, "output_tokens": 2, "cost": 3}, vendor="v"),
+        dict(usage=Usage(1, 2, 3), vendor=""),
+        dict(usage=Usage(1, 2, 3), vendor="v" * 2000),
+        dict(usage=Usage(1, 2, 3), vendor="v", model="m" * 2000),
+    ]
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        await store.budget.set_budget("v", tokens=10**9)
+        strict = await SessionRecorder.start(store, "strict", mode="required")
+        for kwargs in bad:
+            with pytest.raises(PersistenceError) as info:
+                await strict.assistant_turn("a", **kwargs)
+            assert isinstance(info.value.__cause__, InvalidInput), kwargs
+            assert strict.cursor == 0 and strict.position == 0, kwargs
+        loose = await SessionRecorder.start(store, "loose")
+        for kwargs in bad:
+            assert await loose.assistant_turn("a", **kwargs) is None
+        assert [type(f.error) for f in loose.failures] == [InvalidInput] * len(bad)
+        for name in ("strict", "loose"):
+            assert (await load_session_tree(store, name)).records == []
+        # The turn with its usage put right lands where the refused one would have, and is charged.
+        recorded = await strict.assistant_turn("a", usage=Usage(1, 2, 3), vendor="v")
+        assert recorded is not None and recorded.seq == 0
+        assert (await store.budget.totals("v")).tokens == 3
