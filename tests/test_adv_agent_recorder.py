@@ -49,3 +49,24 @@ async def test_an_assistant_turn_whose_usage_cannot_be_charged_is_refused_and_st
         recorded = await strict.assistant_turn("a", usage=Usage(1, 2, 3), vendor="v")
         assert recorded is not None and recorded.seq == 0
         assert (await store.budget.totals("v")).tokens == 3
+
+
+async def test_a_spawn_refused_for_its_thread_key_or_metadata_makes_no_child_context(tmp_path: Path) -> None:
+    """The child's context used to be forked before its link record was checked: a thread key of the
+    wrong type (or metadata the record cannot encode) left a context behind, whose lineage a corrected
+    spawn then adopted, still naming the refused thread key."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        rec = await SessionRecorder.start(store, "p", mode="required")
+        await rec.user_turn("hi")
+        for kwargs in (dict(thread_key=5), dict(metadata={"k": 2**70})):
+            with pytest.raises(PersistenceError) as info:
+                await rec.spawn_subagent("a", **kwargs)  # type: ignore[arg-type]
+            assert isinstance(info.value.__cause__, InvalidInput), kwargs
+            assert await store.turns.find_context("p/a") is None, kwargs
+        child = await rec.spawn_subagent("a", thread_key="t-1")
+        info_a = await store.turns.find_context("p/a")
+        assert info_a is not None and info_a.metadata["pforge.agent"]["thread_key"] == "t-1"
+        await child.close()
+        tree = await load_session_tree(store, "p")
+        (branch,) = tree.subagents
+        assert branch.spawn.record.thread_key == "t-1"  # type: ignore[union-attr]

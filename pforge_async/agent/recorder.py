@@ -765,6 +765,9 @@ class SessionRecorder:
                 )
             return info
         parent_id = self._context_id()
+        # The link checked before the fork (its ids are not known yet): a thread key or metadata the
+        # record refuses would otherwise leave the child's context made and unlinked.
+        _checked(SubagentSpawn(self.name, subagent_id, child.name, 0, 0, child.thread_key, child._metadata or {}))
         # A fork that landed before a crash is found by its name; the key guards a concurrent retry.
         existing = await turns.find_context(child.name)
         if existing is None:
