@@ -117,8 +117,6 @@ class SnapshotPlan:
         """Scan, store, and return the raw id of the root tree."""
         self.start_ns = time.time_ns()
         cache = self._load_cache() if self.cache is None else self.cache
-        if watcher is not None:
-            watcher.begin(self.root)
         open_dirs: list[_Dir] = []
         try:
             try:
@@ -128,6 +126,10 @@ class SnapshotPlan:
             self.dirs.append((-1, b""))
             self.levels.append([])
             open_dirs.append(_Dir(root_fd, 0, b""))
+            if watcher is not None:
+                # The directory opened, not the path: the watch answers only while the path names it.
+                st = os.fstat(root_fd)
+                watcher.begin(self.root, (st.st_dev, st.st_ino))
             self._scan_dir(open_dirs[-1], cache, sink, odb, watcher)
             while open_dirs:
                 top = open_dirs[-1]

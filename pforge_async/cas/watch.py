@@ -49,12 +49,14 @@ _EVENT = struct.Struct("iIII")
 
 
 class _Root:
-    __slots__ = ("dirty", "tree", "watched")
+    __slots__ = ("dirty", "identity", "tree", "watched")
 
     def __init__(self) -> None:
         self.tree: str | None = None
         self.dirty = True
         self.watched = True
+        #: (st_dev, st_ino) of the directory the last scan opened: the path may name another one later
+        self.identity: tuple[int, int] | None = None
 
 
 class Watcher:
@@ -71,18 +73,28 @@ class Watcher:
         self._closed = False
 
     def unchanged_tree(self, root: str) -> str | None:
-        """The last tree of ``root`` if nothing under it changed since that snapshot's scan began."""
+        """The last tree of ``root`` if nothing under it changed since that snapshot's scan began and
+        ``root`` still names the directory that scan opened."""
         with self._lock:
             if self._closed:
                 return None
             self._drain()
             state = self._roots.get(root)
-            if state is None or state.dirty or not state.watched:
+            if state is None or state.dirty or not state.watched or state.tree is None:
+                return None
+            # The watches follow the directories, not the path: a root symlink re-pointed or a parent
+            # renamed makes the path name another directory without an event on any watched one.
+            try:
+                st = os.stat(root)
+            except OSError:
+                return None
+            if (st.st_dev, st.st_ino) != state.identity:
                 return None
             return state.tree
 
-    def begin(self, root: str) -> None:
-        """A full scan of ``root`` starts: forget what it was, watch what the scan lists."""
+    def begin(self, root: str, identity: tuple[int, int]) -> None:
+        """A full scan of ``root`` starts, on the directory ``identity`` (``(st_dev, st_ino)`` of the
+        descriptor it opened): forget what it was, watch what the scan lists."""
         with self._lock:
             if self._closed:
                 return
@@ -91,6 +103,7 @@ class Watcher:
             state.dirty = False
             state.watched = True
             state.tree = None
+            state.identity = identity
 
     def watch_dir(self, root: str, dir_fd: int) -> int:
         """Watch the directory open on ``dir_fd`` before it is listed; returns its watch descriptor, or -1."""
