@@ -4,6 +4,7 @@ every record it wrote."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,22 @@ async def test_a_spawn_refused_for_its_thread_key_or_metadata_makes_no_child_con
         tree = await load_session_tree(store, "p")
         (branch,) = tree.subagents
         assert branch.spawn.record.thread_key == "t-1"  # type: ignore[union-attr]
+
+
+async def test_a_close_holding_nan_replays_after_a_restart(tmp_path: Path) -> None:
+    """A close record is compared with the one recorded as values, then as bytes (as positional records
+    are): NaN is unequal to itself, so a resumed loop closing its subagent again was a conflict."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        rec = await SessionRecorder.start(store, "n", mode="required")
+        child = await rec.spawn_subagent("a")
+        metadata = {"score": math.nan}
+        first = await child.close("done", metadata=metadata)
+        assert first is not None
+        again = await child.close("done", metadata=metadata)
+        assert again is not None and again.turn.turn_id == first.turn.turn_id
+        resumed = await SessionRecorder.start(store, "n", mode="required")
+        kid = await resumed.spawn_subagent("a")
+        replayed = await kid.close("done", metadata=metadata)
+        assert replayed is not None and replayed.turn.turn_id == first.turn.turn_id
+        with pytest.raises(PersistenceError):
+            await kid.close("done", metadata={"score": 1.0})  # a differing close is still a conflict

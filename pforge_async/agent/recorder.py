@@ -620,7 +620,8 @@ class SessionRecorder:
         record = SubagentClose(parent.name, subagent_id, self.name, outcome, metadata)
         type_id, payload, record = _checked(record)
         if self._closed is not None:
-            if self._closed.record != record:
+            # As for positional records, the bytes decide when the values differ: NaN is unequal to itself.
+            if self._closed.record != record and self._closed.turn.payload != payload:
                 turn_id = self._closed.turn.turn_id
                 raise IdempotencyConflict(
                     f"session {self.name!r} was closed with another outcome or metadata (turn {turn_id})"
