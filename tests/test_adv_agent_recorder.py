@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pforge_async import InvalidInput, PersistenceError, Usage, open_store
-from pforge_async.agent import SessionRecorder, load_session_tree
+from pforge_async.agent import AssistantTurn, SessionRecorder, load_session_tree
 
 pytestmark = pytest.mark.anyio
 
@@ -90,3 +90,27 @@ async def test_a_close_holding_nan_replays_after_a_restart(tmp_path: Path) -> No
         assert replayed is not None and replayed.turn.turn_id == first.turn.turn_id
         with pytest.raises(PersistenceError):
             await kid.close("done", metadata={"score": 1.0})  # a differing close is still a conflict
+
+
+async def test_a_batch_whose_first_charge_fails_keeps_and_charges_every_record(tmp_path: Path) -> None:
+    """The after-hooks of a batch (budget charges) ran in a row with the records' remembering: the first
+    that failed left the later records written but out of ``records`` and ``position``, and their
+    spend never charged."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        budget = store.budget
+        await budget.set_budget("v", tokens=10**9)
+        await budget.set_budget("full")  # no limit: only what the ledger counts bounds it
+        # "full" has spent all the ledger counts: any more is refused by the charge, after the write.
+        await budget.record_spend("full", "m", input_tokens=0, output_tokens=0, cost=MAX_INT)
+        rec = await SessionRecorder.start(store, "b")
+        async with rec.batch():
+            await rec.assistant_turn("first", usage=Usage(1, 1, 1), vendor="full")
+            await rec.assistant_turn("second", usage=Usage(10, 20, 0), vendor="v")
+            await rec.user_turn("third")
+        assert len(rec.failures) == 1 and isinstance(rec.failures[0].error, InvalidInput)
+        assert rec.position == 3
+        assert [r.seq for r in rec.records] == [0, 1, 2]
+        assert (await budget.totals("v")).tokens == 30
+        stored = await load_session_tree(store, "b")
+        assert [r.record for r in stored.records] == [r.record for r in rec.records]
+        assert isinstance(stored.records[1].record, AssistantTurn)

@@ -603,11 +603,22 @@ class SessionRecorder:
             turns = await self._open()
             await self._publish_bundle(turns)
             written = await turns.append_turns([new for _, _, new, _ in pending])
+            # Every record is remembered before any after-hook runs, and every hook runs: one that
+            # fails (a charge) must not leave the later records unknown or their spend uncharged.
+            afters: list[tuple[After, Recorded]] = []
             for (_, record, _, after), turn in zip(pending, written, strict=True):
                 recorded = Recorded(record, turn)
                 self._remember(recorded)
                 if after is not None:
+                    afters.append((after, recorded))
+            failed: Exception | None = None
+            for after, recorded in afters:
+                try:
                     await after(recorded, False)
+                except Exception as exc:
+                    failed = failed or exc
+            if failed is not None:
+                raise failed
         except Exception as exc:
             if self._required and self._cursor == last + 1:
                 self._cursor = first
