@@ -5,12 +5,15 @@ Each test here was written against a bug it found (it failed before the fix name
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 from pforge_async import open_store
+
+from ._procs import spawn
 
 pytestmark = pytest.mark.anyio
 
@@ -56,3 +59,46 @@ class TestTheWatchAnswersOnlyForTheDirectoryItWatched:
             blob = _files(await store.cas.read_tree(second))["x"]
             assert await store.cas.read_blob(blob) == b"B"
             assert second != first
+
+
+# A restore that runs out of descriptors half way down a deep tree (one is held per level), in a child
+# process so that its lowered limit binds nobody else.
+DEEP_RESTORE = r"""
+import json, os, resource, sys
+import anyio
+from pforge_async import PforgeError, open_store
+
+base = sys.argv[1]
+async def main():
+    out = {}
+    async with open_store(os.path.join(base, ".pforge"), watch_workspaces=False) as store:
+        blob = await store.cas.write_blob(b"x")
+        deep = "/".join(["d"] * 400) + "/f"
+        tree = await store.cas.write_tree([(deep, "100644", blob), ("a.txt", "100644", blob)])
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard))
+        try:
+            await store.cas.restore(tree, os.path.join(base, "out"))
+            out["restore"] = "ok"
+        except PforgeError as exc:
+            out["restore"] = type(exc).__name__
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        out["left"] = sorted(os.listdir(os.path.join(base, "out")))
+        out["blob"] = (await store.cas.read_blob(await store.cas.write_blob(b"after"))).decode()
+    print(json.dumps(out))
+anyio.run(main)
+"""
+
+
+class TestAFailedRestoreLeavesTheTargetEmpty:
+    async def test_running_out_of_descriptors_deep_down_still_removes_everything(self, tmp_path: Path) -> None:
+        """The clean-up removed each directory it made by opening it and clearing it: after a restore
+        that failed for want of descriptors (one held per level), the clean-up of the deepest levels
+        failed the same way, left their directories, and so every level above failed to remove its
+        own: the target kept the whole chain of directories. An empty directory is now removed with
+        ``rmdir``, which needs no descriptor."""
+        child = spawn(DEEP_RESTORE, tmp_path)
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+        result = json.loads(out)
+        assert result == {"restore": "StorageError", "left": [], "blob": "after"}

@@ -175,7 +175,12 @@ def _remove(dir_fd: int, name: bytes, ino: int | None) -> None:
         if ino is not None and st.st_ino != ino:
             return  # someone else's by now
         if stat.S_ISDIR(st.st_mode):
-            _remove_tree(dir_fd, name)
+            # Deepest first, so what we made is empty by now: rmdir needs no descriptor, and a
+            # restore that failed for want of descriptors (one per level) can still clean up.
+            try:
+                os.rmdir(name, dir_fd=dir_fd)
+            except OSError:
+                _remove_tree(dir_fd, name)
         else:
             os.unlink(name, dir_fd=dir_fd)
     except (OSError, PforgeError):
