@@ -18,11 +18,23 @@ _MAX_ID = 2**63 - 1
 _OID = re.compile(r"[0-9a-f]{64}")
 
 
+def _number(text: str) -> int | None:
+    """``text`` as an id if it is one (ASCII digits, 1 to 2**63-1, leading zeros allowed), else None.
+    The length is checked before ``int()``, which refuses strings of over 4,300 digits with a
+    ``ValueError`` of its own."""
+    if not text.isascii() or not text.isdigit() or len(text.lstrip("0")) > len(str(_MAX_ID)):
+        return None
+    value = int(text)
+    return value if 1 <= value <= _MAX_ID else None
+
+
 def parse_id(text: str, what: str) -> int:
     """A positive id as typed (``InvalidInput`` otherwise)."""
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= _MAX_ID:
-        raise InvalidInput(f"invalid {what} {text!r}: want a number from 1 to {_MAX_ID}")
-    return int(text)
+    value = _number(text)
+    if value is None:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise InvalidInput(f"invalid {what} {shown!r}: want a number from 1 to {_MAX_ID}")
+    return value
 
 
 async def context(store: Store, text: str) -> ContextInfo:
@@ -36,9 +48,10 @@ async def context(store: Store, text: str) -> ContextInfo:
         if found is None:
             raise ContextNotFound(f"no context named {name!r}")
         return found
-    if text.isascii() and text.isdigit() and 1 <= int(text) <= _MAX_ID:
+    number = _number(text)
+    if number is not None:
         try:
-            return await store.turns.get_context(int(text))
+            return await store.turns.get_context(number)
         except ContextNotFound:
             pass
     if not text:
