@@ -136,6 +136,8 @@ class SessionRecorder:
         # Assistant turns called so far: a budget reservation is keyed by the turn it is for.
         self._assistant_calls = 0
         self._pending: tuple[int, Reservation] | None = None
+        # Assistant turns with usage that seek() skipped, by index: charged when the session ends.
+        self._skipped: dict[int, AssistantTurn] = {}
         self._batch: list[Queued] | None = None
         self._published = False
         self._opening: anyio.Lock | None = None
@@ -246,10 +248,18 @@ class SessionRecorder:
         that rebuilt its state from ``records`` instead of re-issuing its calls)."""
         if not isinstance(position, int) or isinstance(position, bool) or position < 0:
             raise InvalidInput(f"position must be an int >= 0, got {position!r}")
+        skipped_from = self._cursor
         self._cursor = position
-        self._assistant_calls = sum(
-            1 for seq, found in self._by_seq.items() if seq < position and isinstance(found.record, AssistantTurn)
+        assistant = sorted(
+            (seq for seq, found in self._by_seq.items() if seq < position and isinstance(found.record, AssistantTurn)),
         )
+        self._assistant_calls = len(assistant)
+        # The turns skipped over are not replayed, so not charged here: a run killed between such a
+        # turn's write and its charge left it uncharged. The session's end charges them (once: by key).
+        for index, seq in enumerate(assistant):
+            record = self._by_seq[seq].record
+            if seq >= skipped_from and isinstance(record, AssistantTurn) and record.usage is not None:
+                self._skipped[index] = record
 
     def batch(self) -> AbstractAsyncContextManager[None]:
         """Hooks called in the block write nothing until it ends; then everything they recorded is
@@ -699,14 +709,26 @@ class SessionRecorder:
 
     async def _settle_budget(self, recorded: Recorded, replayed: bool) -> None:
         """Release what this session still holds: reservations its ending turns made no use of."""
-        if self._budget is None:
+        budget = self._budget
+        if budget is None:
             return
-        for reservation in await self._budget.list_reservations(tags=self._tags()):
+        failed: Exception | None = None
+        while self._skipped:  # first: their reservations are charged, not released
+            index, turn = next(iter(self._skipped.items()))
+            assert turn.usage is not None
             try:
-                await self._budget.release(reservation)
+                await self._charge(budget, index, turn.usage, turn.vendor, turn.model, True)
+            except Exception as exc:
+                failed = failed or exc  # the rest are charged and released all the same
+            del self._skipped[index]
+        for reservation in await budget.list_reservations(tags=self._tags()):
+            try:
+                await budget.release(reservation)
             except NotFound:
                 pass  # purged meanwhile (it had expired): nothing is held any more
         self._pending = None
+        if failed is not None:
+            raise failed
 
     async def _publish_bundle(self, turns: SessionStore) -> None:
         """Publish the records' registry bundle, once per turn store, at its first write."""

@@ -1,0 +1,47 @@
+"""Adversarial review of the recorder's budget charges: a loop killed between an assistant turn's
+write and its charge, then resumed by ``seek`` (rebuilding its state from ``records`` instead of
+re-issuing its calls), still has that turn's spend charged, once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pforge_async import Usage, open_store
+from pforge_async.agent import SessionRecorder
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_turn_written_but_not_charged_is_charged_when_a_seeked_session_ends(tmp_path: Path) -> None:
+    """The session's end released the reservation of a turn recorded before the kill (as unused), and
+    a turn charged unreserved was never charged: the spend in the records was missing from the
+    ledger."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        budget = store.budget
+        await budget.set_budget("v", tokens=10_000)
+        for name, reserved in (("reserved", True), ("unreserved", False)):
+            first = await SessionRecorder.start(store, name, mode="required")
+            await first.user_turn("go")
+            if reserved:
+                await first.reserve_budget("v", tokens=1000, cost=10)
+            # The turn is written and the run killed before its charge: made by writing it through a
+            # recorder on the turn store alone, which charges no budget.
+            partial = await SessionRecorder.start(store.turns, name, mode="required")
+            partial.seek(1)
+            await partial.assistant_turn("a", usage=Usage(10, 20, 5), vendor="v")
+            resumed = await SessionRecorder.start(store, name, mode="required")
+            resumed.seek(resumed.position)  # rebuilt from records: nothing re-issued
+            await resumed.assistant_turn("b", usage=Usage(1, 2, 0), vendor="v")
+            await resumed.session_end()
+            tagged = await budget.totals("v", tags={"session": name})
+            assert (tagged.tokens, tagged.cost, tagged.reserved_tokens) == (33, 5, 0), name
+            assert await budget.list_reservations(tags={"session": name}) == []
+            # Ending it again (a loop re-run once more) charges nothing twice.
+            again = await SessionRecorder.start(store, name, mode="required")
+            again.seek(again.position - 1)
+            await again.session_end()
+            assert (await budget.totals("v", tags={"session": name})).tokens == 33, name
+        report = await store.check()
+        assert report.ok, report.problems
