@@ -5,8 +5,10 @@ Each test here was written against a bug it found (it failed before the fix name
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,41 @@ class TestAFailedRestoreLeavesTheTargetEmpty:
         assert child.returncode == 0, err
         result = json.loads(out)
         assert result == {"restore": "StorageError", "left": [], "blob": "after"}
+
+
+class TestAFileThatGrowsWhileReadIsNeverHeldWhole:
+    async def test_a_small_file_extended_after_its_fstat_streams(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A file under 1 MiB is read whole; one that grew after its fstat was read to its end into
+        memory, however far it grew (``truncate -s 100G`` is instant): a tool could make the store's
+        process allocate without bound. Now a file that grows past 1 MiB while read streams, as a
+        large file does, and the tree names what it grew to."""
+        import pforge_async.cas.snapshot as snapshot_module
+
+        work = tmp_path / "work"
+        work.mkdir()
+        grower = work / "grows.log"
+        grower.write_bytes(b"small\n")
+        grown = 64 << 20
+        real_open = snapshot_module.open_file_at
+
+        def open_then_grow(dir_fd: int, name: bytes) -> object:
+            opened = real_open(dir_fd, name)
+            if name == b"grows.log":
+                os.truncate(grower, grown)  # the tool, right after the scan's fstat
+            return opened
+
+        async with open_store(tmp_path / ".pforge", watch_workspaces=False) as store:
+            monkeypatch.setattr(snapshot_module, "open_file_at", open_then_grow)
+            tracemalloc.start()
+            try:
+                tree = await store.cas.snapshot(work)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            monkeypatch.undo()
+            assert peak < grown // 2, f"peak {peak >> 20} MiB"
+            oid = _files(await store.cas.read_tree(tree))["grows.log"]
+            expected = hashlib.sha256(b"blob %d\0" % grown + b"small\n" + bytes(grown - 6)).hexdigest()
+            assert oid == expected

@@ -258,9 +258,15 @@ class SnapshotPlan:
             if kind is not None and st.st_size > DOTFILE_MAX_BYTES:
                 raise InvalidInput(f"cannot snapshot {shown_path(self.root, rel)}: larger than a .{kind} may be")
             try:
-                data = _read_all(fd, st.st_size)
+                # Bounded: a file can grow after its fstat (a sparse extension is instant), and what
+                # it grew to must not be read whole into memory.
+                data = _read_all(fd, st.st_size) if kind is None else _read_all(fd, st.st_size, DOTFILE_MAX_BYTES)
             except OSError as exc:
                 raise StorageError(f"cannot read {shown_path(self.root, rel)}: {exc.strerror or exc!r}") from exc
+            if data is None and kind is None:
+                return sink.add_large_file(fd, shown_path(self.root, rel)), key  # it streams from the start
+            if data is None:
+                raise InvalidInput(f"cannot snapshot {shown_path(self.root, rel)}: larger than a .{kind} may be")
         finally:
             os.close(fd)
         problem = None if kind is None else dotfile_blob_problem(kind, data)
@@ -366,14 +372,20 @@ _TEMP_TAG = secrets.token_hex(4)
 _temp_numbers = itertools.count()
 
 
-def _read_all(fd: int, size: int) -> bytes:
+def _read_all(fd: int, size: int, limit: int = LARGE_FILE) -> bytes | None:
+    """The file's bytes, or None once it holds more than ``limit`` (it grew after its fstat said
+    ``size``): the caller streams it or refuses it, never holds it all."""
     # Asking for one byte more than the size says in one read whether the file grew meanwhile.
     data = os.read(fd, size + 1)
     if len(data) <= size:
         return data
     chunks = [data]
+    total = len(data)
     while chunk := os.read(fd, 1 << 16):
         chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            return None
     return b"".join(chunks)
 
 
