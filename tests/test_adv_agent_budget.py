@@ -45,3 +45,28 @@ async def test_a_turn_written_but_not_charged_is_charged_when_a_seeked_session_e
             assert (await budget.totals("v", tags={"session": name})).tokens == 33, name
         report = await store.check()
         assert report.ok, report.problems
+
+
+async def test_a_turn_that_used_more_than_its_reservation_is_charged_in_full(tmp_path: Path) -> None:
+    """A model call used more than was reserved for it: the ledger refuses such a commit, and the
+    recorder let that refusal through after the turn was written, so the spend (which happened) was
+    never charged, the loop got PersistenceError in required mode, and every retry met the same."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        budget = store.budget
+        await budget.set_budget("v", tokens=10_000, cost=10_000)
+        rec = await SessionRecorder.start(store, "over", mode="required")
+        held = await rec.reserve_budget("v", tokens=100, cost=10, model="m")
+        assert held is not None
+        recorded = await rec.assistant_turn("a", usage=Usage(100, 50, 5), vendor="v")
+        assert recorded is not None and recorded.seq == 0 and rec.failures == []
+        totals = await budget.totals("v", tags={"agent": "over"})
+        assert (totals.tokens, totals.cost, totals.reserved_tokens) == (150, 5, 0)
+        assert await budget.list_reservations() == []
+        # A resumed loop re-issuing the turn charges nothing twice.
+        resumed = await SessionRecorder.start(store, "over", mode="required")
+        assert await resumed.reserve_budget("v", tokens=100, cost=10, model="m") is not None
+        await resumed.assistant_turn("a", usage=Usage(100, 50, 5), vendor="v")
+        await resumed.session_end()
+        assert (await budget.totals("v")).tokens == 150
+        report = await store.check()
+        assert report.ok, report.problems

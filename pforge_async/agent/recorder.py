@@ -311,8 +311,9 @@ class SessionRecorder:
         """What the model answered. ``usage`` (``cost`` in micro-units) and ``vendor`` are kept on the
         record. With a ``Store`` target and ``usage``, the spend is charged to its budget ledger, once:
         by committing the reservation :meth:`reserve_budget` made for this turn (also one an earlier,
-        interrupted run made), or, with none, by recording the spend under ``vendor`` (never refused:
-        a spend over the limit is recorded as overdrawn). Tagged ``session`` (the root session) and
+        interrupted run made), or, with none or with more used than it holds, by recording the spend
+        under ``vendor`` (never refused: a spend over the limit is recorded as overdrawn) and giving
+        the reservation back. Tagged ``session`` (the root session) and
         ``agent`` (this session)."""
         if self._off:
             return None
@@ -686,15 +687,21 @@ class SessionRecorder:
         elif replayed:
             # An earlier run reserved (and maybe committed) for this turn, or charged it unreserved.
             reservation = await budget.find_reservation(key)
+        unused: Reservation | None = None
         if reservation is not None:
             if reservation.state not in ("held", "expired"):
                 return  # committed: charged already; released: given back on purpose
-            try:
-                await budget.commit(reservation, usage)
-                return
-            except NotFound:
-                # Purged once expired (budget.purge_expired): charged unreserved below, to its vendor.
-                vendor, model = vendor or reservation.vendor, model or reservation.model
+            if usage.tokens <= reservation.tokens and usage.cost <= reservation.cost:
+                try:
+                    await budget.commit(reservation, usage)
+                    return
+                except NotFound:
+                    pass  # purged once expired (budget.purge_expired): charged unreserved below
+            else:
+                # More than was reserved, which the ledger does not commit: the spend happened, so
+                # it is charged unreserved below, then the reservation is given back.
+                unused = reservation
+            vendor, model = vendor or reservation.vendor, model or reservation.model
         if vendor is not None:
             await budget.record_spend(
                 vendor,
@@ -706,6 +713,11 @@ class SessionRecorder:
                 tags=self._tags(),
                 allow_overdraw=True,
             )
+        if unused is not None:
+            try:
+                await budget.release(unused)
+            except NotFound:
+                pass  # purged meanwhile (it had expired): nothing is held any more
 
     async def _settle_budget(self, recorded: Recorded, replayed: bool) -> None:
         """Release what this session still holds: reservations its ending turns made no use of."""
