@@ -70,3 +70,22 @@ async def test_a_turn_that_used_more_than_its_reservation_is_charged_in_full(tmp
         assert (await budget.totals("v")).tokens == 150
         report = await store.check()
         assert report.ok, report.problems
+
+
+async def test_two_reserved_turns_in_one_batch_each_commit_their_own_reservation(tmp_path: Path) -> None:
+    """The recorder kept one pending reservation: a batch that reserved for a turn, queued it, then
+    reserved for the next turn replaced the first reservation before the batch's charges ran, so the
+    first turn committed nothing (no vendor to charge it to) and its reservation stayed held."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        budget = store.budget
+        await budget.set_budget("v", tokens=10_000)
+        rec = await SessionRecorder.start(store, "two", mode="required")
+        async with rec.batch():
+            await rec.reserve_budget("v", tokens=100)
+            await rec.assistant_turn("a", usage=Usage(10, 20, 0))
+            await rec.reserve_budget("v", tokens=100)
+            await rec.assistant_turn("b", usage=Usage(1, 2, 0))
+        assert rec.failures == []
+        totals = await budget.totals("v")
+        assert (totals.tokens, totals.reserved_tokens) == (33, 0)
+        assert await budget.list_reservations() == []

@@ -135,7 +135,9 @@ class SessionRecorder:
         self.root_name: str = name if parent is None else parent.root_name
         # Assistant turns called so far: a budget reservation is keyed by the turn it is for.
         self._assistant_calls = 0
-        self._pending: tuple[int, Reservation] | None = None
+        # Reservations made for assistant turns not yet charged, by turn: a batch may queue a turn
+        # and reserve for the next before the first is charged.
+        self._pending: dict[int, Reservation] = {}
         # Assistant turns with usage that seek() skipped, by index: charged when the session ends.
         self._skipped: dict[int, AssistantTurn] = {}
         self._batch: list[Queued] | None = None
@@ -327,7 +329,7 @@ class SessionRecorder:
             async def charge(recorded: Recorded, replayed: bool) -> None:
                 # Nothing reserved for it and no vendor to charge it to: nothing to do, and no
                 # coroutine of _charge to make for it (most turns of a loop without reservations).
-                if vendor is not None or replayed or self._pending is not None:
+                if vendor is not None or replayed or self._pending:
                     await self._charge(budget, index, usage, vendor, model, replayed)
 
         def build(seq: int) -> AssistantTurn:
@@ -372,7 +374,7 @@ class SessionRecorder:
         except Exception as exc:
             self._fail("reserve_budget", None, exc)
             return None
-        self._pending = (index, reservation)
+        self._pending[index] = reservation
         return reservation
 
     async def tool_results(
@@ -680,11 +682,8 @@ class SessionRecorder:
         """Charge assistant turn ``index``'s usage once, whichever run gets here, and however often.
         Called only with something to charge: a vendor, a reservation pending, or a replayed turn."""
         key = budget_key(self.name, index)
-        reservation = None
-        if self._pending is not None and self._pending[0] == index:
-            reservation = self._pending[1]
-            self._pending = None
-        elif replayed:
+        reservation = self._pending.pop(index, None)
+        if reservation is None and replayed:
             # An earlier run reserved (and maybe committed) for this turn, or charged it unreserved.
             reservation = await budget.find_reservation(key)
         unused: Reservation | None = None
@@ -738,7 +737,7 @@ class SessionRecorder:
                 await budget.release(reservation)
             except NotFound:
                 pass  # purged meanwhile (it had expired): nothing is held any more
-        self._pending = None
+        self._pending.clear()
         if failed is not None:
             raise failed
 
