@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pforge_async import Usage, open_store
+from pforge_async import PersistenceError, StorageError, Usage, open_store
 from pforge_async.agent import SessionRecorder
 
 pytestmark = pytest.mark.anyio
@@ -89,3 +89,41 @@ async def test_two_reserved_turns_in_one_batch_each_commit_their_own_reservation
         totals = await budget.totals("v")
         assert (totals.tokens, totals.reserved_tokens) == (33, 0)
         assert await budget.list_reservations() == []
+
+
+async def test_a_batch_retried_after_its_write_failed_charges_its_turn_under_the_same_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In required mode a failed batch puts the cursor back so the loop can retry the step; its
+    assistant turns' count was not put back, so the retry reserved for the next turn (another key)
+    and a run resumed after a kill then committed the first reservation too: charged twice."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        budget = store.budget
+        await budget.set_budget("v", tokens=10_000)
+        rec = await SessionRecorder.start(store, "retry", mode="required")
+        await rec.user_turn("go")
+        turns = store.turns
+        real = turns.append_turns
+
+        async def fails_once(*args: object, **kwargs: object) -> object:
+            monkeypatch.setattr(turns, "append_turns", real)
+            raise StorageError("disk full (injected)")
+
+        monkeypatch.setattr(turns, "append_turns", fails_once)
+        with pytest.raises(PersistenceError):
+            async with rec.batch():
+                first = await rec.reserve_budget("v", tokens=100)
+                await rec.assistant_turn("a", usage=Usage(10, 20, 0))
+        async with rec.batch():  # the loop retries the step
+            second = await rec.reserve_budget("v", tokens=100)
+            await rec.assistant_turn("a", usage=Usage(10, 20, 0))
+        assert first is not None and second is not None
+        assert second.reservation_id == first.reservation_id
+        # Killed here; the resumed loop re-issues its calls.
+        resumed = await SessionRecorder.start(store, "retry", mode="required")
+        await resumed.user_turn("go")
+        await resumed.reserve_budget("v", tokens=100)
+        await resumed.assistant_turn("a", usage=Usage(10, 20, 0))
+        await resumed.session_end()
+        totals = await budget.totals("v")
+        assert (totals.tokens, totals.reserved_tokens) == (30, 0)

@@ -635,6 +635,8 @@ class SessionRecorder:
         except Exception as exc:
             if self._required and self._cursor == last + 1:
                 self._cursor = first
+                # The retried step's assistant turns are the same turns: the same budget keys.
+                self._assistant_calls -= sum(1 for _, record, _, _ in pending if type(record) is AssistantTurn)
             self._fail("batch", first, exc)
 
     async def _close(self, outcome: str, metadata: dict[str, Any]) -> Recorded:
