@@ -44,7 +44,36 @@ _B64 = "$base64"
 
 
 class Unrepresentable(ValueError):
-    """A decoded value JSON cannot hold as it is (a map with non-str keys, a msgpack extension)."""
+    """A decoded value JSON cannot hold as it is (a map with non-str keys, a msgpack extension), or
+    one nested deeper than :data:`MAX_DEPTH`."""
+
+
+#: Deeper than this, a payload is shown as text or bytes, not as the structure it holds: any writer may
+#: store any bytes, and the recursive parsers and printers (json's, msgspec's, this module's) run out of
+#: stack long before 100,000 nested arrays end. No reader of a terminal follows 100 levels anyway.
+MAX_DEPTH = 100
+
+
+def _shallow(value: Any) -> Any:
+    """``value`` itself when no list or map in it nests deeper than :data:`MAX_DEPTH` (walked with a
+    stack of its own, not by recursion); ``Unrepresentable`` otherwise."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, tuple, dict)):
+            if depth > MAX_DEPTH:
+                raise Unrepresentable(f"a value nested more than {MAX_DEPTH} levels deep")
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return value
+
+
+def _json(text: str) -> Any:
+    """The JSON document ``text`` holds; ``ValueError`` if it is none, or is nested too deeply."""
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        raise Unrepresentable(f"a JSON document nested more than {MAX_DEPTH} levels deep") from None
+    return _shallow(document)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -123,7 +152,7 @@ class Bundles:
                     found.types.setdefault(
                         type_id, Schema(bundle_id, type_id, entry.get("version"), encoding, name, schema, defs)
                     )
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
                 found.problems.append(f"registry bundle {bundle_id!r} does not parse: {exc}")
         return found
 
@@ -214,7 +243,11 @@ def printable_text(payload: bytes) -> str | None:
 
 def _msgpack(payload: bytes) -> Any:
     """The msgpack value ``payload`` holds whole, as JSON; ``Unrepresentable``/``DecodeError``."""
-    return to_jsonable(msgspec.msgpack.decode(payload))
+    try:
+        value = msgspec.msgpack.decode(payload)
+    except RecursionError:
+        raise Unrepresentable(f"a msgpack value nested more than {MAX_DEPTH} levels deep") from None
+    return to_jsonable(_shallow(value))
 
 
 def describe_payload(type_id: str, payload: bytes, bundles: Bundles) -> PayloadView:
@@ -229,14 +262,18 @@ def describe_payload(type_id: str, payload: bytes, bundles: Bundles) -> PayloadV
             view.problems.append(f"does not decode as the msgpack its bundle {schema.bundle_id!r} says: {exc}")
             return view
         problems: list[str] = []
-        filled = _with_defaults(value, schema.schema, schema.defs, problems, schema.name or type_id)
+        try:
+            filled = _with_defaults(value, schema.schema, schema.defs, problems, schema.name or type_id)
+        except RecursionError:  # a bundle whose schema refers to itself without end
+            filled = value
+            problems.append(f"the schema of bundle {schema.bundle_id!r} refers to itself without end")
         return PayloadView("record", filled, schema, problems)
     text = printable_text(payload)
     if text is not None:
         stripped = text.lstrip()
         if stripped[:1] in ("{", "["):
             try:
-                return PayloadView("json", json.loads(text))
+                return PayloadView("json", _json(text))
             except ValueError:
                 pass
         return PayloadView("text", text)
@@ -306,7 +343,7 @@ def _candidates(turn: TurnRecord, bundles: Bundles) -> list[tuple[str, Any]]:
     if text is not None:
         if text.lstrip()[:1] in ("{", "["):
             try:
-                document = json.loads(text)
+                document = _json(text)
             except ValueError:
                 pass
             else:
@@ -383,6 +420,8 @@ def parse_export_line(line: str, number: int) -> ImportedTurn:
     where = f"line {number}"
     try:
         doc = json.loads(line)
+    except RecursionError:
+        raise InvalidInput(f"{where}: nested too deeply to read") from None
     except ValueError as exc:
         raise InvalidInput(f"{where}: not JSON: {exc}") from exc
     if not isinstance(doc, dict):
@@ -414,6 +453,8 @@ def parse_export_line(line: str, number: int) -> ImportedTurn:
         payload = _payload_of(encoding, doc["payload"])
     except InvalidInput as exc:
         raise InvalidInput(f"{where}: {exc}") from exc
+    except RecursionError:
+        raise InvalidInput(f"{where}: the {encoding} payload is nested too deeply to encode") from None
     except (msgspec.EncodeError, ValueError, TypeError, OverflowError) as exc:
         raise InvalidInput(f"{where}: the {encoding} payload cannot be encoded: {exc}") from exc
     expected = doc.get("payload_sha256")
