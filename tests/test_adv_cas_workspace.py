@@ -5,11 +5,13 @@ Each test here was written against a bug it found (it failed before the fix name
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,3 +144,41 @@ class TestAFileThatGrowsWhileReadIsNeverHeldWhole:
             oid = _files(await store.cas.read_tree(tree))["grows.log"]
             expected = hashlib.sha256(b"blob %d\0" % grown + b"small\n" + bytes(grown - 6)).hexdigest()
             assert oid == expected
+
+    @pytest.mark.parametrize("backend", ["file", "pg"])
+    async def test_what_a_grown_file_streams_starts_at_its_first_byte(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, request: pytest.FixtureRequest
+    ) -> None:
+        """The grown file is handed on to stream after the bounded read has moved its offset: the
+        PostgreSQL CAS's sink reads from where the descriptor stands, so it stored the file without
+        its first megabyte. It is now rewound first."""
+        import pforge_async.cas.snapshot as snapshot_module
+
+        work = tmp_path / "work"
+        work.mkdir()
+        grower = work / "grows.log"
+        head = b"the first line\n"
+        grower.write_bytes(head)
+        grown = 4 << 20  # over the 1 MiB read whole, under PostgreSQL's chunked blobs
+        real_open = snapshot_module.open_file_at
+
+        def open_then_grow(dir_fd: int, name: bytes) -> object:
+            opened = real_open(dir_fd, name)
+            if name == b"grows.log":
+                with open(grower, "ab") as out:
+                    out.write(b"y" * (grown - len(head)))
+            return opened
+
+        async with contextlib.AsyncExitStack() as stack:
+            if backend == "file":
+                cas: Any = (await stack.enter_async_context(open_store(tmp_path / ".pforge"))).cas
+            else:
+                from pforge_async.postgres.cas import open_pg_cas
+
+                dsn, schema = request.getfixturevalue("pg_dsn"), request.getfixturevalue("pg_schema")
+                cas = await stack.enter_async_context(open_pg_cas(dsn, schema=schema, cache_dir=tmp_path / "cache"))
+            monkeypatch.setattr(snapshot_module, "open_file_at", open_then_grow)
+            tree = await cas.snapshot(work)
+            monkeypatch.undo()
+            data = await cas.read_blob(_files(await cas.read_tree(tree))["grows.log"])
+            assert data[: len(head)] == head and len(data) == grown

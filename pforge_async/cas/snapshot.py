@@ -264,7 +264,8 @@ class SnapshotPlan:
             except OSError as exc:
                 raise StorageError(f"cannot read {shown_path(self.root, rel)}: {exc.strerror or exc!r}") from exc
             if data is None and kind is None:
-                return sink.add_large_file(fd, shown_path(self.root, rel)), key  # it streams from the start
+                os.lseek(fd, 0, os.SEEK_SET)  # a sink may stream from where the descriptor stands
+                return sink.add_large_file(fd, shown_path(self.root, rel)), key
             if data is None:
                 raise InvalidInput(f"cannot snapshot {shown_path(self.root, rel)}: larger than a .{kind} may be")
         finally:
