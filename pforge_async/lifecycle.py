@@ -112,7 +112,9 @@ def payload_oids(type_id: str, payload: bytes) -> list[str]:
         return []
     try:
         named = extract(type_id, payload)
-    except (msgspec.DecodeError, KeyError, ValueError):
+    except (msgspec.DecodeError, KeyError, ValueError, RecursionError):
+        # RecursionError: a payload nested deeper than msgspec recurses (any writer can append one)
+        # is no record either; raised, it would stop every gc and check of the store
         return []
     # Any writer can append such a record: a string in it that is not an object id names nothing
     # (kept, it would make every gc refuse its roots). The payload stays as written.
