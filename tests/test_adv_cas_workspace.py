@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pforge_async import open_store
+from pforge_async import StorageError, open_store
 
 from ._procs import spawn
 
@@ -182,3 +182,69 @@ class TestAFileThatGrowsWhileReadIsNeverHeldWhole:
             monkeypatch.undo()
             data = await cas.read_blob(_files(await cas.read_tree(tree))["grows.log"])
             assert data[: len(head)] == head and len(data) == grown
+
+
+class TestAFailedRestoreRemovesOnlyWhatItMade:
+    async def test_a_directory_replaced_before_it_was_opened_is_not_cleared(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A directory the restore made and found replaced before it could open it fails the restore;
+        the clean-up then removed whatever stood at that name by then, recursively (it had no inode
+        to compare): a tool that put a directory of its own there got it emptied by the store. What
+        replaced ours is not ours: it is left alone."""
+        import pforge_async.cas.restore as restore_module
+
+        target = tmp_path / "target"
+        real_open = restore_module.open_dir_at
+
+        swapped: list[bytes] = []
+
+        def swapped_before_open(dir_fd: int, name: bytes) -> object:
+            if name != b"sub" or swapped:
+                return real_open(dir_fd, name)
+            swapped.append(name)
+            # The tool: ours renamed away, a symlink in its place (the open refuses it) ...
+            os.rename(target / "sub", tmp_path / "ours-moved-away")
+            (target / "sub").symlink_to(tmp_path)
+            opened = real_open(dir_fd, name)
+            # ... and then, before the clean-up, a directory of its own with its files in it.
+            (target / "sub").unlink()
+            (target / "sub").mkdir()
+            (target / "sub" / "keep.txt").write_text("the tool's own\n")
+            return opened
+
+        async with open_store(tmp_path / ".pforge", watch_workspaces=False) as store:
+            blob = await store.cas.write_blob(b"x")
+            tree = await store.cas.write_tree([("sub/f.txt", "100644", blob), ("a.txt", "100644", blob)])
+            monkeypatch.setattr(restore_module, "open_dir_at", swapped_before_open)
+            with pytest.raises(StorageError, match="replaced during the restore"):
+                await store.cas.restore(tree, target)
+            monkeypatch.undo()
+            assert (target / "sub" / "keep.txt").read_text() == "the tool's own\n"
+            assert await store.cas.read_blob(blob) == b"x"
+
+    async def test_a_symlink_replaced_right_after_it_was_made_is_not_cleared(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The same for a symlink: its inode was taken by an lstat after ``symlinkat``, so a directory
+        swapped in between was recorded as ours, and a failing restore emptied it."""
+        target = tmp_path / "target"
+        real_symlink = os.symlink
+
+        def symlink_then_swapped(src: Any, dst: Any, target_is_directory: bool = False, *, dir_fd: Any = None) -> None:
+            real_symlink(src, dst, target_is_directory, dir_fd=dir_fd)
+            if dst == b"link":  # the tool, at once: the link replaced by a directory of its own
+                os.unlink(target / "link")
+                (target / "link").mkdir()
+                (target / "link" / "keep.txt").write_text("the tool's own\n")
+                (target / "z.txt" / "in-the-way").mkdir(parents=True)  # and the next entry fails
+
+        async with open_store(tmp_path / ".pforge", watch_workspaces=False) as store:
+            blob = await store.cas.write_blob(b"x")
+            dest = await store.cas.write_blob(b"elsewhere")
+            tree = await store.cas.write_tree([("link", "120000", dest), ("z.txt", "100644", blob)])
+            monkeypatch.setattr(os, "symlink", symlink_then_swapped)
+            with pytest.raises(StorageError, match=r"z\.txt"):
+                await store.cas.restore(tree, target)
+            monkeypatch.undo()
+            assert (target / "link" / "keep.txt").read_text() == "the tool's own\n"

@@ -117,6 +117,8 @@ class _Restore:
             level.created.append((name, None))
             opened = open_dir_at(dir_fd, name)
             if opened is None:
+                # What stands there now is not what we made: the clean-up must leave it alone.
+                level.created.pop()
                 raise StorageError(
                     f"cannot restore {shown_path(self.directory, rel)}: it was replaced during the restore"
                 )
@@ -130,7 +132,10 @@ class _Restore:
             os.symlink(target, name, dir_fd=dir_fd)
             ino: int | None = None
             with contextlib.suppress(OSError):
-                ino = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if not stat.S_ISLNK(st.st_mode):
+                    return None  # replaced at once: what stands there is not ours to remove
+                ino = st.st_ino
             level.created.append((name, ino))
             return None
         permissions = _FILE_MODES.get(mode)
@@ -174,6 +179,10 @@ def _remove(dir_fd: int, name: bytes, ino: int | None) -> None:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if ino is not None and st.st_ino != ino:
             return  # someone else's by now
+        if ino is None and stat.S_ISDIR(st.st_mode):
+            # Not known to be ours (made, never opened): only removed if empty, never cleared.
+            os.rmdir(name, dir_fd=dir_fd)
+            return
         if stat.S_ISDIR(st.st_mode):
             # Deepest first, so what we made is empty by now: rmdir needs no descriptor, and a
             # restore that failed for want of descriptors (one per level) can still clean up.
