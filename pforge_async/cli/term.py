@@ -163,7 +163,8 @@ class Progress:
     def __init__(self, label: str, total: int | None = None, *, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
         self.enabled = _is_terminal(self.stream)
-        self.label = label
+        # a session's, file's or directory's name: escaped like every other line the command writes
+        self.label = safe(label)
         self.total = total
         self.done = 0
         self._started = time.monotonic()
