@@ -24,7 +24,7 @@ import anyio
 from ..errors import Conflict, InvalidInput, NotFound, PforgeError
 from ..store import DEFAULT_ROOT, Store, connect
 from .sqlread import SqlReader
-from .term import Output, safe
+from .term import Output, OutputError, safe, write_failed
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found]
@@ -130,6 +130,15 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise write_failed(exc) from exc
+
+
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     func: Command = args.func
@@ -146,13 +155,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             status = _run(argv)
-            sys.stdout.flush()
+            _flush_stdout()
             return status
         except BaseExceptionGroup as group:
             raise _single(group) from None
     except BrokenPipeError:
         _silence_stdout()
         return 0
+    except OutputError as exc:
+        # what is still buffered for stdout cannot be written either: the interpreter's last flush
+        # would fail again and print a traceback of its own ("Exception ignored ...")
+        _silence_stdout()
+        sys.stderr.write(f"{PROG}: error: {one_line(str(exc))}\n")
+        return exit_status(exc)
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130

@@ -20,7 +20,20 @@ from typing import Any, TextIO
 
 import anyio
 
-__all__ = ["Output", "Progress", "cost_text", "hexdump", "ms_text", "safe", "safe_bytes", "size_text"]
+from ..errors import StorageError
+
+__all__ = [
+    "Output",
+    "OutputError",
+    "Progress",
+    "cost_text",
+    "hexdump",
+    "ms_text",
+    "safe",
+    "safe_bytes",
+    "size_text",
+    "write_failed",
+]
 
 # C0 and C1 controls, DEL, the bidirectional controls, and lone surrogates (a file name that is not
 # UTF-8, decoded with surrogateescape): each would change how the line around it is displayed, or
@@ -111,6 +124,17 @@ def ms_text(ms: int) -> str:
         return f"{ms} ms"
 
 
+class OutputError(StorageError):
+    """Standard output could not be written (a full disk, an I/O error): what is still buffered for it
+    can never be written either, so the command drops it when it reports this (exit 1)."""
+
+
+def write_failed(exc: OSError) -> OutputError:
+    """``exc``, raised writing standard output, as the command's one-line error. (A reader that went
+    away, ``BrokenPipeError``, is no error: the caller lets it through to end quietly.)"""
+    return OutputError(f"cannot write standard output: {exc.strerror or exc}")
+
+
 class Output:
     """stdout for results, stderr for notes: plain lines, tables and JSON documents."""
 
@@ -120,8 +144,26 @@ class Output:
         self.stderr = stderr or sys.stderr
         self.tty = self.stdout.isatty()
 
+    def write(self, text: str) -> None:
+        try:
+            self.stdout.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise write_failed(exc) from exc
+
+    def write_bytes(self, data: bytes) -> None:
+        """Bytes as they are (a blob into a file or a pipe), after what was written as text."""
+        try:
+            self.stdout.flush()
+            self.stdout.buffer.write(data)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise write_failed(exc) from exc
+
     def line(self, text: str = "") -> None:
-        self.stdout.write(text + "\n")
+        self.write(text + "\n")
 
     def note(self, text: str) -> None:
         """A remark for the person at the terminal (stderr: a pipe reading stdout never sees it)."""
@@ -129,7 +171,7 @@ class Output:
 
     def document(self, value: Any) -> None:
         """One JSON document: indented on a terminal, one line otherwise (for ``jq`` and friends)."""
-        self.stdout.write(json_text(value, indent=2 if self.tty else None) + "\n")
+        self.write(json_text(value, indent=2 if self.tty else None) + "\n")
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: Sequence[int] = ()) -> None:
         """Columns padded to their widest cell; cells are escaped; ``right`` columns right-aligned."""

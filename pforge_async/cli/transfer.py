@@ -12,7 +12,9 @@ appended in batches of up to 4,096, each batch all or nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import stat
 import sys
 from typing import Any, TextIO
 
@@ -43,7 +45,7 @@ async def export(cli: Cli, args: argparse.Namespace) -> int:
     async with cli.store() as store:
         info = await resolve.context(store, args.context)
         bundles = await resolve.bundles(store, cli.sql)
-        target: TextIO = sys.stdout
+        target: TextIO | None = None
         if args.output is not None:
             try:
                 # a local file, written line by line as the turns come: no need for a thread per line
@@ -55,16 +57,47 @@ async def export(cli: Cli, args: argparse.Namespace) -> int:
         written = 0
         try:
             async for turn in store.turns.iter_turns(info.context_id):
-                target.write(export_line(turn, bundles) + "\n")
+                line = export_line(turn, bundles) + "\n"
+                if target is None:
+                    cli.out.write(line)
+                else:
+                    _write(target, args.output, line)
                 written += 1
                 progress.advance()
+            if target is not None:
+                file, target = target, None
+                _write(file, args.output, None)
+        except BaseException:
+            if args.output is not None:
+                _discard(target, args.output)
+            raise
         finally:
             progress.close()
-            if target is not sys.stdout:
-                target.close()
     if args.output is not None:
         cli.out.note(f"exported {written} turn(s) of context {info.context_id} to {args.output}")
     return 0
+
+
+def _write(target: TextIO, path: str, line: str | None) -> None:
+    """A line into the export file, or (``line`` None) its last flush and close."""
+    try:
+        if line is None:
+            target.close()
+        else:
+            target.write(line)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def _discard(target: TextIO | None, path: str) -> None:
+    """An export that failed part way: its lines would import as a whole chain, shorter than the
+    context's, so the file goes (a device or a pipe named by ``-o`` stays, of course)."""
+    if target is not None:
+        with contextlib.suppress(OSError):
+            target.close()
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
 
 
 def _read(file: str) -> list[ImportedTurn]:

@@ -6,7 +6,6 @@ import argparse
 import base64
 import difflib
 import os
-import sys
 from typing import Any
 
 from ..cas import TreeEntry
@@ -197,8 +196,7 @@ async def cat_file(cli: Cli, args: argparse.Namespace) -> int:
             return 0
         if not out.tty:
             # into a file or a pipe: the blob's bytes as they are (``> file`` gives back the file)
-            out.stdout.flush()
-            sys.stdout.buffer.write(data)
+            out.write_bytes(data)
             return 0
         text = printable_text(data)
         if text is not None:
