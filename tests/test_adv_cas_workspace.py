@@ -9,7 +9,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -248,3 +251,49 @@ class TestAFailedRestoreRemovesOnlyWhatItMade:
                 await store.cas.restore(tree, target)
             monkeypatch.undo()
             assert (target / "link" / "keep.txt").read_text() == "the tool's own\n"
+
+
+@contextlib.contextmanager
+def whole_second_file_system(tmp_path: Path) -> Iterator[Path]:
+    """A mounted ext2 with 128-byte inodes: it keeps timestamps in whole seconds (as FAT, which keeps
+    two, and older ext3 volumes do)."""
+    if os.geteuid() != 0 or shutil.which("mkfs.ext2") is None:
+        pytest.skip("needs root and mkfs.ext2 to mount a file system that keeps whole-second timestamps")
+    image, mount = tmp_path / "ext2.img", tmp_path / "mnt"
+    mount.mkdir()
+    with open(image, "wb") as out:
+        out.truncate(16 << 20)
+    subprocess.run(["mkfs.ext2", "-q", "-F", "-I", "128", str(image)], check=True, capture_output=True)
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mount)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a loop file system here: {mounted.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+class TestWholeSecondTimestamps:
+    @pytest.mark.parametrize("watch", [True, False], ids=["watch", "nowatch"])
+    async def test_a_change_in_the_second_of_a_snapshot_is_never_missed(self, tmp_path: Path, watch: bool) -> None:
+        """The stat cache kept a file as clean once its mtime and ctime were 50 ms older than the
+        snapshot's start; where timestamps are whole seconds, a file changed after it was read (same
+        size, same second) keeps the stat it had, and every later snapshot stored the old content.
+        An entry whose times are whole seconds is now kept only once they are 2 s old."""
+        with whole_second_file_system(tmp_path) as mount:
+            work = mount / "work"
+            work.mkdir()
+            path = work / "f.txt"
+            async with open_store(tmp_path / ".pforge", watch_workspaces=watch) as store:
+                for _attempt in range(5):
+                    path.write_text("aaaa")
+                    before = path.stat()
+                    await store.cas.snapshot(work)
+                    path.write_text("bbbb")  # a tool, right after the scan read the file
+                    after = path.stat()
+                    tree = await store.cas.snapshot(work)
+                    blob = _files(await store.cas.read_tree(tree))["f.txt"]
+                    assert await store.cas.read_blob(blob) == b"bbbb"
+                    if (before.st_mtime_ns, before.st_ctime_ns) == (after.st_mtime_ns, after.st_ctime_ns):
+                        return  # the stat did not show the change: the case this test is about
+                pytest.fail("no change within one second of its snapshot in five tries")

@@ -2,8 +2,9 @@
 
 The stat cache works as git's index does: a file whose ``(mode, size, mtime, ctime, inode)`` match
 what was recorded when it was last stored is not read again. Entries modified within
-``RACY_NS`` of a snapshot's start are "racily clean" (a later write could keep the same timestamp
-tick) and are never cached, so a change is never missed.
+``RACY_NS`` of a snapshot's start (2 s where the file system keeps whole seconds) are "racily
+clean" (a later write could keep the same timestamp tick) and are never cached, so a change is
+never missed.
 
 The workspace is untrusted: tools may swap, rename and delete its entries while the scan runs. The
 scan opens the root once (a symlink *at* the root, which the caller named, is followed) and from
@@ -324,12 +325,28 @@ class SnapshotPlan:
         """The stat cache this snapshot leaves: what it saw, less the racily clean entries (modified
         within ``RACY_NS`` of its start: a later write could keep the same timestamp). Valid once the
         snapshot's objects are durable."""
-        horizon = self.start_ns - RACY_NS
-        return {rel: entry for rel, entry in self.seen.items() if entry[2] < horizon and entry[3] < horizon}
+        return {rel: entry for rel, entry in self.seen.items() if not _racy(entry, self.start_ns)}
 
     def save_cache(self) -> None:
         """Record what this snapshot saw; call once its objects are durable (see :func:`write_cache`)."""
         write_cache(self.cache_path, self.cache_entries())
+
+
+#: how old the times of a file must be to cache it where the file system keeps whole seconds
+#: (ext2/ext3 with 128-byte inodes; FAT keeps two)
+_COARSE_RACY_NS = 2_000_000_000
+_SECOND_NS = 1_000_000_000
+
+
+def _racy(entry: _CacheEntry, start_ns: int) -> bool:
+    """Whether a file could have changed after it was read without its stat showing it: modified
+    within the timestamp granularity (and ``RACY_NS`` of clock skew) of the snapshot's start. Times
+    that are both whole seconds mean a file system that keeps seconds (on one that keeps
+    nanoseconds, one time in 10**9 is): a change in the same second keeps the same stat."""
+    mtime, ctime = entry[2], entry[3]
+    coarse = mtime % _SECOND_NS == 0 and ctime % _SECOND_NS == 0
+    horizon = start_ns - (_COARSE_RACY_NS if coarse else RACY_NS)
+    return mtime >= horizon or ctime >= horizon
 
 
 def write_cache(path: Path, cache: dict[bytes, _CacheEntry]) -> bool:
