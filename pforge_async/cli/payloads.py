@@ -412,6 +412,8 @@ class ImportedTurn(msgspec.Struct, frozen=True):
     idempotency_key: str | None
     fs_root: str | None
     depth: int | None
+    #: the line of the file it was read from (for messages)
+    line: int = 0
 
 
 def parse_export_line(line: str, number: int) -> ImportedTurn:
@@ -460,4 +462,4 @@ def parse_export_line(line: str, number: int) -> ImportedTurn:
     expected = doc.get("payload_sha256")
     if expected is not None and hashlib.sha256(payload).hexdigest() != expected:
         raise InvalidInput(f"{where}: the payload does not match its payload_sha256 {expected}")
-    return ImportedTurn(type_id, version, payload, key, fs_root, depth)
+    return ImportedTurn(type_id, version, payload, key, fs_root, depth, number)

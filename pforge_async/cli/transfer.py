@@ -19,7 +19,8 @@ import sys
 from typing import Any, TextIO
 
 from ..errors import InvalidInput, ObjectNotFound, StorageError
-from ..turnstore.rules import split_batches
+from ..turnstore.commands import AppendTurn
+from ..turnstore.rules import split_batches, validate_append
 from ..turnstore.types import NewTurn
 from . import resolve
 from .app import Cli
@@ -123,9 +124,40 @@ def _read(file: str) -> list[ImportedTurn]:
     return turns
 
 
+def _check(turns: list[ImportedTurn], file: str, max_payload: int) -> None:
+    """What the turn store would refuse of each turn on its own, and a key the file repeats, refused
+    before the new context is made: a batch that failed after it would leave it behind, partly filled.
+    (Within one context a key names one turn: the second turn of a repeated key would be taken for a
+    retry of the first, and silently dropped.)"""
+    seen: dict[str, int] = {}
+    for turn in turns:
+        command = AppendTurn(
+            1,  # the context it goes to does not exist yet: any valid id
+            turn.type_id,
+            turn.payload,
+            type_version=turn.type_version,
+            idempotency_key=turn.idempotency_key,
+            fs_root=turn.fs_root,
+        )
+        try:
+            validate_append(command, max_payload)
+        except InvalidInput as exc:
+            raise InvalidInput(f"{file}: line {turn.line}: {exc}") from exc
+        key = turn.idempotency_key
+        if key is not None:
+            if key in seen:
+                raise InvalidInput(
+                    f"{file}: line {turn.line} repeats the idempotency key {key!r} of line {seen[key]}: one "
+                    "context holds a key once (an export crossing a fork where both contexts used the key "
+                    "cannot be imported into one context)"
+                )
+            seen[key] = turn.line
+
+
 async def import_(cli: Cli, args: argparse.Namespace) -> int:
     turns = _read(args.file)
     async with cli.store(write=True) as store:
+        _check(turns, args.file, store.turns.max_payload_bytes)
         # The workspace snapshots the turns point at must be in this store: checked before the
         # context is created, so a refused import leaves nothing behind.
         for oid in sorted({t.fs_root for t in turns if t.fs_root}):
