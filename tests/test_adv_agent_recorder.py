@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from pforge_async import InvalidInput, PersistenceError, Usage, open_store
@@ -114,3 +115,17 @@ async def test_a_batch_whose_first_charge_fails_keeps_and_charges_every_record(t
         stored = await load_session_tree(store, "b")
         assert [r.record for r in stored.records] == [r.record for r in rec.records]
         assert isinstance(stored.records[1].record, AssistantTurn)
+
+
+async def test_a_subagent_closed_by_several_tasks_at_once_is_one_record_in_its_parent(tmp_path: Path) -> None:
+    """Concurrent closes of one subagent land once in the store (one key), but each was appended to the
+    parent's ``records``: the recorder then said the parent held more records than the store has."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        parent = await SessionRecorder.start(store, "p", mode="required")
+        child = await parent.spawn_subagent("k")
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(child.close, "done")
+        stored = await load_session_tree(store, "p")
+        assert [r.turn.turn_id for r in parent.records] == [r.turn.turn_id for r in stored.records]
+        assert [r.turn.turn_id for r in child.records] == [r.turn.turn_id for r in stored.subagents[0].session.records]

@@ -128,6 +128,8 @@ class SessionRecorder:
         self._by_seq: dict[int, Recorded] = {}
         self._spawns: dict[str, Recorded] = {}
         self._closed: Recorded | None = None
+        # The subagents whose close record this (parent) session holds.
+        self._child_closes: set[str] = set()
         self._cursor = 0
         self._position = 0
         self._budget: BudgetLedger | None = None if store is None else store.budget
@@ -879,6 +881,10 @@ class SessionRecorder:
                 if self._closed is not None:
                     return
                 self._closed = recorded
+            elif record.subagent_id in self._child_closes:  # closed by several tasks: one record
+                return
+            else:
+                self._child_closes.add(record.subagent_id)
         else:
             seq: int = record.seq  # type: ignore[union-attr]
             by_seq = self._by_seq
