@@ -6,6 +6,7 @@ import argparse
 import base64
 import difflib
 import os
+import stat
 from typing import Any
 
 from ..cas import TreeEntry
@@ -267,8 +268,24 @@ async def snapshot(cli: Cli, args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_target(directory: str) -> None:
+    """A target that is a file, or lies below one, is the user's mistake (exit 2). The restore would
+    refuse it too, but as the storage failing (exit 1)."""
+    try:
+        is_dir = stat.S_ISDIR(os.stat(directory).st_mode)
+    except FileNotFoundError:
+        return  # the restore creates it
+    except NotADirectoryError:
+        raise InvalidInput(f"cannot restore into {directory}: a path above it is not a directory") from None
+    except OSError:
+        return  # the restore names what is wrong
+    if not is_dir:
+        raise InvalidInput(f"cannot restore into {directory}: it is not a directory")
+
+
 async def restore(cli: Cli, args: argparse.Namespace) -> int:
     directory = os.path.abspath(args.directory)
+    _check_target(directory)
     async with cli.store() as store:
         tree, what = await resolve.tree_of(store, args.tree)
         files = len(await store.cas.read_tree(tree, recursive=True))
