@@ -129,3 +129,45 @@ async def test_a_subagent_closed_by_several_tasks_at_once_is_one_record_in_its_p
         stored = await load_session_tree(store, "p")
         assert [r.turn.turn_id for r in parent.records] == [r.turn.turn_id for r in stored.records]
         assert [r.turn.turn_id for r in child.records] == [r.turn.turn_id for r in stored.subagents[0].session.records]
+
+
+class _Hostile:
+    """A value whose repr and comparison raise, as a tool's own object may."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr of a hostile value")
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("comparison of a hostile value")
+
+    __hash__ = object.__hash__
+
+
+async def test_hostile_argument_types_are_invalid_input_and_store_nothing(tmp_path: Path) -> None:
+    """A non-iterable ``tool_calls`` or ``results`` failed as a bare TypeError (the failure's error,
+    the PersistenceError's cause), and a value whose repr or ``==`` raises escaped as that error from
+    the message naming it."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        loose = await SessionRecorder.start(store, "loose")
+        strict = await SessionRecorder.start(store, "strict", mode="required")
+        calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
+            ("assistant_turn", ("a",), dict(tool_calls=None)),
+            ("assistant_turn", ("a",), dict(tool_calls=5)),
+            ("tool_results", (None,), {}),
+            ("tool_results", (7,), {}),
+            ("tool_results", ([_Hostile()],), {}),
+        ]
+        for hook, args, kwargs in calls:
+            assert await getattr(loose, hook)(*args, **kwargs) is None
+            with pytest.raises(PersistenceError) as info:
+                await getattr(strict, hook)(*args, **kwargs)
+            assert isinstance(info.value.__cause__, InvalidInput), (hook, kwargs)
+        assert [type(f.error) for f in loose.failures] == [InvalidInput] * len(calls)
+        with pytest.raises(InvalidInput):
+            await loose.spawn_subagent(_Hostile())  # type: ignore[arg-type]
+        with pytest.raises(InvalidInput):
+            loose.seek(_Hostile())  # type: ignore[arg-type]
+        with pytest.raises(InvalidInput):
+            await SessionRecorder.start(store, "mode", mode=_Hostile())  # type: ignore[arg-type]
+        for name in ("loose", "strict"):
+            assert (await load_session_tree(store, name)).records == []

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import InvalidInput
+from ..ledgers._checks import show
 
 __all__ = ["MODES", "Mode", "PersistenceFailure", "logger", "validate_mode"]
 
@@ -23,10 +24,11 @@ logger = logging.getLogger("pforge_async.agent")
 
 
 def validate_mode(mode: object) -> Mode:
-    for known in MODES:
-        if mode == known and isinstance(mode, str):
-            return known
-    raise InvalidInput(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r:.80}")
+    if isinstance(mode, str):  # checked first: a caller's object's own == may raise
+        for known in MODES:
+            if mode == known:
+                return known
+    raise InvalidInput(f"mode must be one of {', '.join(map(repr, MODES))}, got {show(mode)}")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, cast
@@ -251,7 +251,7 @@ class SessionRecorder:
         """Move the cursor: ``seek(recorder.position)`` continues after everything recorded (for a loop
         that rebuilt its state from ``records`` instead of re-issuing its calls)."""
         if not isinstance(position, int) or isinstance(position, bool) or position < 0:
-            raise InvalidInput(f"position must be an int >= 0, got {position!r}")
+            raise InvalidInput(f"position must be an int >= 0, got {show(position)}")
         skipped_from = self._cursor
         self._cursor = position
         assistant = sorted(
@@ -338,7 +338,7 @@ class SessionRecorder:
             if usage is not None:
                 # Checked before the write: a charge refused after it left the turn stored.
                 _check_usage(usage, vendor, model, charged=budget is not None)
-            return AssistantTurn(seq, text, list(tool_calls), usage, model, vendor, metadata or {})
+            return AssistantTurn(seq, text, _listed(tool_calls, "tool_calls"), usage, model, vendor, metadata or {})
 
         try:
             return await self._positional("assistant_turn", build, after=charge)
@@ -390,9 +390,9 @@ class SessionRecorder:
 
         def build(seq: int) -> ToolResultsTurn:
             made = []
-            for result in results:
+            for result in _listed(results, "results"):
                 if not isinstance(result, tuple) or len(result) not in (2, 3):
-                    raise InvalidInput(f"a tool result must be (call_id, output[, is_error]), got {result!r:.80}")
+                    raise InvalidInput(f"a tool result must be (call_id, output[, is_error]), got {show(result)}")
                 output, blob = self._output(result[1])
                 if blob is not None:
                     blobs.append(blob)
@@ -473,7 +473,7 @@ class SessionRecorder:
         is written here. In ``best_effort`` a failed spawn is retried at the child's first write.
         ``subagent_id``: unique within this session, without ``/``."""
         if not isinstance(subagent_id, str) or not subagent_id or "/" in subagent_id:
-            raise InvalidInput(f"subagent_id must be a non-empty str without '/', got {subagent_id!r:.80}")
+            raise InvalidInput(f"subagent_id must be a non-empty str without '/', got {show(subagent_id)}")
         child = SessionRecorder(
             subagent_session_name(self.name, subagent_id),
             self.mode,
@@ -946,6 +946,17 @@ def _checked(record: AgentRecord) -> tuple[str, bytes, Any]:
     except (msgspec.EncodeError, msgspec.ValidationError, TypeError, OverflowError, UnicodeEncodeError) as exc:
         # UnicodeEncodeError: a lone surrogate in a str, which UTF-8 cannot hold.
         raise InvalidInput(f"{_kind(type(record).__name__)} record: {exc}") from exc
+
+
+def _listed(values: object, what: str) -> list[Any]:
+    """``values`` (a sequence or other iterable a hook was handed) as a list; ``InvalidInput`` if it is
+    not iterable."""
+    if isinstance(values, list):
+        return values
+    try:
+        return list(cast(Iterable[Any], values))
+    except TypeError as exc:
+        raise InvalidInput(f"{what} must be a sequence, got {type(values).__name__} {show(values)}") from exc
 
 
 def _check_usage(usage: object, vendor: str | None, model: str | None, *, charged: bool) -> None:
