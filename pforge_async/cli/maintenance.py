@@ -12,6 +12,7 @@ import msgspec
 
 from ..cas.pack import PackIndex
 from ..errors import IntegrityError, InvalidInput, PforgeError, StorageError
+from ..lifecycle import store_bytes
 from ..manifest import MANIFEST
 from ..turnstore.gc import validate_grace
 from .app import Cli, one_line
@@ -259,9 +260,18 @@ def _seconds(text: str) -> float:
 
 async def gc(cli: Cli, args: argparse.Namespace) -> int:
     out = cli.out
+    # The store's size as the user left it: the writable open reserves -wal blocks (up to 4 MiB a
+    # database) that gc's compaction truncates again, so the report's own "before", measured after
+    # the open, counts as freed what this very command made.
+    before = await anyio.to_thread.run_sync(store_bytes, cli.root_path)
     async with cli.store(write=True) as store:  # an existing store only: gc never creates one
         async with Progress("gc").running():
             report = await store.gc(grace_s=args.grace, dry_run=args.dry_run)
+    if report.dry_run:
+        after = max(0, before - report.bytes_freed)
+    else:
+        after = await anyio.to_thread.run_sync(store_bytes, cli.root_path)  # closed: as the user finds it
+    report = msgspec.structs.replace(report, bytes_before=before, bytes_after=after, bytes_freed=max(0, before - after))
     if out.json:
         out.document({"root": str(cli.root_path), **msgspec.to_builtins(report)})
         return 0
