@@ -127,3 +127,22 @@ async def test_a_batch_retried_after_its_write_failed_charges_its_turn_under_the
         await resumed.session_end()
         totals = await budget.totals("v")
         assert (totals.tokens, totals.reserved_tokens) == (30, 0)
+
+
+async def test_a_session_ending_with_more_than_a_thousand_unused_reservations_releases_them_all(
+    tmp_path: Path,
+) -> None:
+    """The session's end released what one ``list_reservations`` call returned (1,000 at most): a long
+    loop whose turns reported no usage left the rest held until they expired."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        budget = store.budget
+        await budget.set_budget("v", tokens=10**9)
+        rec = await SessionRecorder.start(store, "long", mode="required")
+        async with rec.batch():
+            for _ in range(1001):
+                await rec.reserve_budget("v", tokens=10)
+                await rec.assistant_turn("no usage reported")
+        assert len(await budget.list_reservations(limit=10_000)) == 1001
+        await rec.session_end()
+        assert await budget.list_reservations(limit=10_000) == []
+        assert (await budget.totals("v")).reserved_tokens == 0

@@ -85,6 +85,8 @@ After = Callable[[Recorded, bool], Awaitable[None]]
 #: a record of a batch, waiting for the batch's write: its position, record, turn and ``After``
 Queued = tuple[int, PositionalRecord, NewTurn, After | None]
 
+#: reservations a session's end lists at a time to release them (it lists again until none are left)
+_SETTLE_PAGE = 1000
 #: the largest output whose record a recorder keeps for the tool results that repeat it
 _REUSED_OUTPUT_MAX = 1 << 20
 
@@ -736,11 +738,15 @@ class SessionRecorder:
             except Exception as exc:
                 failed = failed or exc  # the rest are charged and released all the same
             del self._skipped[index]
-        for reservation in await budget.list_reservations(tags=self._tags()):
-            try:
-                await budget.release(reservation)
-            except NotFound:
-                pass  # purged meanwhile (it had expired): nothing is held any more
+        while True:  # a listing is capped: what it leaves is listed again once these are released
+            held = await budget.list_reservations(tags=self._tags(), limit=_SETTLE_PAGE)
+            for reservation in held:
+                try:
+                    await budget.release(reservation)
+                except NotFound:
+                    pass  # purged meanwhile (it had expired): nothing is held any more
+            if len(held) < _SETTLE_PAGE:
+                break
         self._pending.clear()
         if failed is not None:
             raise failed
