@@ -146,3 +146,27 @@ async def test_a_session_ending_with_more_than_a_thousand_unused_reservations_re
         await rec.session_end()
         assert await budget.list_reservations(limit=10_000) == []
         assert (await budget.totals("v")).reserved_tokens == 0
+
+
+async def test_a_rerun_reserving_for_a_turn_charged_unreserved_does_not_charge_it_again(tmp_path: Path) -> None:
+    """A turn charged unreserved (its reserve failed, or its reservation was purged before the commit)
+    and replayed by a re-run that reserves for it: the re-run's reserve made a new reservation under
+    the turn's key, and the replay committed it, a second spend for the same turn."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        budget = store.budget
+        await budget.set_budget("v", tokens=10_000)
+        first = await SessionRecorder.start(store, "again", mode="required")
+        await first.user_turn("go")
+        # No reservation (the reserve failed in best_effort, or it was purged): charged to the vendor.
+        await first.assistant_turn("a", usage=Usage(10, 20, 0), vendor="v")
+        assert (await budget.totals("v")).tokens == 30
+        rerun = await SessionRecorder.start(store, "again", mode="required")
+        await rerun.user_turn("go")
+        assert await rerun.reserve_budget("v", tokens=100) is not None
+        await rerun.assistant_turn("a", usage=Usage(10, 20, 0), vendor="v")
+        await rerun.session_end()
+        totals = await budget.totals("v")
+        assert (totals.tokens, totals.reserved_tokens) == (30, 0)
+        assert await budget.list_reservations() == []
+        report = await store.check()
+        assert report.ok, report.problems

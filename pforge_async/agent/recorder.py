@@ -142,6 +142,8 @@ class SessionRecorder:
         # Reservations made for assistant turns not yet charged, by turn: a batch may queue a turn
         # and reserve for the next before the first is charged.
         self._pending: dict[int, Reservation] = {}
+        # Of those, the ones made for a turn an earlier run recorded (and charged) without them.
+        self._fresh: set[int] = set()
         # Assistant turns with usage that seek() skipped, by index: charged when the session ends.
         self._skipped: dict[int, AssistantTurn] = {}
         self._batch: list[Queued] | None = None
@@ -363,14 +365,18 @@ class SessionRecorder:
         if self._off or self._budget is None:
             return None
         index = self._assistant_calls
+        key = budget_key(self.name, index)
         try:
+            # For a turn an earlier run recorded, a reservation its key did not make already is new:
+            # that run charged the turn without one (or not at all), so it is not this turn's to commit.
+            fresh = self._assistant_recorded(index) and await self._budget.find_reservation(key) is None
             reservation = await self._budget.reserve(
                 vendor,
                 tokens=tokens,
                 cost=cost,
                 model=model,
                 ttl_s=ttl_s,
-                idempotency_key=budget_key(self.name, index),
+                idempotency_key=key,
                 tags=self._tags(),
             )
         except BudgetExceeded:
@@ -379,7 +385,16 @@ class SessionRecorder:
             self._fail("reserve_budget", None, exc)
             return None
         self._pending[index] = reservation
+        if fresh:
+            self._fresh.add(index)
         return reservation
+
+    def _assistant_recorded(self, index: int) -> bool:
+        """Whether this session's ``index``-th assistant turn is recorded (only a resumed run, with
+        records past its cursor, has to count them)."""
+        if self._cursor >= self._position:
+            return False
+        return sum(1 for found in self._by_seq.values() if type(found.record) is AssistantTurn) > index
 
     async def tool_results(
         self, results: Sequence[ToolResultInput], *, metadata: dict[str, Any] | None = None
@@ -689,6 +704,8 @@ class SessionRecorder:
         Called only with something to charge: a vendor, a reservation pending, or a replayed turn."""
         key = budget_key(self.name, index)
         reservation = self._pending.pop(index, None)
+        fresh = index in self._fresh
+        self._fresh.discard(index)
         if reservation is None and replayed:
             # An earlier run reserved (and maybe committed) for this turn, or charged it unreserved.
             reservation = await budget.find_reservation(key)
@@ -696,15 +713,16 @@ class SessionRecorder:
         if reservation is not None:
             if reservation.state not in ("held", "expired"):
                 return  # committed: charged already; released: given back on purpose
-            if usage.tokens <= reservation.tokens and usage.cost <= reservation.cost:
+            if not fresh and usage.tokens <= reservation.tokens and usage.cost <= reservation.cost:
                 try:
                     await budget.commit(reservation, usage)
                     return
                 except NotFound:
                     pass  # purged once expired (budget.purge_expired): charged unreserved below
             else:
-                # More than was reserved, which the ledger does not commit: the spend happened, so
-                # it is charged unreserved below, then the reservation is given back.
+                # More than was reserved, which the ledger does not commit, or a reservation made
+                # after an earlier run charged the turn without it: charged unreserved below (by the
+                # turn's key: once), then the reservation is given back.
                 unused = reservation
             vendor, model = vendor or reservation.vendor, model or reservation.model
         if vendor is not None:
@@ -748,6 +766,7 @@ class SessionRecorder:
             if len(held) < _SETTLE_PAGE:
                 break
         self._pending.clear()
+        self._fresh.clear()
         if failed is not None:
             raise failed
 
