@@ -14,10 +14,10 @@ import pytest
 
 from pforge_async import open_store
 
-from .test_adv_cli_common import ok, one_line_error, pforge
+from .test_adv_cli_common import listing, ok, one_line_error, pforge
 
 FULL = Path("/dev/full")
-pytestmark = pytest.mark.skipif(not FULL.exists(), reason="needs /dev/full (a device every write to fails: ENOSPC)")
+needs_full = pytest.mark.skipif(not FULL.exists(), reason="needs /dev/full (a device every write to fails: ENOSPC)")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         ("cat-file", "BLOB"),
     ],
 )
+@needs_full
 def test_standard_output_on_a_full_disk_is_one_line_and_exit_1(store: tuple[Path, str], args: tuple[str, ...]) -> None:
     root, blob = store
     args = tuple(blob if a == "BLOB" else a for a in args)
@@ -59,6 +60,7 @@ def test_standard_output_on_a_full_disk_is_one_line_and_exit_1(store: tuple[Path
     assert "No space left on device" in line
 
 
+@needs_full
 def test_export_to_a_full_disk_is_one_line_and_exit_1(store: tuple[Path, str]) -> None:
     root, _ = store
     line = one_line_error(pforge("--root", str(root), "export", "out", "-o", str(FULL)), 1)
@@ -90,3 +92,26 @@ def test_a_good_export_to_a_file_is_whole(store: tuple[Path, str], tmp_path: Pat
     out = tmp_path / "good.jsonl"
     ok(pforge("--root", str(root), "export", "out", "-o", str(out)))
     assert [json.loads(line)["depth"] for line in out.read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("where", ["turns.db", "new-file", "symlink"])
+def test_export_into_the_store_itself_is_refused_and_the_store_stays_whole(tmp_path: Path, where: str) -> None:
+    """``export -o .pforge/turns.db`` (a slip of the tab key) truncated the database a read-only command
+    was reading: the store was gone. A path inside the store, however spelt, is a bad argument."""
+    root = tmp_path / ".pforge"
+
+    async def go() -> None:
+        async with open_store(root, watch_workspaces=False) as opened:
+            ctx = await opened.turns.open_context("kept")
+            await opened.turns.append_turn(ctx.context_id, "plain", b"a turn")
+
+    anyio.run(go)
+    target = root / where
+    if where == "symlink":
+        target = tmp_path / "looks-outside.jsonl"
+        target.symlink_to(root / "turns.db")
+    before = listing(root)
+    line = one_line_error(pforge("--root", str(root), "export", "kept", "-o", str(target)), 2)
+    assert "inside the store" in line
+    assert listing(root) == before
+    assert json.loads(ok(pforge("--root", str(root), "--json", "check")))["ok"] is True

@@ -36,3 +36,23 @@ def test_restore_into_a_file_is_a_bad_argument(tmp_path: Path, kind: str) -> Non
     assert "not a directory" in line
     assert file.read_text() == "keep me\n"
     assert listing(root) == before
+
+
+def test_restore_into_the_store_itself_is_refused(tmp_path: Path) -> None:
+    """A restore below the store root would make files the store takes for its own (a tree holding a
+    file named like a loose object, restored into a missing ``cas/objects/xx``)."""
+    root = tmp_path / ".pforge"
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / ("ab" * 31)).write_text("not an object\n")
+
+    async def fill() -> str:
+        async with open_store(root, watch_workspaces=False) as store:
+            return await store.cas.snapshot(ws)
+
+    tree = anyio.run(fill)
+    before = listing(root)
+    for target in (root / "cas" / "objects" / "ab", root / "restored"):
+        line = one_line_error(pforge("--root", str(root), "restore", tree, str(target)), 2)
+        assert "inside the store" in line
+    assert listing(root) == before

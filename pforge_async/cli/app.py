@@ -63,6 +63,16 @@ class Cli:
             with anyio.CancelScope(shield=True):
                 await store.aclose()
 
+    def refuse_inside(self, path: str, doing: str) -> None:
+        """Refuse a path the command would write that lies inside the store (symlinks followed): an
+        export file opened there truncates a database the command reads (``-o .pforge/turns.db``),
+        a restore there makes files the store would take for its own."""
+        real, store = os.path.realpath(path), os.path.realpath(self.root_path)
+        if real == store or real.startswith(store.rstrip(os.sep) + os.sep):
+            raise InvalidInput(
+                f"cannot {doing} {path}: it is inside the store {self.root_path} (name a path outside it)"
+            )
+
     @property
     def sql(self) -> SqlReader:
         return SqlReader(self.root_path)

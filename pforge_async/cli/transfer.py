@@ -48,6 +48,7 @@ async def export(cli: Cli, args: argparse.Namespace) -> int:
         bundles = await resolve.bundles(store, cli.sql)
         target: TextIO | None = None
         if args.output is not None:
+            cli.refuse_inside(args.output, "export to")
             try:
                 # a local file, written line by line as the turns come: no need for a thread per line
                 target = open(args.output, "w", encoding="utf-8")  # noqa: SIM115, ASYNC230 - closed below

@@ -285,6 +285,7 @@ def _check_target(directory: str) -> None:
 
 async def restore(cli: Cli, args: argparse.Namespace) -> int:
     directory = os.path.abspath(args.directory)
+    cli.refuse_inside(directory, "restore into")
     _check_target(directory)
     async with cli.store() as store:
         tree, what = await resolve.tree_of(store, args.tree)
