@@ -133,6 +133,8 @@ def _single(exc: BaseException) -> BaseException:
 def _silence_stdout() -> None:
     """The reader of stdout is gone: point it at /dev/null, so the interpreter's last flush of what
     is still buffered goes nowhere instead of raising again (Python's documented recipe)."""
+    if sys.stdout is None:  # started with stdout closed: nothing is buffered for it
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, sys.stdout.fileno())
@@ -141,6 +143,8 @@ def _silence_stdout() -> None:
 
 
 def _flush_stdout() -> None:
+    if sys.stdout is None:  # started with stdout closed: nothing was written to it
+        return
     try:
         sys.stdout.flush()
     except BrokenPipeError:

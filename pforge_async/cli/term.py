@@ -140,9 +140,16 @@ class Output:
 
     def __init__(self, *, json_mode: bool, stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
         self.json = json_mode
-        self.stdout = stdout or sys.stdout
+        # None: the process was started with stdout closed (``>&-``); the first write says so
+        self._stdout: TextIO | None = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
-        self.tty = self.stdout.isatty()
+        self.tty = self._stdout is not None and self._stdout.isatty()
+
+    @property
+    def stdout(self) -> TextIO:
+        if self._stdout is None:
+            raise OutputError("cannot write standard output: it is closed")
+        return self._stdout
 
     def write(self, text: str) -> None:
         try:

@@ -105,6 +105,8 @@ def _discard(target: TextIO | None, path: str) -> None:
 def _read(file: str) -> list[ImportedTurn]:
     try:
         if file == "-":
+            if sys.stdin is None:  # started with stdin closed (``<&-``)
+                raise InvalidInput("cannot import -: standard input is closed")
             lines = sys.stdin.read().splitlines()
         else:
             with open(file, encoding="utf-8") as f:
