@@ -711,9 +711,13 @@ class SessionRecorder:
             reservation = await budget.find_reservation(key)
         unused: Reservation | None = None
         if reservation is not None:
-            if reservation.state not in ("held", "expired"):
-                return  # committed: charged already; released: given back on purpose
-            if not fresh and usage.tokens <= reservation.tokens and usage.cost <= reservation.cost:
+            if reservation.state == "committed":
+                return  # charged already
+            if reservation.state == "released":
+                # Given back (a session's end released it while this turn was unwritten): the spend
+                # happened all the same, so it is charged unreserved below, by the turn's key.
+                pass
+            elif not fresh and usage.tokens <= reservation.tokens and usage.cost <= reservation.cost:
                 try:
                     await budget.commit(reservation, usage)
                     return
@@ -724,7 +728,9 @@ class SessionRecorder:
                 # after an earlier run charged the turn without it: charged unreserved below (by the
                 # turn's key: once), then the reservation is given back.
                 unused = reservation
-            vendor, model = vendor or reservation.vendor, model or reservation.model
+            # The turn's own model, as an unreserved charge names it (not the reservation's): every
+            # run charging this turn by its key must give the same values, or the key conflicts.
+            vendor = vendor or reservation.vendor
         if vendor is not None:
             await budget.record_spend(
                 vendor,
@@ -993,9 +999,11 @@ def _check_usage(usage: object, vendor: str | None, model: str | None, *, charge
     whole(usage.output_tokens, "usage.output_tokens")
     whole(usage.cost, "usage.cost")
     whole(usage.input_tokens + usage.output_tokens, "usage tokens (input plus output)")
-    if charged and vendor is not None:
-        ledger_text(vendor, "vendor")
-        ledger_text(model or vendor, "model")
+    if charged:  # the names a charge gives the ledger: the vendor (or the reservation's) and model
+        if vendor is not None:
+            ledger_text(vendor, "vendor")
+        if model:
+            ledger_text(model, "model")
 
 
 async def _run(job: Awaitable[None]) -> None:
