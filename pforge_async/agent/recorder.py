@@ -144,6 +144,8 @@ class SessionRecorder:
         self._pending: dict[int, Reservation] = {}
         # Of those, the ones made for a turn an earlier run recorded (and charged) without them.
         self._fresh: set[int] = set()
+        # Assistant turns among the records (counted as they are remembered, not at each reserve).
+        self._assistant_records = 0
         # Assistant turns with usage that seek() skipped, by index: charged when the session ends.
         self._skipped: dict[int, AssistantTurn] = {}
         self._batch: list[Queued] | None = None
@@ -390,11 +392,9 @@ class SessionRecorder:
         return reservation
 
     def _assistant_recorded(self, index: int) -> bool:
-        """Whether this session's ``index``-th assistant turn is recorded (only a resumed run, with
-        records past its cursor, has to count them)."""
-        if self._cursor >= self._position:
-            return False
-        return sum(1 for found in self._by_seq.values() if type(found.record) is AssistantTurn) > index
+        """Whether this session's ``index``-th assistant turn is recorded (asked only in a resumed
+        run, with records past its cursor)."""
+        return self._cursor < self._position and self._assistant_records > index
 
     async def tool_results(
         self, results: Sequence[ToolResultInput], *, metadata: dict[str, Any] | None = None
@@ -922,6 +922,8 @@ class SessionRecorder:
             if seq in by_seq:
                 return
             by_seq[seq] = recorded
+            if kind is AssistantTurn:
+                self._assistant_records += 1
             if seq >= self._position:
                 self._position = seq + 1
         self._records.append(recorded)
