@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 import time
 from enum import Enum
 from pathlib import Path
@@ -91,12 +92,36 @@ class RootPlan(msgspec.Struct, frozen=True):
         return self.kind is not RootKind.STORE or sorted(self.recorded) != sorted(PARTS)
 
 
-def _read_manifest(path: Path) -> Manifest | str:
-    """The manifest, or why it is damaged."""
+#: a manifest is a few hundred bytes: one larger than this is damaged, and is not read whole
+_MAX_MANIFEST = 64 << 10
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The manifest's bytes, at most ``_MAX_MANIFEST`` and one more. Opened without blocking and
+    refused unless a regular file: a FIFO there would make every open wait for a writer forever,
+    a symlink to ``/dev/zero`` read without end."""
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StorageError(f"the store manifest {path} is not a regular file: refusing to read it")
+            chunks: list[bytes] = []
+            size = 0
+            while size <= _MAX_MANIFEST and (chunk := os.read(fd, _MAX_MANIFEST + 1 - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise StorageError(f"cannot read the store manifest {path}: {exc.strerror}") from exc
+
+
+def _read_manifest(path: Path) -> Manifest | str:
+    """The manifest, or why it is damaged."""
+    data = _read_bytes(path)
+    if len(data) > _MAX_MANIFEST:
+        return f"it is over {_MAX_MANIFEST} bytes"
     try:
         manifest = msgspec.json.decode(data, type=Manifest)
     except msgspec.DecodeError as exc:
