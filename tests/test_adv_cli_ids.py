@@ -55,3 +55,14 @@ def test_an_id_with_leading_zeros_is_still_that_id(store: tuple[Path, int]) -> N
     assert doc["turn"]["turn_id"] == turn_id
     doc = json.loads(ok(pforge("--root", str(root), "--json", "log", "id:" + padded)))
     assert doc["context"]["name"] == "ids"
+
+
+@pytest.mark.parametrize("limit", [str(2**63), "9" * 5000])
+def test_a_limit_past_any_id_is_a_bad_argument_saying_so(store: tuple[Path, int], limit: str) -> None:
+    """A limit SQLite cannot bind was refused as 'database turns.db: cannot store a value' (a read that
+    stores nothing), and one of 5,000 digits as 'not a number'."""
+    root, _ = store
+    for command in (("log", "ids"), ("sessions",), ("contexts",)):
+        line = one_line_error(pforge("--root", str(root), *command, "--limit", limit), 2)
+        assert "argument --limit" in line and "at most" in line, line
+        assert len(line) < 400

@@ -24,13 +24,21 @@ from .term import hexdump, json_text, ms_text, safe, safe_bytes, size_text
 __all__ = ["register"]
 
 
+_MAX_LIMIT = 2**63 - 1
+
+
 def positive(text: str) -> int:
+    # the length first: int() refuses over 4,300 digits with a ValueError of its own
+    if len(text.strip().lstrip("+0")) > len(str(_MAX_LIMIT)):
+        raise argparse.ArgumentTypeError(f"must be at most {_MAX_LIMIT}, got {len(text)} characters")
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    if value > _MAX_LIMIT:  # past what SQLite binds: the store would name a database as failing
+        raise argparse.ArgumentTypeError(f"must be at most {_MAX_LIMIT}, got {value}")
     return value
 
 
