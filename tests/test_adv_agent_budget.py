@@ -308,3 +308,29 @@ async def test_a_turn_whose_reservation_a_failed_run_released_is_charged_when_wr
         await rerun.session_end()
         totals = await budget.totals("v", tags={"session": "rel"})
         assert (totals.tokens, totals.reserved_tokens) == (30, 0)
+
+
+async def test_a_charge_that_failed_in_best_effort_is_made_when_the_session_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A best-effort turn is written and its charge fails (the ledger busy a moment): the loop goes on,
+    and its session's end released the turn's reservation as unused, so the spend was never charged."""
+    async with open_store(tmp_path / ".pforge", durability="normal") as store:
+        budget = store.budget
+        await budget.set_budget("v", tokens=10_000)
+        real = budget.commit
+
+        async def fails_once(*args: Any, **kwargs: Any) -> Any:
+            monkeypatch.setattr(budget, "commit", real)
+            raise StorageError("database is locked (injected)")
+
+        rec = await SessionRecorder.start(store, "busy")
+        await rec.reserve_budget("v", tokens=100)
+        monkeypatch.setattr(budget, "commit", fails_once)
+        assert await rec.assistant_turn("a", usage=Usage(10, 20, 0)) is None  # a failure, though written
+        assert len(rec.failures) == 1 and rec.position == 1
+        await rec.session_end()
+        assert len(rec.failures) == 1
+        totals = await budget.totals("v", tags={"session": "busy"})
+        assert (totals.tokens, totals.reserved_tokens) == (30, 0)
+        assert await budget.list_reservations() == []

@@ -338,7 +338,13 @@ class SessionRecorder:
                 # Nothing reserved for it and no vendor to charge it to: nothing to do, and no
                 # coroutine of _charge to make for it (most turns of a loop without reservations).
                 if vendor is not None or replayed or self._pending:
-                    await self._charge(budget, index, usage, vendor, model, replayed)
+                    try:
+                        await self._charge(budget, index, usage, vendor, model, replayed)
+                    except BaseException:
+                        # The turn is written: charged again when the session ends (by its key,
+                        # once), not left to a best-effort loop that goes on, or a cancelled one.
+                        self._skipped[index] = cast(AssistantTurn, recorded.record)
+                        raise
 
         def build(seq: int) -> AssistantTurn:
             if usage is not None:
@@ -702,10 +708,17 @@ class SessionRecorder:
     ) -> None:
         """Charge assistant turn ``index``'s usage once, whichever run gets here, and however often.
         Called only with something to charge: a vendor, a reservation pending, or a replayed turn."""
-        key = budget_key(self.name, index)
-        reservation = self._pending.pop(index, None)
-        fresh = index in self._fresh
+        await self._charge_once(budget, index, usage, vendor, model, replayed)
+        # Only once charged: a charge that failed is made again, with them, at the session's end.
+        self._pending.pop(index, None)
         self._fresh.discard(index)
+
+    async def _charge_once(
+        self, budget: BudgetLedger, index: int, usage: Usage, vendor: str | None, model: str | None, replayed: bool
+    ) -> None:
+        key = budget_key(self.name, index)
+        reservation = self._pending.get(index)
+        fresh = index in self._fresh
         if reservation is None and replayed:
             # An earlier run reserved (and maybe committed) for this turn, or charged it unreserved.
             reservation = await budget.find_reservation(key)
