@@ -146,7 +146,8 @@ class SessionRecorder:
         self._fresh: set[int] = set()
         # Assistant turns among the records (counted as they are remembered, not at each reserve).
         self._assistant_records = 0
-        # Assistant turns with usage that seek() skipped, by index: charged when the session ends.
+        # Assistant turns with usage left uncharged, by index (skipped by seek(), or their charge
+        # failed or was cancelled): charged when the session ends.
         self._skipped: dict[int, AssistantTurn] = {}
         self._batch: list[Queued] | None = None
         self._published = False
