@@ -27,6 +27,7 @@ import msgspec
 
 from ..errors import InvalidInput
 from ..turnstore.types import TurnRecord
+from .term import json_escaped
 
 __all__ = [
     "EXPORT_FIELDS",
@@ -373,6 +374,8 @@ def export_line(turn: TurnRecord, bundles: Bundles) -> str:
             line.encode("utf-8")
         except (ValueError, UnicodeEncodeError):
             continue
+        # an export goes to a terminal as often as to a file: C1 and bidi controls as \u escapes
+        line = json_escaped(line)
         try:
             if _payload_of(encoding, json.loads(line)["payload"]) == turn.payload:
                 return line

@@ -28,6 +28,7 @@ __all__ = [
     "Progress",
     "cost_text",
     "hexdump",
+    "json_escaped",
     "ms_text",
     "safe",
     "safe_bytes",
@@ -91,7 +92,12 @@ def hexdump(data: bytes) -> list[str]:
 def json_text(value: Any, *, indent: int | None = None) -> str:
     """JSON with non-ASCII text kept readable, but every character :func:`safe` escapes written as a
     ``\\u`` escape (still valid JSON, and a lone surrogate can then be written at all)."""
-    text = json.dumps(value, ensure_ascii=False, indent=indent, allow_nan=False)
+    return json_escaped(json.dumps(value, ensure_ascii=False, indent=indent, allow_nan=False))
+
+
+def json_escaped(text: str) -> str:
+    """JSON text (``json.dumps(ensure_ascii=False)``'s) with what that leaves raw and :func:`safe`
+    escapes written as ``\\u`` escapes: the same JSON value, nothing a terminal acts on."""
     return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
