@@ -298,6 +298,27 @@ class TestLedgers:
         report = await store.check()
         assert report.ok, report.problems
 
+    async def test_a_day_window_counts_a_reservation_made_before_the_day(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A reservation made 25 hours ago and still held is committed today: its room is today's.
+        clock = [int(time.time() * 1000)]
+        for module in ("pforge_async.ledgers.budget", "pforge_async.postgres.ledgers"):
+            monkeypatch.setattr(f"{module}.now_ms", lambda: clock[0])
+        budget = store.budget
+        await budget.set_budget("v", tokens=100, window="day")
+        early = await budget.reserve("v", tokens=100, ttl_s=2 * 86_400)
+        clock[0] += 25 * 3_600_000
+        with pytest.raises(BudgetExceeded, match="day"):
+            await budget.reserve("v", tokens=100)
+        with pytest.raises(BudgetExceeded, match="day"):
+            await budget.record_spend("v", "m", input_tokens=1, output_tokens=0, cost=0)
+        spent = await budget.commit(early, Usage(60, 40, 0))
+        assert not spent.late and (spent.over_tokens, spent.over_cost) == (0, 0)
+        assert (await budget.totals("v", since=(clock[0] - 86_400_000) / 1000)).tokens == 100
+        report = await store.check()
+        assert report.ok, report.problems
+
     async def test_expired_reservations_stop_counting_and_are_purged(self, store: Store) -> None:
         budget = store.budget
         await budget.set_budget("v", tokens=100, window="day")

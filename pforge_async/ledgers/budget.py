@@ -534,18 +534,18 @@ class BudgetActor(SqliteActor[BudgetCommand]):
             if window == "total":
                 row = conn.execute("SELECT tokens, cost FROM spend_totals WHERE vendor = ?", (vendor,)).fetchone()
                 spent_tokens, spent_cost = row if row is not None else (0, 0)
-                since = 0
             else:
-                since = now - DAY_MS
                 spent_tokens, spent_cost = conn.execute(
                     "SELECT COALESCE(SUM(input_tokens + output_tokens), 0), COALESCE(SUM(cost), 0) FROM spend "
                     "WHERE vendor = ? AND recorded_at_ms > ?",
-                    (vendor, since),
+                    (vendor, now - DAY_MS),
                 ).fetchone()
+            # Every reservation still held counts in every window, whenever it was made: its spend
+            # lands in the window it is committed in, so one made before the day began holds room today.
             held_tokens, held_cost = conn.execute(
                 "SELECT COALESCE(SUM(tokens), 0), COALESCE(SUM(cost), 0) FROM reservations "
-                "WHERE vendor = ? AND state = 'held' AND expires_at_ms > ? AND created_at_ms > ?",
-                (vendor, now, since),
+                "WHERE vendor = ? AND state = 'held' AND expires_at_ms > ?",
+                (vendor, now),
             ).fetchone()
             standing.append((window, spent_tokens, spent_cost, held_tokens, held_cost, token_limit, cost_limit))
         return standing

@@ -332,8 +332,9 @@ CREATE TABLE spend_tags (
 CREATE INDEX spend_tags_value ON spend_tags (tag, value);
 """
 
-# $1 vendor, $2 now, $3 the start of the rolling day. 'total': spend_totals and every held
-# reservation; 'day': spend and reservations made within the day.
+# $1 vendor, $2 now, $3 the start of the rolling day. 'total': spend_totals; 'day': spend within the
+# day. Both: every reservation still held, whenever it was made (its spend lands in the window it is
+# committed in, so one made before the day began holds room today).
 _STANDING = """
 SELECT b."window", b.token_limit, b.cost_limit,
     CASE WHEN b."window" = 'total' THEN COALESCE((SELECT tokens FROM spend_totals WHERE vendor = $1), 0)
@@ -346,7 +347,6 @@ FROM budgets b
 CROSS JOIN LATERAL (
     SELECT COALESCE(SUM(r.tokens), 0) AS tokens, COALESCE(SUM(r.cost), 0) AS cost FROM reservations r
     WHERE r.vendor = $1 AND r.state = 'held' AND r.expires_at_ms > $2::bigint
-      AND r.created_at_ms > CASE WHEN b."window" = 'total' THEN 0::bigint ELSE $3::bigint END
 ) h
 WHERE b.vendor = $1
 ORDER BY b."window"
