@@ -11,10 +11,11 @@ nothing anywhere.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -160,12 +161,49 @@ def _run(argv: Sequence[str] | None) -> int:
     return anyio.run(func, cli, args)
 
 
+class _OneLine(logging.Handler):
+    """What the library logs while a command runs (a damaged index it re-indexes, a checkpoint it
+    retries), as the command's own lines: one each, escaped (paths under the root are the user's
+    text), and without the traceback a warning logged with ``exc_info`` would print."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr
+        if stream is None:  # started with stderr closed: nowhere to say it
+            return
+        try:
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                text += f": {record.exc_info[1]}"
+            stream.write(f"{PROG}: {record.levelname.lower()}: {one_line(text)}\n")
+        except Exception:  # a message that cannot be formatted or written costs only itself
+            pass
+
+
+@contextmanager
+def _library_log() -> Iterator[None]:
+    """The library's log records through :class:`_OneLine` while a command runs; as they were after."""
+    logger = logging.getLogger("pforge_async")
+    handler, propagate = _OneLine(logging.WARNING), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``pforge`` console script (and ``python -m pforge_async``); returns the exit status."""
     for stream in (sys.stdout, sys.stderr):
         reconfigure: Any = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
+    with _library_log():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         try:
             status = _run(argv)
