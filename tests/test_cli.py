@@ -209,12 +209,16 @@ def filled(tmp_path_factory: pytest.TempPathFactory) -> Filled:
 
 
 def listing(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under ``root`` with its size and mtime (a -shm file, which readers share, by name)."""
+    """Every file under ``root`` with its size and mtime, but for what a read-only open of a database
+    makes by design (to see a live writer's commits): its -shm file, which readers share, and an
+    empty -wal file. A write leaves a -wal with frames, or changes the database file."""
     found = {}
     for path in sorted(root.rglob("*")):
         if path.is_file():
             st = path.stat()
-            found[str(path)] = (0, 0) if path.name.endswith("-shm") else (st.st_size, st.st_mtime_ns)
+            if path.name.endswith("-shm") or (path.name.endswith("-wal") and st.st_size == 0):
+                continue
+            found[str(path)] = (st.st_size, st.st_mtime_ns)
     return found
 
 
