@@ -287,7 +287,10 @@ def encode_record(record: AgentRecord) -> tuple[str, bytes]:
 
 def decode_record(type_id: str, payload: bytes) -> AgentRecord:
     """The record a turn of ``type_id`` holds (``msgspec.DecodeError`` if the bytes are not one)."""
-    return _decoders[type_id].decode(payload)
+    try:
+        return _decoders[type_id].decode(payload)
+    except RecursionError as exc:  # any writer may store bytes nested past msgspec's depth
+        raise msgspec.DecodeError("nested too deeply to decode") from exc
 
 
 def decodes_to_itself(record: AgentRecord) -> bool:

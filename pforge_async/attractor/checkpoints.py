@@ -114,7 +114,7 @@ async def load_state(turns: SessionStore, stored: CheckpointEvent) -> dict[str, 
         raise IntegrityError(f"{_where(stored)}: its state is {len(data)} bytes, the record says {ref.size}")
     try:
         return _state_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested past msgspec's depth
         raise IntegrityError(f"{_where(stored)}: its state does not decode: {exc}") from exc
 
 

@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import msgspec
 
@@ -164,10 +164,14 @@ def validate_key(key: object, what: str = "idempotency_key") -> str | None:
     return key
 
 
-def validate_limit(limit: object, what: str = "limit", *, low: int = 0, high: int | None = None) -> int:
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < low or (high is not None and limit > high):
-        bound = f"from {low} to {high}" if high is not None else f">= {low}"
-        raise InvalidInput(f"{what} must be an int {bound}, got {limit!r}")
+def validate_limit(limit: object, what: str = "limit", *, low: int = 0, high: int = MAX_ID) -> int:
+    """``limit`` if it is an int from ``low`` to ``high`` (by default what a database stores: a limit
+    past it was refused by the backend's bind, not as bad input)."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or not low <= limit <= high:
+        # repr() of an int of over 4,300 digits raises ValueError of its own
+        huge = isinstance(limit, int) and limit.bit_length() > 64
+        shown = f"an int of {cast(int, limit).bit_length()} bits" if huge else repr(limit)
+        raise InvalidInput(f"{what} must be an int from {low} to {high}, got {shown}")
     return limit
 
 
@@ -179,7 +183,7 @@ def validate_bundle(bundle_id: object, bundle_json: object) -> None:
         raise InvalidInput(f"bundle_json must be bytes, got {type(bundle_json).__name__}")
     try:
         json.loads(bundle_json)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser's depth
         raise InvalidInput(f"bundle {bundle_id!r} is not valid JSON: {exc}") from exc
 
 
