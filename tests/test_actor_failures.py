@@ -27,6 +27,7 @@ from pforge_async import (
     NonceReplayed,
     PforgeError,
     StorageError,
+    open_store,
 )
 from pforge_async.actor import Actor, Failed
 from pforge_async.ledgers.nonces import NonceActor, NonceLedger
@@ -380,6 +381,36 @@ async def test_a_read_only_open_beside_a_live_writer_sees_its_commits(shared_dir
 class NewerNonces(NonceActor):
     schema_version = 2
     migrations: ClassVar[dict[int, str]] = {2: "nonces_schema.sql"}
+
+
+async def test_a_read_only_open_of_a_closed_store_on_a_full_disk_reads_it(tmp_path: Path) -> None:
+    """``mode=ro`` leaves an empty -wal behind when the disk has no room for the -shm: that is no
+    writer, so the immutable open still serves (every read command, ``pforge check`` included)."""
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(volume)]
+    if subprocess.run(mount, capture_output=True, check=False).returncode:
+        pytest.skip("mounting a 3 MiB tmpfs to fill needs root; the full-disk read-only open is not tried")
+    try:
+        root = volume / ".pforge"
+        async with open_store(root, watch_workspaces=False) as store:
+            await store.turns.open_context("kept")
+        for name in os.listdir(root):
+            if name.endswith(("-wal", "-shm")):
+                os.unlink(root / name)
+        fd = os.open(volume / "fill", os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * 65536)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        async with open_store(root, readonly=True, create=False) as store:
+            assert await store.turns.find_context("kept") is not None
+            assert (await store.check()).ok
+    finally:
+        subprocess.run(["umount", "-l", str(volume)], check=False)
 
 
 async def test_a_read_only_open_of_an_older_schema_asks_for_a_writable_open(tmp_path: Path) -> None:

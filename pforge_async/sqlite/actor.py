@@ -79,6 +79,10 @@ _SQLITE_CONSTRAINT = 19
 _SQLITE_NOTADB = 26
 
 
+#: the size of one region of a -shm file (the wal-index), as SQLite maps and grows it
+_SHM_REGION = 32 << 10
+
+
 def _primary_code(exc: sqlite3.Error) -> int | None:
     code = getattr(exc, "sqlite_errorcode", None)
     return code & 0xFF if isinstance(code, int) else None
@@ -333,9 +337,9 @@ class SqliteActor(Actor[C]):
 
         ``mode=ro`` reads a WAL database, sees a live writer's commits and takes part in its
         locking, as long as the ``-shm`` file exists or can be created. Where it cannot (a
-        directory we may not write, no writer live, so no ``-wal`` nor ``-shm``), the database is
-        opened ``immutable``: nobody has it open, and a writer that opens it while we read is
-        not seen (SQLite then assumes the file does not change under it).
+        directory we may not write, a full disk; no writer live, so no ``-shm`` and no frames in a
+        ``-wal``), the database is opened ``immutable``: nobody has it open, and a writer that
+        opens it while we read is not seen (SQLite then assumes the file does not change under it).
         """
         uri = "file:" + urllib.parse.quote(str(self.path.absolute()))
         if not self.path.exists():
@@ -343,10 +347,22 @@ class SqliteActor(Actor[C]):
         try:
             conn = self._checked_readonly(uri + "?mode=ro")
         except sqlite3.OperationalError as exc:
-            if _primary_code(exc) not in (_SQLITE_CANTOPEN, _SQLITE_READONLY, _SQLITE_IOERR) or self._wal_path.exists():
+            if _primary_code(exc) not in (_SQLITE_CANTOPEN, _SQLITE_READONLY, _SQLITE_IOERR) or self._may_be_live():
                 raise
             conn = self._checked_readonly(uri + "?mode=ro&immutable=1")
         return conn
+
+    def _may_be_live(self) -> bool:
+        """Whether a writer may have the database open, or left commits in its WAL: a ``-wal`` with
+        frames, or a ``-shm`` as one in use is (SQLite maps it in regions of 32 KiB). A failed
+        ``mode=ro`` open on a full disk leaves an empty ``-wal`` and a ``-shm`` cut short."""
+        for path, empty_below in ((self._wal_path, 1), (self.path.with_name(self.path.name + "-shm"), _SHM_REGION)):
+            try:
+                if os.stat(path).st_size >= empty_below:
+                    return True
+            except FileNotFoundError:
+                pass
+        return False
 
     def _checked_readonly(self, uri: str) -> sqlite3.Connection:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10)
