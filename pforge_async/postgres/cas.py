@@ -728,12 +728,17 @@ class _SnapshotSink:
         return raw
 
     def add_large_file(self, fd: int, shown: str) -> bytes:
-        st = os.fstat(fd)
-        if st.st_size <= CHUNKED_ABOVE:
-            chunks = []
-            while chunk := os.read(fd, 1 << 20):
+        size = os.fstat(fd).st_size
+        if size <= CHUNKED_ABOVE:
+            # From the first byte, wherever the descriptor stands, and one byte past the size at
+            # most: a file that grows meanwhile (a sparse extension is instant) is never read whole
+            # into memory, but streamed as a chunked blob, which finds it changed and reads it again.
+            chunks, offset = [], 0
+            while offset <= size and (chunk := os.pread(fd, min(1 << 20, size + 1 - offset), offset)):
                 chunks.append(chunk)
-            return self.add(BLOB, b"".join(chunks))
+                offset += len(chunk)
+            if offset <= size:
+                return self.add(BLOB, b"".join(chunks))
         return _upload_chunked(self._cas, fd, shown)
 
     def freshen(self, raw: bytes) -> bool:
