@@ -318,10 +318,13 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         """Store a checkpoint (a turn; its changed channel values as blobs) after the namespace's head."""
         thread_id, ns = _thread_and_ns(config)
         name = self._name(thread_id, ns)
-        parent_id = get_checkpoint_id(config) or ""
+        parent = get_checkpoint_id(config)
+        parent_id = "" if parent is None else _text(parent, "the config's checkpoint_id (the parent)")
         codec = await self._value_codec()
         rest = cast(dict[str, Any], dict(checkpoint))
         values: dict[str, Any] = rest.pop("channel_values")
+        for channel in values:
+            _text(channel, "a channel name")
         checkpoint_id = rest.pop("id")
         if not isinstance(checkpoint_id, str) or not checkpoint_id:
             raise InvalidInput(f"a checkpoint id must be a non-empty str, got {checkpoint_id!r}")
@@ -405,6 +408,11 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         checkpoint_id = get_checkpoint_id(config)
         if not checkpoint_id:
             raise InvalidInput(f"aput_writes: the config names no checkpoint_id ({self._what(thread_id, ns)})")
+        _text(checkpoint_id, "aput_writes: the config's checkpoint_id")
+        _text(task_id, "aput_writes: task_id")
+        _text(task_path, "aput_writes: task_path")
+        for channel, _ in writes:
+            _text(channel, "aput_writes: a write's channel")
         name = self._name(thread_id, ns)
         codec = await self._value_codec()
         pending: dict[str, bytes] = {}
@@ -933,6 +941,14 @@ def _new_turn(context_id: int, entry: log.Entry, *, first: bool) -> NewTurn:
 
 def _matches(metadata: Any, filter: dict[str, Any]) -> bool:
     return isinstance(metadata, dict) and all(metadata.get(key) == value for key, value in filter.items())
+
+
+def _text(value: Any, what: str) -> str:
+    """A field the log stores as a str: anything else would be stored as given and then refused by
+    every read of the thread (the log's decoder is typed), so it is refused before anything is stored."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a str, got {type(value).__name__} {value!r:.80}")
+    return value
 
 
 def _thread_and_ns(config: RunnableConfig) -> tuple[str, str]:

@@ -1,0 +1,75 @@
+"""PforgeSaver against hostile input: what a graph can hand the checkpointer through LangGraph's API
+is either stored so that every read gives it back, or refused with a named error, nothing stored,
+the thread (and every other thread) still readable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from langgraph.checkpoint.base import Checkpoint, CheckpointMetadata
+from langgraph.checkpoint.base.id import uuid6
+
+from pforge_async import InvalidInput, MemoryTurnStore
+from pforge_async.integrations.langgraph import PforgeSaver
+
+pytestmark = pytest.mark.anyio
+
+
+def checkpoint(values: dict[Any, Any]) -> Checkpoint:
+    return Checkpoint(
+        v=4,
+        id=str(uuid6(clock_seq=-1)),
+        ts="2026-01-01T00:00:00+00:00",
+        channel_values=values,
+        channel_versions={k: 1 for k in values},
+        versions_seen={},
+        updated_channels=None,
+    )
+
+
+def meta(step: int = 0) -> CheckpointMetadata:
+    return {"source": "loop", "step": step, "parents": {}}  # type: ignore[typeddict-item]
+
+
+def cfg(thread: str, checkpoint_id: Any = None, ns: str = "") -> Any:
+    conf: dict[str, Any] = {"thread_id": thread, "checkpoint_ns": ns}
+    if checkpoint_id is not None:
+        conf["checkpoint_id"] = checkpoint_id
+    return {"configurable": conf}
+
+
+async def everything(saver: PforgeSaver) -> list[tuple[str, Any, list[Any]]]:
+    return [
+        (t.config["configurable"]["thread_id"], t.checkpoint["channel_values"], t.pending_writes)
+        async for t in saver.alist(None)
+    ]
+
+
+async def test_non_str_fields_are_refused_before_anything_is_stored() -> None:
+    """A non-str parent id, channel name, writes' checkpoint id, task id, task path or write channel
+    was stored as given, and the log's typed decoder then refused the turn: every read of the thread,
+    and alist(None) over every thread, raised IntegrityError for good."""
+    saver = PforgeSaver(MemoryTurnStore())
+    good = await saver.aput(cfg("good"), checkpoint({"a": 1}), meta(), {"a": 1})
+    await saver.aput_writes(good, [("a", 2)], "task")
+    before = await everything(saver)
+    assert before == [("good", {"a": 1}, [("task", "a", 2)])]
+    cid = good["configurable"]["checkpoint_id"]
+    hostile = [
+        saver.aput(cfg("bad", 123), checkpoint({"a": 1}), meta(), {"a": 1}),
+        saver.aput(cfg("bad"), checkpoint({5: 1}), meta(), {5: 1}),
+        saver.aput_writes(cfg("bad", 7), [("a", 1)], "task"),
+        saver.aput_writes(cfg("bad", cid), [("a", 1)], 5),  # type: ignore[arg-type]
+        saver.aput_writes(cfg("bad", cid), [("a", 1)], "task", None),  # type: ignore[arg-type]
+        saver.aput_writes(cfg("bad", cid), [(3, 1)], "task"),  # type: ignore[list-item]
+    ]
+    for call in hostile:
+        with pytest.raises(InvalidInput):
+            await call
+    assert await everything(saver) == before
+    assert await saver.aget_tuple(cfg("bad")) is None
+    # the thread refused nothing it should take: a good write to it is stored and read back
+    stored = await saver.aput(cfg("bad"), checkpoint({"b": 1}), meta(), {"b": 1})
+    got = await saver.aget_tuple(stored)
+    assert got is not None and got.checkpoint["channel_values"] == {"b": 1}
