@@ -604,7 +604,13 @@ def _settings(value: SessionSettings | dict[str, Any] | None) -> SessionSettings
 
 def _encode(item: object, index: int) -> bytes:
     try:
-        return json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode()
+        text = json.dumps(item, ensure_ascii=False, separators=(",", ":"))
+        try:
+            return text.encode()
+        except UnicodeEncodeError:
+            # A lone surrogate (text cut mid-pair) has no UTF-8: written as a \u escape, as the SDK's
+            # SQLiteSession writes every item, it reads back the same.
+            return json.dumps(item, separators=(",", ":")).encode()
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"item {index} is not JSON-serializable: {exc}") from exc
 
