@@ -36,6 +36,8 @@ __all__ = ["FsLock"]
 
 _FIRST_BACKOFF = 0.0005
 _MAX_BACKOFF = 0.01
+#: times one attempt opens the lock file again when the open file is no longer the one at the path
+_REOPENS = 3
 
 
 class _PathState:
@@ -119,18 +121,42 @@ class FsLock:
         with state.mutex:
             if state.writer or (not self.shared and state.readers):
                 return False
-            if not state.readers and not state.writer:
-                if state.fd is None:
-                    state.fd = self._open()
-                if not self._flock(state.fd):
-                    self._maybe_close(state)
-                    return False
+            if not state.readers and not state.writer and not self._lock_file(state):
+                return False
             if self.shared:
                 state.readers += 1
             else:
                 state.writer = True
         self._held = True
         return True
+
+    def _lock_file(self, state: _PathState) -> bool:
+        """``flock`` the file ``path`` names now (under ``state.mutex``); False if another process
+        holds it. The descriptor (kept open between holds, or opened a moment ago) may name a file
+        deleted or replaced since: locking that inode would exclude nobody who opens the path anew,
+        so it is given up and the path opened again."""
+        for _ in range(_REOPENS):
+            if state.fd is None:
+                state.fd = self._open()
+            if not self._flock(state.fd):
+                self._maybe_close(state)
+                return False
+            if self._names_path(state.fd):
+                return True
+            fd, state.fd = state.fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        return False  # the path keeps changing under us: try again after the backoff
+
+    def _names_path(self, fd: int) -> bool:
+        try:
+            now = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            raise StorageError(f"cannot check lock file {self.path}: {exc.strerror}") from exc
+        held = os.fstat(fd)
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
     def _open(self) -> int:
         try:
