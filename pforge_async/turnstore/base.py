@@ -39,6 +39,8 @@ from .rules import (
     decode_cursor,
     encode_cursor,
     encode_metadata,
+    plain_bytes,
+    plain_str,
     validate_append,
     validate_bundle,
     validate_id,
@@ -217,7 +219,7 @@ class TurnStoreBase(ABC):
     ) -> ContextInfo:
         """Replace a context's metadata (a change: ``updated_at_ms`` moves). With
         ``expected_updated_at_ms``, only if the context has not changed since (``Conflict`` otherwise)."""
-        validate_id(context_id, "context_id")
+        context_id = validate_id(context_id, "context_id")
         if metadata is None:
             raise InvalidInput("metadata must be a dict, got None (pass {} to clear it)")
         expected = None
@@ -231,10 +233,10 @@ class TurnStoreBase(ABC):
         """Move a context's head to any existing turn (``TurnNotFound`` otherwise), or to 0 to clear it:
         undo, "pop the last item", switching branches. No turn is removed. With ``expected_head``,
         only if the head is still that (``HeadConflict`` otherwise). Always a change (``updated_at_ms``)."""
-        validate_id(context_id, "context_id")
-        validate_id(turn_id, "turn_id", allow_zero=True)
+        context_id = validate_id(context_id, "context_id")
+        turn_id = validate_id(turn_id, "turn_id", allow_zero=True)
         if expected_head is not None:
-            validate_id(expected_head, "expected_head", allow_zero=True)
+            expected_head = validate_id(expected_head, "expected_head", allow_zero=True)
         info = await self._write(SetHead(context_id, turn_id, expected_head))
         assert isinstance(info, ContextInfo)
         return info
@@ -251,7 +253,7 @@ class TurnStoreBase(ABC):
         (lineage only), and a fork from one of its turns that names no parent gets none (0).
         ``ContextNotFound`` if there is no such context (deleting twice is an error, so a caller can
         tell a delete that found nothing)."""
-        validate_id(context_id, "context_id")
+        context_id = validate_id(context_id, "context_id")
         await self._write(DeleteContext(context_id))
 
     async def erase_turns(self, context_id: int, *, before_turn_id: int | None = None) -> int:
@@ -266,9 +268,9 @@ class TurnStoreBase(ABC):
         the files of the store at the next ``gc`` (SQLite pages wiped, the filesystem log rewritten).
         A retried append whose key names an erased turn gets the erased record back (its payload
         cannot be compared any more)."""
-        validate_id(context_id, "context_id")
+        context_id = validate_id(context_id, "context_id")
         if before_turn_id is not None:
-            validate_id(before_turn_id, "before_turn_id")
+            before_turn_id = validate_id(before_turn_id, "before_turn_id")
         erased = await self._write(EraseTurns(context_id, before_turn_id))
         assert isinstance(erased, int)
         return erased
@@ -277,8 +279,8 @@ class TurnStoreBase(ABC):
         """Keep the payloads of the context's last ``keep_last`` turns (head included) and erase the
         older ones' (as ``erase_turns``; 0 erases all). Decided against the head at the time of the
         write, in one command. Returns how many turns this erased."""
-        validate_id(context_id, "context_id")
-        validate_limit(keep_last, "keep_last", low=0, high=MAX_ID)
+        context_id = validate_id(context_id, "context_id")
+        keep_last = validate_limit(keep_last, "keep_last", low=0, high=MAX_ID)
         erased = await self._write(EraseTurns(context_id, keep_last=keep_last))
         assert isinstance(erased, int)
         return erased
@@ -313,8 +315,8 @@ class TurnStoreBase(ABC):
         stored sorted, each once; an erasure drops them with the payload. A retry that names refs
         must name the same (``IdempotencyConflict``).
         """
-        if type(payload) is not bytes and isinstance(payload, (bytearray, memoryview)):
-            payload = bytes(payload)
+        if type(payload) is not bytes:
+            payload = plain_bytes(payload)
         command = AppendTurn(
             context_id,
             type_id,
@@ -326,9 +328,9 @@ class TurnStoreBase(ABC):
             fs_root,
             () if type(refs) is tuple and not refs else validate_refs(refs),  # the default: no call
         )
-        validate_append(command, self.max_payload_bytes)
-        if fs_root is not None:
-            await self._check_tree(fs_root)
+        command = validate_append(command, self.max_payload_bytes)
+        if command.fs_root is not None:
+            await self._check_tree(command.fs_root)
         if command.refs:
             await self._check_refs(command.refs)
         record = await self._write(command)
@@ -361,10 +363,8 @@ class TurnStoreBase(ABC):
         for i, turn in enumerate(turns):
             if not isinstance(turn, NewTurn):
                 raise InvalidInput(f"turns[{i}] must be a NewTurn, got {type(turn).__name__}")
-            payload = turn.payload
-            if isinstance(payload, (bytearray, memoryview)):
-                payload = bytes(payload)
             try:
+                payload = plain_bytes(turn.payload)
                 command = AppendTurn(
                     turn.context_id,
                     turn.type_id,
@@ -376,12 +376,12 @@ class TurnStoreBase(ABC):
                     turn.fs_root,
                     validate_refs(turn.refs),
                 )
-                validate_append(command, self.max_payload_bytes)
+                command = validate_append(command, self.max_payload_bytes)
             except InvalidInput as exc:
                 raise InvalidInput(f"turns[{i}]: {exc}") from exc
             total += len(payload)
-            if turn.fs_root is not None:
-                trees.add(turn.fs_root)
+            if command.fs_root is not None:
+                trees.add(command.fs_root)
             if command.refs:
                 refs.update(command.refs)
             commands.append(command)
@@ -392,8 +392,8 @@ class TurnStoreBase(ABC):
             if not isinstance(expected_heads, Mapping):
                 raise InvalidInput(f"expected_heads must be a mapping, got {type(expected_heads).__name__}")
             for context_id, head in expected_heads.items():
-                validate_id(context_id, "expected_heads context id")
-                heads[context_id] = validate_id(head, f"expected head of context {context_id}", allow_zero=True)
+                checked = validate_id(context_id, "expected_heads context id")
+                heads[checked] = validate_id(head, f"expected head of context {context_id}", allow_zero=True)
         for oid in sorted(trees):
             await self._check_tree(oid)
         if refs:  # most batches name none: no check to await
@@ -417,8 +417,9 @@ class TurnStoreBase(ABC):
     async def get_turn_by_key(self, context_id: int, key: str) -> TurnRecord | None:
         """The turn appended in ``context_id`` with idempotency key ``key``, or None (the context must
         exist: ``ContextNotFound``). What a resuming loop asks before redoing a step."""
-        validate_id(context_id, "context_id")
-        if validate_key(key, "key") is None:
+        context_id = validate_id(context_id, "context_id")
+        key = validate_key(key, "key")  # type: ignore[assignment]
+        if key is None:
             raise InvalidInput("key must be a non-empty str, got None")
         record = await self._get_turn_by_key(context_id, key)
         return None if record is None else verify_turn(record)
@@ -428,10 +429,10 @@ class TurnStoreBase(ABC):
     ) -> list[TurnRecord]:
         """Oldest to newest, the ``limit`` turns that end at the head, or just before
         ``before_turn_id`` (which must be on the context's chain)."""
-        validate_id(context_id, "context_id")
+        context_id = validate_id(context_id, "context_id")
         if before_turn_id is not None:
-            validate_id(before_turn_id, "before_turn_id")
-        validate_limit(limit)
+            before_turn_id = validate_id(before_turn_id, "before_turn_id")
+        limit = validate_limit(limit)
         return [verify_turn(record) for record in await self._list_turns(context_id, before_turn_id, limit)]
 
     def iter_turns(
@@ -445,10 +446,10 @@ class TurnStoreBase(ABC):
         at any depth (oldest-first pages find their top through the skip links). Arguments are
         checked at the call; ``ContextNotFound`` comes at the first ``__anext__``.
         """
-        validate_id(context_id, "context_id")
+        context_id = validate_id(context_id, "context_id")
         if not isinstance(newest_first, bool):
             raise InvalidInput(f"newest_first must be a bool, got {type(newest_first).__name__}")
-        validate_limit(page_size, "page_size", low=1, high=MAX_PAGE_SIZE)
+        page_size = validate_limit(page_size, "page_size", low=1, high=MAX_PAGE_SIZE)
         return self._iter_turns(context_id, newest_first, page_size)
 
     async def _iter_turns(self, context_id: int, newest_first: bool, page_size: int) -> AsyncIterator[TurnRecord]:
@@ -568,14 +569,15 @@ class TurnStoreBase(ABC):
     async def publish_registry_bundle(self, bundle_id: str, bundle_json: bytes) -> None:
         """Publish a type registry bundle (JSON). Republishing the same bytes is a no-op; other
         bytes under the same id raise ``Conflict``."""
+        bundle_json = plain_bytes(bundle_json, "bundle_json")
         validate_bundle(bundle_id, bundle_json)
-        await self._write(PublishBundle(bundle_id, bundle_json))
+        await self._write(PublishBundle(plain_str(bundle_id), bundle_json))
 
     async def get_registry_bundle(self, bundle_id: str) -> bytes | None:
         if not isinstance(bundle_id, str):
             raise InvalidInput(f"bundle_id must be a str, got {type(bundle_id).__name__}")
         check_text(bundle_id, "bundle_id")
-        return await self._get_registry_bundle(bundle_id)
+        return await self._get_registry_bundle(plain_str(bundle_id))
 
     @abstractmethod
     async def _get_registry_bundle(self, bundle_id: str) -> bytes | None: ...
@@ -584,8 +586,7 @@ class TurnStoreBase(ABC):
 
     async def put_blob(self, data: bytes) -> str:
         """Store bytes; returns their id (git's SHA-256 blob id, the same in every backend)."""
-        if isinstance(data, (bytearray, memoryview)):
-            data = bytes(data)
+        data = plain_bytes(data, "data")
         if not isinstance(data, bytes):
             raise InvalidInput(f"put_blob takes bytes, got {type(data).__name__}")
         return await self._put_blob(data)
@@ -596,7 +597,7 @@ class TurnStoreBase(ABC):
         return oid
 
     async def get_blob(self, oid: str) -> bytes:
-        return await self._get_blob(validate_oid(oid))
+        return await self._get_blob(plain_str(validate_oid(oid)))
 
     @abstractmethod
     async def _get_blob(self, oid: str) -> bytes: ...
@@ -604,8 +605,8 @@ class TurnStoreBase(ABC):
     async def attach_fs(self, turn_id: int, fs_root: str) -> None:
         """Attach a workspace snapshot (a CAS tree id: ``ObjectNotFound`` / ``InvalidInput``
         otherwise) to a turn, once; the same tree again is a no-op, another is ``Conflict``."""
-        validate_id(turn_id, "turn_id")
-        validate_oid(fs_root, "fs_root")
+        turn_id = validate_id(turn_id, "turn_id")
+        fs_root = plain_str(validate_oid(fs_root, "fs_root"))
         await self._check_tree(fs_root)
         await self._write(AttachFs(turn_id, fs_root))
 

@@ -46,6 +46,9 @@ __all__ = [
     "name_successor",
     "next_updated",
     "payload_hash",
+    "plain_bytes",
+    "plain_int",
+    "plain_str",
     "split_batches",
     "validate_append",
     "validate_bundle",
@@ -87,16 +90,41 @@ def check_text(value: str, what: str) -> None:
             raise InvalidInput(f"{what} {value!r} has a lone surrogate (not encodable as UTF-8)") from exc
 
 
+def plain_str(value: str) -> str:
+    """``value`` as an exact ``str``: a subclass (a ``str`` enum, a framework's typed id) becomes its
+    value, which is what every backend stores (msgpack encodes no subclass; ``str()`` of an enum
+    member is its name, not its value)."""
+    return value if type(value) is str else str.__str__(value)
+
+
+def plain_int(value: int) -> int:
+    """``value`` as an exact ``int`` (see ``plain_str``; ``int()`` could call an overridden ``__int__``)."""
+    return value if type(value) is int else int.__int__(value)
+
+
+def plain_bytes(value: object, what: str = "payload") -> bytes:
+    """A bytes-like argument as exact ``bytes`` (its raw bytes, whatever a memoryview's format), or
+    ``InvalidInput`` for one that cannot be read (a released memoryview). Other types are returned
+    as they are, for the caller's type check to refuse."""
+    if type(value) is bytes or not isinstance(value, (bytes, bytearray, memoryview)):
+        return value  # type: ignore[return-value]
+    try:
+        return bytes(memoryview(value))
+    except ValueError as exc:  # released
+        raise InvalidInput(f"{what} cannot be read: {exc}") from exc
+
+
 def validate_id(value: object, what: str, *, allow_zero: bool = False) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidInput(f"{what} must be an int, got {type(value).__name__} {value!r}")
     if not (0 if allow_zero else 1) <= value <= MAX_ID:
         raise InvalidInput(f"{what} {value} is out of range")
-    return value
+    return plain_int(value)
 
 
-def validate_append(command: AppendTurn, max_payload: int) -> None:
-    """Everything about one append that needs no stored state. (The base checks ``fs_root`` names a tree.)"""
+def validate_append(command: AppendTurn, max_payload: int) -> AppendTurn:
+    """Everything about one append that needs no stored state (the base checks ``fs_root`` names a
+    tree): the command itself, or a copy in plain types if a field held a subclass (``plain_str``)."""
     validate_id(command.context_id, "context_id")
     type_id = command.type_id
     if not isinstance(type_id, str) or not type_id or len(type_id) > MAX_TYPE_ID:
@@ -119,6 +147,41 @@ def validate_append(command: AppendTurn, max_payload: int) -> None:
         validate_id(command.expected_head, "expected_head", allow_zero=True)
     if command.fs_root is not None:
         validate_oid(command.fs_root, "fs_root")
+    return _plain_append(command) if _has_subclass(command) else command
+
+
+def _has_subclass(command: AppendTurn) -> bool:
+    # Only exact types are checked: an append of plain values (every caller's usual) costs this test.
+    return not (
+        type(command.context_id) is int
+        and type(command.type_id) is str
+        and type(command.payload) is bytes
+        and type(command.type_version) is int
+        and type(command.parent_turn_id) in (int, type(None))
+        and type(command.idempotency_key) in (str, type(None))
+        and type(command.expected_head) in (int, type(None))
+        and type(command.fs_root) in (str, type(None))
+    )
+
+
+def _plain_append(command: AppendTurn) -> AppendTurn:
+    def opt_int(value: int | None) -> int | None:
+        return None if value is None else plain_int(value)
+
+    def opt_str(value: str | None) -> str | None:
+        return None if value is None else plain_str(value)
+
+    return msgspec.structs.replace(
+        command,
+        context_id=plain_int(command.context_id),
+        type_id=plain_str(command.type_id),
+        payload=plain_bytes(command.payload),
+        type_version=plain_int(command.type_version),
+        parent_turn_id=opt_int(command.parent_turn_id),
+        idempotency_key=opt_str(command.idempotency_key),
+        expected_head=opt_int(command.expected_head),
+        fs_root=opt_str(command.fs_root),
+    )
 
 
 class _HasPayload(Protocol):
@@ -152,7 +215,7 @@ def validate_refs(refs: object) -> tuple[str, ...]:
         raise InvalidInput(f"refs must be a sequence of object ids, got {type(refs).__name__}")
     if len(refs) > MAX_REFS:
         raise InvalidInput(f"{len(refs)} refs is over the maximum of {MAX_REFS} per turn")
-    return tuple(sorted({validate_oid(oid, "ref") for oid in refs}))
+    return tuple(sorted({plain_str(validate_oid(oid, "ref")) for oid in refs}))
 
 
 def validate_key(key: object, what: str = "idempotency_key") -> str | None:
@@ -161,7 +224,7 @@ def validate_key(key: object, what: str = "idempotency_key") -> str | None:
     if not isinstance(key, str) or not key or len(key) > MAX_KEY:
         raise InvalidInput(f"{what} must be None or a non-empty str of at most {MAX_KEY} chars, got {key!r}")
     check_text(key, what)
-    return key
+    return plain_str(key)
 
 
 def validate_limit(limit: object, what: str = "limit", *, low: int = 0, high: int = MAX_ID) -> int:
@@ -172,7 +235,7 @@ def validate_limit(limit: object, what: str = "limit", *, low: int = 0, high: in
         huge = isinstance(limit, int) and limit.bit_length() > 64
         shown = f"an int of {cast(int, limit).bit_length()} bits" if huge else repr(limit)
         raise InvalidInput(f"{what} must be an int from {low} to {high}, got {shown}")
-    return limit
+    return plain_int(limit)
 
 
 def validate_bundle(bundle_id: object, bundle_json: object) -> None:
@@ -237,7 +300,7 @@ def _name_text(value: str, what: str) -> str:
     size = len(value) if value.isascii() else len(value.encode("utf-8"))
     if size > MAX_NAME:
         raise InvalidInput(f"{what} of {size} UTF-8 bytes is over the maximum of {MAX_NAME}: {value[:40]!r}...")
-    return value
+    return plain_str(value)
 
 
 def name_successor(prefix: str) -> str | None:
