@@ -73,3 +73,22 @@ async def test_non_str_fields_are_refused_before_anything_is_stored() -> None:
     stored = await saver.aput(cfg("bad"), checkpoint({"b": 1}), meta(), {"b": 1})
     got = await saver.aget_tuple(stored)
     assert got is not None and got.checkpoint["channel_values"] == {"b": 1}
+
+
+async def test_alist_takes_configs_as_the_framework_savers_do() -> None:
+    """An empty config or ``before`` ({}: falsy) is no filter to InMemorySaver and SqliteSaver; alist
+    raised KeyError on them. A config missing its thread_id, or with a non-str checkpoint_ns, raised
+    KeyError/TypeError instead of the named error aget_tuple gives."""
+    saver = PforgeSaver(MemoryTurnStore())
+    await saver.aput(cfg("t1"), checkpoint({"a": 1}), meta(), {"a": 1})
+    await saver.aput(cfg("t2", ns="child:1"), checkpoint({"a": 2}), meta(), {"a": 2})
+    every = [t.config["configurable"]["thread_id"] async for t in saver.alist(None)]
+    assert sorted(every) == ["t1", "t2"]
+    assert sorted([t.config["configurable"]["thread_id"] async for t in saver.alist({})]) == sorted(every)  # type: ignore[typeddict-item]
+    in_t1 = [t.config["configurable"]["thread_id"] async for t in saver.alist(cfg("t1"), before={})]  # type: ignore[typeddict-item]
+    assert in_t1 == ["t1"]
+    for config in ({"configurable": {}}, {"configurable": {"thread_id": "t1", "checkpoint_ns": 5}}):
+        with pytest.raises(InvalidInput):
+            [t async for t in saver.alist(config)]  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput):
+        [t async for t in saver.alist(cfg("t1"), before=cfg("t1", 5))]

@@ -531,22 +531,24 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         metadata has every item of ``filter``, with an id below ``before``'s, at most ``limit``."""
         if limit is not None and limit <= 0:
             return
-        before_id = get_checkpoint_id(before) if before is not None else None
-        only_id = get_checkpoint_id(config) if config is not None else None
+        # An empty config or before ({}) is no filter, as to LangGraph's own savers (they test truth).
+        before_id = (before.get("configurable") or {}).get("checkpoint_id") if before else None
+        if before_id is not None:
+            _text(before_id, "alist: before's checkpoint_id")
+        only_id = (config.get("configurable") or {}).get("checkpoint_id") if config else None
         targets: list[tuple[str, str]]
-        if config is None:
+        if not config:
             names = [info.name for info in await self._contexts(f"{self.prefix}/") if info.name]
             targets = [self._parse(name) for name in names]
         else:
-            thread_id = str(config["configurable"]["thread_id"])
-            ns = config["configurable"].get("checkpoint_ns")
-            if ns is None:
+            thread_id, ns = _thread_and_ns(config)
+            if config["configurable"].get("checkpoint_ns") is None:
                 targets = [self._parse(info.name) for info in await self._namespaces(thread_id) if info.name]
             else:
                 targets = [(thread_id, ns)]
         count = 0
         for thread_id, ns in targets:
-            source = config if config is not None else {"configurable": {"thread_id": thread_id}}
+            source = config if config else {"configurable": {"thread_id": thread_id}}
             async for result in self._list_namespace(source, thread_id, ns, filter, before_id, only_id):
                 yield result
                 count += 1
