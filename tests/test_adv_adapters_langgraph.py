@@ -92,3 +92,16 @@ async def test_alist_takes_configs_as_the_framework_savers_do() -> None:
             [t async for t in saver.alist(config)]  # type: ignore[arg-type]
     with pytest.raises(InvalidInput):
         [t async for t in saver.alist(cfg("t1"), before=cfg("t1", 5))]
+
+
+async def test_an_empty_checkpoint_id_names_the_latest() -> None:
+    """A config whose checkpoint_id is "" names the latest checkpoint to LangGraph's own savers (they
+    test its truth); aget_tuple found nothing and alist filtered everything out. A non-str id names
+    no checkpoint (it raised TypeError)."""
+    saver = PforgeSaver(MemoryTurnStore())
+    stored = await saver.aput(cfg("t"), checkpoint({"a": 1}), meta(), {"a": 1})
+    latest = await saver.aget_tuple(cfg("t", ""))
+    assert latest is not None and latest.config == stored
+    assert [t.config async for t in saver.alist(cfg("t", ""))] == [stored]
+    assert await saver.aget_tuple(cfg("t", 5)) is None
+    assert [t async for t in saver.alist(cfg("t", 5))] == []

@@ -449,7 +449,10 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         the namespace; None if there is none."""
         thread_id, ns = _thread_and_ns(config)
         name = self._name(thread_id, ns)
-        wanted = get_checkpoint_id(config)
+        # "" names the latest, as to LangGraph's own savers (they test the id's truth)
+        wanted = get_checkpoint_id(config) or None
+        if wanted is not None and not isinstance(wanted, str):
+            return None  # no checkpoint has a non-str id (aput refuses one)
         for _ in range(2):
             tracked = await self._log(name, create=False)
             if tracked is None:
@@ -535,7 +538,7 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         before_id = (before.get("configurable") or {}).get("checkpoint_id") if before else None
         if before_id is not None:
             _text(before_id, "alist: before's checkpoint_id")
-        only_id = (config.get("configurable") or {}).get("checkpoint_id") if config else None
+        only_id = ((config.get("configurable") or {}).get("checkpoint_id") or None) if config else None
         targets: list[tuple[str, str]]
         if not config:
             names = [info.name for info in await self._contexts(f"{self.prefix}/") if info.name]
