@@ -212,7 +212,11 @@ class Store:
         runner = self._runner
         if runner is None:
             return
-        await asyncio.shield(runner)
+        if not runner.done():
+            await asyncio.shield(runner)
+        # A runner already done was either closed (its error, if any, is kept below) or cancelled
+        # by its event loop's end, which closed the actors too: awaiting it would raise that old
+        # cancellation into this caller, as if this caller had been cancelled.
         error, self._close_error = self._close_error, None
         if error is not None:
             raise error
