@@ -257,6 +257,13 @@ class CompactLog(msgspec.Struct, frozen=True, tag="compact_log"):
 
 LogCommand = TurnCommand | CompactLog
 
+
+class _LogWriteFailed(RuntimeError):
+    """A log write failed after its batch was loaded into memory: memory holds what the log may
+    not, so the actor dies (its callers get ``ActorClosed`` naming this; reads are refused) and the
+    next open replays the log, truncating a torn last frame."""
+
+
 #: bytes of frames a compaction buffers before it writes them out
 _COMPACT_CHUNK = 1 << 20
 
@@ -284,7 +291,7 @@ class _LogActor(Actor[LogCommand]):
                 # What the batch decided so far goes to the old log first: the new one is written
                 # from memory, and the frames after this command go to the new one.
                 if frames:
-                    await anyio.to_thread.run_sync(self._write, b"".join(frames), limiter=self._limiter)
+                    await self._flush(frames)
                     frames = []
                 try:
                     outcomes.append(await self._compact(command.grace_ms))
@@ -296,15 +303,24 @@ class _LogActor(Actor[LogCommand]):
                 if record is not None:
                     # Loaded before it is on disk, so later commands of this batch see it; nobody is
                     # answered before the write below, and a failed write kills the actor (the log on
-                    # disk stays the truth, replayed at the next open).
+                    # disk stays the truth, replayed at the next open; see _flush).
                     core.load(record)
                     frames.append(frame(record))
                 outcomes.append(core.finish(result))
             except PforgeError as exc:
                 outcomes.append(Failed(exc))
         if frames:
-            await anyio.to_thread.run_sync(self._write, b"".join(frames), limiter=self._limiter)
+            await self._flush(frames)
         return outcomes
+
+    async def _flush(self, frames: list[bytes]) -> None:
+        """Write a batch's frames. They are in memory already: a failure must kill the actor, not
+        fail the batch (a PforgeError out of handle_batch lets the actor go on, serving and building
+        on turns that were never written, after a torn frame that later frames would bury)."""
+        try:
+            await anyio.to_thread.run_sync(self._write, b"".join(frames), limiter=self._limiter)
+        except StorageError as exc:
+            raise _LogWriteFailed(str(exc)) from exc
 
     def _write(self, data: bytes) -> None:
         try:
