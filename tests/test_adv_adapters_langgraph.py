@@ -105,3 +105,43 @@ async def test_an_empty_checkpoint_id_names_the_latest() -> None:
     assert [t.config async for t in saver.alist(cfg("t", ""))] == [stored]
     assert await saver.aget_tuple(cfg("t", 5)) is None
     assert [t async for t in saver.alist(cfg("t", 5))] == []
+
+
+class DeletingStore(MemoryTurnStore):
+    """Deletes the context a batch is for just before the batch (once armed): another task's
+    adelete_thread landing between a rewrite's read and its write."""
+
+    armed = False
+
+    async def append_turns(self, turns: Any, **kwargs: Any) -> Any:
+        if self.armed:
+            self.armed = False
+            await self.delete_context(turns[0].context_id)
+        return await super().append_turns(turns, **kwargs)
+
+
+async def test_a_thread_deleted_while_it_is_rewritten() -> None:
+    """A thread deleted between a prune's (or delete_for_runs') read and its write made the call raise
+    ContextNotFound: delete_for_runs stopped there, leaving the threads after it untouched. A thread
+    deleted meanwhile is one with nothing to prune, as an unknown one is."""
+    turns = DeletingStore()
+    saver = PforgeSaver(turns)
+    for thread in ("a", "b"):
+        parent = None
+        for step in range(3):
+            stored = await saver.aput(cfg(thread, parent), checkpoint({"s": step}), meta(step), {"s": step + 1})
+            parent = stored["configurable"]["checkpoint_id"]
+    turns.armed = True
+    await saver.aprune(["a"])
+    assert await saver.aget_tuple(cfg("a")) is None
+    assert len([t async for t in saver.alist(cfg("b"))]) == 3
+    run_meta: Any = {**meta(9), "run_id": "run-1"}
+    for thread in ("c", "d"):
+        await saver.aput(cfg(thread), checkpoint({"s": 9}), run_meta, {"s": 1})
+        await saver.aput(cfg(thread), checkpoint({"s": 10}), meta(10), {"s": 2})
+    turns.armed = True  # the first thread rewritten ("b" has no run-1: "c") goes meanwhile
+    await saver.adelete_for_runs(["run-1"])
+    assert await saver.aget_tuple(cfg("c")) is None
+    left = [t.metadata.get("run_id") async for t in saver.alist(cfg("d"))]
+    assert left == [None]
+    assert len([t async for t in saver.alist(cfg("b"))]) == 3

@@ -760,6 +760,8 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
                     new_head = await self._replace_chain(info.context_id, head, rebuilt)
                 except HeadConflict:
                     continue  # another writer moved it meanwhile: read it again
+                except ContextNotFound:
+                    return  # deleted meanwhile: nothing left to rewrite, as for an unknown thread
                 if tracked is not None and tracked.context_id == info.context_id:
                     tracked.wrote(new_head, top)
                 for key in [key for key in self._early if key[0] == name]:
