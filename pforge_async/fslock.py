@@ -38,6 +38,8 @@ _FIRST_BACKOFF = 0.0005
 _MAX_BACKOFF = 0.01
 #: times one attempt opens the lock file again when the open file is no longer the one at the path
 _REOPENS = 3
+#: a timeout longer than this many seconds (about 3,000 years) is waited as ``None`` is: forever
+_FOREVER = 1e11
 
 
 class _PathState:
@@ -82,6 +84,16 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
+def _lock_path(path: object) -> str:
+    try:
+        text = os.fsdecode(path)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidInput(f"FsLock path must be a str or os.PathLike, not {type(path).__name__}") from None
+    if "\0" in text:
+        raise InvalidInput(f"FsLock path {text!r} contains a NUL character")
+    return os.path.abspath(text)
+
+
 class FsLock:
     """An exclusive (or, with ``shared=True``, shared) lock on ``path``.
 
@@ -99,9 +111,12 @@ class FsLock:
         timeout: float | None = None,
         keep_open: bool = False,
     ) -> None:
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+        # ``not timeout >= 0`` refuses NaN too: no deadline is ever past it, so a wait would never end.
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
+        ):
             raise InvalidInput(f"FsLock timeout must be None or a number >= 0, got {timeout!r}")
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = _lock_path(path)
         self.shared = shared
         self.timeout = timeout
         self._state = _state_for(self.path)
@@ -202,6 +217,13 @@ class FsLock:
                 self._state.keepers = max(0, self._state.keepers - 1)
                 self._maybe_close(self._state)
 
+    def _deadline(self, now: float) -> float | None:
+        """When a wait starting ``now`` ends; None: never (a timeout past ``_FOREVER`` seconds
+        would overflow a float, or be infinite, and waits as ``None`` does)."""
+        if self.timeout is None or self.timeout > _FOREVER:
+            return None
+        return now + self.timeout
+
     def _timeout_error(self, waited: float) -> LockTimeout:
         mode = "shared" if self.shared else "exclusive"
         return LockTimeout(f"could not take the {mode} lock on {self.path} within {waited:.3f}s")
@@ -210,7 +232,7 @@ class FsLock:
         """Take the lock, sleeping the thread between attempts. Once ``abandon`` is set the wait
         ends with ``LockTimeout`` (a thread's wait that its owner can call off, as a task's wait
         is called off by cancellation)."""
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        deadline = self._deadline(time.monotonic())
         started = time.monotonic()
         delay = _FIRST_BACKOFF
         while not self._try_acquire():
@@ -224,7 +246,7 @@ class FsLock:
 
     async def acquire_async(self) -> None:
         """Take the lock without blocking the event loop; cancelling the wait leaves nothing held."""
-        deadline = None if self.timeout is None else anyio.current_time() + self.timeout
+        deadline = self._deadline(anyio.current_time())
         delay = _FIRST_BACKOFF
         while not self._try_acquire():
             now = anyio.current_time()

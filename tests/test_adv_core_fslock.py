@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pforge_async import FsLock, StorageError
+from pforge_async import FsLock, InvalidInput, StorageError
 
 from ._procs import spawn, wait_for_line
 
@@ -65,3 +65,28 @@ def test_a_lock_file_replaced_by_a_directory_is_a_storage_error(tmp_path: Path) 
     assert _second_try(keeper) == "storage"
     with pytest.raises(StorageError):
         FsLock(path, timeout=0).acquire()
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), True, "1", -0.5, float("-inf")])
+def test_a_timeout_that_is_not_a_duration_is_refused(tmp_path: Path, timeout: object) -> None:
+    # NaN was taken: no deadline is ever reached, so a contended wait never ended.
+    with pytest.raises(InvalidInput, match="timeout"):
+        FsLock(tmp_path / "x.lock", timeout=timeout)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("timeout", [10**400, float("inf")], ids=["10**400", "inf"])
+async def test_a_timeout_too_long_to_reach_waits_as_none_does(tmp_path: Path, timeout: float) -> None:
+    # 10**400 seconds overflowed the deadline's float (a bare OverflowError at acquire).
+    path = tmp_path / "x.lock"
+    with FsLock(path, timeout=timeout) as lock:
+        assert lock.held
+    async with FsLock(path, timeout=timeout) as lock:
+        assert lock.held
+
+
+@pytest.mark.parametrize("path", [None, 5, "x\0y.lock"], ids=["None", "int", "NUL"])
+def test_a_path_that_names_no_file_is_refused(tmp_path: Path, path: object) -> None:
+    # None and 5 were a bare TypeError; a NUL a bare ValueError at acquire.
+    with pytest.raises(InvalidInput, match="path"):
+        FsLock(path).acquire()  # type: ignore[arg-type]
