@@ -80,8 +80,9 @@ class InCoreStore(TurnStoreBase):
 
     async def gc(self, *, grace_s: float = 3600.0, drop_deleted_rows: bool = False) -> TurnGcReport:
         """Reclaim the turns no live context reaches (through heads, bases and parents), leaving
-        everything created in the last ``grace_s`` seconds and the highest turn (as the SQLite
-        backend's gc: the same turns go). A deleted context leaves no row behind here, so
+        everything created in the last ``grace_s`` seconds (as the SQLite backend's gc, but for one
+        thing: that gc keeps the highest turn, and what it reaches, so as never to give its id again;
+        a core keeps its id counters apart, so here they go too). A deleted context leaves no row behind here, so
         ``drop_deleted_rows`` (accepted for the SQLite signature) has nothing to drop. Keys of
         reclaimed turns go with them. The filesystem backend then rewrites its log (see
         ``FsTurnStore``)."""
