@@ -83,10 +83,10 @@ class Actor(ABC, Generic[C]):
     name = "actor"
 
     def __init__(self, *, mailbox_size: int = 256, max_batch: int = 256) -> None:
-        if mailbox_size < 1:
-            raise InvalidInput(f"mailbox_size must be at least 1, got {mailbox_size!r}")
-        if max_batch < 1:
-            raise InvalidInput(f"max_batch must be at least 1, got {max_batch!r}")
+        # An int, not just a number: inf (or NaN) would make the mailbox unbounded, or fail in anyio.
+        for what, value in (("mailbox_size", mailbox_size), ("max_batch", max_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInput(f"{what} must be an int of at least 1, got {value!r}")
         if self.command_type is None:
             raise TypeError(f"{type(self).__name__} must set command_type")
         self.max_batch = max_batch
