@@ -4,13 +4,15 @@ the thread (and every other thread) still readable."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from langgraph.checkpoint.base import Checkpoint, CheckpointMetadata
 from langgraph.checkpoint.base.id import uuid6
 
-from pforge_async import InvalidInput, MemoryTurnStore
+from pforge_async import InvalidInput, MemoryTurnStore, open_store
 from pforge_async.integrations.langgraph import PforgeSaver
 
 pytestmark = pytest.mark.anyio
@@ -145,3 +147,30 @@ async def test_a_thread_deleted_while_it_is_rewritten() -> None:
     left = [t.metadata.get("run_id") async for t in saver.alist(cfg("d"))]
     assert left == [None]
     assert len([t async for t in saver.alist(cfg("b"))]) == 3
+
+
+async def test_values_whose_blobs_gc_collected_are_stored_again(tmp_path: Path) -> None:
+    """The saver remembers the blobs it stored, for good: once a deleted thread's blobs were
+    collected by gc, every put or write of a value with the same content (a common prompt in a new
+    thread, a resume from the deleted thread's config) named a blob no longer stored and was refused
+    (ObjectNotFound), however often retried, until the saver was made again."""
+    async with open_store(tmp_path / "store", durability="normal") as store:
+        saver = PforgeSaver(store)
+        prompt = {"doc": "z" * 5_000, "chat": [f"message {i} " * 20 for i in range(20)]}
+        gone = await saver.aput(cfg("gone"), checkpoint(prompt), meta(), {"doc": 1, "chat": 1})
+        await saver.aput_writes(gone, [("doc", "w" * 100_000)], "task")
+        await saver.adelete_thread("gone")
+        await saver.aput(cfg("other"), checkpoint({"n": 1}), meta(), {"n": 1})  # gc keeps the newest turn
+        await anyio.sleep(2.1)  # the store stamps times to the second: past a whole second, grace 0 takes it
+        report = await store.gc(grace_s=0)
+        assert report.cas.objects_reclaimed >= 3
+        # a put after the deleted thread's last checkpoint (its config kept) carries its values on
+        resumed = await saver.aput(cfg("gone", gone["configurable"]["checkpoint_id"]), checkpoint(prompt), meta(1), {})
+        new = await saver.aput(cfg("new"), checkpoint(prompt), meta(), {"doc": 1, "chat": 1})
+        await saver.aput_writes(new, [("doc", "w" * 100_000)], "task")
+        for config in (new, resumed):
+            got = await PforgeSaver(store).aget_tuple(config)
+            assert got is not None and got.checkpoint["channel_values"] == prompt
+        got = await PforgeSaver(store).aget_tuple(new)
+        assert got is not None and got.pending_writes == [("task", "doc", "w" * 100_000)]
+        assert (await store.check()).problems == []

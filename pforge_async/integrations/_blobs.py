@@ -107,6 +107,14 @@ class BlobCache:
             self._data.move_to_end(oid)
         return blob
 
+    def forget(self, oids: Iterable[str]) -> None:
+        """No longer take these blobs as stored (gc may have collected them since)."""
+        for oid in oids:
+            self._known.pop(oid, None)
+            blob = self._data.pop(oid, None)
+            if blob is not None:
+                self._size -= len(blob)
+
     def add(self, oid: str, blob: bytes) -> None:
         self._known[oid] = None
         self._known.move_to_end(oid)

@@ -66,7 +66,7 @@ from typing import Any, cast
 
 import msgspec
 
-from ..errors import Conflict, ContextNotFound, HeadConflict, InvalidInput
+from ..errors import Conflict, ContextNotFound, HeadConflict, InvalidInput, ObjectNotFound
 from ..store import DEFAULT_ROOT
 from ..turnstore.base import TurnStoreBase
 from ..turnstore.rules import MAX_LIST_LIMIT, split_batches
@@ -302,6 +302,8 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
                 f"{self._what(*self._parse(name))} was deleted while this saver was writing it; nothing of the "
                 "write was stored"
             ) from exc
+        except ObjectNotFound:
+            raise  # refused whole: a blob it names is not stored (the caller stores it and retries)
         except BaseException:
             tracked.uncertain = (expected, [payload])  # it may have landed: the next write finds out
             raise
@@ -330,6 +332,31 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
             raise InvalidInput(f"a checkpoint id must be a non-empty str, got {checkpoint_id!r}")
         versions = checkpoint["channel_versions"]
         parent_channels = self._channels.get((name, parent_id)) if parent_id else None
+        skeleton = self.serde.dumps_typed(rest)
+        meta = self.serde.dumps_typed(get_checkpoint_metadata(config, metadata))
+        channels, carried, pending = self._encode_channels(codec, name, values, versions, new_versions, parent_channels)
+        try:
+            await self._put_checkpoint(name, checkpoint_id, parent_id, skeleton, meta, channels, codec, pending)
+        except ObjectNotFound:
+            # A blob this saver remembered as stored is gone (gc collected a deleted or pruned thread's
+            # values): forget what the checkpoint names, and store every value it needs this time.
+            self._cache.forget(refs_of(channels.values()))
+            channels, carried, pending = self._encode_channels(codec, name, values, versions, new_versions, None)
+            await self._put_checkpoint(name, checkpoint_id, parent_id, skeleton, meta, channels, codec, pending)
+        self._remember(name, checkpoint_id, versions, channels, carried)
+        return _config(config, thread_id, ns, checkpoint_id)
+
+    def _encode_channels(
+        self,
+        codec: ValueCodec,
+        name: str,
+        values: dict[str, Any],
+        versions: ChannelVersions,
+        new_versions: ChannelVersions,
+        parent_channels: Channels | None,
+    ) -> tuple[dict[str, Ref], set[str], dict[str, bytes]]:
+        """Each channel's reference, the channels carried unchanged from the parent, and the blobs to
+        store first."""
         pending: dict[str, bytes] = {}
         channels: dict[str, Ref] = {}
         carried: set[str] = set()
@@ -346,8 +373,19 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
                 carried.add(channel)
             else:
                 channels[channel] = codec.encode(value, pending, self._memo(name, channel))
-        skeleton = self.serde.dumps_typed(rest)
-        meta = self.serde.dumps_typed(get_checkpoint_metadata(config, metadata))
+        return channels, carried, pending
+
+    async def _put_checkpoint(
+        self,
+        name: str,
+        checkpoint_id: str,
+        parent_id: str,
+        skeleton: tuple[str, bytes],
+        meta: tuple[str, bytes],
+        channels: dict[str, Ref],
+        codec: ValueCodec,
+        pending: dict[str, bytes],
+    ) -> None:
         await codec.store(pending)
         tracked = await self._log(name, create=True)
         assert tracked is not None
@@ -359,15 +397,14 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
                 top = _Top(checkpoint_id, depth, depth)
             else:
                 top = _Top(top.top_id, top.top_depth, depth)
-            early = self._early.pop((name, checkpoint_id), 0)
+            early = self._early.get((name, checkpoint_id), 0)
             entry = log.CheckpointEntry(
                 top.top_id, top.top_depth, checkpoint_id, parent_id, skeleton, meta, channels, early
             )
             refs = refs_of(channels.values())
             record = await self._append(name, tracked, log.CHECKPOINT, log.encode(entry), refs)
             tracked.wrote(record.turn_id, top)
-        self._remember(name, checkpoint_id, versions, channels, carried)
-        return _config(config, thread_id, ns, checkpoint_id)
+            self._early.pop((name, checkpoint_id), None)
 
     def _memo(self, name: str, channel: str) -> ChunkMemo:
         key = (name, channel)
@@ -415,17 +452,37 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
             _text(channel, "aput_writes: a write's channel")
         name = self._name(thread_id, ns)
         codec = await self._value_codec()
-        pending: dict[str, bytes] = {}
-        entries = [
-            log.Write(
-                task_id,
-                task_path,
-                WRITES_IDX_MAP.get(channel, idx),
-                channel,
-                codec.encode_plain(value, pending, WRITE_INLINE_MAX),
-            )
-            for idx, (channel, value) in enumerate(writes)
-        ]
+
+        def encoded() -> tuple[list[log.Write], dict[str, bytes]]:
+            pending: dict[str, bytes] = {}
+            entries = [
+                log.Write(
+                    task_id,
+                    task_path,
+                    WRITES_IDX_MAP.get(channel, idx),
+                    channel,
+                    codec.encode_plain(value, pending, WRITE_INLINE_MAX),
+                )
+                for idx, (channel, value) in enumerate(writes)
+            ]
+            return entries, pending
+
+        entries, pending = encoded()
+        try:
+            await self._put_writes(name, checkpoint_id, entries, pending, codec)
+        except ObjectNotFound:
+            # a blob remembered as stored was collected since (see aput): store the values again
+            self._cache.forget(refs_of(w.value for w in entries))
+            await self._put_writes(name, checkpoint_id, *encoded(), codec)
+
+    async def _put_writes(
+        self,
+        name: str,
+        checkpoint_id: str,
+        entries: list[log.Write],
+        pending: dict[str, bytes],
+        codec: ValueCodec,
+    ) -> None:
         await codec.store(pending)
         tracked = await self._log(name, create=True)
         assert tracked is not None
