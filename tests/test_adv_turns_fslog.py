@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 _CHILD = textwrap.dedent(
     """
     import resource, signal, sys, anyio
@@ -61,3 +63,46 @@ def test_a_failed_log_write_serves_and_builds_on_nothing_it_did_not_write(tmp_pa
     )
     print(done.stdout, done.stderr[-3000:])
     assert done.returncode == 0 and done.stdout.rstrip().endswith("OK")
+
+
+_OPEN_CHILD = textwrap.dedent(
+    """
+    import os, resource, sys, anyio
+    from pforge_async import StorageError
+    from pforge_async.turnstore import FsTurnStore
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, resource.RLIM_INFINITY))  # /dev/zero read to its end
+    directory, kind = sys.argv[1], sys.argv[2]
+    os.makedirs(directory)
+    log = os.path.join(directory, "turns.log")
+    if kind == "fifo":
+        os.mkfifo(log)
+    else:
+        os.symlink(kind, log)
+
+    async def main():
+        try:
+            async with FsTurnStore(directory):
+                pass
+        except StorageError as exc:
+            print("refused:", exc)
+        else:
+            raise AssertionError("opened a log that is not a regular file")
+
+    anyio.run(main)
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/null"])
+def test_a_log_that_is_not_a_regular_file_is_refused_at_open(tmp_path: Path, kind: str) -> None:
+    """A FIFO made the open wait forever for a writer, a symlink to /dev/zero read without end and
+    one to /dev/null failed with a raw OSError: each is refused as StorageError, promptly."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _OPEN_CHILD, str(tmp_path / "fs"), kind], capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"opening a turn log that is {kind} did not return within 30 s") from None
+    print(done.stdout, done.stderr[-3000:])
+    assert done.returncode == 0 and "refused:" in done.stdout and "regular file" in done.stdout

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
@@ -387,6 +388,20 @@ class _LogActor(Actor[LogCommand]):
         return fd
 
 
+def _refuse_unless_regular(path: Path) -> None:
+    """``StorageError`` unless ``path`` is missing or a regular file (through symlinks): a FIFO
+    would make the open wait for a writer forever, a device read without end (``/dev/zero``) or
+    refuse an fsync with a raw ``OSError`` (``/dev/null``). ``stat`` opens nothing, so never blocks."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StorageError(f"cannot read turn log {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(mode):
+        raise StorageError(f"turn log {path} is not a regular file")
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -450,6 +465,7 @@ class FsTurnStore(InCoreStore):
             pass
         except OSError as exc:
             raise StorageError(f"cannot remove {self.directory / COMPACT_NAME}: {exc.strerror}") from exc
+        _refuse_unless_regular(self.path)
         replay(self.path, self._core)
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
