@@ -174,3 +174,18 @@ async def test_values_whose_blobs_gc_collected_are_stored_again(tmp_path: Path) 
         got = await PforgeSaver(store).aget_tuple(new)
         assert got is not None and got.pending_writes == [("task", "doc", "w" * 100_000)]
         assert (await store.check()).problems == []
+
+
+async def test_a_copy_it_made_is_not_another_writer() -> None:
+    """A saver that had seen the target thread absent, then copied a thread to it, refused its own
+    next put to the copy with WriterConflict (it expected the thread still empty): the copy is its
+    own write."""
+    saver = PforgeSaver(MemoryTurnStore())
+    source = await saver.aput(cfg("src"), checkpoint({"a": 1}), meta(), {"a": 1})
+    assert await saver.aget_tuple(cfg("dst")) is None
+    await saver.acopy_thread("src", "dst")
+    parent = source["configurable"]["checkpoint_id"]
+    stored = await saver.aput(cfg("dst", parent), checkpoint({"a": 2}), meta(1), {"a": 2})
+    assert [t.config async for t in saver.alist(cfg("dst"))][:1] == [stored]
+    assert len([t async for t in saver.alist(cfg("dst"))]) == 2
+    assert len([t async for t in saver.alist(cfg("src"))]) == 1

@@ -714,14 +714,20 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
             ns = self._parse(info.name)[1]
             name = self._name(target, ns)
             try:
-                await turns.fork_context(info.head_turn_id, name=name, parent_context_id=info.context_id)
+                copy = await turns.fork_context(info.head_turn_id, name=name, parent_context_id=info.context_id)
             except Conflict as exc:
                 existing = await turns.find_context(name)
-                if existing is not None and existing.head_turn_id == info.head_turn_id:
-                    continue
-                raise Conflict(
-                    f"acopy_thread: {self._what(target, ns)} already has checkpoints; copy to a new thread"
-                ) from exc
+                if existing is None or existing.head_turn_id != info.head_turn_id:
+                    raise Conflict(
+                        f"acopy_thread: {self._what(target, ns)} already has checkpoints; copy to a new thread"
+                    ) from exc
+                copy = existing
+            # The copy is this saver's own write: a read that found the target absent, or a context
+            # of that name deleted since, must not make its next write expect the target empty.
+            self._absent.pop(name, None)
+            stale = self._logs.get(name)
+            if stale is not None and stale.context_id != copy.context_id:
+                self._forget(name, stale)
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         """``"keep_latest"``: keep of each namespace of each thread only its latest checkpoint (largest
