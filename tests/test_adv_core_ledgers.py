@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 import pforge_async as pf
+from pforge_async.ledgers import constellation
 
 pytestmark = pytest.mark.anyio
 
@@ -34,3 +36,30 @@ async def test_check_accepts_reward_sums_as_any_summation_order_rounds_them(tmp_
     db.close()
     async with pf.connect(tmp_path / "s") as store:
         assert any("reward sums" in p for p in (await store.check()).problems)
+
+
+class _SteppedClock:
+    """The wall clock as NTP or a VM migration may step it: back by ``step`` ms after ``after`` reads."""
+
+    def __init__(self, after: int, step: int) -> None:
+        self.reads = 0
+        self.after = after
+        self.step = step
+        self.start = time.time_ns() // 1_000_000
+
+    def __call__(self) -> int:
+        self.reads += 1
+        return self.start - (self.step if self.reads > self.after else 0)
+
+
+async def test_a_clock_stepped_back_between_two_transitions_leaves_a_sound_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # last_seen_ms took the later transition's (earlier) stamp, so it no longer was MAX(recorded_at_ms).
+    monkeypatch.setattr(constellation, "now_ms", _SteppedClock(after=1, step=50))
+    async with pf.connect(tmp_path / "s") as store:
+        await store.memory.record_transition("s", "a", "t", 1.0, True)
+        await store.memory.record_transition("s", "a", "t", 0.0, False)
+        [stats] = await store.memory.stats("s")
+        assert stats.count == 2
+        assert (await store.check()).problems == []

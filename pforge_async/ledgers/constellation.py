@@ -114,7 +114,9 @@ class ConstellationActor(SqliteActor[RecordTransition]):
             "INSERT INTO action_stats VALUES (?, ?, 1, ?, ?, ?, ?) ON CONFLICT (state, action) DO UPDATE SET "
             "count = count + 1, successes = successes + excluded.successes, "
             "reward_sum = reward_sum + excluded.reward_sum, "
-            "reward_sq_sum = reward_sq_sum + excluded.reward_sq_sum, last_seen_ms = excluded.last_seen_ms",
+            # The latest stamp, not the last one's: the wall clock may have stepped back since.
+            "reward_sq_sum = reward_sq_sum + excluded.reward_sq_sum, "
+            "last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
             (command.state, command.action, int(command.success), command.reward, command.reward**2, now),
         )
         assert cursor.lastrowid is not None
