@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import pforge_async as pf
-from pforge_async.ledgers import constellation
+from pforge_async.ledgers import constellation, nonces
 
 pytestmark = pytest.mark.anyio
 
@@ -50,6 +50,19 @@ class _SteppedClock:
     def __call__(self) -> int:
         self.reads += 1
         return self.start - (self.step if self.reads > self.after else 0)
+
+
+async def test_a_clock_stepped_back_between_issue_and_consume_leaves_a_sound_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The consume was stamped before the issue, which check() calls damage ("consumed before issued").
+    monkeypatch.setattr(nonces, "now_ms", _SteppedClock(after=1, step=50))
+    async with pf.connect(tmp_path / "s") as store:
+        nonce = await store.nonces.issue("agent", 60)
+        await store.nonces.consume(nonce, "agent")
+        with pytest.raises(pf.NonceReplayed):
+            await store.nonces.consume(nonce, "agent")
+        assert (await store.check()).problems == []
 
 
 async def test_a_clock_stepped_back_between_two_transitions_leaves_a_sound_store(

@@ -102,8 +102,10 @@ class NonceActor(SqliteActor[NonceCommand]):
                 refused = consume_refusal(nonce, subject, row, now)
                 if refused is not None:
                     raise refused
+                # Never stamped before its issue: the wall clock may have stepped back since.
                 conn.execute(
-                    "UPDATE nonces SET consumed_at_ms = ? WHERE nonce = ? AND consumed_at_ms IS NULL",
+                    "UPDATE nonces SET consumed_at_ms = max(?, issued_at_ms) "
+                    "WHERE nonce = ? AND consumed_at_ms IS NULL",
                     (now, nonce),
                 )
                 return None
