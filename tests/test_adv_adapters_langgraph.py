@@ -189,3 +189,19 @@ async def test_a_copy_it_made_is_not_another_writer() -> None:
     assert [t.config async for t in saver.alist(cfg("dst"))][:1] == [stored]
     assert len([t async for t in saver.alist(cfg("dst"))]) == 2
     assert len([t async for t in saver.alist(cfg("src"))]) == 1
+
+
+async def test_a_foreign_context_under_the_prefix_is_named() -> None:
+    """A context under the saver's prefix that it never makes (a session given the same prefix) made
+    alist(None) raise ValueError from parsing its name; it is an IntegrityError naming it, as a
+    foreign turn is."""
+    from pforge_async import IntegrityError
+    from pforge_async.integrations.openai_agents import PforgeSession
+
+    turns = MemoryTurnStore()
+    saver = PforgeSaver(turns)
+    await saver.aput(cfg("t"), checkpoint({"a": 1}), meta(), {"a": 1})
+    await PforgeSession("x", turns, prefix="langgraph").add_items([{"a": 1}])
+    with pytest.raises(IntegrityError, match="langgraph/x"):
+        [t async for t in saver.alist(None)]
+    assert len([t async for t in saver.alist(cfg("t"))]) == 1

@@ -66,7 +66,7 @@ from typing import Any, cast
 
 import msgspec
 
-from ..errors import Conflict, ContextNotFound, HeadConflict, InvalidInput, ObjectNotFound
+from ..errors import Conflict, ContextNotFound, HeadConflict, IntegrityError, InvalidInput, ObjectNotFound
 from ..store import DEFAULT_ROOT
 from ..turnstore.base import TurnStoreBase
 from ..turnstore.rules import MAX_LIST_LIMIT, split_batches
@@ -214,10 +214,18 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         return self._thread_prefix(thread_id) + ns
 
     def _parse(self, name: str) -> tuple[str, str]:
+        """The (thread id, namespace) a context name of this saver's stands for; ``IntegrityError`` for
+        a name under the prefix that this saver never makes (something else took it)."""
         rest = name[len(self.prefix) + 1 :]
         size, _, rest = rest.partition(":")
-        length = int(size)
-        return rest[:length], rest[length + 1 :]
+        if size.isdigit() and size.isascii():
+            parsed = rest[: int(size)], rest[int(size) + 1 :]
+            if self._name(*parsed) == name:
+                return parsed
+        raise IntegrityError(
+            f"context {name!r} is under this saver's prefix {self.prefix!r} but is not a thread's name: "
+            "the name is taken by something else"
+        )
 
     @staticmethod
     def _what(thread_id: str, ns: str) -> str:
