@@ -341,17 +341,19 @@ async def _text_problems(actor: Any) -> list[str]:
         "SELECT name, sql FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
     )
     for table, schema in tables:
-        columns = await actor.fetchall(f'PRAGMA table_info("{table}")')
+        columns = await actor.fetchall(f"PRAGMA table_info({_quoted(table)})")
         names = [row[1] for row in columns]
         key = [row[1] for row in sorted(columns, key=lambda row: row[5]) if row[5]]
         if "WITHOUT ROWID" not in str(schema).upper() or not key:
             key = ["rowid"]
-        keys = ", ".join(f'"{k}"' if k != "rowid" else k for k in key)
-        values = ", ".join(f'CASE WHEN typeof("{n}") = \'text\' THEN CAST("{n}" AS BLOB) END' for n in names)
+        keys = ", ".join(_quoted(k) if k != "rowid" else k for k in key)
+        values = ", ".join(
+            f"CASE WHEN typeof({_quoted(n)}) = 'text' THEN CAST({_quoted(n)} AS BLOB) END" for n in names
+        )
         after: tuple[Any, ...] | None = None
         while True:
             where = "" if after is None else f"WHERE ({keys}) > ({', '.join('?' * len(key))})"
-            sql = f'SELECT {keys}, {values} FROM "{table}" {where} ORDER BY {keys} LIMIT {_TEXT_PAGE}'
+            sql = f"SELECT {keys}, {values} FROM {_quoted(table)} {where} ORDER BY {keys} LIMIT {_TEXT_PAGE}"
             try:
                 rows = await actor.fetchall(sql, after or ())
             except IntegrityError as exc:
@@ -370,6 +372,12 @@ async def _text_problems(actor: Any) -> list[str]:
                 break
             after = tuple(rows[-1][: len(key)])
     return problems
+
+
+def _quoted(name: str) -> str:
+    """``name`` as an SQL identifier: any table or column a database holds (one added by hand may
+    have a double quote in its name) is read, never parsed as SQL."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 class _DamagedPart:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,18 @@ def test_a_store_whose_event_loop_ended_closes_quietly_from_the_next_loop(tmp_pa
             return (await again.check()).problems
 
     assert asyncio.run(reopen()) == []
+
+
+@pytest.mark.anyio
+async def test_check_reads_a_table_whose_name_and_columns_hold_quotes(tmp_path: Path) -> None:
+    # A table added to a database by hand (or by tampering) named a"b: check() quoted names with
+    # bare double quotes and raised StorageError (a syntax error) instead of reporting what it found.
+    async with pf.connect(tmp_path / "s") as store:
+        await store.nonces.issue("x", 5)
+    with sqlite3.connect(tmp_path / "s" / "nonces.db") as db:
+        db.execute('CREATE TABLE "a""b" ("c""d" TEXT)')
+        db.execute('INSERT INTO "a""b" VALUES (CAST(? AS TEXT))', (b"\xff\xfe",))
+    db.close()
+    async with pf.connect(tmp_path / "s") as store:
+        problems = (await store.check()).problems
+    assert len(problems) == 1 and 'table a"b' in problems[0] and "not UTF-8" in problems[0], problems
