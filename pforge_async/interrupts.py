@@ -27,8 +27,8 @@ from typing import Any
 __all__ = ["hold_sigint", "release_sigint"]
 
 _Handler = Callable[[int, Any], Any]
-#: loop -> (actors holding SIGINT on it, the handler that was there before)
-_held: dict[asyncio.AbstractEventLoop, tuple[int, _Handler]] = {}
+#: loop -> (actors holding SIGINT on it, the handler that was there before, the loop's own handler)
+_held: dict[asyncio.AbstractEventLoop, tuple[int, _Handler, object]] = {}
 
 
 def _ours_to_take(handler: object) -> bool:
@@ -49,7 +49,7 @@ def hold_sigint() -> bool:
     loop = asyncio.get_running_loop()
     held = _held.get(loop)
     if held is not None:
-        _held[loop] = (held[0] + 1, held[1])
+        _held[loop] = (held[0] + 1, held[1], held[2])
         return True
     previous = signal.getsignal(signal.SIGINT)
     if not _ours_to_take(previous) or not callable(previous):
@@ -58,7 +58,7 @@ def hold_sigint() -> bool:
         loop.add_signal_handler(signal.SIGINT, _deliver, previous)
     except (NotImplementedError, RuntimeError, ValueError):
         return False
-    _held[loop] = (1, previous)
+    _held[loop] = (1, previous, signal.getsignal(signal.SIGINT))
     return True
 
 
@@ -71,14 +71,19 @@ def release_sigint() -> None:
     held = _held.get(loop)
     if held is None:
         return
-    users, previous = held
+    users, previous, ours = held
     if users > 1:
-        _held[loop] = (users - 1, previous)
+        _held[loop] = (users - 1, previous, ours)
         return
     del _held[loop]
+    current = signal.getsignal(signal.SIGINT)
     try:
         loop.remove_signal_handler(signal.SIGINT)
     except (NotImplementedError, RuntimeError, ValueError):
+        return
+    if current is not ours and current is not None:
+        # The application installed a handler of its own since: the removal must not drop it.
+        signal.signal(signal.SIGINT, current)
         return
     # remove_signal_handler leaves Python's default; the handler from before goes back instead.
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
