@@ -38,7 +38,7 @@ from .ledgers.constellation import ConstellationActor, ConstellationMemory
 from .ledgers.nonces import NonceActor, NonceLedger
 from .lifecycle import GcReport, collect_store, turn_roots, validate_gc
 from .manifest import PARTS, RootKind, RootPlan, create_root, plan_root, quarantined, write_manifest
-from .turnstore.rules import DEFAULT_MAX_PAYLOAD
+from .turnstore.rules import DEFAULT_MAX_PAYLOAD, validate_limit
 from .turnstore.sqlite import SqliteTurnStore, TurnActor
 
 if sys.version_info < (3, 11):
@@ -513,6 +513,8 @@ async def _connect(
     for name, flag in (("create", create), ("readonly", readonly), ("watch_workspaces", watch_workspaces)):
         if not isinstance(flag, bool):
             raise InvalidInput(f"{name} must be True or False, got {flag!r}")
+    # Checked here, not first by the turn store: that is made once the store is created and running.
+    validate_limit(max_payload_bytes, "max_payload_bytes")
     if isinstance(root, str) and root.startswith(_PG_SCHEMES):
         return await _connect_pg(
             root,

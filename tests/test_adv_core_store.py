@@ -55,3 +55,12 @@ async def test_check_reads_a_table_whose_name_and_columns_hold_quotes(tmp_path: 
     async with pf.connect(tmp_path / "s") as store:
         problems = (await store.check()).problems
     assert len(problems) == 1 and 'table a"b' in problems[0] and "not UTF-8" in problems[0], problems
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("limit", [float("nan"), -1, True, 10**30, "5"], ids=["nan", "negative", "bool", "huge", "str"])
+async def test_a_bad_max_payload_bytes_is_refused_before_anything_is_created(tmp_path: Path, limit: object) -> None:
+    # It was refused only once the whole store had been created and its actors started.
+    with pytest.raises(pf.InvalidInput, match="max_payload_bytes"):
+        await pf.connect(tmp_path / "s", max_payload_bytes=limit)  # type: ignore[arg-type]
+    assert not (tmp_path / "s").exists()
