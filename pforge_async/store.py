@@ -549,18 +549,29 @@ class _Connecting:
         self._root = root
         self._options = options
         self._store: Store | None = None
+        self._entered = False
 
     def __await__(self) -> Generator[Any, None, Store]:
         return _connect(self._root, **self._options).__await__()
 
     async def __aenter__(self) -> Store:
-        self._store = await _connect(self._root, **self._options)
+        # One store per entry: a second entry while one is open (tasks sharing one connect()) would
+        # make the first exit close the other's store, and leave its own open.
+        if self._entered:
+            raise InvalidInput("this connect() is already entered: call connect() again for each async with")
+        self._entered = True
+        try:
+            self._store = await _connect(self._root, **self._options)
+        except BaseException:
+            self._entered = False
+            raise
         return self._store
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         store, self._store = self._store, None
+        self._entered = False
         if store is not None:
             with anyio.CancelScope(shield=True):
                 await store.aclose()

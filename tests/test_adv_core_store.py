@@ -64,3 +64,20 @@ async def test_a_bad_max_payload_bytes_is_refused_before_anything_is_created(tmp
     with pytest.raises(pf.InvalidInput, match="max_payload_bytes"):
         await pf.connect(tmp_path / "s", max_payload_bytes=limit)  # type: ignore[arg-type]
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.anyio
+async def test_one_connect_entered_twice_at_once_is_refused_and_closes_what_it_opened(tmp_path: Path) -> None:
+    # db = connect(root) shared by tasks that each do `async with db as store`: the second entry
+    # replaced the first's store, so the first exit closed the second task's store under it and the
+    # first store was never closed (its actors and locks held until the event loop ended).
+    db = pf.connect(tmp_path / "s")
+    async with db as first:
+        with pytest.raises(pf.InvalidInput, match="connect"):
+            async with db:
+                pass
+        await first.nonces.issue("x", 5)
+    assert first.closed
+    async with db as again:  # one entry after another is fine
+        await again.nonces.issue("x", 5)
+    assert again.closed
