@@ -156,12 +156,22 @@ class FsLock:
             if not self._flock(state.fd):
                 self._maybe_close(state)
                 return False
-            if self._names_path(state.fd):
+            try:
+                same = self._names_path(state.fd)
+            except BaseException:
+                self._give_up_file(state)  # nobody holds it: the flock must not stay taken
+                raise
+            if same:
                 return True
-            fd, state.fd = state.fd, None
+            self._give_up_file(state)
+        return False  # the path keeps changing under us: try again after the backoff
+
+    @staticmethod
+    def _give_up_file(state: _PathState) -> None:
+        fd, state.fd = state.fd, None
+        if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-        return False  # the path keeps changing under us: try again after the backoff
 
     def _names_path(self, fd: int) -> bool:
         try:

@@ -90,3 +90,17 @@ def test_a_path_that_names_no_file_is_refused(tmp_path: Path, path: object) -> N
     # None and 5 were a bare TypeError; a NUL a bare ValueError at acquire.
     with pytest.raises(InvalidInput, match="path"):
         FsLock(path).acquire()  # type: ignore[arg-type]
+
+
+def test_a_lock_file_replaced_by_a_symlink_loop_is_a_storage_error_and_then_serves_again(tmp_path: Path) -> None:
+    path = tmp_path / "db.lock"
+    keeper = spawn(KEEPER, path, stdin=subprocess.PIPE)
+    wait_for_line(keeper, "ready")
+    os.unlink(path)
+    path.symlink_to(path.name)  # ELOOP: the open file can no longer be compared with the path
+    assert _second_try(keeper) == "storage"
+    path.unlink()
+    lock = FsLock(path, keep_open=True, timeout=0)
+    with lock:
+        assert lock.held
+    lock.close()
