@@ -116,6 +116,9 @@ class FsLock:
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
         ):
             raise InvalidInput(f"FsLock timeout must be None or a number >= 0, got {timeout!r}")
+        for what, flag in (("shared", shared), ("keep_open", keep_open)):
+            if not isinstance(flag, bool):
+                raise InvalidInput(f"FsLock {what} must be True or False, got {flag!r}")
         self.path = _lock_path(path)
         self.shared = shared
         self.timeout = timeout

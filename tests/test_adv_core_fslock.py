@@ -104,3 +104,10 @@ def test_a_lock_file_replaced_by_a_symlink_loop_is_a_storage_error_and_then_serv
     with lock:
         assert lock.held
     lock.close()
+
+
+@pytest.mark.parametrize("option", ["shared", "keep_open"])
+def test_a_flag_that_is_not_a_bool_is_refused(tmp_path: Path, option: str) -> None:
+    # shared="no" is truthy: it took a shared lock where the caller asked for none.
+    with pytest.raises(InvalidInput, match=option):
+        FsLock(tmp_path / "x.lock", **{option: "no"})  # type: ignore[arg-type]
