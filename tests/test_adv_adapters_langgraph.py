@@ -205,3 +205,23 @@ async def test_a_foreign_context_under_the_prefix_is_named() -> None:
     with pytest.raises(IntegrityError, match="langgraph/x"):
         [t async for t in saver.alist(None)]
     assert len([t async for t in saver.alist(cfg("t"))]) == 1
+
+
+async def test_a_checkpoint_naming_more_blobs_than_a_turn_holds() -> None:
+    """A turn names at most 4,096 blobs: a checkpoint with more channel values past the inline size
+    (a wide graph) was refused with InvalidInput, so the graph could not checkpoint at all where
+    LangGraph's own savers store it. The values past the limit are kept inline."""
+    saver = PforgeSaver(MemoryTurnStore())
+    values = {f"c{i}": "v" * 100 + str(i) for i in range(5_000)}
+    values["chat"] = [f"message {i}" for i in range(40)]
+    stored = await saver.aput(cfg("wide"), checkpoint(values), meta(), {k: 1 for k in values})
+    got = await saver.aget_tuple(stored)
+    assert got is not None and got.checkpoint["channel_values"] == values
+    # the next checkpoint carries most of them on and changes a few
+    changed = {**values, "c7": "changed " * 20, "chat": [*values["chat"], "one more"]}
+    versions = {k: 1 for k in values} | {"c7": 2, "chat": 2}
+    cp = checkpoint(changed)
+    cp["channel_versions"] = versions
+    again = await saver.aput(stored, cp, meta(1), {"c7": 2, "chat": 2})
+    got = await PforgeSaver(saver._backing.fixed).aget_tuple(again)  # type: ignore[arg-type]
+    assert got is not None and got.checkpoint["channel_values"] == changed

@@ -158,6 +158,10 @@ class ValueCodec:
             return self._encode_list(value, pending, memo)
         return self.encode_plain(value, pending, INLINE_MAX)
 
+    def inline(self, value: Any) -> Ref:
+        """``value`` inline, whatever its size (a list whole): for a turn that names its limit of blobs."""
+        return Ref(INLINE, *self._dumps(value))
+
     def encode_plain(self, value: Any, pending: dict[str, bytes], inline_max: int) -> Ref:
         """``value`` inline up to ``inline_max`` bytes of encoding, else a blob."""
         type_, data = self._dumps(value)

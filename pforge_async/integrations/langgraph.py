@@ -69,7 +69,7 @@ import msgspec
 from ..errors import Conflict, ContextNotFound, HeadConflict, IntegrityError, InvalidInput, ObjectNotFound
 from ..store import DEFAULT_ROOT
 from ..turnstore.base import TurnStoreBase
-from ..turnstore.rules import MAX_LIST_LIMIT, split_batches
+from ..turnstore.rules import MAX_LIST_LIMIT, MAX_REFS, split_batches
 from ..turnstore.types import ContextInfo, NewTurn, TurnRecord
 from . import _lglog as log
 from ._blobs import BlobCache, ChunkMemo, Ref, ValueCodec, refs_of
@@ -381,6 +381,7 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
                 carried.add(channel)
             else:
                 channels[channel] = codec.encode(value, pending, self._memo(name, channel))
+        _fit_refs(codec, values, channels, carried)
         return channels, carried, pending
 
     async def _put_checkpoint(
@@ -989,6 +990,30 @@ class _Search:
     def end(self) -> Any:
         """The chain ended (its first turn was fed)."""
         return self.result() if self.found is not None else self.ABSENT
+
+
+def _fit_refs(codec: ValueCodec, values: dict[str, Any], channels: dict[str, Ref], carried: set[str]) -> None:
+    """A turn names at most ``MAX_REFS`` blobs: past that, channel values go inline instead (those
+    naming fewest blobs first), so a checkpoint of a wide graph is stored, as LangGraph's own savers
+    store it. Blobs staged for them and no longer named are left for gc."""
+    naming: dict[str, int] = {}
+    for ref in channels.values():
+        for oid in set(ref.oids()):
+            naming[oid] = naming.get(oid, 0) + 1
+    if len(naming) <= MAX_REFS:
+        return
+    for channel in sorted(channels, key=lambda ch: len(channels[ch].oids())):
+        if len(naming) <= MAX_REFS:
+            return
+        oids = set(channels[channel].oids())
+        if not oids:
+            continue
+        channels[channel] = codec.inline(values[channel])
+        carried.discard(channel)
+        for oid in oids:
+            naming[oid] -= 1
+            if not naming[oid]:
+                del naming[oid]
 
 
 def _positions(entries: list[log.Entry]) -> tuple[list[log.Entry], _Top]:
