@@ -76,3 +76,27 @@ async def test_a_clock_stepped_back_between_two_transitions_leaves_a_sound_store
         [stats] = await store.memory.stats("s")
         assert stats.count == 2
         assert (await store.check()).problems == []
+
+
+class _Disguised(str):
+    """A str that misreports itself: checks must read the characters, not ask the object."""
+
+    def isascii(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return 1
+
+
+@pytest.mark.parametrize("value", [_Disguised("\ud800"), _Disguised("x" * 5000)], ids=["surrogate", "long"])
+async def test_a_str_subclass_that_misreports_itself_is_checked_by_its_characters(tmp_path: Path, value: str) -> None:
+    # A lone surrogate passed the check (isascii said True) and failed in the encoder as a bare
+    # UnicodeEncodeError; a 5,000-char state passed as 1 char long (len said 1).
+    async with pf.connect(tmp_path / "s") as store:
+        with pytest.raises(pf.InvalidInput, match="subject"):
+            await store.nonces.issue(value, 5)
+        with pytest.raises(pf.InvalidInput, match="state"):
+            await store.memory.record_transition(value, "a", "b", 1.0, True)
+        with pytest.raises(pf.InvalidInput, match="state"):
+            await store.memory.stats(value)
+        assert (await store.check()).problems == []

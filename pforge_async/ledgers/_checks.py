@@ -41,11 +41,12 @@ Reward = Annotated[float, msgspec.Meta(ge=-MAX_REWARD, le=MAX_REWARD)]
 
 
 def text(value: object, what: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > MAX_TEXT:
+    # str's own methods, not the object's: a subclass may misreport its length or its ASCII-ness.
+    if not isinstance(value, str) or not 0 < str.__len__(value) <= MAX_TEXT:
         raise InvalidInput(f"{what} must be a non-empty str of at most {MAX_TEXT} chars, got {show(value)}")
-    if not value.isascii():
+    if not str.isascii(value):
         try:
-            value.encode("utf-8")
+            str.encode(value, "utf-8")
         except UnicodeEncodeError as exc:
             raise InvalidInput(
                 f"{what} holds a lone surrogate at index {exc.start}, which is not Unicode text: {show(value)}"
