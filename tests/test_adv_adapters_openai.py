@@ -49,3 +49,24 @@ async def test_unserializable_items_are_refused_whole() -> None:
             await session.add_items([{"i": 1}, bad])
     assert await session.get_items() == [{"i": 0}]
     assert await PforgeSession("s", session._backing.fixed).get_items() == [{"i": 0}]  # type: ignore[arg-type]
+
+
+class Usage:
+    input_tokens = 100
+    output_tokens = 20
+
+
+class Wrapper:
+    usage = Usage()
+
+
+async def test_usage_that_cannot_be_recorded_stores_nothing() -> None:
+    """record_usage=True on a bare turn store: add_items stored the items, then raised InvalidInput
+    for want of a budget ledger, so the SDK took the call as failed while the items were in (a retry
+    added them twice)."""
+    session = PforgeSession("s", MemoryTurnStore(), record_usage=True)
+    with pytest.raises(InvalidInput, match="budget ledger"):
+        await session.add_items([{"i": 0}], wrapper=Wrapper())  # type: ignore[arg-type]
+    assert await session.get_items() == []
+    await session.add_items([{"i": 1}])  # no run, no usage to record
+    assert await session.get_items() == [{"i": 1}]

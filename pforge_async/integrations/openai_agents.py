@@ -314,6 +314,10 @@ class PforgeSession:
         if not items:
             return
         payloads = [_encode(item, i) for i, item in enumerate(items)]
+        # Where the usage goes is settled before the items are stored: a session that cannot record it
+        # refuses the call whole, rather than store the items and then fail (a retry would add them twice).
+        usage = self._unrecorded(wrapper)
+        ledger = await self._ledger() if usage is not None else None
         tracked = await self._context(create=True)
         assert tracked is not None
         async with tracked.lock:
@@ -337,8 +341,8 @@ class PforgeSession:
                     ((r.turn_id, r.parent_turn_id, r.depth, p) for r, p in zip(records, payloads, strict=True)),
                     complete=expected == 0,
                 )
-        if wrapper is not None and self._record_usage is not False:
-            await self._usage(wrapper, records[-1].turn_id)
+        if usage is not None and ledger is not None and wrapper is not None:
+            await self._usage(wrapper, usage, ledger, records[-1].turn_id)
 
     async def pop_item(self, *, wrapper: RunContextWrapper[Any] | None = None) -> TResponseInputItem | None:
         """Remove the most recent item (the head moves back one) and return it; None if there is none."""
@@ -515,26 +519,37 @@ class PforgeSession:
         branch._tracked = Tracked(info.context_id, info.head_turn_id, None)
         return branch
 
-    async def _usage(self, wrapper: RunContextWrapper[Any], turn_id: int) -> None:
+    def _unrecorded(self, wrapper: RunContextWrapper[Any] | None) -> tuple[int, int, int, int] | None:
+        """The run's token usage (input, output) and what of it is not recorded yet; None: nothing to record."""
+        if wrapper is None or self._record_usage is False:
+            return None
         usage = getattr(wrapper, "usage", None)
         if usage is None:
-            return
+            return None
         input_tokens, output_tokens = int(usage.input_tokens or 0), int(usage.output_tokens or 0)
-        key = id(wrapper)
-        known = self._recorded.get(key)
+        known = self._recorded.get(id(wrapper))
         if known is not None and known[0]() is wrapper:
             before_in, before_out = known[1], known[2]
         else:
             before_in = before_out = 0
         spent_in, spent_out = input_tokens - before_in, output_tokens - before_out
         if spent_in <= 0 and spent_out <= 0:
-            return
+            return None
+        return input_tokens, output_tokens, spent_in, spent_out
+
+    async def _ledger(self) -> BudgetLedger:
         ledger = self._record_usage if isinstance(self._record_usage, BudgetLedger) else await self._backing.budget()
         if ledger is None:
             raise InvalidInput(
                 f"{self._what()}: record_usage=True needs a store with a budget ledger (a Store or a path), "
-                "not a bare turn store: pass record_usage=<a BudgetLedger>"
+                "not a bare turn store: pass record_usage=<a BudgetLedger>; nothing was stored"
             )
+        return ledger
+
+    async def _usage(
+        self, wrapper: RunContextWrapper[Any], usage: tuple[int, int, int, int], ledger: BudgetLedger, turn_id: int
+    ) -> None:
+        input_tokens, output_tokens, spent_in, spent_out = usage
         model = self.model or "unknown"
         cost = self._price(model, max(spent_in, 0), max(spent_out, 0)) if self._price is not None else 0
         await ledger.record_spend(
@@ -548,7 +563,7 @@ class PforgeSession:
             allow_overdraw=True,  # the tokens are spent already: record them even past a limit
         )
         self._recorded = {k: v for k, v in self._recorded.items() if v[0]() is not None}
-        self._recorded[key] = (weakref.ref(wrapper), input_tokens, output_tokens)
+        self._recorded[id(wrapper)] = (weakref.ref(wrapper), input_tokens, output_tokens)
 
     # -- helpers -------------------------------------------------------------------------------------
 
