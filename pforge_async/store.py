@@ -208,8 +208,11 @@ class Store:
     async def aclose(self) -> None:
         """Close the store: every call queued before this runs, then the actors stop. Any task may call
         it, any number of times; a caller cancelled meanwhile stops waiting, the close goes on."""
-        self._close_requested.set()
         runner = self._runner
+        if runner is not None and not runner.done() and runner.get_loop() is not asyncio.get_running_loop():
+            await self._aclose_on(runner.get_loop())
+            return
+        self._close_requested.set()
         if runner is None:
             return
         if not runner.done():
@@ -220,6 +223,15 @@ class Store:
         error, self._close_error = self._close_error, None
         if error is not None:
             raise error
+
+    async def _aclose_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close a store that serves another event loop (in another thread) on that loop: its event
+        and its runner belong there, and cannot be set or awaited from here."""
+        if loop.is_closed() or not loop.is_running():
+            raise InvalidInput(
+                f"store {self.root} was opened on another event loop, which is not running: close it on that loop"
+            )
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.aclose(), loop))
 
     async def __aenter__(self) -> Store:
         return self

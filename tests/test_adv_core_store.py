@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,45 @@ async def test_one_connect_entered_twice_at_once_is_refused_and_closes_what_it_o
     async with db as again:  # one entry after another is fine
         await again.nonces.issue("x", 5)
     assert again.closed
+
+
+def test_a_store_open_on_another_threads_loop_is_closed_there(tmp_path: Path) -> None:
+    # A store serving a loop in a worker thread, closed from the main thread's loop: aclose set the
+    # other loop's event from this thread (never waking it) and raised a bare RuntimeError ("attached
+    # to a different loop"), leaving the store open. The close now runs on the store's own loop.
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def opener() -> pf.Store:
+        return await pf.connect(tmp_path / "s")
+
+    try:
+        store = asyncio.run_coroutine_threadsafe(opener(), loop).result(60)
+
+        async def closer() -> None:
+            await store.aclose()
+            await store.aclose()
+
+        asyncio.run(closer())
+        assert store.closed
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+    async def reopen() -> list[str]:
+        async with pf.connect(tmp_path / "s") as again:
+            return (await again.check()).problems
+
+    assert asyncio.run(reopen()) == []
+    # A loop that no longer runs cannot close what it holds: a named error, not a hang.
+    stopped = asyncio.new_event_loop()
+    try:
+        held = stopped.run_until_complete(opener())
+        with pytest.raises(pf.InvalidInput, match="event loop"):
+            asyncio.run(held.aclose())
+        stopped.run_until_complete(held.aclose())
+        assert held.closed
+    finally:
+        stopped.close()
