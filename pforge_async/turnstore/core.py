@@ -721,19 +721,27 @@ class TurnCore:
         """Whether anything read from the log was damaged (``check`` says what)."""
         return bool(self.problems or self.damaged_turns or self.damaged_contexts or self.damaged_bundles)
 
-    def compacted(self, leave_out: set[int]) -> Iterator[Record]:
+    def compacted(self, leave_out: set[int], max_bytes: int = 1 << 62) -> Iterator[Record]:
         """The records of a log that rebuilds this state (less the turns ``leave_out``) when loaded
         into an empty core: the id marks, the turns (ascending, as they are now), bundles, blobs, then
-        the live contexts. Nothing deleted, erased or reclaimed is in them."""
+        the live contexts. Nothing deleted, erased or reclaimed is in them. A record of kept turns
+        holds at most ``KEPT_PER_RECORD`` turns and, unless one turn alone is more, ``max_bytes`` of
+        payload (a log frame's length has 31 bits: 1,024 turns of 2 MiB were past it)."""
         yield MarksRec(self.last_turn, self.last_context)
         kept: list[TurnRecord] = []
+        size = 0
         for turn_id in sorted(self.turns):
             if turn_id in leave_out:
                 continue
-            kept.append(self.turns[turn_id][0])
+            record = self.turns[turn_id][0]
+            if kept and size + len(record.payload) > max_bytes:
+                yield KeptTurnsRec(kept)
+                kept, size = [], 0
+            kept.append(record)
+            size += len(record.payload)
             if len(kept) == KEPT_PER_RECORD:
                 yield KeptTurnsRec(kept)
-                kept = []
+                kept, size = [], 0
         if kept:
             yield KeptTurnsRec(kept)
         for bundle_id, data in self.bundles.items():

@@ -79,6 +79,8 @@ _FRAME = struct.Struct("<III")
 #: an indexed frame: size | _INDEXED, record crc, index part size, crc of those 12 bytes
 _FRAME2 = struct.Struct("<IIII")
 _INDEXED = 1 << 31
+#: the longest record a frame can hold: its length is the header's low 31 bits
+_MAX_RECORD = _INDEXED - 1
 _U32 = struct.Struct("<I")
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Record)
@@ -240,8 +242,14 @@ def _truncate(path: Path, size: int, dropped: int) -> None:
 
 
 def frame(record: Record) -> bytes:
-    """An indexed frame: header, the record's index (self-delimiting, with its own checksum), record."""
+    """An indexed frame: header, the record's index (self-delimiting, with its own checksum), record.
+    ``InvalidInput`` for a record longer than a frame's 31-bit length can say (it would be written
+    with a wrong length: that frame and every later one unreadable at the next open)."""
     body = _encoder.encode(record)
+    if len(body) > _MAX_RECORD:
+        raise InvalidInput(
+            f"a write of {len(body)} encoded bytes is over the turn log's maximum of {_MAX_RECORD} per write"
+        )
     index = _encoder.encode(index_of(record))
     index_part = _U32.pack(len(index)) + index
     index_part += _U32.pack(zlib.crc32(index_part))
@@ -302,11 +310,12 @@ class _LogActor(Actor[LogCommand]):
             try:
                 result, record = core.decide(command)
                 if record is not None:
+                    # Framed first: a record too long for a frame fails its caller, loaded nowhere.
                     # Loaded before it is on disk, so later commands of this batch see it; nobody is
                     # answered before the write below, and a failed write kills the actor (the log on
                     # disk stays the truth, replayed at the next open; see _flush).
-                    core.load(record)
                     frames.append(frame(record))
+                    core.load(record)
                 outcomes.append(core.finish(result))
             except PforgeError as exc:
                 outcomes.append(Failed(exc))
@@ -362,7 +371,7 @@ class _LogActor(Actor[LogCommand]):
         try:
             pending = [MAGIC]
             size = len(MAGIC)
-            for record in self.core.compacted(leave_out):
+            for record in self.core.compacted(leave_out, max_bytes=_MAX_RECORD // 4):
                 data = frame(record)
                 pending.append(data)
                 size += len(data)
