@@ -475,6 +475,9 @@ class FsTurnStore(InCoreStore):
         except OSError as exc:
             raise StorageError(f"cannot remove {self.directory / COMPACT_NAME}: {exc.strerror}") from exc
         _refuse_unless_regular(self.path)
+        # The log alone is the truth: an object opened before may hold what it never wrote (a
+        # failed write) or miss what another writer appended since, so its memory starts afresh.
+        self._core = TurnCore(self._clock)
         replay(self.path, self._core)
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
