@@ -100,3 +100,30 @@ async def test_a_str_subclass_that_misreports_itself_is_checked_by_its_character
         with pytest.raises(pf.InvalidInput, match="state"):
             await store.memory.stats(value)
         assert (await store.check()).problems == []
+
+
+class _Boundless(float):
+    """A float that claims to be within any bound and converts to NaN."""
+
+    def __ge__(self, other: object) -> bool:
+        return True
+
+    def __le__(self, other: object) -> bool:
+        return True
+
+    def __float__(self) -> float:
+        return float("nan")
+
+    def __mul__(self, other: object) -> float:
+        return float("nan")
+
+
+async def test_a_number_subclass_that_misreports_itself_is_checked_by_its_value(tmp_path: Path) -> None:
+    # A NaN ttl reached round() inside the check (a bare ValueError) through a float subclass whose
+    # comparisons said it was in range.
+    async with pf.connect(tmp_path / "s") as store:
+        with pytest.raises(pf.InvalidInput, match="ttl_s"):
+            await store.nonces.issue("x", _Boundless("nan"))
+        with pytest.raises(pf.InvalidInput, match="reward"):
+            await store.memory.record_transition("s", "a", "b", _Boundless("nan"), True)
+        assert (await store.check()).problems == []

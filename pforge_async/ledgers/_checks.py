@@ -72,10 +72,12 @@ def number(value: object, what: str, *, low: float, high: float) -> float:
     """A finite int or float from ``low`` to ``high``, as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidInput(f"{what} must be a number, got {type(value).__name__} {show(value)}")
+    # The plain value, by int's or float's own method: a subclass may misreport its comparisons.
     # An int is compared before it is converted: float(10**400) itself overflows.
-    if not low <= value <= high:  # false for NaN too
+    plain = int.__index__(value) if isinstance(value, int) else float.__float__(value)
+    if not low <= plain <= high:  # false for NaN too
         raise InvalidInput(f"{what} must be a finite number from {low:g} to {high:g}, got {show(value)}")
-    return float(value)
+    return float(plain)
 
 
 def seconds(value: object, what: str) -> int:
