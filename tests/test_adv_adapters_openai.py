@@ -70,3 +70,17 @@ async def test_usage_that_cannot_be_recorded_stores_nothing() -> None:
     assert await session.get_items() == []
     await session.add_items([{"i": 1}])  # no run, no usage to record
     assert await session.get_items() == [{"i": 1}]
+
+
+async def test_a_price_that_fails_stores_nothing(tmp_path: Path) -> None:
+    """A price function that raised (a model missing from its table) did so after the items were
+    stored: the call failed with the items in."""
+
+    def price(model: str, input_tokens: int, output_tokens: int) -> int:
+        raise KeyError(model)
+
+    async with open_store(tmp_path / "store", durability="normal") as store:
+        session = PforgeSession("s", store, record_usage=True, model="unpriced", price=price)
+        with pytest.raises(KeyError):
+            await session.add_items([{"i": 0}], wrapper=Wrapper())  # type: ignore[arg-type]
+        assert await session.get_items() == []

@@ -314,8 +314,9 @@ class PforgeSession:
         if not items:
             return
         payloads = [_encode(item, i) for i, item in enumerate(items)]
-        # Where the usage goes is settled before the items are stored: a session that cannot record it
-        # refuses the call whole, rather than store the items and then fail (a retry would add them twice).
+        # Where the usage goes, and its cost, are settled before the items are stored: a session that
+        # cannot record it refuses the call whole, rather than store the items and then fail (a retry
+        # would add them twice).
         usage = self._unrecorded(wrapper)
         ledger = await self._ledger() if usage is not None else None
         tracked = await self._context(create=True)
@@ -519,8 +520,9 @@ class PforgeSession:
         branch._tracked = Tracked(info.context_id, info.head_turn_id, None)
         return branch
 
-    def _unrecorded(self, wrapper: RunContextWrapper[Any] | None) -> tuple[int, int, int, int] | None:
-        """The run's token usage (input, output) and what of it is not recorded yet; None: nothing to record."""
+    def _unrecorded(self, wrapper: RunContextWrapper[Any] | None) -> tuple[int, int, int, int, int] | None:
+        """The run's token usage (input, output), what of it is not recorded yet, and that spend's cost
+        (``price`` is asked here, before the items are stored); None: nothing to record."""
         if wrapper is None or self._record_usage is False:
             return None
         usage = getattr(wrapper, "usage", None)
@@ -535,7 +537,9 @@ class PforgeSession:
         spent_in, spent_out = input_tokens - before_in, output_tokens - before_out
         if spent_in <= 0 and spent_out <= 0:
             return None
-        return input_tokens, output_tokens, spent_in, spent_out
+        model = self.model or "unknown"
+        cost = self._price(model, max(spent_in, 0), max(spent_out, 0)) if self._price is not None else 0
+        return input_tokens, output_tokens, spent_in, spent_out, cost
 
     async def _ledger(self) -> BudgetLedger:
         ledger = self._record_usage if isinstance(self._record_usage, BudgetLedger) else await self._backing.budget()
@@ -547,14 +551,12 @@ class PforgeSession:
         return ledger
 
     async def _usage(
-        self, wrapper: RunContextWrapper[Any], usage: tuple[int, int, int, int], ledger: BudgetLedger, turn_id: int
+        self, wrapper: RunContextWrapper[Any], usage: tuple[int, int, int, int, int], ledger: BudgetLedger, turn_id: int
     ) -> None:
-        input_tokens, output_tokens, spent_in, spent_out = usage
-        model = self.model or "unknown"
-        cost = self._price(model, max(spent_in, 0), max(spent_out, 0)) if self._price is not None else 0
+        input_tokens, output_tokens, spent_in, spent_out, cost = usage
         await ledger.record_spend(
             self.vendor,
-            model,
+            self.model or "unknown",
             input_tokens=max(spent_in, 0),
             output_tokens=max(spent_out, 0),
             cost=cost,
