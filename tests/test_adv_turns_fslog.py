@@ -1,7 +1,8 @@
 """The filesystem turn log when a write fails part way (a full disk, a file size limit): what the
 log actor decided in memory for the failed batch was never on disk, so it must not be served nor
-built on. The write fails here through ``RLIMIT_FSIZE`` (writes past the limit get ``EFBIG``, the
-first of them cut short), in a child process of its own so the limit touches nothing else."""
+built on, and the store serves on once the write is undone. The write fails here through
+``RLIMIT_FSIZE`` (writes past the limit get ``EFBIG``, the first of them cut short), in a child
+process of its own so the limit touches nothing else."""
 
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ _CHILD = textwrap.dedent(
                 assert head.head_turn_id in acked, "the head moved to a turn that was never written"
                 later = await store.append_turn(ctx, "t", b"later")
                 acked.append(later.turn_id)
-            except PforgeError as exc:
-                print("refused after the failure:", type(exc).__name__)
+            except PforgeError as exc:  # the write was undone: the store serves on
+                raise AssertionError(f"refused after the failure: {exc!r}") from exc
         # The same object opened again, then a new one: each replays the log alone (the object's
         # memory, which held what the failed write never wrote, is not kept).
         for reopened in (store, FsTurnStore(directory)):

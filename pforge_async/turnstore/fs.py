@@ -300,7 +300,7 @@ class _LogActor(Actor[LogCommand]):
                 # What the batch decided so far goes to the old log first: the new one is written
                 # from memory, and the frames after this command go to the new one.
                 if frames:
-                    await self._flush(frames)
+                    await self._flush(frames, recover=False)  # later ones may be on disk: no undo
                     frames = []
                 try:
                     outcomes.append(await self._compact(command.grace_ms))
@@ -320,17 +320,36 @@ class _LogActor(Actor[LogCommand]):
             except PforgeError as exc:
                 outcomes.append(Failed(exc))
         if frames:
-            await self._flush(frames)
+            await self._flush(frames, recover=not any(isinstance(c, CompactLog) for c in commands))
         return outcomes
 
-    async def _flush(self, frames: list[bytes]) -> None:
-        """Write a batch's frames. They are in memory already: a failure must kill the actor, not
-        fail the batch (a PforgeError out of handle_batch lets the actor go on, serving and building
-        on turns that were never written, after a torn frame that later frames would bury)."""
+    async def _flush(self, frames: list[bytes], *, recover: bool) -> None:
+        """Write a batch's frames. They are in memory already, so a failed write must not leave
+        the actor serving that memory (it would build on turns never written, after a torn frame
+        later frames would bury). With ``recover`` (nothing of the batch was written before), the
+        log is cut back to where the batch began and memory rebuilt from it: the batch fails with
+        ``StorageError`` and the store serves on (a full disk freed later takes writes again).
+        Otherwise, or if that fails too, the actor dies and the next open replays the log."""
+        size = os.fstat(self.fd).st_size if recover else -1
         try:
             await anyio.to_thread.run_sync(self._write, b"".join(frames), limiter=self._limiter)
         except StorageError as exc:
-            raise _LogWriteFailed(str(exc)) from exc
+            if not recover:
+                raise _LogWriteFailed(str(exc)) from exc
+            try:
+                self.core = await anyio.to_thread.run_sync(self._undo, size, limiter=self._limiter)
+            except (OSError, PforgeError) as undo:
+                raise _LogWriteFailed(f"{exc}; then the log could not be cut back: {undo}") from exc
+            raise
+
+    def _undo(self, size: int) -> TurnCore:
+        """The log cut back to ``size`` bytes (synced) and a core replayed from it alone."""
+        os.ftruncate(self.fd, size)
+        if self.fsync:
+            os.fsync(self.fd)
+        core = TurnCore(self.core.clock)
+        replay(self.path, core)
+        return core
 
     def _write(self, data: bytes) -> None:
         try:
@@ -501,9 +520,11 @@ class FsTurnStore(InCoreStore):
         return self._actor
 
     def _readable(self) -> TurnCore:
-        # After a close, or a failed log write, memory may hold what the log does not: refuse.
+        # After a close, or a failed log write the actor could not undo, memory may hold what the
+        # log does not: refuse. The actor's core: one rebuilt after an undone write replaces it.
         if self._actor is None or self._actor.closed:
             raise ActorClosed(f"FsTurnStore {self.directory} is closed")
+        self._core = self._actor.core
         return self._core
 
     async def __aexit__(self, *exc_info: object) -> None:
