@@ -298,6 +298,24 @@ class TestLedgers:
         report = await store.check()
         assert report.ok, report.problems
 
+    async def test_a_clock_stepped_back_between_issue_and_consume_leaves_a_sound_store(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        start, reads = int(time.time() * 1000), [0]
+
+        def stepped() -> int:  # back by 50 ms after the first read (NTP, a VM migration)
+            reads[0] += 1
+            return start - (50 if reads[0] > 1 else 0)
+
+        for module in ("pforge_async.ledgers.nonces", "pforge_async.postgres.ledgers"):
+            monkeypatch.setattr(f"{module}.now_ms", stepped)
+        nonce = await store.nonces.issue("agent", 60)
+        await store.nonces.consume(nonce, "agent")
+        with pytest.raises(NonceReplayed):
+            await store.nonces.consume(nonce, "agent")
+        report = await store.check()
+        assert report.ok, report.problems
+
     async def test_a_day_window_counts_a_reservation_made_before_the_day(
         self, store: Store, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -235,7 +235,9 @@ class PgNonceActor(PgActor[NonceCommand]):
                 return row[0]
             case ConsumeNonce(nonce=nonce, subject=subject):
                 won = await conn.fetchval(
-                    "UPDATE nonces SET consumed_at_ms = $2 WHERE nonce = $1 AND subject = $3 "
+                    # Never stamped before its issue: a wall clock stepped back meanwhile (NTP, a VM
+                    # migration) would leave what check() calls damage.
+                    "UPDATE nonces SET consumed_at_ms = GREATEST($2, issued_at_ms) WHERE nonce = $1 AND subject = $3 "
                     "AND consumed_at_ms IS NULL AND expires_at_ms > $2 RETURNING 1",
                     nonce,
                     now,
