@@ -25,7 +25,10 @@ RUNS = 20
 EXIT_WITHIN = 15.0
 
 _WRITER = """
-import sys
+import signal, sys
+# Ctrl-C as a terminal's foreground process has it: a suite started in the background by a shell
+# without job control (`cmd &` in a script) passes SIGINT on ignored, and a store respects that.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 root, runner = sys.argv[1], sys.argv[2]
 import anyio, asyncio
 from pforge_async import open_store
