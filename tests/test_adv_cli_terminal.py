@@ -4,41 +4,14 @@ sequences; the terminal gets them escaped, as every other line the command write
 
 from __future__ import annotations
 
-import os
-import pty
-import select
-import subprocess
-import time
 from pathlib import Path
 
 import anyio
 
 from pforge_async import open_store
 
-from .test_adv_cli_common import ENV, EVIL, PFORGE
-
-
-def under_pty(args: list[str]) -> tuple[int, bytes]:
-    """Run with stderr on a pseudo-terminal (stdout a pipe): (status, what the terminal got)."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=slave, env=ENV)
-    os.close(slave)
-    seen = b""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 0.2)
-        if ready:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            seen += chunk
-        elif proc.poll() is not None:
-            break
-    os.close(master)
-    return proc.wait(timeout=60), seen
+from .test_adv_cli_common import EVIL, PFORGE
+from .test_cli import _under_pty
 
 
 def raw_controls(tty: bytes) -> list[bytes]:
@@ -69,7 +42,7 @@ def test_names_in_the_progress_bar_reach_the_terminal_escaped(tmp_path: Path) ->
         ["snapshot", str(workspace)],
     ]
     for args in runs:
-        code, tty = under_pty([*PFORGE, "--root", str(root), *args])
+        code, _, tty = _under_pty([*PFORGE, "--root", str(root), *args])
         assert code == 0, (args, tty)
         assert b"[" in tty, (args, tty)  # a bar was drawn
         assert raw_controls(tty) == [], (args, tty)
