@@ -124,8 +124,8 @@ class PforgeSession:
         connect_options: dict[str, Any] | None = None,
         cache_bytes: int = CACHE_BYTES,
     ) -> None:
-        if not isinstance(session_id, str) or not session_id:
-            raise InvalidInput(f"session_id must be a non-empty str, got {session_id!r}")
+        if not isinstance(session_id, str):
+            raise InvalidInput(f"session_id must be a str, got {type(session_id).__name__} {session_id!r:.80}")
         if not isinstance(prefix, str) or not prefix:
             raise InvalidInput(f"prefix must be a non-empty str, got {prefix!r}")
         self.session_id = session_id
@@ -135,6 +135,8 @@ class PforgeSession:
         # what a branch opens: the same store (for ":memory:", the very memory store this one made)
         self._store_arg: StoreLike = self._backing.fixed if self._backing.fixed is not None else store
         self._connect_options = connect_options
+        # "" is a session id as any other (SQLiteSession takes it): its name, "<prefix>/", is a valid
+        # context name, and no other id gives it (every other id adds at least one character).
         self.name = f"{prefix}/{session_id}"
         if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
             raise InvalidInput(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
@@ -415,11 +417,28 @@ class PforgeSession:
         if any(getattr(cls, m) is not getattr(PforgeSession, m) for m in _ITEM_METHODS):
             return None
         turns = await self._turns()
-        tracked = await self._context(create=False)
-        if tracked is None:
-            return _CompactionSnapshot([], True, _nothing_to_replace)
-        mark = tracked.writes
-        records = await turns.list_turns(tracked.context_id, limit=max(0, limit))
+        for _ in range(2):
+            tracked = await self._context(create=False)
+            if tracked is None:
+                break
+            mark = tracked.writes
+            try:
+                records = await turns.list_turns(tracked.context_id, limit=max(0, limit))
+            except ContextNotFound:
+                self._tracked = None  # deleted (and maybe made again): look the name up again
+                continue
+            return self._snapshot(tracked, mark, records, limit, prune_prefix)
+        # no session (never written, or deleted): nothing to compact, as SQLiteSession finds no rows
+        return _CompactionSnapshot([], True, _nothing_to_replace)
+
+    def _snapshot(
+        self,
+        tracked: Tracked[None],
+        mark: int,
+        records: list[TurnRecord],
+        limit: int,
+        prune_prefix: Callable[[TResponseInputItem], bool] | None,
+    ) -> _CompactionSnapshot:
         head = records[-1].turn_id if records else 0
         tracked.saw(mark, tracked.context_id, head, None)
         complete = len(records) < limit or not records or records[0].parent_turn_id == 0 or records[0].erased
@@ -445,42 +464,59 @@ class PforgeSession:
         turns = await self._turns()
         payloads = [_encode(item, i) for i, item in enumerate(output)]
         async with tracked.lock:
-            before: list[bytes] = []  # the items kept before the suffix, when a prefix is pruned
-            restart = False
-            if prune_prefix is not None and base:
-                pruned = 0
+            try:
+                return await self._replace_suffix_locked(turns, tracked, head, base, payloads, prune_prefix)
+            except ContextNotFound:
+                # The session was deleted since the snapshot: it no longer ends with what was read,
+                # so nothing is replaced (SQLiteSession, whose rows are gone, returns False too).
+                self._tracked = None
+                return False
+
+    async def _replace_suffix_locked(
+        self,
+        turns: TurnStoreBase,
+        tracked: Tracked[None],
+        head: int,
+        base: int,
+        payloads: list[bytes],
+        prune_prefix: Callable[[TResponseInputItem], bool] | None,
+    ) -> bool:
+        before: list[bytes] = []  # the items kept before the suffix, when a prefix is pruned
+        restart = False
+        if prune_prefix is not None and base:
+            pruned = 0
+            async for record in turns.iter_turns(tracked.context_id, page_size=_PAGE):
+                if not record.erased and not prune_prefix(self._item(record)):
+                    break
+                pruned = record.depth
+                if record.turn_id == base:
+                    break
+            if pruned:
+                restart = True
                 async for record in turns.iter_turns(tracked.context_id, page_size=_PAGE):
-                    if not record.erased and not prune_prefix(self._item(record)):
-                        break
-                    pruned = record.depth
+                    if record.depth > pruned:
+                        before.append(record.payload)
                     if record.turn_id == base:
                         break
-                if pruned:
-                    restart = True
-                    async for record in turns.iter_turns(tracked.context_id, page_size=_PAGE):
-                        if record.depth > pruned:
-                            before.append(record.payload)
-                        if record.turn_id == base:
-                            break
-            chain = [*before, *payloads]
-            try:
-                if not chain:
-                    await turns.set_head(tracked.context_id, 0 if restart else base, expected_head=head)
-                    new_head = 0 if restart else base
-                else:
-                    root = 0 if restart else base
-                    batch = [
-                        NewTurn(tracked.context_id, ITEM, payload, parent_turn_id=root if i == 0 else None)
-                        for i, payload in enumerate(chain)
-                    ]
-                    records = await turns.append_turns(batch, expected_heads={tracked.context_id: head})
-                    new_head = records[-1].turn_id
-            except HeadConflict:
-                return False  # the session changed since the snapshot: nothing replaced
-            except BaseException:
-                self._tracked = None  # the outcome is unknown: see the head afresh
-                raise
-            tracked.wrote(new_head, None)
+        chain = [*before, *payloads]
+        try:
+            if not chain:
+                await turns.set_head(tracked.context_id, 0 if restart else base, expected_head=head)
+                new_head = 0 if restart else base
+            else:
+                root = 0 if restart else base
+                batch = [
+                    NewTurn(tracked.context_id, ITEM, payload, parent_turn_id=root if i == 0 else None)
+                    for i, payload in enumerate(chain)
+                ]
+                records = await turns.append_turns(batch, expected_heads={tracked.context_id: head})
+                new_head = records[-1].turn_id
+        except HeadConflict:
+            return False  # the session changed since the snapshot: nothing replaced
+        except BaseException:
+            self._tracked = None  # the outcome is unknown: see the head afresh
+            raise
+        tracked.wrote(new_head, None)
         return True
 
     # -- beyond the SDK's sessions -------------------------------------------------------------------
