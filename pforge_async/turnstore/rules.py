@@ -13,6 +13,7 @@ cursor's "is this turn on the context's chain" check cost the same at depth 10 a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from typing import Any, Protocol, TypeVar, cast
 import msgspec
 
 from ..cas.objects import validate_oid
-from ..errors import IdempotencyConflict, IntegrityError, InvalidInput
+from ..errors import IdempotencyConflict, IntegrityError, InvalidInput, PforgeError
 from .commands import AppendTurn, CreateContext
 from .types import ContextInfo, ContextOrder, TurnRecord
 
@@ -208,14 +209,31 @@ def split_batches(turns: Sequence[_Turn]) -> list[list[_Turn]]:
 
 
 def validate_refs(refs: object) -> tuple[str, ...]:
-    """``refs`` as stored: a sequence of object ids (at most ``MAX_REFS``), sorted, each once."""
+    """``refs`` as stored: any iterable of object ids (at most ``MAX_REFS``; a generator is read
+    once), sorted, each once. A str or bytes is refused: it iterates as characters, never as ids."""
     if type(refs) is tuple and not refs:  # the default of every append: no set, no sort
         return ()
-    if isinstance(refs, (str, bytes)) or not isinstance(refs, (tuple, list, set, frozenset)):
-        raise InvalidInput(f"refs must be a sequence of object ids, got {type(refs).__name__}")
-    if len(refs) > MAX_REFS:
-        raise InvalidInput(f"{len(refs)} refs is over the maximum of {MAX_REFS} per turn")
-    return tuple(sorted({plain_str(validate_oid(oid, "ref")) for oid in refs}))
+    if isinstance(refs, (str, bytes, bytearray, memoryview)):
+        raise InvalidInput(f"refs must be an iterable of object ids, got {type(refs).__name__}")
+    # The built-in collections are counted as they are; any other iterable is read first, once.
+    builtin = type(refs) in (tuple, list, set, frozenset)
+    items = cast("tuple[object, ...]", refs) if builtin else _read_refs(refs)
+    if len(items) > MAX_REFS:
+        raise InvalidInput(f"{len(items)} refs is over the maximum of {MAX_REFS} per turn")
+    return tuple(sorted({plain_str(validate_oid(oid, "ref")) for oid in items}))
+
+
+def _read_refs(refs: object) -> tuple[object, ...]:
+    """The items of any other iterable, read once and at most one past ``MAX_REFS`` (an endless
+    generator is refused, not run forever). What its own iteration raises is ``InvalidInput``."""
+    if not hasattr(type(refs), "__iter__") and not hasattr(type(refs), "__getitem__"):
+        raise InvalidInput(f"refs must be an iterable of object ids, got {type(refs).__name__}")
+    try:
+        return tuple(itertools.islice(iter(refs), MAX_REFS + 1))  # type: ignore[call-overload]
+    except PforgeError:
+        raise
+    except Exception as exc:  # the caller's iterator failed: nothing was validated, nothing stored
+        raise InvalidInput(f"refs could not be read: {exc!r:.200}") from exc
 
 
 def validate_key(key: object, what: str = "idempotency_key") -> str | None:
@@ -320,17 +338,19 @@ def encode_metadata(value: object) -> bytes:
     """Context metadata as canonical JSON bytes (sorted keys, no spaces, UTF-8), or ``InvalidInput``.
 
     Accepted: a dict with str keys whose values are None, bool, int, finite float, str, list or dict
-    (nested at most 64 deep), at most 64 KiB encoded. Not accepted: tuples, bytes, NaN, other types
-    (they would not come back as they went in)."""
+    (nested at most 64 deep), at most 64 KiB encoded. A value of a subclass of one of these (an
+    ``OrderedDict``, a str enum, an ``IntEnum``) is taken as its plain value, as every other argument
+    is, and comes back as the plain type. Not accepted: tuples, bytes, NaN, other types (they would
+    not come back as they went in)."""
     if value is None:
         return b"{}"
-    if type(value) is not dict:
+    if not isinstance(value, dict):
         raise InvalidInput(f"metadata must be a dict, got {type(value).__name__}")
     if not value:
         return b"{}"
-    _check_json(value, 0)
+    plain = _plain_json(value, 0)
     try:
-        data = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        data = json.dumps(plain, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
         encoded = data.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidInput("metadata has a str with a lone surrogate (not encodable as UTF-8)") from exc
@@ -341,23 +361,35 @@ def encode_metadata(value: object) -> bytes:
     return encoded
 
 
-def _check_json(value: object, depth: int) -> None:
+def _plain_json(value: object, depth: int) -> object:
+    """``value`` checked and rebuilt from plain JSON types: a subclass becomes its plain value, read
+    through the built-in type's own methods (an override of ``items``, ``__iter__``, ``__str__`` or
+    ``__float__`` is not asked), so what is encoded is what the value holds."""
     if depth > _MAX_METADATA_DEPTH:
         raise InvalidInput(f"metadata is nested more than {_MAX_METADATA_DEPTH} deep")
-    kind = type(value)
-    if kind is dict:
-        for key, item in value.items():  # type: ignore[attr-defined]
-            if type(key) is not str:
+    if value is None or type(value) is bool:
+        return value
+    if isinstance(value, dict):
+        plain: dict[str, object] = {}
+        for key, item in dict.items(value):
+            if not isinstance(key, str):
                 raise InvalidInput(f"metadata keys must be str, got {type(key).__name__} {key!r:.80}")
-            _check_json(item, depth + 1)
-    elif kind is list:
-        for item in value:  # type: ignore[attr-defined]
-            _check_json(item, depth + 1)
-    elif kind is float:
-        if not math.isfinite(value):  # type: ignore[arg-type]
-            raise InvalidInput(f"metadata holds {value!r}, which JSON cannot carry")
-    elif kind not in (str, int, bool) and value is not None:
-        raise InvalidInput(f"metadata values must be JSON types, got {kind.__name__} {value!r:.80}")
+            plain[plain_str(key)] = _plain_json(item, depth + 1)
+        if len(plain) != dict.__len__(value):  # keys unequal as given but equal as plain str
+            raise InvalidInput("metadata has two keys with the same value")
+        return plain
+    if isinstance(value, list):
+        return [_plain_json(item, depth + 1) for item in list.__iter__(value)]
+    if isinstance(value, str):
+        return plain_str(value)
+    if isinstance(value, int):
+        return plain_int(value)
+    if isinstance(value, float):
+        number = float.__float__(value)
+        if not math.isfinite(number):
+            raise InvalidInput(f"metadata holds {number!r}, which JSON cannot carry")
+        return number
+    raise InvalidInput(f"metadata values must be JSON types, got {type(value).__name__} {value!r:.80}")
 
 
 def decode_metadata(data: bytes | str) -> dict[str, Any]:
