@@ -37,7 +37,9 @@ Several writers, several processes: each saver remembers the head it last saw of
 writes (a read, such as the one each run starts with, refreshes it) and every write compare-and-sets
 that head. A second writer on the same thread, say another process running the same thread at once,
 gets :class:`WriterConflict` (a ``HeadConflict``) from its write, so a run fails instead of silently
-forking the history (langgraph#8796). Writes of one saver to one namespace are serialized, so the
+forking the history (langgraph#8796). Past the 10,000 namespaces a saver keeps whole, it keeps of the
+others only the context id and head it saw (a small tuple each, until the namespace is used again or
+deleted through it), so detection does not end there. Writes of one saver to one namespace are serialized, so the
 concurrent ``aput_writes`` of one superstep never conflict with each other. Two runs of one thread on
 one saver in one process are not told apart.
 
@@ -66,7 +68,15 @@ from typing import Any, cast
 
 import msgspec
 
-from ..errors import Conflict, ContextNotFound, HeadConflict, IntegrityError, InvalidInput, ObjectNotFound
+from ..errors import (
+    Conflict,
+    ContextNotFound,
+    HeadConflict,
+    IntegrityError,
+    InvalidInput,
+    ObjectNotFound,
+    TurnNotFound,
+)
 from ..store import DEFAULT_ROOT
 from ..turnstore.base import TurnStoreBase
 from ..turnstore.rules import MAX_LIST_LIMIT, MAX_REFS, split_batches
@@ -147,6 +157,11 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         self._bridge = LoopBridge.current("PforgeSaver")
         self._cache = BlobCache()
         self._logs: OrderedDict[str, Tracked[_Top]] = OrderedDict()
+        #: name -> (context id, the head this saver last saw) of namespaces dropped from ``_logs`` (a
+        #: small tuple each, kept until the namespace is used again or deleted through this saver): its
+        #: next use goes on from that head, so a writer that came meanwhile is still a conflict however
+        #: many namespaces this saver tracked in between
+        self._seen_heads: dict[str, tuple[int, int]] = {}
         self._channels: OrderedDict[tuple[str, str], Channels] = OrderedDict()
         #: (name, channel) -> the full chunks of the list the channel last held
         self._memos: OrderedDict[tuple[str, str], ChunkMemo] = OrderedDict()
@@ -179,6 +194,8 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
         if owned is not None:
             await owned.aclose()
         await self._backing.aclose()
+        for name, tracked in self._logs.items():
+            self._remember_head(name, tracked)
         self._logs.clear()
 
     def close(self) -> None:
@@ -253,7 +270,21 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
             self._logs.move_to_end(name)
             return tracked
         turns = await self._turns()
-        info = await turns.open_context(name) if create else await turns.find_context(name)
+        # A namespace this saver saw before (dropped from _logs since) must not be made again here:
+        # if it was deleted meanwhile, the write is refused, as it would have been had it stayed tracked.
+        known = name in self._seen_heads
+        info = await turns.open_context(name) if create and not known else await turns.find_context(name)
+        tracked = self._logs.get(name)
+        if tracked is not None and info is not None and tracked.context_id == info.context_id:
+            return tracked  # another task of this saver tracked it meanwhile
+        seen = self._seen_heads.pop(name, None)
+        if seen is not None and (info is None or info.context_id != seen[0]):
+            seen = None
+            if create:
+                raise ContextNotFound(
+                    f"{self._what(*self._parse(name))} was deleted since this saver last saw it; nothing of the "
+                    "write was stored"
+                )
         if info is None:
             # Seen absent: a first write expects it still empty, so a writer that made it meanwhile
             # is a conflict, not the baseline.
@@ -261,27 +292,43 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
             while len(self._absent) > _MAX_TRACKED:
                 self._absent.pop(next(iter(self._absent)))
             return None
-        tracked = self._logs.get(name)
-        if tracked is None or tracked.context_id != info.context_id:
-            if create and self._absent.pop(name, 0) is None:
-                tracked = Tracked(info.context_id, 0, _EMPTY)
-            else:
-                tracked = Tracked(info.context_id, info.head_turn_id, await self._top_at(turns, info.head_turn_id))
-            self._logs[name] = tracked
-            self._evict()
+        if create and self._absent.pop(name, 0) is None:
+            tracked = Tracked(info.context_id, 0, _EMPTY)
+        else:
+            # Seen before: it goes on from the head seen then, not the store's, so another writer's
+            # turns since are a conflict, as they would have been had it stayed tracked.
+            head = seen[1] if seen is not None else info.head_turn_id
+            tracked = Tracked(info.context_id, head, await self._seen_top(turns, head))
+        self._logs[name] = tracked
+        self._evict()
         return tracked
 
     def _evict(self) -> None:
         while len(self._logs) > _MAX_TRACKED:
             name, tracked = next(iter(self._logs.items()))
-            if tracked.lock.locked():
-                self._logs.move_to_end(name)
+            if tracked.lock.locked() or tracked.uncertain is not None:
+                self._logs.move_to_end(name)  # in use, or a write's outcome still to learn
                 return
             del self._logs[name]
+            self._remember_head(name, tracked)
+
+    def _remember_head(self, name: str, tracked: Tracked[_Top]) -> None:
+        self._seen_heads[name] = (tracked.context_id, tracked.head)
 
     def _forget(self, name: str, tracked: Tracked[_Top]) -> None:
+        """The namespace's context is gone (deleted): nothing about it is worth keeping."""
         if self._logs.get(name) is tracked:
             del self._logs[name]
+        if self._seen_heads.get(name, (0, 0))[0] == tracked.context_id:
+            del self._seen_heads[name]
+
+    async def _seen_top(self, turns: TurnStoreBase, head: int) -> _Top:
+        """The state that goes with a head seen earlier, which may since have been collected (the
+        head moved on, so a write expecting it conflicts whatever the state)."""
+        try:
+            return await self._top_at(turns, head)
+        except TurnNotFound:
+            return _EMPTY
 
     async def _top_at(self, turns: TurnStoreBase, head: int) -> _Top:
         return self._top_of(await turns.get_turn(head)) if head else _EMPTY
@@ -702,6 +749,7 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
                     await turns.delete_context(info.context_id)
                 if tracked is not None:
                     self._forget(name, tracked)
+                self._seen_heads.pop(name, None)
                 self._absent[name] = None  # this saver's next write starts it afresh
             for key in [key for key in self._early if key[0] == name]:
                 del self._early[key]
@@ -734,6 +782,8 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
             # The copy is this saver's own write: a read that found the target absent, or a context
             # of that name deleted since, must not make its next write expect the target empty.
             self._absent.pop(name, None)
+            if self._seen_heads.get(name, (0, 0))[0] != copy.context_id:
+                self._seen_heads.pop(name, None)
             stale = self._logs.get(name)
             if stale is not None and stale.context_id != copy.context_id:
                 self._forget(name, stale)
@@ -836,6 +886,8 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
                     return  # deleted meanwhile: nothing left to rewrite, as for an unknown thread
                 if tracked is not None and tracked.context_id == info.context_id:
                     tracked.wrote(new_head, top)
+                elif self._seen_heads.get(name, (0, 0))[0] == info.context_id:
+                    self._seen_heads[name] = (info.context_id, new_head)  # this saver's own write
                 for key in [key for key in self._early if key[0] == name]:
                     del self._early[key]  # depths of the old chain
                 return
