@@ -37,7 +37,6 @@ from ._checks import (
     instant_ms,
     number,
     optional_text,
-    replay_sqlite,
     seconds,
     show,
     text,
@@ -375,6 +374,21 @@ def spend_replay_values(command: RecordSpend) -> tuple[Any, ...]:
 SPEND_REPLAY_COLUMNS = "spend_id, vendor, model, input_tokens, output_tokens, cost"
 
 
+def spend_replay(command: RecordSpend, first: Sequence[Any], tags: dict[str, str]) -> int:
+    """What a ``record_spend`` whose key already recorded a spend answers: that spend's id, writing
+    nothing; or ``IdempotencyConflict`` if it asks for other values, tags included (as a reserve's
+    replay does). ``first``: the spend's ``SPEND_REPLAY_COLUMNS``; ``tags``: the spend's tags.
+    ``allow_overdraw`` is not compared: it permits a spend, it is not part of it."""
+    spend_id, *stored = first
+    if (*stored, tags) != (*spend_replay_values(command), command.tags):
+        vendor, model, input_tokens, output_tokens, cost = stored
+        what = f"{vendor}, {model!r}, {input_tokens} + {output_tokens} tokens, cost {cost}, tags {tags}"
+        raise IdempotencyConflict(
+            f"idempotency key {command.idempotency_key!r} recorded spend {spend_id} for other values ({what})"
+        )
+    return int(spend_id)
+
+
 def record_spend_over(command: RecordSpend, standing: Sequence[Standing]) -> tuple[int, int]:
     """How far a ``record_spend`` goes past the vendor's limits: refused (``BudgetExceeded``) unless
     it allows an overdraft, then recorded with how far over it went."""
@@ -480,10 +494,11 @@ class BudgetActor(SqliteActor[BudgetCommand]):
 
     def _record_spend(self, conn: sqlite3.Connection, command: RecordSpend, now: int) -> int:
         key = command.idempotency_key
-        select = f"SELECT {SPEND_REPLAY_COLUMNS} FROM spend WHERE idempotency_key = ?"
-        first = replay_sqlite(conn, select, key, spend_replay_values(command), "spend")
-        if first is not None:
-            return first
+        if key is not None:
+            first = conn.execute(f"SELECT {SPEND_REPLAY_COLUMNS} FROM spend WHERE idempotency_key = ?", (key,))
+            found = first.fetchone()
+            if found is not None:
+                return spend_replay(command, found, _tags_of(conn, "spend_tags", found[0]))
         over = record_spend_over(command, self._standing(conn, command.vendor, now))
         self._room(conn, command.vendor, command.input_tokens + command.output_tokens, command.cost, now)
         spend_id = self._insert_spend(conn, spend_values(command.vendor, command.model, command, key, None, now, over))

@@ -66,7 +66,7 @@ from ..ledgers.budget import (
     reservation_of,
     reservation_values,
     reserve_replay,
-    spend_replay_values,
+    spend_replay,
     spend_values,
 )
 from ..ledgers.constellation import (
@@ -450,10 +450,10 @@ class PgBudgetActor(PgActor[BudgetCommand]):
 
     async def _record_spend(self, conn: PgConn, command: RecordSpend, now: int) -> int:
         key = command.idempotency_key
-        select = f"SELECT {SPEND_REPLAY_COLUMNS} FROM spend WHERE idempotency_key = $1"
-        first = await _replay(conn, select, key, spend_replay_values(command), "spend")
-        if first is not None:
-            return first
+        if key is not None:
+            found = await conn.fetchrow(f"SELECT {SPEND_REPLAY_COLUMNS} FROM spend WHERE idempotency_key = $1", key)
+            if found is not None:
+                return spend_replay(command, found, await _spend_tags_of(conn, found[0]))
         over = record_spend_over(command, await self._standing(conn, command.vendor, now))
         await self._room(conn, command.vendor, command.input_tokens + command.output_tokens, command.cost, now)
         values = spend_values(command.vendor, command.model, command, key, None, now, over)
@@ -586,6 +586,11 @@ async def _tags_of(conn: PgConn, reservation_id: str) -> dict[str, str]:
     rows = await conn.fetch(
         "SELECT tag, value FROM reservation_tags WHERE reservation_id = $1 ORDER BY tag", reservation_id
     )
+    return {tag: value for tag, value in rows}
+
+
+async def _spend_tags_of(conn: PgConn, spend_id: int) -> dict[str, str]:
+    rows = await conn.fetch("SELECT tag, value FROM spend_tags WHERE spend_id = $1 ORDER BY tag", spend_id)
     return {tag: value for tag, value in rows}
 
 
