@@ -3,13 +3,14 @@ replace_suffix on a session deleted since its snapshot. Each test runs the same 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agents import SQLiteSession
 
-from pforge_async import MemoryTurnStore, open_store
+from pforge_async import InvalidInput, MemoryTurnStore, open_store
 from pforge_async.integrations.openai_agents import PforgeSession
 
 pytestmark = pytest.mark.anyio
@@ -109,3 +110,73 @@ async def test_a_snapshot_of_a_deleted_session_is_empty_as_in_sqlite_session() -
     assert snapshot is not None
     assert (snapshot.items, snapshot.complete) == (expected.items, expected.complete) == ([], True)
     assert await snapshot.replace_suffix(0, [user("x")]) is False
+
+
+#: session ids SQLiteSession stores and a context name cannot hold as they are
+AWKWARD_IDS = ["a\x00b", "x" * 2000, "\U0001f600" * 300, "\x01plain", "y" * 1009]
+
+
+async def test_session_ids_a_name_cannot_hold_are_sessions_as_in_sqlite_session(tmp_path: Path) -> None:
+    """A session id with a NUL, or longer than a context name's 1,024 UTF-8 bytes, was InvalidInput
+    at the first call; SQLiteSession stores it. Each is now a session of its own, found again by a
+    new object, and none meets another (an id starting with \\x01, the hashed names' mark, included)."""
+    for session_id in AWKWARD_IDS:
+        sqlite = SQLiteSession(session_id)
+        await sqlite.add_items([user(session_id)])
+        assert await sqlite.get_items() == [user(session_id)]
+    async with open_store(tmp_path / "store", durability="normal") as store:
+        for session_id in AWKWARD_IDS:
+            await PforgeSession(session_id, store).add_items([user(session_id)])
+        for session_id in AWKWARD_IDS:
+            assert await PforgeSession(session_id, store).get_items() == [user(session_id)]
+        names = {PforgeSession(session_id, store).name for session_id in [*AWKWARD_IDS, "plain", ""]}
+        assert len(names) == len(AWKWARD_IDS) + 2
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 100
+    output_tokens: int = 10
+
+
+@dataclass
+class Wrapper:
+    usage: Usage = field(default_factory=Usage)
+
+
+@pytest.mark.parametrize(
+    "session_id", ["", "a\ud800", "y" * 1009, "z" * 1500], ids=["empty", "surrogate", "1009", "1500"]
+)
+async def test_usage_of_any_session_id_is_recorded(tmp_path: Path, session_id: str) -> None:
+    """The spend's "session" tag was the id and its key the name plus the turn: an empty id, half a
+    surrogate pair, or a long id made the ledger refuse the spend after the items were stored (the
+    call failed with them in: a retry stored them twice)."""
+    async with open_store(tmp_path / "store", durability="normal") as store:
+        session = PforgeSession(session_id, store, record_usage=True)
+        await session.add_items([user("q")], wrapper=Wrapper())  # type: ignore[arg-type]
+        assert await session.get_items() == [user("q")]
+        totals = await store.budget.totals("openai")
+        assert (totals.input_tokens, totals.output_tokens) == (100, 10)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"vendor": ""},
+        {"vendor": "v" * 1025},
+        {"model": "m\ud800"},
+        {"price": lambda model, i, o: 1.5},
+        {"price": lambda model, i, o: -1},
+    ],
+    ids=["empty-vendor", "long-vendor", "surrogate-model", "float-cost", "negative-cost"],
+)
+async def test_a_spend_the_ledger_refuses_stores_no_items(tmp_path: Path, options: dict[str, Any]) -> None:
+    """A vendor, model or price's cost the budget ledger refuses was refused after the items were
+    stored. Now InvalidInput before anything is stored; the session keeps serving."""
+    async with open_store(tmp_path / "store", durability="normal") as store:
+        session = PforgeSession("s", store, record_usage=True, **options)
+        with pytest.raises(InvalidInput):
+            await session.add_items([user("q")], wrapper=Wrapper())  # type: ignore[arg-type]
+        assert await session.get_items() == []
+        await session.add_items([user("no run")])
+        assert await session.get_items() == [user("no run")]

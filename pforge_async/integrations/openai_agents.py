@@ -10,8 +10,10 @@ open store per directory and event loop, shared by every session naming it; rele
 :meth:`PforgeSession.aclose` or :meth:`close`), or ``":memory:"`` (the default, as for
 ``SQLiteSession``: a private in-memory store).
 
-A session is a named context (``<prefix>/<session_id>``, ``prefix`` ``"openai-agents"`` unless given)
-and each item one turn of its chain, JSON as the SDK's own sessions store it:
+A session is a named context (``<prefix>/<session_id>``, ``prefix`` ``"openai-agents"`` unless given;
+any str is a session id, as for ``SQLiteSession``: one a context name cannot hold, with a NUL or past
+its 1,024 UTF-8 bytes, or starting with ``\\x01``, is named ``<prefix>/\\x01<its SHA-256>``) and each item
+one turn of its chain, JSON as the SDK's own sessions store it:
 
 - ``add_items`` appends its items in one atomic batch (all or none);
 - ``get_items(limit)`` reads the last ``limit`` items back from the head (every item: the whole
@@ -44,6 +46,7 @@ take turns.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import weakref
 from collections.abc import Callable
@@ -61,9 +64,10 @@ from ..errors import (
     InvalidInput,
     TurnNotFound,
 )
+from ..ledgers._checks import MAX_TEXT, text, whole
 from ..ledgers.budget import BudgetLedger
 from ..turnstore.base import TurnStoreBase
-from ..turnstore.rules import MAX_PAGE_SIZE
+from ..turnstore.rules import MAX_PAGE_SIZE, validate_name
 from ..turnstore.types import NewTurn, TurnRecord
 from ._chaincache import ChainCache
 from ._heads import Tracked, WriterConflict
@@ -135,9 +139,7 @@ class PforgeSession:
         # what a branch opens: the same store (for ":memory:", the very memory store this one made)
         self._store_arg: StoreLike = self._backing.fixed if self._backing.fixed is not None else store
         self._connect_options = connect_options
-        # "" is a session id as any other (SQLiteSession takes it): its name, "<prefix>/", is a valid
-        # context name, and no other id gives it (every other id adds at least one character).
-        self.name = f"{prefix}/{session_id}"
+        self.name = _context_name(prefix, session_id)
         if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
             raise InvalidInput(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
         self._cache = ChainCache(cache_bytes)
@@ -152,6 +154,9 @@ class PforgeSession:
         self._price = price
         #: per run (its RunContextWrapper): the usage already recorded
         self._recorded: dict[int, tuple[weakref.ref[Any], int, int]] = {}
+        #: the ``session`` tag of the spend: the id, or where a tag cannot hold it (empty, over 1,024
+        #: chars, half a surrogate pair) the session's context name
+        self._tag = _tag_value(session_id, self.name)
 
     # -- opening and closing -------------------------------------------------------------------------
 
@@ -575,6 +580,13 @@ class PforgeSession:
             return None
         model = self.model or "unknown"
         cost = self._price(model, max(spent_in, 0), max(spent_out, 0)) if self._price is not None else 0
+        # Everything the ledger will check, checked now, before the items are stored: a refusal after
+        # them would leave the items stored and the spend not (and a retry would store them twice).
+        text(self.vendor, "vendor")
+        text(model, "model")
+        whole(max(spent_in, 0), "the run's input_tokens")
+        whole(max(spent_out, 0), "the run's output_tokens")
+        whole(cost, f"price({model!r}, ...)'s cost")
         return input_tokens, output_tokens, spent_in, spent_out, cost
 
     async def _ledger(self) -> BudgetLedger:
@@ -596,12 +608,20 @@ class PforgeSession:
             input_tokens=max(spent_in, 0),
             output_tokens=max(spent_out, 0),
             cost=cost,
-            idempotency_key=f"pforge-session:{self.name}@{turn_id}",
-            tags={"session": self.session_id},
+            idempotency_key=self._spend_key(turn_id),
+            tags={"session": self._tag},
             allow_overdraw=True,  # the tokens are spent already: record them even past a limit
         )
         self._recorded = {k: v for k, v in self._recorded.items() if v[0]() is not None}
         self._recorded[id(wrapper)] = (weakref.ref(wrapper), input_tokens, output_tokens)
+
+    def _spend_key(self, turn_id: int) -> str:
+        """The spend's idempotency key: the session's name and the turn the spend is recorded at, the
+        name's SHA-256 where the key would be over the ledger's 1,024 chars."""
+        key = f"pforge-session:{self.name}@{turn_id}"
+        if len(key) <= MAX_TEXT:
+            return key
+        return f"pforge-session:sha256:{hashlib.sha256(self.name.encode()).hexdigest()}@{turn_id}"
 
     # -- helpers -------------------------------------------------------------------------------------
 
@@ -645,6 +665,31 @@ async def _nothing_to_replace(start: int, output: list[TResponseInputItem]) -> b
 
 #: the methods whose override makes a subclass supply its own compaction snapshot
 _ITEM_METHODS = ("get_items", "add_items", "pop_item", "clear_session")
+
+
+#: starts the name of a session whose id cannot be a context name as it is (see _context_name)
+_HASHED = "\x01"
+
+
+def _context_name(prefix: str, session_id: str) -> str:
+    """``<prefix>/<session_id>``, a context name, for every id SQLiteSession takes (a str). "" gives
+    ``<prefix>/``, which no other id gives. An id the store's names cannot hold (a NUL, a lone
+    surrogate, more than the name's 1,024 UTF-8 bytes), and any id starting with ``\\x01``, is named
+    by its SHA-256 instead, after ``\\x01``: no plain name starts so, so the two never meet."""
+    if not session_id.startswith(_HASHED):
+        try:
+            return validate_name(f"{prefix}/{session_id}", "the session's context name")
+        except InvalidInput:
+            pass
+    digest = hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return validate_name(f"{prefix}/{_HASHED}{digest}", "the session's context name (prefix too long?)")
+
+
+def _tag_value(session_id: str, name: str) -> str:
+    try:
+        return text(session_id, "tag")
+    except InvalidInput:
+        return name
 
 
 def _settings(value: SessionSettings | dict[str, Any] | None) -> SessionSettings:
