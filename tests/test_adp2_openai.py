@@ -11,7 +11,7 @@ import pytest
 from agents import SQLiteSession
 
 from pforge_async import InvalidInput, MemoryTurnStore, open_store
-from pforge_async.integrations.openai_agents import PforgeSession
+from pforge_async.integrations.openai_agents import PforgeSession, WriterConflict
 
 pytestmark = pytest.mark.anyio
 
@@ -180,3 +180,86 @@ async def test_a_spend_the_ledger_refuses_stores_no_items(tmp_path: Path, option
         assert await session.get_items() == []
         await session.add_items([user("no run")])
         assert await session.get_items() == [user("no run")]
+
+
+def many_items(count: int, size: int = 0) -> list[Any]:
+    return [{"role": "user", "content": f"{i}:" + "x" * size} for i in range(count)]
+
+
+@pytest.mark.parametrize("shape", ["5000-items", "65-MiB"])
+async def test_an_add_past_one_batch_is_whole_as_in_sqlite_session(tmp_path: Path, shape: str) -> None:
+    """add_items of more than 4,096 items, or of more than 64 MiB, was InvalidInput (the store's
+    batch bound); SQLiteSession stores them in one transaction. Now one add still, all or none."""
+    items = many_items(5000) if shape == "5000-items" else many_items(5, 13 << 20)
+    sqlite = SQLiteSession("s")
+    await sqlite.add_items(items)
+    assert len(await sqlite.get_items()) == len(items)
+    async with open_store(tmp_path / "store", durability="normal") as store:
+        session = PforgeSession("s", store)
+        await session.add_items([user("first")])
+        await session.add_items(items)
+        got = await PforgeSession("s", store).get_items()
+        assert got == [user("first"), *items]
+        assert await session.get_items(limit=2) == items[-2:]
+        popped = await session.pop_item()
+        assert popped == items[-1]
+        # the scratch context the add was built in is gone; only the session is named
+        assert [c.name for c in (await store.turns.list_contexts()).contexts] == [session.name]
+
+
+class RacingTurns(MemoryTurnStore):
+    """A turn store where another writer adds an item just before the first head move it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.racer: PforgeSession | None = None
+
+    async def set_head(self, context_id: int, turn_id: int, *, expected_head: int | None = None) -> Any:
+        racer, self.racer = self.racer, None
+        if racer is not None:
+            await racer.get_items()
+            await racer.add_items([user("the other writer")])
+        return await super().set_head(context_id, turn_id, expected_head=expected_head)
+
+
+async def test_an_add_past_one_batch_still_refuses_a_second_writer() -> None:
+    """The large add's head move is a compare-and-set: another writer's item landing while the add is
+    built makes it a WriterConflict with nothing of it stored, as a one-batch add is."""
+    turns = RacingTurns()
+    session = PforgeSession("s", turns)
+    await session.add_items([user("first")])
+    turns.racer = PforgeSession("s", turns)
+    with pytest.raises(WriterConflict):
+        await session.add_items(many_items(5000))
+    assert await PforgeSession("s", turns).get_items() == [user("first"), user("the other writer")]
+    with pytest.raises(WriterConflict):  # until it reads again
+        await session.add_items(many_items(5000))
+    assert len(await session.get_items()) == 2
+    await session.add_items(many_items(5000))
+    assert len(await PforgeSession("s", turns).get_items()) == 5002
+
+
+class LostReplyTurns(MemoryTurnStore):
+    """A turn store whose next head move lands but whose reply is lost (the caller sees an error)."""
+
+    lose_next = False
+
+    async def set_head(self, context_id: int, turn_id: int, *, expected_head: int | None = None) -> Any:
+        info = await super().set_head(context_id, turn_id, expected_head=expected_head)
+        if self.lose_next:
+            self.lose_next = False
+            raise ConnectionError("reply lost")
+        return info
+
+
+async def test_a_large_add_whose_outcome_was_lost_is_learnt() -> None:
+    """A large add whose head move landed but whose reply was lost: the session's next write learns
+    that it landed and goes on from it, instead of taking its own items for another writer's."""
+    turns = LostReplyTurns()
+    session = PforgeSession("s", turns)
+    await session.add_items([user("first")])
+    turns.lose_next = True
+    with pytest.raises(ConnectionError):
+        await session.add_items(many_items(5000))
+    await session.add_items([user("next")])
+    assert await PforgeSession("s", turns).get_items() == [user("first"), *many_items(5000), user("next")]

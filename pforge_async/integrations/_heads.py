@@ -98,6 +98,9 @@ class Tracked(Generic[T]):
     #: a write whose outcome is unknown (it failed or was cancelled on its way): the head it expected
     #: and the payloads of its turns, to learn at the next write whether it landed
     uncertain: tuple[int, list[bytes]] | None = None
+    #: a move of the head whose outcome is unknown: the head it expected and the turn (not 0) it moved
+    #: it to
+    landing: tuple[int, int] | None = None
 
     def wrote(self, head: int, state: T) -> None:
         """This writer's own write landed, leaving ``head``."""
@@ -120,6 +123,8 @@ class Tracked(Generic[T]):
         """Learn whether a write whose outcome was unknown landed: if the chain now ends with its
         turns right after the head it expected, it did, and this writer goes on from there; otherwise
         the head it expected stays expected (so a write by another writer meanwhile conflicts)."""
+        if self.landing is not None:
+            await self._settle_landing(turns, state_of)
         if self.uncertain is None:
             return
         expected, payloads = self.uncertain
@@ -131,6 +136,14 @@ class Tracked(Generic[T]):
         before = tail[0].turn_id if len(tail) > len(payloads) else 0
         if [r.payload for r in mine] == payloads and (mine[0].parent_turn_id == expected and before == expected):
             self.wrote(mine[-1].turn_id, state_of(mine[-1]))
+
+    async def _settle_landing(self, turns: TurnStoreBase, state_of: Callable[[TurnRecord], T]) -> None:
+        """A head move landed if the head is now where it moved it (turn ids are never reused)."""
+        assert self.landing is not None
+        expected, target = self.landing
+        self.landing = None
+        if self.head == expected and (await turns.get_head(self.context_id)).head_turn_id == target:
+            self.wrote(target, state_of(await turns.get_turn(target)))
 
     def conflict(self, what: str, exc: HeadConflict) -> WriterConflict:
         error = WriterConflict(what, exc.context_id, exc.expected, exc.actual)

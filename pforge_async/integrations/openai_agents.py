@@ -46,6 +46,7 @@ take turns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import weakref
@@ -67,7 +68,7 @@ from ..errors import (
 from ..ledgers._checks import MAX_TEXT, text, whole
 from ..ledgers.budget import BudgetLedger
 from ..turnstore.base import TurnStoreBase
-from ..turnstore.rules import MAX_PAGE_SIZE, validate_name
+from ..turnstore.rules import MAX_PAGE_SIZE, split_batches, validate_name
 from ..turnstore.types import NewTurn, TurnRecord
 from ._chaincache import ChainCache
 from ._heads import Tracked, WriterConflict
@@ -331,17 +332,13 @@ class PforgeSession:
         async with tracked.lock:
             await tracked.settle(turns, _no_state)
             expected = tracked.head
-            batch = [NewTurn(tracked.context_id, ITEM, payload) for payload in payloads]
             try:
-                records = await turns.append_turns(batch, expected_heads={tracked.context_id: expected})
+                records = await _append_chain(turns, tracked, expected, payloads, None)
             except HeadConflict as exc:
                 raise tracked.conflict(self._what(), exc) from exc
             except ContextNotFound as exc:
                 self._tracked = None
                 raise ContextNotFound(f"{self._what()} was deleted while this session was writing it") from exc
-            except BaseException:
-                tracked.uncertain = (expected, payloads)
-                raise
             tracked.wrote(records[-1].turn_id, None)
             if self._cache.head == expected:
                 # our own items, as encoded: the cache goes on from them without reading them back
@@ -509,17 +506,15 @@ class PforgeSession:
                 await turns.set_head(tracked.context_id, 0 if restart else base, expected_head=head)
                 new_head = 0 if restart else base
             else:
-                root = 0 if restart else base
-                batch = [
-                    NewTurn(tracked.context_id, ITEM, payload, parent_turn_id=root if i == 0 else None)
-                    for i, payload in enumerate(chain)
-                ]
-                records = await turns.append_turns(batch, expected_heads={tracked.context_id: head})
+                records = await _append_chain(turns, tracked, head, chain, 0 if restart else base)
                 new_head = records[-1].turn_id
         except HeadConflict:
             return False  # the session changed since the snapshot: nothing replaced
+        except ContextNotFound:
+            raise
         except BaseException:
-            self._tracked = None  # the outcome is unknown: see the head afresh
+            if tracked.uncertain is None and tracked.landing is None:
+                self._tracked = None  # the outcome is unknown: see the head afresh
             raise
         tracked.wrote(new_head, None)
         return True
@@ -657,6 +652,52 @@ class PforgeSession:
 
 def _no_state(record: TurnRecord) -> None:
     return None
+
+
+async def _append_chain(
+    turns: TurnStoreBase, tracked: Tracked[None], expected: int, payloads: list[bytes], root: int | None
+) -> list[TurnRecord]:
+    """Append the items' turns as one chain (its first turn's parent: ``root``, or the head when None)
+    if the head is still ``expected`` (``HeadConflict`` otherwise), all or none, whatever their number
+    and size: past what one ``append_turns`` takes (4,096 turns, 64 MiB), the chain is built in a
+    scratch context and the head moved to its end in one compare-and-set, as ``SQLiteSession`` takes
+    any number of items in one transaction. An outcome left unknown (a failure or cancellation on
+    the way) is recorded on ``tracked`` for its next write to learn."""
+    context_id = tracked.context_id
+    new = [NewTurn(context_id, ITEM, p, parent_turn_id=root if i == 0 else None) for i, p in enumerate(payloads)]
+    batches = split_batches(new)
+    if len(batches) == 1:
+        try:
+            return await turns.append_turns(new, expected_heads={context_id: expected})
+        except (HeadConflict, ContextNotFound):
+            raise
+        except BaseException:
+            if root is None:
+                tracked.uncertain = (expected, payloads)
+            raise
+    current = (await turns.get_head(context_id)).head_turn_id
+    if current != expected:
+        raise HeadConflict(context_id, expected, current)
+    base = expected if root is None else root
+    scratch = await turns.create_context(
+        base or None, parent_context_id=context_id, metadata={"pforge": f"openai-agents items for context {context_id}"}
+    )
+    try:
+        records: list[TurnRecord] = []
+        for batch in batches:
+            moved = [msgspec.structs.replace(t, context_id=scratch.context_id) for t in batch]
+            records += await turns.append_turns(moved)
+        try:
+            await turns.set_head(context_id, records[-1].turn_id, expected_head=expected)
+        except (HeadConflict, ContextNotFound):
+            raise
+        except BaseException:
+            tracked.landing = (expected, records[-1].turn_id)
+            raise
+    finally:
+        with contextlib.suppress(ContextNotFound):
+            await turns.delete_context(scratch.context_id)
+    return records
 
 
 async def _nothing_to_replace(start: int, output: list[TResponseInputItem]) -> bool:
