@@ -1,16 +1,19 @@
-"""PforgeSaver's second-writer detection when the saver has tracked more namespaces than it keeps whole
-(10,000): a namespace dropped from its tracking still goes on from the head it saw, so another writer
-is still a WriterConflict, a read still refreshes, and a deletion is still refused as it would be."""
+"""PforgeSaver against LangGraph's own savers where they set the contract, and its second-writer
+detection when the saver has tracked more namespaces than it keeps whole (10,000): a namespace dropped
+from its tracking still goes on from the head it saw, so another writer is still a WriterConflict, a
+read still refreshes, and a deletion is still refused as it would be."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from langgraph.checkpoint.base import Checkpoint, CheckpointMetadata
 from langgraph.checkpoint.base.id import uuid6
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
-from pforge_async import ContextNotFound, MemoryTurnStore
+from pforge_async import ContextNotFound, MemoryTurnStore, open_store
 from pforge_async.integrations.langgraph import PforgeSaver, WriterConflict
 
 pytestmark = pytest.mark.anyio
@@ -113,3 +116,23 @@ async def test_a_deletion_is_refused_as_when_tracked() -> None:
         thread = config["configurable"]["thread_id"]
         got = await other.aget_tuple(cfg(thread))
         assert got is not None and got.checkpoint["channel_values"] == {"a": "theirs"}
+
+
+async def test_many_large_writes_of_one_task_as_the_sqlite_saver_takes_them(tmp_path: Path) -> None:
+    """aput_writes of 400 values of 60 KiB each: each value was inline (up to 64 KiB), their turn was
+    24 MiB, over the store's 16 MiB payload bound, and the call was InvalidInput; AsyncSqliteSaver
+    stores them. Inline values now share a budget and the rest are blobs: all 400 read back."""
+    writes = [("c", f"{i}:" + "y" * (60 << 10)) for i in range(400)]
+    async with AsyncSqliteSaver.from_conn_string(str(tmp_path / "lg.db")) as sqlite:
+        stored = await sqlite.aput(cfg("t"), checkpoint(1), meta(), {"a": 1})
+        await sqlite.aput_writes(stored, writes, "task")
+        expected = await sqlite.aget_tuple(cfg("t"))
+    assert expected is not None and len(expected.pending_writes) == 400
+    async with open_store(tmp_path / "store", durability="normal") as store:
+        for saver in (PforgeSaver(store), PforgeSaver(MemoryTurnStore())):
+            stored = await saver.aput(cfg("t"), checkpoint(1), meta(), {"a": 1})
+            await saver.aput_writes(stored, writes, "task")
+            got = await saver.aget_tuple(cfg("t"))
+            assert got is not None and got.pending_writes == expected.pending_writes
+            listed = [t async for t in saver.alist(cfg("t"))]
+            assert [t.pending_writes for t in listed] == [expected.pending_writes]

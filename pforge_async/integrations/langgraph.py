@@ -24,7 +24,8 @@ How a thread is stored (see :mod:`pforge_async.integrations._lglog`):
   checkpoint that carries the list unchanged (a run's input checkpoint, before its first node
   changes the list), and becomes a blob the second time it is carried. A value whose encoding is at
   most 64 bytes is inline (its reference would be as large); so is a pending write's value up to
-  64 KiB (a write belongs to one checkpoint).
+  64 KiB (a write belongs to one checkpoint), while one ``aput_writes``'s inline values stay within
+  4 MiB (the rest are blobs, so a task's writes always fit a turn).
 - Pending writes keep LangGraph's semantics: for a normal channel the first write of a (task, index)
   wins, the special channels (error, interrupt, resume, scheduled) take the last one.
 - ``acopy_thread`` forks each namespace's context: O(1) per namespace, whatever the thread's length;
@@ -39,8 +40,8 @@ that head. A second writer on the same thread, say another process running the s
 gets :class:`WriterConflict` (a ``HeadConflict``) from its write, so a run fails instead of silently
 forking the history (langgraph#8796). Past the 10,000 namespaces a saver keeps whole, it keeps of the
 others only the context id and head it saw (a small tuple each, until the namespace is used again or
-deleted through it), so detection does not end there. Writes of one saver to one namespace are serialized, so the
-concurrent ``aput_writes`` of one superstep never conflict with each other. Two runs of one thread on
+deleted through it), so detection does not end there. Writes of one saver to one namespace are
+serialized, so the concurrent ``aput_writes`` of one superstep never conflict with each other. Two runs of one thread on
 one saver in one process are not told apart.
 
 The sync methods (``get_tuple``, ``list``, ``put``, ...) hand the call to the event loop the store runs
@@ -82,7 +83,7 @@ from ..turnstore.base import TurnStoreBase
 from ..turnstore.rules import MAX_LIST_LIMIT, MAX_REFS, split_batches
 from ..turnstore.types import ContextInfo, NewTurn, TurnRecord
 from . import _lglog as log
-from ._blobs import BlobCache, ChunkMemo, Ref, ValueCodec, refs_of
+from ._blobs import INLINE, INLINE_MAX, BlobCache, ChunkMemo, Ref, ValueCodec, refs_of
 from ._heads import Tracked, WriterConflict
 from ._stores import Backing, StoreLike
 from ._sync import LoopBridge
@@ -118,6 +119,8 @@ _MAX_TRACKED = 10_000
 _MAX_CHANNEL_MAPS = 4_096
 #: a pending write's value up to this many bytes is kept inline (writes belong to one checkpoint)
 WRITE_INLINE_MAX = 64 << 10
+#: the inline values of one ``aput_writes`` together, at most (the rest are blobs)
+WRITES_INLINE_TOTAL = 4 << 20
 
 #: channel -> (its version, its reference, whether it was carried unchanged from the checkpoint before)
 Channels = dict[str, tuple[Any, Ref, bool]]
@@ -511,16 +514,15 @@ class PforgeSaver(BaseCheckpointSaver[Any]):
 
         def encoded() -> tuple[list[log.Write], dict[str, bytes]]:
             pending: dict[str, bytes] = {}
-            entries = [
-                log.Write(
-                    task_id,
-                    task_path,
-                    WRITES_IDX_MAP.get(channel, idx),
-                    channel,
-                    codec.encode_plain(value, pending, WRITE_INLINE_MAX),
-                )
-                for idx, (channel, value) in enumerate(writes)
-            ]
+            entries: list[log.Write] = []
+            # Inline values share one budget, so many writes of a task still make a turn the store
+            # takes (its payload bound is 16 MiB by default); past it, values are blobs.
+            budget = WRITES_INLINE_TOTAL
+            for idx, (channel, value) in enumerate(writes):
+                ref = codec.encode_plain(value, pending, max(INLINE_MAX, min(WRITE_INLINE_MAX, budget)))
+                if ref.kind == INLINE:
+                    budget -= len(ref.data)
+                entries.append(log.Write(task_id, task_path, WRITES_IDX_MAP.get(channel, idx), channel, ref))
             return entries, pending
 
         entries, pending = encoded()
