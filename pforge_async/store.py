@@ -31,7 +31,7 @@ from .cas.actor import CasActor
 from .cas.objects import is_oid
 from .cas.store import Cas, FsckReport
 from .cas.watch import Watcher, open_watcher
-from .errors import ActorClosed, IntegrityError, InvalidInput, StorageError
+from .errors import ActorClosed, IntegrityError, InvalidInput, LockTimeout, StorageError
 from .fslock import FsLock
 from .ledgers.budget import BudgetActor, BudgetLedger
 from .ledgers.constellation import ConstellationActor, ConstellationMemory
@@ -48,6 +48,10 @@ __all__ = ["Durability", "GcReport", "Store", "StoreCheck", "connect", "open_sto
 
 Durability = Literal["full", "normal"]
 DEFAULT_ROOT = ".pforge"
+#: How long opening a store that another process is creating waits for that process
+#: (``locks/create.lock``), in seconds. A creation takes seconds; a creator that was stopped
+#: (SIGSTOP, a debugger) or hangs under the lock must not hold every other opener forever.
+CREATE_LOCK_TIMEOUT = 120.0
 
 
 class StoreCheck(msgspec.Struct, frozen=True):
@@ -547,10 +551,20 @@ async def _connect(
     # A store being created (or given its manifest): one process at a time makes its parts. Two
     # processes making the same new databases at once race on SQLite's switch to WAL, which does not
     # wait for a busy lock. The second looks again once the first is done, and finds a store.
-    async with FsLock(path / "locks" / "create.lock"):
+    lock = FsLock(path / "locks" / "create.lock", timeout=CREATE_LOCK_TIMEOUT)
+    try:
+        await lock.acquire_async()
+    except LockTimeout as exc:
+        raise LockTimeout(
+            f"store {path} is being created by another process, which has held locks/create.lock for over "
+            f"{CREATE_LOCK_TIMEOUT:g}s (stopped or hung?): nothing was opened; try again once it is done or gone"
+        ) from exc
+    try:
         plan = await anyio.to_thread.run_sync(prepare)
         store = Store(path, durability, plan, readonly=readonly, **options)  # type: ignore[arg-type]
         await store._launch()
+    finally:
+        lock.release()
     return store
 
 
