@@ -33,8 +33,10 @@ def run_all(procs: list[subprocess.Popen[str]], timeout: float = 120) -> list[st
     return outputs
 
 
-def wait_for_line(proc: subprocess.Popen[str], expected: str, timeout: float = 30) -> None:
-    """Block until the child prints ``expected`` (it flushes), or fail with its stderr."""
+def wait_for_line(proc: subprocess.Popen[str], expected: str, timeout: float = 120) -> None:
+    """Block until the child prints ``expected`` (it flushes), or fail with its stderr. The default
+    bound only catches a child that never gets there: on a loaded CI machine an interpreter that
+    imports the store can take many seconds to start, and waiting longer costs a passing run nothing."""
     import selectors
 
     assert proc.stdout is not None

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ COUNTER = """
 import os, sys, time
 from pforge_async import FsLock
 path, lock_path, rounds, use_lock, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+print("waiting", flush=True)
 while not os.path.exists(go):  # start together: on a loaded machine staggered starts never overlap
     time.sleep(0.001)
 for _ in range(rounds):
@@ -40,13 +42,25 @@ time.sleep(float(sys.argv[3]))
 lock.release()
 """
 
+#: holds the lock until a line comes on its stdin (or it closes)
+HOLD_UNTIL_TOLD = """
+import sys
+from pforge_async import FsLock
+lock = FsLock(sys.argv[1])
+lock.acquire()
+print("locked", flush=True)
+sys.stdin.readline()
+lock.release()
+"""
+
 
 def _count(tmp_path: Path, use_lock: bool) -> int:
     counter = tmp_path / "counter"
     counter.write_text(f"{0:08d}")
     go = tmp_path / "go"
     procs = [spawn(COUNTER, counter, tmp_path / "counter.lock", 250, int(use_lock), go) for _ in range(4)]
-    time.sleep(0.5)  # let the interpreters start and wait on the go file
+    for proc in procs:  # every interpreter started and waits on the go file (a fixed pause may not do on CI)
+        wait_for_line(proc, "waiting")
     go.touch()
     run_all(procs)
     return int(counter.read_text())
@@ -76,24 +90,30 @@ def test_a_killed_holder_does_not_block_the_next(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_waiting_for_a_lock_does_not_block_the_loop(tmp_path: Path) -> None:
     path = tmp_path / "busy.lock"
-    holder = spawn(HOLD, path, "exclusive", 0.4)
+    holder = spawn(HOLD_UNTIL_TOLD, path, stdin=subprocess.PIPE)
     wait_for_line(holder, "locked")
+    assert holder.stdin is not None
     ticks = 0
     acquired = anyio.Event()
 
     async def ticker() -> None:
+        # The holder lets go only once this task has ticked 15 times while the lock is awaited: a
+        # wait that blocked the loop would starve it, and the acquire below would time out.
         nonlocal ticks
         while not acquired.is_set():
             ticks += 1
+            if ticks == 15:
+                holder.stdin.write("release\n")  # type: ignore[union-attr]
+                holder.stdin.flush()  # type: ignore[union-attr]
             await anyio.sleep(0.01)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
-        async with FsLock(path, timeout=10):
+        async with FsLock(path, timeout=60):
             acquired.set()
             ticks_when_acquired = ticks
-    run_all([holder])
-    assert ticks_when_acquired >= 15  # ~0.4 s of 10 ms ticks went on while we waited
+    run_all([holder])  # closes its stdin: the holder is done either way
+    assert ticks_when_acquired >= 15  # the loop ticked on while we waited
 
 
 @pytest.mark.anyio
@@ -143,7 +163,7 @@ def test_shared_locks_admit_readers_and_exclude_a_writer(tmp_path: Path) -> None
     try:
         wait_for_line(reader, "locked")
         # Another reader in this process, and a second one beside it, get in at once.
-        with FsLock(path, shared=True, timeout=0.5), FsLock(path, shared=True, timeout=0.5):
+        with FsLock(path, shared=True, timeout=30), FsLock(path, shared=True, timeout=30):
             with pytest.raises(LockTimeout):
                 FsLock(path, timeout=0.1).acquire()
         with pytest.raises(LockTimeout):  # the other process still reads

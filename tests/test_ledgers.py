@@ -45,7 +45,7 @@ from pforge_async.actor import Failed
 from pforge_async.ledgers import Usage
 from pforge_async.ledgers.budget import SetBudget
 from pforge_async.ledgers.constellation import RecordTransition
-from pforge_async.ledgers.nonces import IssueNonce
+from pforge_async.ledgers.nonces import IssueNonce, nonce_expiry
 
 from ._ledger_backends import OPEN, consume_each, open_target, store, target
 from ._procs import run_all, spawn
@@ -220,9 +220,11 @@ class TestLedgers:
         await anyio.sleep(0.1)
         with pytest.raises(NonceExpired):
             await nonces.consume(short, "tool:shell")
-        used = await nonces.issue("tool:shell", 0.05)
+        # Consumed at once, well inside its second (a 50 ms one could lapse first on a slow machine);
+        # then the wait is for the expiry it carries, not a fixed time.
+        used = await nonces.issue("tool:shell", 1)
         await nonces.consume(used, "tool:shell")
-        await anyio.sleep(0.1)
+        await anyio.sleep(max(0.0, nonce_expiry(used) / 1000 - time.time()) + 0.01)
         assert await nonces.purge_expired() == 2
         for purged in (short, used):
             with pytest.raises(NonceUnknown):

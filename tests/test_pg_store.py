@@ -9,7 +9,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -309,12 +309,23 @@ async def _run_load(store: PgStore, fault: Any, tasks: int = 16) -> _Load:
         for n in range(tasks):
             tg.start_soon(load.writer, n, stop)
         await anyio.sleep(1.0)
+        await _until(lambda: load.ok > 0, "no write before the fault")
         before = load.ok
         await fault()
         await anyio.sleep(1.5)
+        await _until(lambda: load.ok > before, "no write after the fault")
         stop.set()
     assert before > 0 and load.ok > before  # it wrote before the fault, and again after it
     return load
+
+
+async def _until(done: Callable[[], bool], failure: str, within: float = 120) -> None:
+    """Wait for ``done`` rather than a fixed time a loaded CI machine may overrun (``within`` only
+    catches a load that never gets there)."""
+    deadline = time.monotonic() + within
+    while not done():
+        assert time.monotonic() < deadline, f"{failure} in {within:.0f} s"
+        await anyio.sleep(0.05)
 
 
 async def test_the_server_restarted_under_load(pg_cluster: tuple[str, PgCluster | None], pg_schema: str) -> None:

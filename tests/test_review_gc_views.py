@@ -161,7 +161,12 @@ async def test_two_store_gcs_at_once_beside_a_writer(tmp_path: Path) -> None:
         for context_id in list(live)[:20]:
             await w.turns.delete_context(context_id)
             del live[context_id]
-        await anyio.sleep(0.1)
+        # The grace must exceed the writer's time from writing a blob to committing the turn that
+        # names it (Store.gc): 50 ms did not, on a loaded machine, with two gcs holding the locks
+        # between. What was deleted above is past the grace (and the CAS's whole-second stamps) when
+        # the gcs start, so they still have it to collect while the writer adds more.
+        grace = 1.0
+        await anyio.sleep(grace + 1.1)
 
         async def writer() -> None:
             for i in range(30, 45):
@@ -169,7 +174,7 @@ async def test_two_store_gcs_at_once_beside_a_writer(tmp_path: Path) -> None:
 
         async def collector(store: Store) -> None:
             for _ in range(3):
-                await store.gc(grace_s=0.05)
+                await store.gc(grace_s=grace)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(writer)

@@ -178,6 +178,8 @@ async def main(root):
                 if done % 2 == 0:
                     await store.nonces.consume(nonce, "w" * 500)
                 done += 1
+                if done == 2:
+                    print("writing", flush=True)
     print(done, flush=True)
 
 anyio.run(main, sys.argv[1])
@@ -213,6 +215,13 @@ async def test_writers_here_and_in_another_process_see_no_errors(tmp_path: Path)
                     await store.nonces.purge_expired()
                     await actor.compact()
                     compacts += 1
+                # Both writers wrote beside the compacts (counted, not timed: a loaded machine may
+                # give them little of that time).
+                await anyio.to_thread.run_sync(wait_for_line, child, "writing")
+                for _ in range(2400):  # 120 s at most
+                    if len(consumed) > 15:
+                        break
+                    await anyio.sleep(0.05)
                 stop.set()
             assert compacts == 15 and len(consumed) > 15
             for nonce, subject in consumed[:50]:
