@@ -49,6 +49,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
@@ -144,6 +145,9 @@ class PforgeSession:
         if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
             raise InvalidInput(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
         self._cache = ChainCache(cache_bytes)
+        #: the cache's changes, one at a time: the session may serve the event loops of several threads
+        #: (each change is synchronous, so tasks of one loop never interleave inside one)
+        self._cache_guard = threading.Lock()
         self._tracked: Tracked[None] | None = None
         self._seen_absent = False
         self._closed = False
@@ -251,11 +255,12 @@ class PforgeSession:
         items = [self._item(record) for record in readable]
         if self._cache.max_bytes:
             reached_start = wanted is None or len(records) < wanted or records[0].parent_turn_id == 0
-            self._cache.clear()
-            self._cache.extend(
-                ((r.turn_id, r.parent_turn_id, r.depth, r.payload) for r in readable),
-                complete=reached_start or len(readable) < len(records),
-            )
+            with self._cache_guard:
+                self._cache.clear()
+                self._cache.extend(
+                    ((r.turn_id, r.parent_turn_id, r.depth, r.payload) for r in readable),
+                    complete=reached_start or len(readable) < len(records),
+                )
         return (records[-1].turn_id if records else 0), items
 
     async def _from_cache(
@@ -275,32 +280,35 @@ class PforgeSession:
             head = page[-1]
             new: list[TurnRecord] = []
             joined = False
-            for record in reversed(page):
-                if record.erased:
-                    return None  # erased at or after where the cache joins: the full read sorts it out
-                if record.turn_id in cache:
-                    cache.cut(record.turn_id)
-                    joined = True
+            with self._cache_guard:
+                for record in reversed(page):
+                    if record.erased:
+                        return None  # erased at or after where the cache joins: the full read sorts it out
+                    if record.turn_id in cache:
+                        cache.cut(record.turn_id)
+                        joined = True
+                        break
+                    new.append(record)
+                if joined:
+                    # Taken now, with the turns after the join: other tasks of this session (and other
+                    # threads using it) may change the cache while the check below waits.
+                    cache.extend((r.turn_id, r.parent_turn_id, r.depth, self._valid(r)) for r in reversed(new))
+                    payloads = cache.tail(wanted)
+                    oldest = cache.oldest
                     break
-                new.append(record)
-            if joined:
-                break
+                head_depth = cache.head_depth
             if page[0].parent_turn_id == 0:
                 return None  # the whole chain, none of it cached: another chain; the full read starts again
             # The head moved on (another writer appended) or elsewhere: read back to the cached head's
             # depth if that is where it joins, else further.
-            gap = head.depth - cache.head_depth
+            gap = head.depth - head_depth
             size = min(_SYNC_MAX, max(gap + 1, size * 8))
         else:
             return None
-        cache.extend((r.turn_id, r.parent_turn_id, r.depth, self._valid(r)) for r in reversed(new))
-        # Taken now: other tasks of this session may change the cache while the check below waits.
-        payloads = cache.tail(wanted)
         if payloads is None:
             return None
         # An erasure of any cached turn erased the oldest one too (see _chaincache): its state, read
         # after the head's, says whether everything cached still holds.
-        oldest = cache.oldest
         seen = next((r for r in page if r.turn_id == oldest), None)
         if seen is None:
             try:
@@ -308,7 +316,8 @@ class PforgeSession:
             except TurnNotFound:
                 seen = None  # deleted and collected since the head was read: the full read decides
         if seen is None or seen.erased:
-            cache.clear()
+            with self._cache_guard:
+                cache.clear()
             return None
         return head.turn_id, self._decode(payloads)
 
@@ -340,12 +349,13 @@ class PforgeSession:
                 self._tracked = None
                 raise ContextNotFound(f"{self._what()} was deleted while this session was writing it") from exc
             tracked.wrote(records[-1].turn_id, None)
-            if self._cache.head == expected:
-                # our own items, as encoded: the cache goes on from them without reading them back
-                self._cache.extend(
-                    ((r.turn_id, r.parent_turn_id, r.depth, p) for r, p in zip(records, payloads, strict=True)),
-                    complete=expected == 0,
-                )
+            with self._cache_guard:
+                if self._cache.head == expected:
+                    # our own items, as encoded: the cache goes on from them without reading them back
+                    self._cache.extend(
+                        ((r.turn_id, r.parent_turn_id, r.depth, p) for r, p in zip(records, payloads, strict=True)),
+                        complete=expected == 0,
+                    )
         if usage is not None and ledger is not None and wrapper is not None:
             await self._usage(wrapper, usage, ledger, records[-1].turn_id)
 
