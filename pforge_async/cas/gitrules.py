@@ -16,6 +16,7 @@ __all__ = [
     "LINK_MODE",
     "MAX_NAME_BYTES",
     "MAX_TIMESTAMP",
+    "MAX_TREE_DEPTH",
     "MODES",
     "commit_problems",
     "dotfile_blob_problem",
@@ -35,6 +36,10 @@ LINK_MODE = 0o120000
 GITLINK_MODE = 0o160000
 #: git (``fsck.largePathname``, from 2.47) refuses tree entry names longer than this many bytes.
 MAX_NAME_BYTES = 4096
+#: git's ``core.maxTreeDepth`` default (from 2.43.1): trees nested deeper than this, the root counted as
+#: one, are what ``git rev-list --objects`` (so ``git gc``, ``repack``, ``push``), ``read-tree`` and
+#: ``ls-tree -r`` refuse. ``write_tree`` and ``snapshot`` refuse them with ``InvalidInput``.
+MAX_TREE_DEPTH = 4096
 #: git's ``date_overflows``: a commit date must fit a signed 64-bit ``time_t``.
 MAX_TIMESTAMP = 2**63 - 1
 #: git's ``ATTR_MAX_FILE_SIZE``: the largest ``.gitattributes`` it parses; the CAS holds ``.gitmodules``

@@ -1,7 +1,9 @@
 """Directory -> tree: the scan and stat cache behind ``snapshot``.
 
-The stat cache works as git's index does: a file whose ``(mode, size, mtime, ctime, inode)`` match
-what was recorded when it was last stored is not read again. Entries modified within
+The stat cache works as git's index does: a file whose ``(mode, size, mtime, ctime, inode, device)``
+match what was recorded when it was last stored is not read again. The device counts: a bind mount or
+another file system mounted inside the workspace numbers its inodes on its own, so without it a file
+there could pass for the one stored before under the same path. Entries modified within
 ``RACY_NS`` of a snapshot's start (2 s where the file system keeps whole seconds) are "racily
 clean" (a later write could keep the same timestamp tick) and are never cached, so a change is
 never missed.
@@ -27,20 +29,29 @@ import secrets
 import stat
 import time
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated, Final, Protocol
 
 import msgspec
 
 from ..errors import InvalidInput, StorageError
 from .dirfd import ROOT_FLAGS, open_dir_at, open_file_at, shown_path
-from .gitrules import DOTFILE_MAX_BYTES, dotfile_blob_problem, dotfile_kind
+from .gitrules import DOTFILE_MAX_BYTES, MAX_TREE_DEPTH, dotfile_blob_problem, dotfile_kind
 from .objects import BLOB, DIR_MODE, TREE, encode_tree, hash_object, tree_name_problem
 from .odb import ObjectDB
 from .pack import write_all
 from .restore import restore_tree
 from .watch import Watcher
 
-__all__ = ["LARGE_FILE", "CacheEntry", "SnapshotPlan", "Sink", "cache_file", "restore_tree", "write_cache"]
+__all__ = [
+    "LARGE_FILE",
+    "CacheEntry",
+    "SnapshotPlan",
+    "Sink",
+    "cache_file",
+    "entry_oid",
+    "restore_tree",
+    "write_cache",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +62,25 @@ _LINK_MODE = 0o120000
 
 # Keyed by the path relative to the root as bytes: names are bytes on Linux, and not all are UTF-8.
 # The oid's pattern makes a damaged cache file fail to decode (and be dropped), never fail a snapshot.
-_CacheEntry = tuple[int, int, int, int, int, Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]]
-#: one file's entry in a stat cache: (mode, size, mtime_ns, ctime_ns, inode, hex oid)
+# A cache written before the device was part of the key holds 6-tuples: it fails to decode and is
+# dropped whole (every file read again), so no entry without a device is ever trusted.
+_CacheEntry = tuple[int, int, int, int, int, int, Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]]
+#: one file's entry in a stat cache: (mode, size, mtime_ns, ctime_ns, inode, device, hex oid)
 CacheEntry = _CacheEntry
+#: the part of an entry that must match a file's stat for the entry to answer for it
+_StatKey = tuple[int, int, int, int, int, int]
+_KEY_LEN: Final = 6
+
+
+def _stat_key(st: os.stat_result) -> _StatKey:
+    return (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def entry_oid(entry: _CacheEntry) -> str:
+    """The hex id of the object a stat cache entry names."""
+    return entry[_KEY_LEN]
+
+
 _cache_decoder = msgspec.msgpack.Decoder(dict[bytes, _CacheEntry])
 _cache_encoder = msgspec.msgpack.Encoder()
 
@@ -140,6 +167,15 @@ class SnapshotPlan:
                     continue
                 name = top.subdirs.pop()
                 rel = top.rel + b"/" + name if top.rel else name
+                if len(open_dirs) >= MAX_TREE_DEPTH:
+                    # Refused before it is opened: one descriptor is held per level, and git reads no
+                    # tree nested deeper (write_tree refuses the same paths).
+                    shown = shown_path(self.root, rel)
+                    shown = shown if len(shown) <= 300 else shown[:150] + "..." + shown[-150:]
+                    raise InvalidInput(
+                        f"cannot snapshot {shown}: directories nested deeper than "
+                        f"{MAX_TREE_DEPTH} levels, the root counted, which git refuses (core.maxTreeDepth)"
+                    )
                 try:
                     opened = open_dir_at(top.fd, name)
                 except OSError as exc:
@@ -207,13 +243,15 @@ class SnapshotPlan:
             except OSError as exc:
                 # e.g. a directory we may list but not search (mode 0o444)
                 raise StorageError(f"cannot stat {shown_path(self.root, rel)}: {exc.strerror or exc!r}") from exc
-            if hit is not None:
-                key = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-                # Freshened: the tree this snapshot builds names it, so a gc must keep it.
-                if hit[:5] == key and sink.freshen(raw := bytes.fromhex(hit[5])):
-                    level.append((name, _git_mode(st.st_mode), raw))
-                    self.seen[rel] = hit
-                    continue
+            # Freshened: the tree this snapshot builds names it, so a gc must keep it.
+            if (
+                hit is not None
+                and hit[:_KEY_LEN] == _stat_key(st)
+                and sink.freshen(raw := bytes.fromhex(entry_oid(hit)))
+            ):
+                level.append((name, _git_mode(st.st_mode), raw))
+                self.seen[rel] = hit
+                continue
             if is_file:
                 # The stat recorded is that of what was read, in case it was replaced meanwhile.
                 found = self._store_file(sink, dir_fd, name, rel)
@@ -225,7 +263,7 @@ class SnapshotPlan:
                 if link is None:
                     continue  # vanished, or no longer a symlink
                 oid = link
-                key = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                key = _stat_key(st)
             level.append((name, _git_mode(key[0]), oid))
             self.seen[rel] = (*key, oid.hex())
 
@@ -240,9 +278,7 @@ class SnapshotPlan:
             raise StorageError(f"cannot read {shown_path(self.root, rel)}: {exc.strerror or exc!r}") from exc
         return sink.add(BLOB, target)
 
-    def _store_file(
-        self, sink: Sink, dir_fd: int, name: bytes, rel: bytes
-    ) -> tuple[bytes, tuple[int, int, int, int, int]] | None:
+    def _store_file(self, sink: Sink, dir_fd: int, name: bytes, rel: bytes) -> tuple[bytes, _StatKey] | None:
         try:
             opened = open_file_at(dir_fd, name)
         except OSError as exc:
@@ -253,7 +289,7 @@ class SnapshotPlan:
         # git checks the content of .gitmodules and .gitattributes (any spelling): so does the CAS.
         kind = dotfile_kind(name)
         try:
-            key = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            key = _stat_key(st)
             if st.st_size >= LARGE_FILE and kind is None:
                 return sink.add_large_file(fd, shown_path(self.root, rel)), key
             if kind is not None and st.st_size > DOTFILE_MAX_BYTES:

@@ -25,6 +25,7 @@ from .gc import CasGcReport, collect, validate_gc_args
 from .gitrules import (
     GITLINK_MODE,
     LINK_MODE,
+    MAX_TREE_DEPTH,
     commit_problems,
     dotfile_blob_problem,
     dotfile_kind,
@@ -468,6 +469,13 @@ def _build_trees(entries: Iterable[tuple[str, str | int, str]]) -> tuple[list[tu
         except UnicodeEncodeError as exc:
             raise InvalidInput(f"tree entry path {path!r} is not a file name: {exc.reason}") from exc
         parts = encoded.split(b"/")
+        # The trees this path builds (the root counted), and the subtree it names, if it names one.
+        if len(parts) + (mode == DIR_MODE) > MAX_TREE_DEPTH:
+            shown = path if len(path) <= 200 else path[:100] + "..." + path[-100:]
+            raise InvalidInput(
+                f"tree entry path {shown!r} is nested {len(parts)} levels deep: git refuses trees "
+                f"nested deeper than {MAX_TREE_DEPTH}, the root counted (core.maxTreeDepth)"
+            )
         for i, part in enumerate(parts):
             why = tree_name_problem(part, mode if i == len(parts) - 1 else DIR_MODE)
             if why:
@@ -484,22 +492,32 @@ def _build_trees(entries: Iterable[tuple[str, str | int, str]]) -> tuple[list[tu
         level[leaf] = (mode, bytes.fromhex(oid))
         leaves.append((path, leaf, mode, oid))
 
-    objects: list[tuple[int, bytes]] = []
+    objects = _emit_trees(root)
+    return objects, hash_object(TREE, objects[-1][1]).hex(), leaves
 
-    def emit(level: dict[bytes, object]) -> bytes:
-        items = []
-        for name, value in level.items():
+
+def _emit_trees(root: dict[bytes, object]) -> list[tuple[int, bytes]]:
+    """The tree objects of nested levels, children before parents (the root last). Without recursion:
+    a path may be as deep as ``MAX_TREE_DEPTH``, far past Python's recursion limit."""
+    # Breadth first: every level after its parent, so walking the list backwards meets children first.
+    order: list[tuple[dict[bytes, object], int, bytes]] = [(root, -1, b"")]
+    at = 0
+    while at < len(order):
+        for name, value in order[at][0].items():
             if isinstance(value, dict):
-                items.append((name, DIR_MODE, emit(value)))
-            else:
+                order.append((value, at, name))
+        at += 1
+    built: list[list[tuple[bytes, int, bytes]]] = [[] for _ in order]
+    objects: list[tuple[int, bytes]] = []
+    for index in range(len(order) - 1, -1, -1):
+        level, parent, name = order[index]
+        items = built[index]
+        for leaf_name, value in level.items():
+            if not isinstance(value, dict):
                 leaf_mode, leaf_raw = cast("tuple[int, bytes]", value)
-                items.append((name, leaf_mode, leaf_raw))
+                items.append((leaf_name, leaf_mode, leaf_raw))
         body = encode_tree(items)
         objects.append((TREE, body))
-        return hash_object(TREE, body)
-
-    try:
-        root_raw = emit(root)
-    except RecursionError as exc:
-        raise InvalidInput("tree paths are nested too deeply") from exc
-    return objects, root_raw.hex(), leaves
+        if parent >= 0:
+            built[parent].append((name, DIR_MODE, hash_object(TREE, body)))
+    return objects

@@ -66,7 +66,7 @@ from ..cas.odb import ObjectDB
 from ..cas.pack import write_all
 from ..cas.refs import RefStore, validate_ref_name
 from ..cas.restore import restore_tree
-from ..cas.snapshot import SnapshotPlan, cache_file
+from ..cas.snapshot import SnapshotPlan, cache_file, entry_oid
 from ..cas.store import Cas, FsckReport, _build_trees, _Leaf, _local_path
 from ..errors import (
     ActorClosed,
@@ -88,6 +88,8 @@ MAX_OBJECT_BYTES = (1 << 30) - (1 << 20)
 #: a blob larger than this is stored in chunks of ``CHUNK_BYTES`` (``cas_chunks``), written and read
 #: one chunk at a time: any size, in bounded memory (the snapshot of a large file, restore, fsck, export).
 CHUNKED_ABOVE = 32 << 20
+#: reads of a large file that keeps changing, the last of which takes it as its fstat sizes it
+_READ_ATTEMPTS = 3
 CHUNK_BYTES = 8 << 20
 #: a snapshot sends what it read to the writer in commands of about this size, bounding its memory.
 _SNAPSHOT_FLUSH_BYTES = 32 << 20
@@ -728,18 +730,23 @@ class _SnapshotSink:
         return raw
 
     def add_large_file(self, fd: int, shown: str) -> bytes:
-        size = os.fstat(fd).st_size
-        if size <= CHUNKED_ABOVE:
-            # From the first byte, wherever the descriptor stands, and one byte past the size at
-            # most: a file that grows meanwhile (a sparse extension is instant) is never read whole
-            # into memory, but streamed as a chunked blob, which finds it changed and reads it again.
-            chunks, offset = [], 0
-            while offset <= size and (chunk := os.pread(fd, min(1 << 20, size + 1 - offset), offset)):
-                chunks.append(chunk)
-                offset += len(chunk)
-            if offset <= size:
-                return self.add(BLOB, b"".join(chunks))
-        return _upload_chunked(self._cas, fd, shown)
+        """The large regular file open on ``fd``: up to ``CHUNKED_ABOVE`` read into one row, past it a
+        chunked blob. A file that changed while it was read is read again, each time as it is sized
+        then (one that grew past, or shrank below, ``CHUNKED_ABOVE`` meanwhile is stored as what its
+        new size makes it: a chunked blob of 32 MiB or less is refused by the writer); the last time
+        takes it as its fstat sizes it, as the file CAS does, so a log a tool keeps appending to does
+        not fail every snapshot of its workspace."""
+        for attempt in range(_READ_ATTEMPTS):
+            last = attempt == _READ_ATTEMPTS - 1
+            size = os.fstat(fd).st_size
+            if size > CHUNKED_ABOVE:
+                raw = _upload_chunked(self._cas, fd, size, prefix=last)
+            else:
+                data = _read_sized(fd, size, prefix=last)
+                raw = None if data is None else self.add(BLOB, data)
+            if raw is not None:
+                return raw
+        raise StorageError(f"{shown} kept changing while it was read")
 
     def freshen(self, raw: bytes) -> bool:
         # Whether a file the stat cache answers may be named by its id. The final write links the
@@ -1123,7 +1130,7 @@ class PgCas:
         plan = SnapshotPlan(root, cache_file(self._cache_dir, root), exclude)
         view = _RowView(self)
         # The stat cache's ids, looked up at once: a file it answers is not read again.
-        cached = [bytes.fromhex(entry[5]) for entry in plan._load_cache().values()] if use_cache else []
+        cached = [bytes.fromhex(entry_oid(entry)) for entry in plan._load_cache().values()] if use_cache else []
         if cached:
             types = await self._types(raw.hex() for raw in cached)
             view.present = {bytes.fromhex(o) for o, kind in types.items() if kind == BLOB}
@@ -1186,20 +1193,25 @@ class PgCas:
                 following += [raw.hex() for _n, mode, raw in entries if mode == DIR_MODE and raw.hex() not in trees]
             level = list(dict.fromkeys(following))
         order: list[str] = []
-
-        def visit(oid: str, depth: int) -> None:
-            row = trees.get(oid)
-            if row is None or depth > 10_000:
-                return
-            with contextlib.suppress(IntegrityError):
-                for _name, mode, raw in decode_tree(row[1], oid):
-                    if mode == DIR_MODE:
-                        visit(raw.hex(), depth + 1)
-                    else:
-                        order.append(raw.hex())
-
-        with contextlib.suppress(RecursionError):
-            visit(tree, 0)
+        # restore's own order (depth first, entries in order), without recursion: a tree may be
+        # nested thousands deep. A subtree missing or damaged is skipped, as restore will name it.
+        pending: list[Iterator[tuple[bytes, int, bytes]]] = []
+        with contextlib.suppress(IntegrityError):
+            if tree in trees:
+                pending.append(iter(decode_tree(trees[tree][1], tree)))
+        while pending:
+            entry = next(pending[-1], None)
+            if entry is None:
+                pending.pop()
+                continue
+            _name, mode, raw = entry
+            if mode != DIR_MODE:
+                order.append(raw.hex())
+                continue
+            row = trees.get(raw.hex())
+            if row is not None:
+                with contextlib.suppress(IntegrityError):
+                    pending.append(iter(decode_tree(row[1], raw.hex())))
         return trees, order
 
     # -- verification ------------------------------------------------------------------------------
@@ -1404,39 +1416,53 @@ class PgCas:
             remove_private_cache_dir(self._own_cache)
 
 
-def _upload_chunked(cas: PgCas, fd: int, shown: str) -> bytes:
-    """(Worker thread.) The large regular file open on ``fd`` as a chunked blob, in bounded memory:
-    one pass hashes it (and finds it stored already, the usual case for a large file that did not
-    change), a second sends it a chunk at a time, re-hashing what it sends; a file that changed
-    meanwhile is read again, up to three times, then ``StorageError``."""
-    for _attempt in range(3):
-        before = os.fstat(fd)
-        size = before.st_size
-        digest = hashlib.sha256(object_header(BLOB, size))
-        offset = 0
-        while offset < size and (data := os.pread(fd, min(CHUNK_BYTES, size - offset), offset)):
-            digest.update(data)
-            offset += len(data)
-        if offset != size or os.pread(fd, 1, size):
-            continue  # shorter or longer than its size said: changed
-        raw = digest.digest()
-        if anyio.from_thread.run(cas._types, [raw.hex()]).get(raw.hex()) == BLOB:
-            if os.fstat(fd).st_mtime_ns == before.st_mtime_ns:
-                return raw  # the snapshot's trees link to it: that write locks and freshens it
-            continue
-        sent = hashlib.sha256(object_header(BLOB, size))
-        offset = 0
-        for seq in range(-(-size // CHUNK_BYTES)):
-            data = os.pread(fd, min(CHUNK_BYTES, size - offset), offset)
-            if not data:
-                break
-            sent.update(data)
-            anyio.from_thread.run(cas._put_chunk, raw, seq, data)
-            offset += len(data)
-        if offset == size and sent.digest() == raw and os.fstat(fd).st_mtime_ns == before.st_mtime_ns:
-            anyio.from_thread.run(cas._seal, raw, size)
-            return raw
-    raise StorageError(f"{shown} kept changing while it was read")
+def _read_sized(fd: int, size: int, *, prefix: bool) -> bytes | None:
+    """The file's bytes from the first, wherever the descriptor stands: None if it holds more than
+    ``size`` (it grew: never read whole into memory), unless ``prefix``, which takes its first ``size``
+    bytes. A file that shrank is what is left of it."""
+    chunks, offset = [], 0
+    limit = size if prefix else size + 1
+    while offset < limit and (chunk := os.pread(fd, min(1 << 20, limit - offset), offset)):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return None if offset > size else b"".join(chunks)
+
+
+def _upload_chunked(cas: PgCas, fd: int, size: int, *, prefix: bool) -> bytes | None:
+    """(Worker thread.) The large regular file open on ``fd``, ``size`` bytes by its fstat, as a
+    chunked blob, in bounded memory: one pass hashes it (and finds it stored already, the usual case
+    for a large file that did not change), a second sends it a chunk at a time, re-hashing what it
+    sends. None if it changed meanwhile (its size or mtime; with ``prefix`` only its first ``size``
+    bytes count, which must read the same both times)."""
+    before = os.fstat(fd)
+    digest = hashlib.sha256(object_header(BLOB, size))
+    offset = 0
+    while offset < size and (data := os.pread(fd, min(CHUNK_BYTES, size - offset), offset)):
+        digest.update(data)
+        offset += len(data)
+    if offset != size or (not prefix and os.pread(fd, 1, size)):
+        return None  # shorter or longer than its size said: changed
+    raw = digest.digest()
+
+    def unchanged() -> bool:
+        return prefix or (os.fstat(fd).st_mtime_ns == before.st_mtime_ns and before.st_size == size)
+
+    if anyio.from_thread.run(cas._types, [raw.hex()]).get(raw.hex()) == BLOB:
+        # The snapshot's trees link to it: that write locks and freshens it.
+        return raw if unchanged() else None
+    sent = hashlib.sha256(object_header(BLOB, size))
+    offset = 0
+    for seq in range(-(-size // CHUNK_BYTES)):
+        data = os.pread(fd, min(CHUNK_BYTES, size - offset), offset)
+        if not data:
+            break
+        sent.update(data)
+        anyio.from_thread.run(cas._put_chunk, raw, seq, data)
+        offset += len(data)
+    if offset == size and sent.digest() == raw and unchanged():
+        anyio.from_thread.run(cas._seal, raw, size)
+        return raw
+    return None
 
 
 class _Mark:
