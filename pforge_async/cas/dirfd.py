@@ -1,8 +1,10 @@
 """Descriptor-relative access to a workspace that untrusted tools may change while we read or write it.
 
 Every name is resolved as one component relative to a directory descriptor the caller opened itself:
-never through a symlink (``O_NOFOLLOW``), never waiting on a FIFO or a device (``O_NONBLOCK``), and
-checked with ``fstat`` after opening. So a component swapped for a symlink to somewhere else is never
+never through a symlink (``O_NOFOLLOW``), never waiting on a FIFO or a device (``O_NONBLOCK``), never
+making a terminal put in a file's place the process's controlling terminal (``O_NOCTTY``: a session
+leader without one would otherwise acquire it, and with it the terminal's signals), and checked with
+``fstat`` after opening. So a component swapped for a symlink to somewhere else is never
 followed, and an entry whose type changed between the listing and the open is reported as gone, never
 read as something it is not. ``..`` is never looked up: ``scandir`` does not list it and callers only
 open names it listed or names they created.
@@ -17,10 +19,10 @@ import stat
 __all__ = ["DIR_FLAGS", "ROOT_FLAGS", "open_dir_at", "open_file_at", "shown_path"]
 
 #: the root a caller names: its own path may go through symlinks (the caller chose it).
-ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC
+ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 #: a directory below the root: never through a symlink.
 DIR_FLAGS = ROOT_FLAGS | os.O_NOFOLLOW
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 #: what ``open`` says when the name no longer is what was listed: gone, now a symlink (ELOOP), a
 #: non-directory (ENOTDIR), a socket or a device without a driver (ENXIO, ENODEV), a device that

@@ -54,6 +54,8 @@ _TEMP_RE = re.compile(r"tmp_(?:obj|pack|gc)_(\d+)_[0-9a-f]+(?:\.pack|\.idx|\.mti
 _CHUNK = 1 << 20
 #: how long an orphaned pack (renamed, its .idx never was) may be a live writer's, not a crash's.
 _ORPHAN_AGE_S = 60.0
+#: reads of a large file that keeps changing before its last read takes it as its fstat sizes it
+_READ_ATTEMPTS = 3
 #: how many REF_DELTA bases deep a read may go (git's own bound on a delta chain).
 _MAX_REF_DEPTH = 4095
 #: how often a read looks whether packs went away (another process's gc), so their space is freed.
@@ -783,17 +785,26 @@ class ObjectDB:
         """Stream the regular file open on ``fd`` (``path`` names it in errors) into a loose blob."""
         if session is not None:
             session.release()  # not held while a large file streams: only around its rename
-        for _attempt in range(3):
+        for attempt in range(_READ_ATTEMPTS):
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):
                 raise InvalidInput(f"{path} is not a regular file")
-            result = self._stream_loose(fd, before.st_size, path, session)
+            # The last attempt takes the file as its fstat sizes it, as git does: a log a tool keeps
+            # appending to would otherwise fail every snapshot of its workspace. What it stores is
+            # what was read; the stat recorded (the open's) no longer matches, so the next snapshot
+            # reads the file again.
+            last = attempt == _READ_ATTEMPTS - 1
+            result = self._stream_loose(fd, before.st_size, path, session, prefix=last)
             after = os.fstat(fd)
-            if result is not None and after.st_mtime_ns == before.st_mtime_ns:
+            if result is not None and (last or after.st_mtime_ns == before.st_mtime_ns):
                 return result, after
-        raise StorageError(f"{path} kept changing while it was read")
+        raise StorageError(f"{path} kept shrinking while it was read")
 
-    def _stream_loose(self, fd: int, size: int, path: str, session: FreshSession | None) -> bytes | None:
+    def _stream_loose(
+        self, fd: int, size: int, path: str, session: FreshSession | None, *, prefix: bool = False
+    ) -> bytes | None:
+        """The file's ``size`` bytes as a loose blob; None if it shrank, or (unless ``prefix``, which
+        stores its first ``size`` bytes) grew, while it was read."""
         header = object_header(BLOB, size)
         digest = hashlib.sha256(header)
         temp = os.path.join(self.objects, self._temp_name("obj"))
@@ -810,7 +821,7 @@ class ObjectDB:
                 os.lseek(fd, 0, os.SEEK_SET)
                 remaining = size
                 while True:
-                    chunk = os.read(fd, min(_CHUNK, remaining) if remaining else 1)
+                    chunk = os.read(fd, min(_CHUNK, remaining) if remaining else 1) if remaining or not prefix else b""
                     if len(chunk) > remaining:
                         return None  # the file grew under us: read it again
                     if not chunk:
@@ -827,8 +838,8 @@ class ObjectDB:
                             out.write(part)
                         pending = b""
                     if remaining == 0:
-                        if os.read(fd, 1):
-                            return None
+                        if not prefix and os.read(fd, 1):
+                            return None  # it grew
                         break
                 if remaining:
                     return None  # the file shrank under us

@@ -4,9 +4,12 @@ The target is opened once (a symlink *at* the target, which the caller named, is
 created first if missing) and must be empty. From there everything is created relative to directory
 descriptors the restore opened itself (:mod:`.dirfd`): ``mkdirat`` then an ``O_NOFOLLOW`` open of
 what it made, ``symlinkat``, and each file written under an ``O_EXCL`` temp name in its directory and
-renamed into place. A directory of the target swapped for a symlink is never followed: the restore
-keeps writing into the directory it opened, or, if the swap came before it could open it, fails with
-``StorageError`` naming the path.
+hard-linked to its name (which fails where something already stands, as ``mkdirat`` and
+``symlinkat`` do; ``rename`` would replace it), then the temp name unlinked. A directory of the
+target swapped for a symlink is never followed: the restore keeps writing into the directory it
+opened, or, if the swap came before it could open it, fails with ``StorageError`` naming the path.
+An entry another process made under a name the restore is about to create fails it the same way,
+and is left as it is.
 
 A restore that fails leaves no partly written file: the temp file is removed, and so is every file,
 symlink and directory this call created (directories with whatever another process put inside them
@@ -16,6 +19,7 @@ meanwhile, never following a link). The target directory itself is left, empty.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -29,7 +33,9 @@ __all__ = ["restore_tree"]
 
 _LINK_MODE = 0o120000
 _FILE_MODES = {0o100644: 0o644, 0o100755: 0o755}
-_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_EXCL creates or fails, so no FIFO or device can be opened here; O_NOCTTY all the same, as every
+# open of a workspace path has it.
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 
 
 class _Level:
@@ -155,12 +161,37 @@ class _Restore:
                 ino = os.fstat(fd).st_ino
             finally:
                 os.close(fd)
-            os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            _place(dir_fd, temp, name)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temp, dir_fd=dir_fd)
             raise
         return ino
+
+
+#: what ``link`` says on a file system without hard links (FAT, some FUSE and network ones)
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV})
+
+
+def _place(dir_fd: int, temp: bytes, name: bytes) -> None:
+    """Give the finished temp file its name, never in place of something else: ``rename`` would
+    silently replace a file another process made under that name meanwhile (or, in a case-folding
+    directory, the file restored just before under another case), losing it while the restore
+    reports success. A hard link fails with ``EEXIST`` instead; then the temp name goes."""
+    try:
+        os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise  # EEXIST among them: the caller names the path
+        # No hard links here: rename once the name is seen free (only a process racing this very
+        # moment can still lose a file).
+        try:
+            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST)) from exc
+    os.unlink(temp, dir_fd=dir_fd)
 
 
 def _check_entry(tree: str, name: bytes, mode: int) -> None:
