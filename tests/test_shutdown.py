@@ -165,8 +165,8 @@ def test_a_thread_waiting_for_a_lock_stops_when_its_wait_is_called_off(tmp_path:
         wait_for_line(holder, "held", timeout=60)
         lock = FsLock(tmp_path / "x.lock")
         abandon = threading.Event()
+        started = time.monotonic()  # before the timer starts: a pause between the two cannot shorten the wait seen
         threading.Timer(0.3, abandon.set).start()
-        started = time.monotonic()
         with pytest.raises(LockTimeout, match="gave up"):
             lock.acquire(abandon=abandon)
         assert 0.25 < time.monotonic() - started < EXIT_WITHIN
