@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from pforge_async.cas.odb import ObjectDB
 from pforge_async.postgres import cas as pg_cas_module
 from pforge_async.postgres.cas import _RowView
 
+from .test_cas2_depth import _remove as _remove_deep
 from .test_cas2_depth import backend  # noqa: F401 (file store without its watch, and PgCas)
 from .test_pg_cas import Backend
 
@@ -153,3 +155,49 @@ async def test_a_large_file_a_tool_keeps_appending_to_is_stored_as_its_fstat_siz
     # The stat recorded is the first read's: the next snapshot reads the file as it is now.
     (entry,) = await backend.cas.read_tree(await backend.cas.snapshot(work))
     assert await backend.cas.read_blob(entry.oid) == now
+
+
+def _nest_long_names(root: Path, levels: int) -> None:
+    """``levels`` directories of 255-byte names, one inside the other, a small file in each."""
+    name = b"n" * 255
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for level in range(levels):
+            out = os.open(b"f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+            os.write(out, b"%d\n" % level)
+            os.close(out)
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+
+
+async def test_deep_long_names_cost_a_snapshot_memory_in_proportion_to_the_names(
+    backend: Backend,  # noqa: F811
+) -> None:
+    """The scan kept every path whole (each open directory's, and each file's as its stat cache
+    key): memory grew as the square of the depth. A tool nesting 1,000 directories of 255-byte
+    names, a file in each (4 MB of names), made a snapshot allocate about 400 MB, and 2,000 of them
+    2 GB and a 500 MB cache file. Now a path past PATH_MAX (4,096 bytes) is kept as its tail and is
+    never a cache key (its file is read at every snapshot)."""
+    work = backend.tmp_path / "work"
+    work.mkdir()
+    levels = 1000
+    try:
+        _nest_long_names(work, levels)
+        tracemalloc.start()
+        try:
+            tree = await backend.cas.snapshot(work)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 64 << 20, f"a snapshot of {levels} long-named levels allocated {peak >> 20} MiB"
+        files = await backend.cas.read_tree(tree, recursive=True)
+        assert len(files) == levels
+        deepest = max(files, key=lambda e: len(e.name))
+        assert await backend.cas.read_blob(deepest.oid) == b"%d\n" % (levels - 1)
+        assert await backend.cas.snapshot(work) == tree
+    finally:
+        _remove_deep(work)

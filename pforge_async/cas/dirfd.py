@@ -70,4 +70,6 @@ def shown_path(root: str, rel: bytes) -> str:
     shown = root.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     if not rel:
         return shown
+    if rel.startswith(b"\0"):
+        rel = b".../" + rel[1:].lstrip(b"/")  # the tail of a path too long to keep whole (see snapshot._join)
     return os.path.join(shown, rel.decode("utf-8", "backslashreplace"))
