@@ -176,7 +176,7 @@ async def test_usage_recorded_through_the_budget_ledger(tmp_path: Path) -> None:
 
 async def test_argument_errors() -> None:
     with pytest.raises(InvalidInput, match="session_id"):
-        PforgeSession("")
+        PforgeSession(7)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="takes a Store"):
         PforgeSession("x", 42)  # type: ignore[arg-type]
     session = PforgeSession("x")
