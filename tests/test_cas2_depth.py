@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import resource
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,8 +29,6 @@ pytestmark = pytest.mark.anyio
 
 #: deeper than Python's recursion limit, well inside git's bound
 DEEP = 3000
-#: descriptors a snapshot or restore at git's bound holds (one per level), with room for the rest
-_NEEDED_FDS = MAX_TREE_DEPTH + 1024
 
 
 @pytest.fixture(params=["file", "pg"])
@@ -47,19 +45,25 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             yield Backend("pg", cas, tmp_path, dsn, schema)
 
 
-@pytest.fixture(autouse=True)
-def enough_descriptors() -> Iterator[None]:
-    """A scan and a restore hold one descriptor per level: raise the soft limit to reach git's bound."""
+@pytest.fixture
+def descriptors() -> Iterator[Callable[[int], None]]:
+    """A scan and a restore hold one descriptor per level: ``descriptors(levels)`` raises the soft
+    limit to reach that deep (restored afterwards), or skips saying why it cannot."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < _NEEDED_FDS:
-        if hard != resource.RLIM_INFINITY and hard < _NEEDED_FDS:
+
+    def need(levels: int) -> None:
+        needed = levels + 1024  # and room for everything else the test process holds
+        if soft == resource.RLIM_INFINITY or soft >= needed:
+            return
+        if hard != resource.RLIM_INFINITY and hard < needed:
             pytest.skip(
-                f"the hard limit on open files ({hard}) is below the {_NEEDED_FDS} descriptors a "
-                f"{MAX_TREE_DEPTH}-level snapshot holds (one per level); raise it with ulimit -Hn"
+                f"the hard limit on open files ({hard}) is below the {needed} descriptors a "
+                f"{levels}-level snapshot needs (one per level); raise it with ulimit -Hn"
             )
-        resource.setrlimit(resource.RLIMIT_NOFILE, (_NEEDED_FDS, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
     try:
-        yield
+        yield need
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
@@ -148,7 +152,10 @@ def _remove(path: Path) -> None:
             os.close(fd)
 
 
-async def test_write_tree_takes_what_snapshot_takes_and_every_reader_walks_it(backend: Backend) -> None:
+async def test_write_tree_takes_what_snapshot_takes_and_every_reader_walks_it(
+    backend: Backend, descriptors: Callable[[int], None]
+) -> None:
+    descriptors(DEEP)
     cas = backend.cas
     work, out = backend.tmp_path / "work", backend.tmp_path / "out"
     try:
@@ -173,7 +180,10 @@ async def test_write_tree_takes_what_snapshot_takes_and_every_reader_walks_it(ba
         _remove(out)
 
 
-async def test_past_gits_bound_both_refuse_and_at_it_both_agree(backend: Backend) -> None:
+async def test_past_gits_bound_both_refuse_and_at_it_both_agree(
+    backend: Backend, descriptors: Callable[[int], None]
+) -> None:
+    descriptors(MAX_TREE_DEPTH)
     cas = backend.cas
     blob = await cas.write_blob(b"x")
     empty = await cas.write_tree([])
