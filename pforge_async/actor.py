@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -71,6 +73,34 @@ class _Envelope:
             self.reply.set_exception(error)
 
 
+class _WhenRoom:
+    """What ``Actor.send`` returns when the mailbox is full: awaited, it waits for room, mails the
+    envelope and waits for the reply; dropped unawaited it mailed nothing, and says so."""
+
+    __slots__ = ("_actor", "_awaited", "_envelope", "_what")
+
+    def __init__(self, actor: Actor[Any], envelope: _Envelope, what: str) -> None:
+        self._actor = actor
+        self._envelope = envelope
+        self._what = what
+        self._awaited = False
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if self._awaited:
+            raise RuntimeError(f"{self._actor.name}: what send() returned for {self._what} was awaited already")
+        self._awaited = True
+        return self._actor._post_when_room(self._envelope).__await__()
+
+    def __del__(self) -> None:
+        if not self._awaited:
+            warnings.warn(
+                f"{self._actor.name}: {self._what} was sent while the mailbox was full and never awaited, so it "
+                "was never mailed: await what Actor.send returns",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
 class Actor(ABC, Generic[C]):
     """Base class of every actor. A subclass names its command union and implements a batch handler.
 
@@ -96,6 +126,9 @@ class Actor(ABC, Generic[C]):
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(self.command_type)
         self._started = False
+        #: the event loop the actor runs on (None until it starts): callers must be on it
+        self._home: asyncio.AbstractEventLoop | None = None
+        self._thread_name = ""
         self._stopped = anyio.Event()
         self._death: BaseException | None = None
         #: batches handled and commands in them, for tests and stats.
@@ -110,26 +143,37 @@ class Actor(ABC, Generic[C]):
         return await self._post(self._encoder.encode(command))
 
     def send(self, command: C) -> Awaitable[Any]:
-        """Send one command now and return what to await for its reply (or its error): ``call`` for
-        a caller that hands the awaitable on, as a store's ``_write`` does, without a coroutine of
-        its own in between (every reply resumes each coroutine a caller's chain holds). Await it:
-        a command sent while the mailbox is full is mailed only then."""
-        return self._post(self._encoder.encode(command))
+        """``call`` for a caller that hands the awaitable on, as a store's ``_write`` does, without
+        a coroutine of its own in between (every reply resumes each coroutine a caller's chain holds).
+
+        The contract: await what it returns, always. With room in the mailbox the command is mailed
+        at once and the reply's future returned; with the mailbox full it is mailed only when the
+        awaitable is awaited (that wait for room is the backpressure: nothing is queued beyond the
+        bound). So an awaitable dropped unawaited sent nothing if the mailbox was full, and a
+        ``RuntimeWarning`` naming the actor and the command says so, as Python warns of a
+        coroutine never awaited."""
+        return self._post(self._encoder.encode(command), type(command).__name__)
 
     async def call_raw(self, data: bytes) -> Any:
         """Send already-encoded command bytes: the mailbox protocol is a wire protocol."""
         return await self._post(data)
 
-    def _post(self, data: bytes) -> Awaitable[Any]:
+    def _post(self, data: bytes, what: str = "command") -> Awaitable[Any]:
         """Mail ``data`` and return what to await for its reply: the reply's future itself when the
         mailbox has room (no extra trip around the event loop, and no coroutine between the caller
         and the future: a caller is a chain of coroutines that each reply resumes), else a
-        coroutine that waits for room first."""
-        envelope = _Envelope(data, asyncio.get_running_loop().create_future())
+        ``_WhenRoom`` that waits for room first, once awaited."""
+        loop = asyncio.get_running_loop()
+        # The mailbox and the reply futures belong to the actor's loop and are not thread-safe: a
+        # caller on another thread's loop would never be woken (or wake the actor). One identity
+        # test on the loop this call fetches anyway: nothing measurable on the hot path.
+        if loop is not self._home and self._home is not None:
+            raise self._wrong_loop()
+        envelope = _Envelope(data, loop.create_future())
         try:
             self._send.send_nowait(envelope)
         except anyio.WouldBlock:
-            return self._post_when_room(envelope)
+            return _WhenRoom(self, envelope, what)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise self._closed_error() from self._death
         return envelope.reply
@@ -149,6 +193,21 @@ class Actor(ABC, Generic[C]):
     @property
     def closed(self) -> bool:
         return self._stopped.is_set()
+
+    def _check_loop(self) -> None:
+        """``InvalidInput`` unless called on the actor's event loop: for the ways in other than the
+        mailbox (a read pool bound to that loop), where one more look costs nothing."""
+        home = self._home
+        if home is not None and asyncio.get_running_loop() is not home:
+            raise self._wrong_loop()
+
+    def _wrong_loop(self) -> InvalidInput:
+        assert self._home is not None
+        return InvalidInput(
+            f"{self.name} serves the event loop it was started on (thread {self._thread_name!r}), not this "
+            "one: a store is used from the one event loop that opened it (from another thread, hand the "
+            "call to that loop with asyncio.run_coroutine_threadsafe)"
+        )
 
     def _closed_error(self) -> ActorClosed:
         if self._death is None:
@@ -180,6 +239,8 @@ class Actor(ABC, Generic[C]):
         if self._started:
             raise RuntimeError(f"{self.name} was already started")
         self._started = True
+        self._home = asyncio.get_running_loop()
+        self._thread_name = threading.current_thread().name
         # Ctrl-C lands between event-loop callbacks while the actor runs (see .interrupts).
         holding_sigint = hold_sigint()
         try:

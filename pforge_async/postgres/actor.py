@@ -639,6 +639,9 @@ class PgActor(Actor[C]):
         pool = self._pool
         if pool is None or self.closed:
             raise ActorClosed(f"{self.where} is closed")
+        # The pool's connections belong to the actor's event loop: from another, asyncpg would fail
+        # deep inside (or wait forever); every read passes here, so it is told plainly.
+        self._check_loop()
         return pool
 
     async def fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
