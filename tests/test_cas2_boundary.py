@@ -30,7 +30,9 @@ pytestmark = pytest.mark.anyio
 _CTTY_CHILD = textwrap.dedent(
     """
     import os
+    import sys
     from pforge_async.cas.dirfd import open_file_at
+    from pforge_async.cas.odb import open_for_reading
 
     def has_ctty():
         try:
@@ -50,27 +52,41 @@ _CTTY_CHILD = textwrap.dedent(
     # A terminal where the listing saw a file: refused, and not taken as the controlling terminal.
     print("opened", open_file_at(directory, os.fsencode(os.path.basename(name))))
     print("after", has_ctty())
+    # The same through ObjectDB.write_file_blob's open, and a FIFO there does not block it.
+    os.close(open_for_reading(name))
+    print("after open_for_reading", has_ctty())
+    fifo = os.path.join(sys.argv[1], "fifo")
+    os.mkfifo(fifo)
+    os.close(open_for_reading(fifo))
+    print("fifo opened")
     """
 )
 
 
-def test_a_terminal_in_a_files_place_does_not_become_the_controlling_terminal() -> None:
+def test_a_terminal_in_a_files_place_does_not_become_the_controlling_terminal(tmp_path: Path) -> None:
     """The scan opened files without ``O_NOCTTY``: a session leader without a terminal (a daemon, a
     service, ``setsid``) that met a terminal device swapped in for a file acquired it as its
     controlling terminal (and with it hangups and job-control signals from whoever holds its master).
-    Now every open of a workspace path has ``O_NOCTTY``."""
+    Now every open of a workspace path has ``O_NOCTTY``; ``ObjectDB.write_file_blob``'s open also
+    lacked ``O_NONBLOCK`` and waited for a writer on a FIFO."""
     proc = subprocess.run(
-        [sys.executable, "-c", _CTTY_CHILD],
+        [sys.executable, "-c", _CTTY_CHILD, str(tmp_path)],
         capture_output=True,
         text=True,
         check=False,
         start_new_session=True,  # a session leader with no controlling terminal
-        timeout=60,
+        timeout=300,  # a bound on a hang (a FIFO open waits for ever), not a measure
     )
     assert proc.returncode == 0, proc.stderr
     if proc.stdout.startswith("no pty"):
         pytest.skip(f"this machine gives no pseudo-terminal to test with ({proc.stdout.strip()})")
-    assert proc.stdout.split("\n")[:3] == ["before False", "opened None", "after False"], proc.stdout
+    assert proc.stdout.split("\n")[:5] == [
+        "before False",
+        "opened None",
+        "after False",
+        "after open_for_reading False",
+        "fifo opened",
+    ], proc.stdout
 
 
 async def test_a_file_made_under_a_restored_name_meanwhile_is_never_replaced(

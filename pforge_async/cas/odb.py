@@ -884,8 +884,11 @@ class ObjectDB:
 
 def open_for_reading(path: str, *, dir_fd: int | None = None, directory: bool = False, shown: str = "") -> int | None:
     """A descriptor on a workspace file or directory (never through a final symlink), or None if it
-    vanished. With ``dir_fd``, ``path`` is relative to that directory."""
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_DIRECTORY if directory else 0)
+    vanished. With ``dir_fd``, ``path`` is relative to that directory. Never waits on a FIFO or a
+    device, never makes a terminal the controlling one (as :mod:`.dirfd` opens); the caller checks
+    what it opened with ``fstat``."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+    flags |= os.O_DIRECTORY if directory else 0
     try:
         return os.open(path, flags, dir_fd=dir_fd)
     except FileNotFoundError:
