@@ -201,8 +201,12 @@ class Actor(ABC, Generic[C]):
         if home is not None and asyncio.get_running_loop() is not home:
             raise self._wrong_loop()
 
-    def _wrong_loop(self) -> InvalidInput:
+    def _wrong_loop(self) -> PforgeError:
+        """The error of a call from another event loop: ``ActorClosed`` if the actor is closed (or
+        its loop has ended), as from its own loop; else ``InvalidInput``."""
         assert self._home is not None
+        if self.closed or self._home.is_closed():
+            return self._closed_error()
         return InvalidInput(
             f"{self.name} serves the event loop it was started on (thread {self._thread_name!r}), not this "
             "one: a store is used from the one event loop that opened it (from another thread, hand the "
