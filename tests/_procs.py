@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,19 +34,32 @@ def run_all(procs: list[subprocess.Popen[str]], timeout: float = 120) -> list[st
     return outputs
 
 
+def next_line(proc: subprocess.Popen[str], timeout: float = 120) -> str:
+    """The child's next line ("" at its end), read within ``timeout`` or the child is killed and the
+    test fails. Read by ``readline`` itself on a thread, never by ``select`` on the pipe: the text
+    stream reads ahead, so a line that came with the one before sits in its buffer, where ``select``
+    cannot see it and waits for output that may never come."""
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not got:
+        proc.kill()
+        reader.join(10)  # the kill closes the pipe: readline returns
+        raise AssertionError(f"child printed no line in {timeout}s")
+    return got[0]
+
+
 def wait_for_line(proc: subprocess.Popen[str], expected: str, timeout: float = 120) -> None:
     """Block until the child prints ``expected`` (it flushes), or fail with its stderr. The default
     bound only catches a child that never gets there: on a loaded CI machine an interpreter that
     imports the store can take many seconds to start, and waiting longer costs a passing run nothing."""
-    import selectors
-
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    if not sel.select(timeout):
-        proc.kill()
-        raise AssertionError(f"child did not print {expected!r} in {timeout}s")
-    line = proc.stdout.readline().strip()
+    try:
+        line = next_line(proc, timeout).strip()
+    except AssertionError:
+        raise AssertionError(f"child did not print {expected!r} in {timeout}s") from None
     if line != expected:
         proc.kill()
         err = proc.stderr.read() if proc.stderr else ""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import selectors
 import signal
 import subprocess
 import time
@@ -21,7 +20,7 @@ import pytest
 
 from pforge_async.postgres.turns import PgTurnStore
 
-from ._procs import run_all, spawn, wait_for_line, whole_lines
+from ._procs import next_line, run_all, spawn, wait_for_line, whole_lines
 from .test_pg_turnstore import open_pg_turns
 
 pytestmark = pytest.mark.anyio
@@ -341,14 +340,11 @@ def run_then_kill(dsn: str, schema: str, first: int, rng: random.Random) -> int:
     first round it did not acknowledge."""
     child = spawn(PRELUDE + CRASH_LOOP, dsn, schema, first)
     assert child.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(child.stdout, selectors.EVENT_READ)
     acked = first - 1
     wanted = first + rng.randint(0, 3)
     deadline = time.monotonic() + 120
     while acked < wanted:
-        assert sel.select(max(0.0, deadline - time.monotonic())), "the loop acknowledged nothing in time"
-        line = child.stdout.readline()
+        line = next_line(child, max(0.0, deadline - time.monotonic()))
         assert line, child.stderr.read() if child.stderr else "the loop ended"
         acked = int(line.split()[1])
     time.sleep(rng.uniform(0, 0.08))

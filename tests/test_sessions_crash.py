@@ -5,7 +5,6 @@ loop can run on SQLite too; tests/test_sessions_sqlite.py has SQLite's own.)"""
 from __future__ import annotations
 
 import random
-import selectors
 import signal
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pforge_async import open_store
 from pforge_async.turnstore import FsTurnStore
 from pforge_async.turnstore.base import TurnStoreBase
 
-from ._procs import spawn, whole_lines
+from ._procs import next_line, spawn, whole_lines
 
 pytestmark = pytest.mark.anyio
 
@@ -63,14 +62,11 @@ def read_lines_then_kill(args: list[object], rng: random.Random) -> list[str]:
     """Run the loop, let it acknowledge a few steps, SIGKILL it at a random moment, return its lines."""
     child = spawn(LOOP, *args)
     assert child.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(child.stdout, selectors.EVENT_READ)
     lines: list[str] = []
     wanted = rng.randint(1, 5)
     deadline = time.monotonic() + 60  # generous: a loaded machine starts Python slowly
     while len(lines) < wanted:
-        assert sel.select(max(0.0, deadline - time.monotonic())), "the loop printed nothing in time"
-        line = child.stdout.readline()
+        line = next_line(child, max(0.0, deadline - time.monotonic()))
         assert line, child.stderr.read() if child.stderr else "the loop ended"
         lines.append(line.strip())
     time.sleep(rng.uniform(0, 0.05))  # land inside the next batch's or fork's write, or near it
