@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from pforge_async import InvalidInput, open_store
+from pforge_async import InvalidInput
 from pforge_async.cas.gitrules import MAX_TREE_DEPTH
-from pforge_async.postgres.cas import open_pg_cas
 
 from .test_cas import git_fsck
-from .test_pg_cas import Backend
+from .test_pg_cas import Backend, open_backend
 
 pytestmark = pytest.mark.anyio
 
@@ -35,14 +34,8 @@ DEEP = 3000
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     """test_pg_cas's backends, the file store without its change watch: dropping thousands of inotify
     watches (one per directory removed) costs a millisecond each, and the watch is not under test."""
-    if request.param == "file":
-        async with open_store(tmp_path / ".pforge", watch_workspaces=False) as store:
-            yield Backend("file", store.cas, tmp_path)
-    else:
-        dsn = request.getfixturevalue("pg_dsn")
-        schema = request.getfixturevalue("pg_schema")
-        async with open_pg_cas(dsn, schema=schema, cache_dir=tmp_path / "cache") as cas:
-            yield Backend("pg", cas, tmp_path, dsn, schema)
+    async with open_backend(request, tmp_path, watch_workspaces=False) as opened:
+        yield opened
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import subprocess
 import time
 import zlib
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,16 +106,24 @@ class Backend:
             await conn.close()
 
 
-@pytest.fixture(params=["file", "pg"])
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+@asynccontextmanager
+async def open_backend(request: pytest.FixtureRequest, tmp_path: Path, **store_options: Any) -> AsyncIterator[Backend]:
+    """The CAS ``request.param`` names: the file store's (``open_store`` with ``store_options``) or
+    ``PgCas`` on the test server."""
     if request.param == "file":
-        async with open_store(tmp_path / ".pforge") as store:
+        async with open_store(tmp_path / ".pforge", **store_options) as store:
             yield Backend("file", store.cas, tmp_path)
     else:
         dsn = request.getfixturevalue("pg_dsn")
         schema = request.getfixturevalue("pg_schema")
         async with open_pg_cas(dsn, schema=schema, cache_dir=tmp_path / "cache") as cas:
             yield Backend("pg", cas, tmp_path, dsn, schema)
+
+
+@pytest.fixture(params=["file", "pg"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    async with open_backend(request, tmp_path) as opened:
+        yield opened
 
 
 @pytest.fixture
