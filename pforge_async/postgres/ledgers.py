@@ -453,7 +453,7 @@ class PgBudgetActor(PgActor[BudgetCommand]):
         if key is not None:
             found = await conn.fetchrow(f"SELECT {SPEND_REPLAY_COLUMNS} FROM spend WHERE idempotency_key = $1", key)
             if found is not None:
-                return spend_replay(command, found, await _spend_tags_of(conn, found[0]))
+                return spend_replay(command, found, await _tags_of(conn, "spend_tags", found[0]))
         over = record_spend_over(command, await self._standing(conn, command.vendor, now))
         await self._room(conn, command.vendor, command.input_tokens + command.output_tokens, command.cost, now)
         values = spend_values(command.vendor, command.model, command, key, None, now, over)
@@ -468,7 +468,8 @@ class PgBudgetActor(PgActor[BudgetCommand]):
                 f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE idempotency_key = $1", key
             )
             if found is not None:
-                return reserve_replay(reservation_of(found, await _tags_of(conn, found[0]), now), command)
+                tags = await _tags_of(conn, "reservation_tags", found[0])
+                return reserve_replay(reservation_of(found, tags, now), command)
         check_budgets(command.vendor, await self._standing(conn, command.vendor, now), command.tokens, command.cost)
         await self._room(conn, command.vendor, command.tokens, command.cost, now)
         made = new_reservation(command, now)
@@ -486,7 +487,7 @@ class PgBudgetActor(PgActor[BudgetCommand]):
         )
         if row is None:
             raise no_reservation(reservation_id)
-        current = reservation_of(row, await _tags_of(conn, reservation_id), now)
+        current = reservation_of(row, await _tags_of(conn, "reservation_tags", reservation_id), now)
         if check_extend(current):
             standing = await self._standing(conn, current.vendor, now)
             check_budgets(current.vendor, standing, current.tokens, current.cost)
@@ -582,15 +583,9 @@ class PgBudgetActor(PgActor[BudgetCommand]):
         return _count(await conn.execute("DELETE FROM reservations WHERE reservation_id = ANY($1::text[])", doomed))
 
 
-async def _tags_of(conn: PgConn, reservation_id: str) -> dict[str, str]:
-    rows = await conn.fetch(
-        "SELECT tag, value FROM reservation_tags WHERE reservation_id = $1 ORDER BY tag", reservation_id
-    )
-    return {tag: value for tag, value in rows}
-
-
-async def _spend_tags_of(conn: PgConn, spend_id: int) -> dict[str, str]:
-    rows = await conn.fetch("SELECT tag, value FROM spend_tags WHERE spend_id = $1 ORDER BY tag", spend_id)
+async def _tags_of(conn: PgConn, table: str, owner: object) -> dict[str, str]:
+    column = "reservation_id" if table == "reservation_tags" else "spend_id"
+    rows = await conn.fetch(f"SELECT tag, value FROM {table} WHERE {column} = $1 ORDER BY tag", owner)
     return {tag: value for tag, value in rows}
 
 
